@@ -1,0 +1,34 @@
+"""helpers: the small package behind the QLoRA notebook series.
+
+One module per concept, in the order the notebooks introduce them: ``config`` and ``manifest``
+(every notebook), ``env`` (01), ``memory`` and ``models`` (02), ``lora`` (03), ``data`` (04),
+``train`` (05), ``generate`` (05, 06), ``plots`` and ``widgets`` (throughout), and ``run``, the
+main job that executes the series with papermill.
+"""
+
+__version__ = "0.1.0"
+
+# Where the series lives; the notebooks' setup cell and Colab badges use the same values
+# (a test checks that they agree).
+GITHUB_REPOSITORY = "qlora-series/qlora-series"
+REVISION = "main"
+NOTEBOOKS = (
+    "01_environment_and_cuda",
+    "02_load_in_4bit",
+    "03_lora_setup",
+    "04_dataset_preparation",
+    "05_paged_optimizer_training",
+    "06_inference_and_merge",
+)
+
+_MODULES = ("config", "manifest", "env", "memory", "models", "lora", "data", "train", "generate",
+            "plots", "widgets", "nbtools", "run")
+
+
+def __getattr__(name):
+    """``helpers.env`` etc. import on first use, so ``import helpers`` stays light."""
+    if name in _MODULES:
+        import importlib
+
+        return importlib.import_module(f"helpers.{name}")
+    raise AttributeError(f"module 'helpers' has no attribute {name!r}")

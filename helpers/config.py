@@ -1,0 +1,238 @@
+"""One config object for the whole series (every notebook's second code cell).
+
+Each notebook has one ``parameters`` cell of literals (MODEL, DATASET, RUN_DIR, ...). The cell
+after it calls :func:`start`, which turns those names into a :class:`Config`, checks them, sets
+seeds and display options, and opens the notebook's entry in the run manifest. Nothing below that
+cell reads the raw names again.
+
+The same names mean the same thing in every notebook; :data:`PARAMETERS` is the one list of them
+(``python -m helpers.run -p NAME VALUE`` accepts exactly these).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A parameter has a value the series cannot use; the message says what would work."""
+
+
+@dataclass
+class Config:
+    """Every parameter of the series, with its default. Lower-case attributes of the UPPER names."""
+
+    # where things go
+    run_dir: str = ""  # "" = runs/interactive (helpers.run passes runs/<timestamp>)
+    seed: int = 42
+    # the model (helpers.models)
+    model: str = "embedded"  # "embedded", a Hub id, a local path, or "rehearsal:<name>"
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    memory_budget_gb: float = 0.0  # 0 = the card's memory (CPU: no budget)
+    # LoRA (helpers.lora)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"  # all-linear | attention | comma-separated module names
+    gradient_checkpointing: bool = True
+    upcast_norms_and_head: bool = False
+    # data (helpers.data)
+    dataset: str = "embedded"  # "embedded", a local file, or a Hub dataset id
+    dataset_config: str = ""
+    dataset_split: str = "train"
+    data_format: str = "template"  # text | template | instruction | chat
+    text_column: str = "quote"
+    template: str = "{quote} ({author})"
+    response_only: bool = True
+    max_length: int = 128
+    packing: bool = False
+    eval_fraction: float = 0.1
+    max_examples: int = 0  # 0 = all
+    # training (helpers.train)
+    optimizer: str = "paged_adamw_8bit"
+    learning_rate: float = 2e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 5
+    max_steps: int = 60
+    epochs: float = 0.0  # used when max_steps = 0
+    micro_batch: int = 0  # 0 = chosen from the memory budget
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    save_steps: int = 20
+    resume: bool = False
+    # generation (helpers.generate)
+    max_new_tokens: int = 40
+    prompts: str = ""  # "|"-separated; "" = a few fixed prompts suited to the dataset
+
+    def path(self, *parts: str) -> Path:
+        """A path inside the run directory (created)."""
+        p = Path(self.run_dir).joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def as_parameters(self) -> dict:
+        """The UPPER-case parameter mapping (what the manifest records)."""
+        return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+PARAMETERS: dict = {f.name.upper(): f.default for f in dataclasses.fields(Config)}
+
+_CHOICES = {
+    "quant_type": ("nf4", "fp4"),
+    "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "data_format": ("text", "template", "instruction", "chat"),
+    "optimizer": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"),
+    "lr_schedule": ("cosine", "linear", "constant", "constant_with_warmup"),
+}
+
+
+def make_config(**parameters) -> Config:
+    """Build a Config from UPPER-case parameter names; unknown names and bad values are refused."""
+    unknown = sorted(set(parameters) - set(PARAMETERS))
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join(unknown)}; valid names: {', '.join(PARAMETERS)}"
+        )
+    values = {}
+    for name, value in parameters.items():
+        default = PARAMETERS[name]
+        values[name.lower()] = coerce(name, value, default)
+    cfg = Config(**values)
+    check(cfg)
+    return cfg
+
+
+def coerce(name: str, value, default):
+    """Turn a value (possibly a command-line string) into the type of the parameter's default."""
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(float(text)) if float(text).is_integer() else int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={value!r} is not a {kind.__name__}; the default is {default!r}"
+        ) from None
+    return text
+
+
+def check(cfg: Config) -> None:
+    """Refuse values outside their valid range, saying what the range is."""
+    for attr, choices in _CHOICES.items():
+        if getattr(cfg, attr) not in choices:
+            raise ConfigError(
+                f"{attr.upper()}={getattr(cfg, attr)!r} is not one of: {', '.join(choices)}"
+            )
+    if cfg.lora_r <= 0:
+        raise ConfigError(f"LORA_R={cfg.lora_r} must be a positive integer (8, 16, 64 are usual)")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"LORA_ALPHA={cfg.lora_alpha} must be positive (often 2 x LORA_R)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"LORA_DROPOUT={cfg.lora_dropout} must be in [0, 1)")
+    if cfg.max_length < 8:
+        raise ConfigError(f"MAX_LENGTH={cfg.max_length} must be at least 8 tokens")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise ConfigError(f"EVAL_FRACTION={cfg.eval_fraction} must be in [0, 1)")
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0):
+        raise ConfigError("set MAX_STEPS > 0, or MAX_STEPS = 0 and EPOCHS > 0")
+    if cfg.micro_batch < 0 or cfg.grad_accum < 1:
+        raise ConfigError("MICRO_BATCH must be >= 0 (0 = automatic) and GRAD_ACCUM >= 1")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"LEARNING_RATE={cfg.learning_rate} must be positive")
+    if cfg.memory_budget_gb < 0:
+        raise ConfigError("MEMORY_BUDGET_GB must be >= 0 (0 = the card's whole memory)")
+
+
+def default_run_dir() -> str:
+    """``runs/<timestamp>`` under the current directory."""
+    import time
+
+    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a run repeats."""
+    random.seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    import torch
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
+    """The second cell of every notebook: parameters -> Config, seeds, display, manifest entry.
+
+    ``notebook`` is the notebook's file stem; ``namespace`` is the notebook's ``globals()``, from
+    which every known UPPER-case parameter is taken (its own parameters cell, and any that
+    papermill injected). Introduced in notebook 01; used by all.
+    """
+    from helpers import manifest
+
+    if namespace is not None:
+        taken = {k: v for k, v in namespace.items() if k in PARAMETERS}
+        parameters = {**taken, **parameters}
+    cfg = make_config(**parameters)
+    if not cfg.run_dir:
+        cfg.run_dir = os.environ.get("QLORA_RUN_DIR") or str(Path("runs") / "interactive")
+    try:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(cfg.run_dir) / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write to RUN_DIR={cfg.run_dir!r} ({err.strerror}); choose a writable folder"
+        ) from None
+    seed_everything(cfg.seed)
+    _display_options()
+    manifest.begin_notebook(cfg.run_dir, notebook, cfg.as_parameters())
+    return cfg
+
+
+def _display_options() -> None:
+    """Quiet, readable output: fewer library warnings, no progress-bar spam from loading."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - display only
+        pass
+    try:
+        import matplotlib
+
+        matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,329 @@
+"""What machine this is, and the one dtype decision the rest of the series follows.
+
+Notebook 01 shows it all as a report a person can act on; everything else calls
+:func:`compute_dtype` / :func:`precision_flags` so that the 4-bit compute dtype and the Trainer's
+fp16/bf16 flags can never disagree (the original recipe's bf16-compute-with-fp16-flag mismatch).
+Imports nothing from the rest of ``helpers``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+KEY_PACKAGES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets",
+                "ipywidgets", "matplotlib", "papermill")
+
+
+def device() -> str:
+    """"cuda" when a CUDA GPU is usable, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def native_bf16(index: int = 0) -> bool:
+    """bf16 only where the card computes it natively: compute capability >= 8 (Ampere and later).
+
+    ``torch.cuda.is_bf16_supported()`` answers True on a T4 (capability 7.5) because bf16 is
+    emulated there, slowly; the capability is the honest test.
+    """
+    if not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8
+
+
+def compute_dtype(requested: str = "auto") -> torch.dtype:
+    """The dtype 4-bit layers compute in and training runs in.
+
+    auto: bfloat16 on GPUs of capability >= 8; float16 on older GPUs (T4, V100); float32 on CPU,
+    where bf16 autocast is slow on most processors and the embedded model is small enough.
+    """
+    if requested != "auto":
+        try:
+            return {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                    "float32": torch.float32}[requested]
+        except KeyError:
+            raise ValueError(
+                f"COMPUTE_DTYPE={requested!r}: use auto, bfloat16, float16 or float32") from None
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float16
+
+
+def precision_flags(dtype: torch.dtype) -> dict:
+    """TrainingArguments flags that match the compute dtype (one decision, two places)."""
+    if dtype == torch.float32 or not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def dtype_reason(dtype: torch.dtype) -> str:
+    """One sentence on why this dtype was chosen."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: float32 on CPU (exact; bf16 autocast is slow on most processors)"
+    name = torch.cuda.get_device_name(0)
+    cap = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    if dtype == torch.bfloat16:
+        return f"{name} has compute capability {cap} >= 8.0: native bfloat16"
+    if dtype == torch.float16:
+        return (f"{name} has compute capability {cap} < 8.0: bfloat16 would be emulated "
+                "(slow), so float16 with loss scaling")
+    return "float32 was asked for"
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def versions() -> dict:
+    """Installed versions of the key packages (None where missing)."""
+    out = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# --------------------------------------------------------------------------- the report (01)
+
+
+def gpus() -> list[dict]:
+    """Each CUDA GPU: name, total and free memory, compute capability, native bf16."""
+    out = []
+    if not torch.cuda.is_available():
+        return out
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        major, minor = torch.cuda.get_device_capability(i)
+        out.append({"index": i, "name": torch.cuda.get_device_name(i), "total_bytes": total,
+                    "free_bytes": free, "capability": f"{major}.{minor}",
+                    "native_bf16": major >= 8})
+    return out
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver version (from nvidia-smi), or None without one."""
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        res = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def requirement_check() -> list[dict]:
+    """Installed versions of the key packages against the ranges this series was tested with."""
+    from packaging.requirements import Requirement
+
+    ranges = {}
+    for line in _requirements():
+        req = Requirement(line)
+        ranges[req.name.lower()] = req.specifier
+    rows = []
+    for name in KEY_PACKAGES:
+        spec = ranges.get(name)
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            have = None
+        ok = have is not None and (spec is None or spec.contains(have.split("+")[0],
+                                                                  prereleases=True))
+        rows.append({"package": name, "installed": have, "tested": str(spec or "any"), "ok": ok})
+    return rows
+
+
+def _requirements() -> list[str]:
+    """Tested ranges: from the installed distribution's metadata, else requirements.txt."""
+    try:
+        reqs = md.requires("qlora-series") or []
+        reqs = [r for r in reqs if "extra ==" not in r]
+        if reqs:
+            return reqs
+    except md.PackageNotFoundError:
+        pass
+    path = Path(__file__).resolve().parent.parent / "requirements.txt"
+    if path.exists():
+        return [ln.split("#")[0].strip() for ln in path.read_text().splitlines()
+                if ln.split("#")[0].strip()]
+    return []
+
+
+def bitsandbytes_selftest(dev: str | None = None) -> dict:
+    """Quantize a weight to NF4 and run a 4-bit matmul on the device that will train.
+
+    Returns ok, the device, the native library bitsandbytes loaded, the relative error of the
+    4-bit matmul against the dense one, and, on failure, what to do.
+    """
+    dev = dev or device()
+    result = {"ok": False, "device": dev, "library": None, "backend": None, "error": None,
+              "relative_error": None}
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.cextension as cext
+    except Exception as err:  # ImportError, or a RuntimeError from a broken CUDA setup
+        result["error"] = f"bitsandbytes does not import ({type(err).__name__}: {err})"
+        result["advice"] = "pip install -U bitsandbytes  (then restart the runtime)"
+        return result
+    lib = getattr(cext, "lib", None)
+    result["backend"] = getattr(cext, "BNB_BACKEND", None)
+    result["library"] = Path(getattr(lib, "_name", "") or "").name or None
+    if dev == "cuda" and (lib is None or type(lib).__name__.startswith("ErrorHandlerMock")):
+        result["error"] = (f"bitsandbytes has no CUDA library for this torch "
+                           f"(CUDA {torch.version.cuda})")
+        result["advice"] = ("pip install -U bitsandbytes  (it ships libraries for CUDA 11.8-13); "
+                            "`python -m bitsandbytes` prints the full diagnosis")
+        return result
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(256, 256, generator=gen) * 0.02
+        x = torch.randn(8, 256, generator=gen)
+        dtype = compute_dtype() if dev == "cuda" else torch.float32
+        w, x = w.to(dev, dtype), x.to(dev, dtype)
+        qw, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        y4 = bnb.matmul_4bit(x, qw.t(), quant_state=state)
+        y = x @ w.t()
+        err = ((y4.float() - y.float()).norm() / y.float().norm()).item()
+        result.update(ok=err < 0.2, relative_error=round(err, 4))
+        if not result["ok"]:
+            result["error"] = f"4-bit matmul is off by {err:.1%} (expected about 10%)"
+            result["advice"] = "reinstall bitsandbytes; `python -m bitsandbytes` diagnoses it"
+    except Exception as err:  # report, don't crash the report
+        result["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        result["advice"] = ("`python -m bitsandbytes` diagnoses the CUDA setup; on Colab, "
+                            "pip install -U bitsandbytes and restart the runtime")
+    return result
+
+
+def report(run_dir: str | os.PathLike = ".") -> dict:
+    """Everything notebook 01 shows: machine, versions, GPUs, dtype decision, bitsandbytes."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    disk = shutil.disk_usage(Path(run_dir) if Path(run_dir).exists() else Path("."))
+    dtype = compute_dtype()
+    rep = {
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_ram_total_bytes": vm.total,
+        "cpu_ram_available_bytes": vm.available,
+        "disk_free_bytes": disk.free,
+        "colab": in_colab(),
+        "torch_cuda": torch.version.cuda,
+        "driver": driver_version(),
+        "gpus": gpus(),
+        "device": device(),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "dtype_reason": dtype_reason(dtype),
+        "precision_flags": precision_flags(dtype),
+        "versions": versions(),
+        "requirements": requirement_check(),
+        "bitsandbytes": bitsandbytes_selftest(),
+    }
+    rep["verdict"] = verdict(rep)
+    return rep
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def verdict(rep: dict) -> str:
+    """One sentence a person can act on."""
+    bnb = rep["bitsandbytes"]
+    missing = [r["package"] for r in rep["requirements"] if r["installed"] is None]
+    if missing:
+        return f"missing packages: pip install {' '.join(missing)}"
+    if not bnb["ok"]:
+        return f"{bnb['error']}: {bnb.get('advice', 'reinstall bitsandbytes')}"
+    if not rep["gpus"]:
+        hint = " on Colab choose Runtime > Change runtime type > T4 GPU" if rep["colab"] else (
+            " for real models use a CUDA GPU (Colab's free T4 is enough for 7B)")
+        return ("no GPU: the embedded demo runs on CPU (4-bit layers and the paged optimizer "
+                "work there, slowly);" + hint)
+    g = rep["gpus"][0]
+    return (f"ready for 4-bit training on {g['name']} ({g['total_bytes'] / 1e9:.0f} GB, "
+            f"capability {g['capability']}, {rep['compute_dtype']})")
+
+
+def metrics(rep: dict) -> dict:
+    """The report's numbers, for the manifest."""
+    g = rep["gpus"][0] if rep["gpus"] else {}
+    return {
+        "gpu_count": len(rep["gpus"]),
+        "gpu_total_bytes": g.get("total_bytes", 0),
+        "gpu_free_bytes": g.get("free_bytes", 0),
+        "gpu_capability": float(g["capability"]) if g else 0.0,
+        "native_bf16": bool(g.get("native_bf16", False)),
+        "cpu_cores": rep["cpu_cores"],
+        "cpu_ram_total_bytes": rep["cpu_ram_total_bytes"],
+        "cpu_ram_available_bytes": rep["cpu_ram_available_bytes"],
+        "disk_free_bytes": rep["disk_free_bytes"],
+        "bnb_selftest_ok": bool(rep["bitsandbytes"]["ok"]),
+        "bnb_relative_error": rep["bitsandbytes"]["relative_error"] or 0.0,
+        "requirements_ok": all(r["ok"] for r in rep["requirements"]),
+    }
+
+
+def machine_info(rep: dict | None = None) -> dict:
+    """A short description of the machine for the manifest's top level."""
+    rep = rep or {"gpus": gpus(), "cpu": _cpu_name(), "cpu_cores": os.cpu_count()}
+    return {
+        "cpu": rep.get("cpu"), "cpu_cores": rep.get("cpu_cores"),
+        "gpu": rep["gpus"][0]["name"] if rep.get("gpus") else None,
+        "gpu_count": len(rep.get("gpus") or []),
+        "gpu_total_bytes": rep["gpus"][0]["total_bytes"] if rep.get("gpus") else 0,
+        "platform": platform.platform(),
+    }
+
+
+def show(rep: dict) -> str:
+    """The report as readable text (the notebook prints it)."""
+    gb = 1e9
+    lines = [f"Verdict: {rep['verdict']}", "",
+             f"OS {rep['os']}, Python {rep['python']}, {rep['cpu']} ({rep['cpu_cores']} cores)",
+             f"CPU RAM {rep['cpu_ram_total_bytes'] / gb:.1f} GB total, "
+             f"{rep['cpu_ram_available_bytes'] / gb:.1f} GB available; "
+             f"disk {rep['disk_free_bytes'] / gb:.0f} GB free; Colab: {rep['colab']}",
+             f"torch CUDA runtime {rep['torch_cuda']}, driver {rep['driver']}"]
+    for g in rep["gpus"]:
+        lines.append(f"GPU {g['index']}: {g['name']}, {g['total_bytes'] / gb:.1f} GB "
+                     f"({g['free_bytes'] / gb:.1f} GB free), capability {g['capability']}, "
+                     f"native bf16: {g['native_bf16']}")
+    if not rep["gpus"]:
+        lines.append("GPU: none found by torch")
+    lines.append(f"Training dtype: {rep['compute_dtype']} ({rep['dtype_reason']}); "
+                 f"Trainer flags {rep['precision_flags']}")
+    b = rep["bitsandbytes"]
+    lines.append(f"bitsandbytes self-test on {b['device']}: "
+                 + ("passed" if b["ok"] else "FAILED")
+                 + f" (library {b['library']}, backend {b['backend']}, 4-bit matmul error "
+                 + f"{b['relative_error']})" + (f"; {b['error']}" if b["error"] else ""))
+    lines.append("")
+    lines.append(f"{'package':14} {'installed':14} {'tested':22} ok")
+    for r in rep["requirements"]:
+        lines.append(f"{r['package']:14} {str(r['installed']):14} {r['tested']:22} "
+                     + ("yes" if r["ok"] else "NO"))
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""The notebooks' conventions, written once: the standard header (title, Colab badge, overview,
+setup cell, parameters cell, config cell), a normalized JSON form with no outputs, and a checker
+that the tests and ``python -m helpers.nbtools check`` run.
+
+``python -m helpers.nbtools normalize notebooks/*.ipynb`` rewrites notebooks into the committed
+form (outputs stripped, stable cell ids, sorted keys).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from helpers import GITHUB_REPOSITORY, REVISION
+
+SETUP_SOURCE = f'''# Setup, the same in every notebook. On Colab it installs this series' `helpers` package
+# (and with it the packages Colab lacks); locally, after `pip install -e .`, it does nothing.
+import os, subprocess, sys
+SERIES = "git+https://github.com/{GITHUB_REPOSITORY}@{REVISION}"  # repository @ revision
+source = os.environ.get("QLORA_SERIES_SOURCE", SERIES)  # or a local path / file:// URL
+if "google.colab" in sys.modules or "QLORA_SERIES_SOURCE" in os.environ:
+    if "://" not in source and not source.startswith("git+"):
+        source = "file://" + os.path.abspath(source)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"qlora-series @ {{source}}"], check=True)
+try:
+    import helpers
+except ImportError:
+    raise SystemExit("helpers is not installed: run `pip install -e .` in the repository root") from None'''
+
+
+def badge_url(stem: str) -> str:
+    return (
+        f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{REVISION}"
+        f"/notebooks/{stem}.ipynb"
+    )
+
+
+def badge(stem: str) -> str:
+    return (
+        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        f"({badge_url(stem)})"
+    )
+
+
+def _cell(kind: str, source: str, tags=None) -> dict:
+    source = source.strip("\n")
+    cell = {"cell_type": "markdown" if kind == "md" else "code", "metadata": {}, "source": source}
+    if kind != "md":
+        cell.update(execution_count=None, outputs=[])
+    if tags:
+        cell["metadata"]["tags"] = list(tags)
+    return cell
+
+
+def parameters_source(parameters: dict, notes: dict | None = None) -> str:
+    """A parameters cell of literals, with Colab form annotations and a short note each."""
+    notes = notes or {}
+    lines = ["# Parameters (papermill and `python -m helpers.run -p NAME VALUE` override these)"]
+    for name, value in parameters.items():
+        kind = {bool: "boolean", int: "integer", float: "number"}.get(type(value), "string")
+        note = f"  {notes[name]}" if name in notes else ""
+        lines.append(f"{name} = {value!r}  # @param {{type:\"{kind}\"}}{note}")
+    return "\n".join(lines)
+
+
+def build(stem: str, title: str, overview: str, parameters: dict, body: list,
+          notes: dict | None = None) -> dict:
+    """A whole notebook: header cells, then ``body``, a list of ("md"|"code", source) pairs."""
+    cells = [
+        _cell("md", f"# {title}\n\n{badge(stem)}\n\n{overview.strip()}"),
+        _cell("code", SETUP_SOURCE),
+        _cell("code", parameters_source(parameters, notes), tags=["parameters"]),
+        _cell("code", f'cfg = helpers.config.start("{stem}", globals())\ncfg'),
+    ]
+    for kind, source in body:
+        cells.append(_cell(kind, source))
+    nb = {
+        "cells": cells,
+        "metadata": {
+            "accelerator": "GPU",
+            "colab": {"provenance": []},
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    return normalize(nb)
+
+
+def normalize(nb: dict) -> dict:
+    """Strip outputs and execution counts, number the cell ids, keep only standard metadata."""
+    for i, cell in enumerate(nb["cells"]):
+        cell["id"] = f"c{i:02d}"
+        if isinstance(cell.get("source"), list):
+            cell["source"] = "".join(cell["source"])
+        tags = cell.get("metadata", {}).get("tags")
+        cell["metadata"] = {"tags": tags} if tags else {}
+        if cell["cell_type"] == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+        cell.pop("attachments", None) if not cell.get("attachments") else None
+    keep = ("accelerator", "colab", "kernelspec", "language_info")
+    nb["metadata"] = {k: v for k, v in nb["metadata"].items() if k in keep}
+    nb["metadata"]["colab"] = {"provenance": []}
+    nb["metadata"]["language_info"] = {"name": "python"}
+    return nb
+
+
+def dumps(nb: dict) -> str:
+    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def write(path, nb: dict) -> Path:
+    path = Path(path)
+    path.write_text(dumps(normalize(nb)))
+    return path
+
+
+def parameters_of(nb: dict) -> dict:
+    """Names and literal values of the notebook's parameters cell."""
+    import ast
+
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        return {}
+    values = {}
+    for node in ast.parse(cells[0]["source"]).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+def problems(path) -> list[str]:
+    """Every convention the notebook breaks (empty when it keeps them all)."""
+    path = Path(path)
+    out = []
+    text = path.read_text()
+    try:
+        nb = json.loads(text)
+    except json.JSONDecodeError as err:
+        return [f"{path.name}: not valid JSON ({err})"]
+    if '"output_type"' in text or any(c.get("outputs") for c in nb.get("cells", [])):
+        out.append(f"{path.name}: carries outputs (run `python -m helpers.nbtools normalize`)")
+    if text != dumps(normalize(json.loads(text))):
+        out.append(f"{path.name}: not in normalized form (run `python -m helpers.nbtools normalize`)")
+    cells = nb.get("cells", [])
+    h1 = [ln for c in cells if c["cell_type"] == "markdown"
+          for ln in "".join(c["source"]).splitlines() if ln.startswith("# ")]
+    if len(h1) != 1:
+        out.append(f"{path.name}: needs exactly one H1 title, found {len(h1)}")
+    first = "".join(cells[0]["source"]) if cells else ""
+    if badge_url(path.stem) not in first:
+        out.append(f"{path.name}: first cell lacks a Colab badge pointing at {badge_url(path.stem)}")
+    setup = [c for c in cells if c["cell_type"] == "code"][:1]
+    if not setup or "".join(setup[0]["source"]) != SETUP_SOURCE:
+        out.append(f"{path.name}: first code cell is not the standard setup cell")
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        out.append(f"{path.name}: needs exactly one cell tagged 'parameters', found {len(tagged)}")
+    else:
+        try:
+            params = parameters_of(nb)
+        except (ValueError, SyntaxError):
+            out.append(f"{path.name}: parameters cell must hold literals only")
+            params = {}
+        from helpers.config import PARAMETERS
+
+        bad = sorted(set(params) - set(PARAMETERS))
+        if bad:
+            out.append(f"{path.name}: parameters not in helpers.config.PARAMETERS: {bad}")
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("check", "normalize"):
+        print("usage: python -m helpers.nbtools check|normalize NOTEBOOK...", file=sys.stderr)
+        return 2
+    verb, paths = argv[0], argv[1:] or sorted(Path("notebooks").glob("*.ipynb"))
+    bad = 0
+    for p in paths:
+        if verb == "normalize":
+            write(p, json.loads(Path(p).read_text()))
+        for problem in problems(p):
+            print(problem)
+            bad += 1
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""The main job: execute the notebook series with papermill into a run directory.
+
+    python -m helpers.run                       # the whole series on the embedded default
+    python -m helpers.run -p MAX_STEPS 200 -p MODEL EleutherAI/gpt-j-6b
+    python -m helpers.run --only 01,05 --run-dir runs/try
+    python -m helpers.run --compare runs/baseline/manifest.json   # regression run
+
+Each notebook is executed in a fresh kernel; the executed copies, figures, dataset, checkpoints,
+adapter and ``manifest.json`` land in the run directory. On a failure the job stops, names the
+notebook and the cell, keeps the executed copy and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from helpers import NOTEBOOKS, __version__, manifest
+from helpers.config import PARAMETERS, ConfigError, coerce, default_run_dir
+
+REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+class RunError(Exception):
+    """A problem with the command line or the run directory; the message says what to do."""
+
+
+def notebook_dir() -> Path:
+    """Where the numbered notebooks are (the repository's notebooks/, or QLORA_NOTEBOOKS)."""
+    return Path(os.environ.get("QLORA_NOTEBOOKS", REPO_NOTEBOOKS))
+
+
+def available() -> list[str]:
+    found = sorted(p.stem for p in notebook_dir().glob("[0-9][0-9]_*.ipynb"))
+    return [s for s in found if s in NOTEBOOKS] + [s for s in found if s not in NOTEBOOKS]
+
+
+def select(only: str | None) -> list[str]:
+    """Notebook stems to run, from ``--only 01,05`` (numbers or full names)."""
+    have = available()
+    if not have:
+        raise RunError(f"no notebooks found in {notebook_dir()}")
+    if not only:
+        return have
+    chosen = []
+    for item in (x.strip() for x in only.split(",") if x.strip()):
+        match = [s for s in have if s == item or s.split("_")[0] == item.zfill(2)]
+        if not match:
+            raise RunError(f"no notebook {item!r}; available: {', '.join(have)}")
+        chosen += [m for m in match if m not in chosen]
+    return sorted(chosen, key=have.index)
+
+
+def parse_parameters(pairs: list[list[str]]) -> dict:
+    """``-p NAME VALUE`` pairs -> typed values; unknown names are refused with the valid list."""
+    out = {}
+    for name, value in pairs:
+        if name not in PARAMETERS:
+            close = [p for p in PARAMETERS if p.startswith(name[:3].upper())]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise RunError(f"unknown parameter {name!r}{hint}; valid names: "
+                           + ", ".join(PARAMETERS))
+        if name == "RUN_DIR":
+            raise RunError("give the run directory with --run-dir, not -p RUN_DIR")
+        try:
+            out[name] = coerce(name, value, PARAMETERS[name])
+        except ConfigError as err:
+            raise RunError(str(err)) from None
+    return out
+
+
+def prepare_run_dir(run_dir: str | None) -> Path:
+    path = Path(run_dir or default_run_dir()).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"cannot write to the run directory {path} ({err.strerror or err}); "
+                       "choose another with --run-dir") from None
+    return path
+
+
+def execute(stem: str, run_dir: Path, parameters: dict) -> None:
+    """Run one notebook with papermill into the run directory (raises on a failing cell)."""
+    import papermill
+
+    src = notebook_dir() / f"{stem}.ipynb"
+    papermill.execute_notebook(
+        str(src), str(run_dir / f"{stem}.ipynb"),
+        parameters={**parameters, "RUN_DIR": str(run_dir)},
+        kernel_name="python3", progress_bar=False, log_output=False,
+        cwd=str(run_dir), report_mode=False,
+    )
+
+
+def failure_message(stem: str, run_dir: Path, err: Exception) -> str:
+    """Name the notebook and the cell that failed, with the error's last line."""
+    cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
+    ename = getattr(err, "ename", type(err).__name__)
+    evalue = str(getattr(err, "evalue", err)).strip().splitlines()
+    where = f"cell {cell}" if cell is not None else "a cell"
+    return (f"{stem} failed in {where}: {ename}: {evalue[-1] if evalue else ''}\n"
+            f"  the executed copy is kept: {run_dir / (stem + '.ipynb')}")
+
+
+def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
+    """Execute the notebooks in order; record status and seconds; stop at the first failure."""
+    from helpers import env
+
+    os.environ["QLORA_SERIES_STATIC"] = "1"  # widgets render their static twins
+    logging_quiet()
+    manifest.update(run_dir, lambda d: d.update(
+        series_version=__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        command=" ".join(["python -m helpers.run"] + sys.argv[1:]),
+        versions=env.versions(), machine=env.machine_info(),
+        parameters={**PARAMETERS, **parameters, "RUN_DIR": str(run_dir)},
+    ))
+    for i, stem in enumerate(stems, 1):
+        echo(f"[{i}/{len(stems)}] {stem} running", flush=True)
+        t0 = time.perf_counter()
+        try:
+            execute(stem, run_dir, parameters)
+        except Exception as err:  # papermill's execution error, or kernel death
+            secs = time.perf_counter() - t0
+            manifest.set_status(run_dir, stem, "failed", secs,
+                                error=f"{getattr(err, 'ename', type(err).__name__)}: "
+                                      f"{str(getattr(err, 'evalue', err))[:500]}")
+            echo(f"[{i}/{len(stems)}] {stem} FAILED after {secs:.1f} s", flush=True)
+            echo(failure_message(stem, run_dir, err))
+            return False
+        secs = time.perf_counter() - t0
+        manifest.set_status(run_dir, stem, "ok", secs)
+        echo(f"[{i}/{len(stems)}] {stem} ok ({secs:.1f} s)", flush=True)
+    manifest.update(run_dir, lambda d: d.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    return True
+
+
+def logging_quiet() -> None:
+    import logging
+
+    logging.getLogger("papermill").setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------- regression comparison
+
+# (pattern, direction, relative tolerance, absolute tolerance); first match wins.
+# direction: "lower" (smaller is better), "higher", "equal" (must match), "ignore".
+TOLERANCES = [
+    ("*_free_bytes", "ignore", 0, 0),
+    ("*available_bytes", "ignore", 0, 0),
+    ("*ram_total_bytes", "ignore", 0, 0),
+    ("cpu_cores", "ignore", 0, 0),
+    ("*seconds*", "lower", 0.5, 5.0),
+    ("*_s", "lower", 0.5, 5.0),
+    ("*tokens_per_second*", "higher", 0.25, 0),
+    ("*per_second*", "higher", 0.25, 0),
+    ("*agreement*", "higher", 0.0, 0.01),
+    ("*_ok", "higher", 0, 0),
+    ("*accuracy*", "higher", 0.02, 0),
+    ("*loss*", "lower", 0.05, 0.02),
+    ("*perplexity*", "lower", 0.10, 0.1),
+    ("*logit_diff*", "lower", 0.5, 1e-3),
+    ("*error*", "lower", 0.10, 1e-3),
+    ("*bytes*", "lower", 0.10, 1 << 20),
+    ("*", "equal", 0.0, 1e-9),
+]
+
+
+def rule_for(name: str):
+    for pattern, direction, rel, abs_ in TOLERANCES:
+        if fnmatch.fnmatch(name, pattern):
+            return direction, rel, abs_
+    return "equal", 0.0, 0.0
+
+
+def compare(current: dict, baseline: dict) -> list[dict]:
+    """Every figure of the baseline manifest against the current one, with a verdict each."""
+    rows = []
+    cur_nbs = current.get("notebooks", {})
+    for stem, entry in baseline.get("notebooks", {}).items():
+        if stem not in cur_nbs:
+            continue  # not run this time (--only)
+        cur = cur_nbs[stem].get("metrics", {})
+        for name, base in entry.get("metrics", {}).items():
+            direction, rel, abs_ = rule_for(name)
+            row = {"notebook": stem, "figure": name, "baseline": base, "current": cur.get(name),
+                   "rule": direction, "verdict": "ok"}
+            if direction == "ignore":
+                row["verdict"] = "ignored"
+            elif name not in cur:
+                row["verdict"] = "REGRESSION (missing)"
+            elif not all(isinstance(v, (int, float)) for v in (base, cur[name])):
+                row["verdict"] = "ok" if base == cur[name] else "REGRESSION (changed)"
+            else:
+                value = cur[name]
+                slack = max(abs(base) * rel, abs_)
+                worse = {"lower": value > base + slack, "higher": value < base - slack,
+                         "equal": abs(value - base) > slack}[direction]
+                better = {"lower": value < base - slack, "higher": value > base + slack,
+                          "equal": False}[direction]
+                row["verdict"] = "REGRESSION" if worse else ("better" if better else "ok")
+                row["tolerance"] = slack
+            rows.append(row)
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v)
+
+    head = f"{'notebook':30} {'figure':34} {'baseline':>14} {'current':>14}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['notebook'][:30]:30} {r['figure'][:34]:34} {fmt(r['baseline']):>14} "
+                     f"{fmt(r['current']):>14}  {r['verdict']}")
+    bad = [r for r in rows if r["verdict"].startswith("REGRESSION")]
+    lines.append(f"{len(rows)} figures compared, {len(bad)} regression(s)"
+                 + (": " + ", ".join(f"{r['notebook']}:{r['figure']}" for r in bad) if bad else ""))
+    return "\n".join(lines)
+
+
+def load_baseline(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / manifest.FILE
+    if not p.exists():
+        raise RunError(f"baseline manifest {p} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"baseline {p} is not valid JSON ({err})") from None
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m helpers.run",
+        description="Execute the QLoRA notebook series with papermill into a run directory.")
+    ap.add_argument("--run-dir", help="where results go (default runs/<timestamp>)")
+    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                    metavar=("NAME", "VALUE"), help="a notebook parameter (repeatable)")
+    ap.add_argument("--only", help="a subset of notebooks, e.g. 01,05")
+    ap.add_argument("--compare", metavar="BASELINE_MANIFEST",
+                    help="after the run, compare every figure with a baseline manifest")
+    ap.add_argument("--list", action="store_true", help="list notebooks and parameters, then exit")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.list:
+            print("notebooks:", ", ".join(available()))
+            print("parameters:", ", ".join(f"{k}={v!r}" for k, v in PARAMETERS.items()))
+            return 0
+        stems = select(args.only)
+        parameters = parse_parameters(args.parameter)
+        baseline = load_baseline(args.compare) if args.compare else None
+        run_dir = prepare_run_dir(args.run_dir)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run directory: {run_dir}")
+    ok = run(stems, run_dir, parameters)
+    print(f"manifest: {run_dir / manifest.FILE}")
+    if not ok:
+        return 1
+    print(f"executed notebooks, figures, dataset and adapter: {run_dir}")
+    if baseline is not None:
+        rows = compare(manifest.load(run_dir), baseline)
+        print(format_comparison(rows))
+        if any(r["verdict"].startswith("REGRESSION") for r in rows):
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
