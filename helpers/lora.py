@@ -1,0 +1,593 @@
+"""LoRA on a 4-bit base, for any architecture, with nothing typed by hand (notebook 03).
+
+The original recipe names ``query_key_value``, a layer only GPT-NeoX has; the same recipe on
+GPT-J stops with "Target modules not found". Here the targets come from the loaded model itself:
+
+- :func:`linear_layers` lists every linear layer by short name, count and shape;
+- :func:`find_targets` picks "all-linear" (every linear layer but the output head, found as
+  ``model.get_output_embeddings()``, as the QLoRA paper does) or "attention" (the linear layers
+  inside the attention block, found from the module tree, with no per-model table), or checks
+  names given by hand;
+- :func:`prepare_for_training` freezes the base, turns on gradient checkpointing the way that
+  works with frozen embeddings, and casts nothing to float32 unless asked (peft's
+  ``prepare_model_for_kbit_training`` upcasts embeddings, head and norms, which costs memory);
+- :func:`lora_config` / :func:`attach` build the adapter from the series' Config;
+- :func:`trainable_report` counts trainable parameters and checks them against
+  r x sum(d_in + d_out); :func:`gradient_check` runs one real step and shows that only LoRA
+  weights learn while the 4-bit weights stay bit-for-bit the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from helpers.config import ConfigError
+
+SCOPES = ("all-linear", "attention")
+ADAPTER = "default"
+
+
+# --------------------------------------------------------------------------- target discovery
+
+
+def _is_4bit(param) -> bool:
+    return type(param).__name__ == "Params4bit"
+
+
+def _logical_numel(param) -> int:
+    """Elements a parameter stands for: a 4-bit weight packs two values per byte, so its true
+    count is the product of ``quant_state.shape``, not ``numel()`` of the packed storage."""
+    state = getattr(param, "quant_state", None)
+    if _is_4bit(param) and state is not None and getattr(state, "shape", None) is not None:
+        return math.prod(state.shape)
+    return param.numel()
+
+
+def _is_adapter_wrapper(module) -> bool:
+    """A peft layer that wraps a base layer (after :func:`attach`)."""
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
+def _head(model):
+    """The output head (``get_output_embeddings()``), or None where a model has none."""
+    base = model
+    if hasattr(model, "get_base_model"):  # a peft model
+        base = model.get_base_model()
+    getter = getattr(base, "get_output_embeddings", None)
+    try:
+        head = getter() if getter else None
+    except NotImplementedError:
+        head = None
+    if head is not None and _is_adapter_wrapper(head):
+        head = head.base_layer
+    return head
+
+
+def _looks_like_attention(attr: str, module) -> bool:
+    """An attention block, recognised structurally: its class name says Attention, or the
+    attribute holding it is called ...attn... / ...attention... (attn, self_attn, attention)."""
+    low = attr.lower()
+    return "attention" in type(module).__name__.lower() or "attn" in low or "attention" in low
+
+
+def _walk(model):
+    """Every linear layer as (path, layer, inside_attention, is_head).
+
+    A layer wrapped by LoRA is reported once, under its own path, as its base layer; the LoRA
+    matrices themselves are not linear layers of the model.
+    """
+    head = _head(model)
+    out = []
+
+    def visit(module, path, in_attention):
+        for attr, child in module.named_children():
+            child_path = f"{path}.{attr}" if path else attr
+            if _is_adapter_wrapper(child):
+                layer = child.base_layer
+                out.append((child_path, layer, in_attention, layer is head))
+                continue
+            if isinstance(child, nn.Linear):
+                out.append((child_path, child, in_attention, child is head))
+                continue
+            visit(child, child_path, in_attention or _looks_like_attention(attr, child))
+
+    visit(model, "", False)
+    return out
+
+
+def _dtype_name(layer) -> str:
+    if _is_4bit(layer.weight):
+        state = getattr(layer.weight, "quant_state", None)
+        return f"4-bit {getattr(state, 'quant_type', '')}".strip()
+    return str(layer.weight.dtype).replace("torch.", "")
+
+
+def linear_layers(model) -> list[dict]:
+    """The model's linear layers grouped by short name (the last part of the module path).
+
+    One row per short name and shape: ``name``, ``count`` (instances), ``d_in``, ``d_out``,
+    ``shape`` ("d_in x d_out"), ``dtype`` ("4-bit nf4" for bitsandbytes 4-bit layers, else the
+    weight dtype), ``block`` ("attention", "other" or "head") and one ``example`` path. Covers
+    ``bnb.nn.Linear4bit`` and plain ``nn.Linear`` (a 16-bit model). Introduced in notebook 03.
+    """
+    rows: dict = {}
+    for path, layer, in_attention, is_head in _walk(model):
+        name = path.rsplit(".", 1)[-1]
+        key = (name, layer.in_features, layer.out_features)
+        if key not in rows:
+            rows[key] = {
+                "name": name, "count": 0, "d_in": layer.in_features,
+                "d_out": layer.out_features,
+                "shape": f"{layer.in_features} x {layer.out_features}",
+                "dtype": _dtype_name(layer),
+                "block": "head" if is_head else ("attention" if in_attention else "other"),
+                "example": path,
+            }
+        rows[key]["count"] += 1
+    if not rows:
+        raise ValueError(
+            f"{type(model).__name__} has no linear layers (nn.Linear or bitsandbytes Linear4bit); "
+            "LoRA here adapts linear layers only"
+        )
+    return list(rows.values())
+
+
+def _names_for(selected: list[str], every: list[str]) -> list[str]:
+    """Names peft matches (a module is targeted when its path ends with ".<name>") that select
+    exactly ``selected`` among ``every`` linear path: the short name where it is unambiguous,
+    a longer dotted suffix where the same short name also sits outside the selection."""
+    chosen = set(selected)
+    names: list[str] = []
+    for path in selected:
+        parts = path.split(".")
+        name = path
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            matches = [p for p in every if p == suffix or p.endswith("." + suffix)]
+            if all(p in chosen for p in matches):
+                name = suffix
+                break
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def find_targets(model, scope: str = "all-linear") -> list[str]:
+    """LoRA target names for this model, discovered from its module tree.
+
+    ``scope``: "all-linear" (default; every linear layer except the output head, which is
+    ``model.get_output_embeddings()``), "attention" (the linear layers inside attention blocks),
+    or comma-separated names such as "q_proj,v_proj" (each must name at least one linear layer).
+    Works for GPT-NeoX, GPT-J, Llama/Mistral/Qwen2 and OPT alike. Introduced in notebook 03.
+    """
+    layers = _walk(model)
+    if not layers:
+        linear_layers(model)  # raises the "no linear layers" error
+    every = [path for path, *_ in layers]
+    short = sorted({p.rsplit(".", 1)[-1] for p in every})
+    key = str(scope).strip()
+    if key.lower() == "all-linear":
+        selected = [path for path, _, _, is_head in layers if not is_head]
+    elif key.lower() == "attention":
+        selected = [path for path, _, in_attention, is_head in layers
+                    if in_attention and not is_head]
+    else:
+        wanted = [n.strip() for n in key.split(",") if n.strip()]
+        if not wanted:
+            raise ValueError(f"LORA_TARGETS is empty; use {' or '.join(SCOPES)} or names from: "
+                             f"{', '.join(short)}")
+        missing = [n for n in wanted
+                   if not any(p == n or p.endswith("." + n) for p in every)]
+        if missing:
+            raise ValueError(
+                f"target module(s) {', '.join(missing)} not found in {type(model).__name__}; "
+                f"its linear layers are: {', '.join(short)} "
+                f"(or use LORA_TARGETS = {' or '.join(repr(s) for s in SCOPES)})"
+            )
+        return wanted
+    if not selected:
+        raise ValueError(
+            f"scope {key!r} finds no linear layers in {type(model).__name__}; name them instead, "
+            f"from: {', '.join(short)}"
+        )
+    return _names_for(selected, every)
+
+
+# --------------------------------------------------------------------------- memory figures
+
+
+def param_bytes(model) -> int:
+    """Bytes the model's weights take: parameters (each shared tensor once, 4-bit weights as
+    their packed storage), buffers, and the 4-bit quantization constants (absmax, nested
+    absmax, code tables) that live beside each packed weight."""
+    seen: set = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            total += _quant_state_bytes(state, seen)
+    return total
+
+
+def _quant_state_bytes(state, seen: set) -> int:
+    total = 0
+    for attr in ("absmax", "code", "offset"):
+        t = getattr(state, attr, None)
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        total += _quant_state_bytes(nested, seen)
+    return total
+
+
+def _upcast_candidates(model):
+    """The parameters peft's ``prepare_model_for_kbit_training`` casts to float32: every
+    float16/bfloat16 parameter that is not a packed 4-bit weight (embeddings, head, norms,
+    biases)."""
+    seen: set = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p):
+            yield name, p
+
+
+def upcast_cost(model) -> int:
+    """Bytes a float32 upcast of the non-quantized parameters would add:
+    numel x (4 - current element size), summed over the 16-bit ones."""
+    return sum(p.numel() * (4 - p.element_size()) for _, p in _upcast_candidates(model))
+
+
+# --------------------------------------------------------------------------- k-bit preparation
+
+
+def prepare_for_training(model, gradient_checkpointing: bool = True,
+                         upcast_norms_and_head: bool = False) -> dict:
+    """Make a (4-bit) model ready for LoRA training, in the order that works; call it before
+    :func:`attach`.
+
+    1. freeze every base parameter (before attaching, so LoRA weights are not frozen after);
+    2. only with ``upcast_norms_and_head``: cast float16/bfloat16 parameters that are not 4-bit
+       (embeddings, head, norms, biases) to float32, exactly what peft 0.21's
+       ``prepare_model_for_kbit_training`` does; off by default, because it costs
+       numel x 2 bytes for each of them and LoRA trains without it;
+    3. gradient checkpointing with ``use_reentrant=False``;
+    4. input embeddings made to output tensors that require grad
+       (``enable_input_require_grads``): the fix for "element 0 of tensors does not require
+       grad" when checkpointing meets frozen embeddings;
+    5. ``config.use_cache = False`` (the key/value cache is useless in training and conflicts
+       with checkpointing).
+
+    Returns a report: ``bytes_before``/``bytes_after`` (see :func:`param_bytes`),
+    ``upcast_bytes_would_cost`` (what the float32 upcast adds), ``upcast_bytes_avoided`` (the same
+    when the upcast is off, else 0), ``upcast_applied``, ``upcast_params`` (names cast),
+    ``frozen_params``, ``gradient_checkpointing``, ``input_require_grads``. Introduced in
+    notebook 03.
+    """
+    if hasattr(model, "peft_config"):
+        raise ValueError("this model already has adapters, and freezing it now would freeze them "
+                         "too: call prepare_for_training on the base model, then attach")
+    before = param_bytes(model)
+    would_cost = upcast_cost(model)
+    frozen = 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+        frozen += 1
+    upcast = []
+    if upcast_norms_and_head:
+        for name, p in list(_upcast_candidates(model)):
+            p.data = p.data.to(torch.float32)
+            upcast.append(name)
+    if gradient_checkpointing:
+        _enable_checkpointing(model)
+        if not getattr(model, "_require_grads_hooks", None) and not getattr(
+                model, "_require_grads_hook", None):
+            model.enable_input_require_grads()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    after = param_bytes(model)
+    return {
+        "bytes_before": before,
+        "bytes_after": after,
+        "upcast_bytes_would_cost": would_cost,
+        "upcast_bytes_avoided": 0 if upcast_norms_and_head else would_cost,
+        "upcast_applied": bool(upcast_norms_and_head),
+        "upcast_params": upcast,
+        "frozen_params": frozen,
+        "gradient_checkpointing": bool(gradient_checkpointing),
+        "input_require_grads": bool(getattr(model, "_require_grads_hooks", None)
+                                    or getattr(model, "_require_grads_hook", None)),
+    }
+
+
+def _enable_checkpointing(model) -> None:
+    """Non-reentrant checkpointing, under the method name this transformers version has
+    (``activation_checkpointing_enable`` in 5.x, ``gradient_checkpointing_enable`` before)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(model).__name__} does not support gradient checkpointing; "
+            "set GRADIENT_CHECKPOINTING = False (it then needs more activation memory)"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# --------------------------------------------------------------------------- LoRA config
+
+
+def check_lora(r, alpha, dropout) -> None:
+    """Refuse a rank, alpha or dropout outside its valid range, saying what the range is."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"LORA_R={r!r} must be a positive integer (8, 16, 64 are usual)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ConfigError(f"LORA_ALPHA={alpha!r} must be positive (often 2 x LORA_R)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"LORA_DROPOUT={dropout!r} must be in [0, 1) (0.05 is usual)")
+
+
+def lora_config(cfg, model):
+    """A ``peft.LoraConfig`` from the series' Config: LORA_R, LORA_ALPHA, LORA_DROPOUT, and
+    targets from LORA_TARGETS (a scope or names, resolved on ``model`` by :func:`find_targets`);
+    bias "none", task CAUSAL_LM. Introduced in notebook 03."""
+    from peft import LoraConfig
+
+    check_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=find_targets(model, cfg.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach(model, cfg):
+    """Wrap ``model`` with LoRA adapters from ``cfg`` and return the peft model.
+
+    Casts only what must be cast: trainable (LoRA) weights to float32, so fp16 mixed precision
+    can unscale their gradients; the frozen base keeps its dtypes. The memory before and after is
+    kept on the returned model for :func:`trainable_report`. Introduced in notebook 03.
+    """
+    from peft import get_peft_model
+
+    config = lora_config(cfg, model)
+    before = param_bytes(model)
+    peft_model = get_peft_model(model, config)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.to(torch.float32)
+    peft_model.attach_memory = {"bytes_before": before, "bytes_after": param_bytes(peft_model)}
+    return peft_model
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _lora_layers(peft_model):
+    """(path, base layer, rank) of every adapted layer instance."""
+    out = []
+    for path, module in peft_model.named_modules():
+        if _is_adapter_wrapper(module):
+            ranks = getattr(module, "r", {})
+            if ADAPTER in ranks:
+                out.append((path, module.base_layer, ranks[ADAPTER]))
+    return out
+
+
+def trainable_report(peft_model) -> dict:
+    """Trainable parameters by target module type and in total.
+
+    ``rows``: one per target short name: ``name``, ``layers`` (instances), ``d_in``, ``d_out``,
+    ``r``, ``trainable`` (counted) and ``formula`` (r x (d_in + d_out) x layers).
+    ``totals``: ``trainable``, ``total_params`` (the model's logical parameter count: each 4-bit
+    weight counted as the elements it stands for, from ``quant_state.shape``, not its packed
+    bytes; shared weights once), ``trainable_percent``, ``formula_count`` (r x sum(d_in + d_out)
+    over adapted layers), ``counted``, ``equal``, ``lora_target_count`` (adapted layer
+    instances), ``bytes_before``/``bytes_after`` attaching and ``adapter_bytes``.
+    Introduced in notebook 03.
+    """
+    layers = _lora_layers(peft_model)
+    if not layers:
+        raise ValueError("no LoRA layers found: pass the model returned by helpers.lora.attach")
+    trainable_by_path: dict = {}
+    seen: set = set()
+    counted = total = adapter_bytes = 0
+    for name, p in peft_model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += _logical_numel(p)
+        if p.requires_grad:
+            counted += p.numel()
+            adapter_bytes += p.numel() * p.element_size()
+            trainable_by_path[name] = p.numel()
+    rows: dict = {}
+    for path, base, r in layers:
+        name = path.rsplit(".", 1)[-1]
+        row = rows.setdefault(name, {"name": name, "layers": 0, "d_in": base.in_features,
+                                     "d_out": base.out_features, "r": r, "trainable": 0,
+                                     "formula": 0})
+        row["layers"] += 1
+        row["formula"] += r * (base.in_features + base.out_features)
+        row["trainable"] += sum(n for pname, n in trainable_by_path.items()
+                                if pname.startswith(path + "."))
+    formula = sum(r * (base.in_features + base.out_features) for _, base, r in layers)
+    memory = getattr(peft_model, "attach_memory", None) or {}
+    after = param_bytes(peft_model)
+    totals = {
+        "trainable": counted,
+        "total_params": total,
+        "trainable_percent": 100.0 * counted / total if total else 0.0,
+        "formula_count": formula,
+        "counted": counted,
+        "equal": formula == counted,
+        "lora_target_count": len(layers),
+        "bytes_before": memory.get("bytes_before", after - adapter_bytes),
+        "bytes_after": after,
+        "adapter_bytes": adapter_bytes,
+        "note": "total_params counts each 4-bit weight by its logical element count "
+                "(quant_state.shape), not by its packed uint8 storage",
+    }
+    return {"rows": list(rows.values()), "totals": totals}
+
+
+def show(rows: list[dict]) -> str:
+    """Rows of :func:`linear_layers` or :func:`trainable_report` as an aligned text table."""
+    if not rows:
+        return "(none)"
+    keys = [k for k in rows[0] if k != "example"]
+    width = {k: max(len(k), *(len(f"{r.get(k, '')}") for r in rows)) for k in keys}
+    lines = ["  ".join(f"{k:>{width[k]}}" for k in keys)]
+    lines += ["  ".join(f"{r.get(k, '')!s:>{width[k]}}" for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- it trains
+
+
+def _cpu_safe(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference (which breaks training
+    afterwards on processors with AVX512-BF16)."""
+    try:
+        from helpers.models import cpu_safe
+    except ImportError:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    else:
+        cpu_safe(model)
+
+
+def _packed_checksums(model) -> dict:
+    """An exact integer checksum of each packed 4-bit weight, computed on its own device in
+    slices (no copy of the whole model): sum of bytes and a position-weighted sum."""
+    sums = {}
+    for name, p in model.named_parameters():
+        if not _is_4bit(p):
+            continue
+        flat = p.data.reshape(-1)
+        plain = weighted = 0
+        step = 1 << 22
+        for start in range(0, flat.numel(), step):
+            chunk = flat[start:start + step].to(torch.int64)
+            pos = torch.arange(start, start + chunk.numel(), device=chunk.device) % 65521 + 1
+            plain += int(chunk.sum())
+            weighted += int((chunk * pos).sum())
+        sums[name] = (plain, weighted)
+    return sums
+
+
+def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
+    """One forward and backward on a real batch, then one optimizer step, to show that training
+    reaches the adapters and nothing else.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (``labels`` default to the
+    input ids). The model runs in train mode. The optimizer (SGD, ``lr``) gets every parameter
+    that requires grad, as the Trainer would. LoRA B starts at zero, so at step 0 the gradient
+    reaches B while A's gradient is exactly zero (it is multiplied by B); both are reported.
+    Afterwards the LoRA weights are restored, so the check leaves the model as it found it.
+
+    Returns ``loss``, ``lora_A_grad_norm``, ``lora_B_grad_norm``, ``lora_A_grad_zero``,
+    ``lora_B_grad_nonzero``, ``non_lora_with_grad`` (names; should be empty),
+    ``non_lora_trainable`` (names; should be empty), ``only_lora_grads``,
+    ``base_4bit_unchanged`` (packed 4-bit data identical after the step), ``checked_4bit_weights``,
+    ``lora_B_changed``, and ``ok`` (all of these as they should be). Introduced in notebook 03.
+    """
+    device = next(p.device for p in model.parameters())
+    if device.type == "cpu":
+        _cpu_safe(model)
+    batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if "input_ids" not in batch:
+        raise ValueError("the batch needs input_ids (and attention_mask, labels)")
+    batch.setdefault("labels", batch["input_ids"])
+    was_training = model.training
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no parameter requires grad: attach LoRA adapters first (helpers.lora.attach)")
+    saved = {n: p.detach().clone() for n, p in trainable}
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    if loss is None or not loss.requires_grad:
+        raise RuntimeError(
+            "the loss does not require grad: no gradient reaches the adapters "
+            "(with gradient checkpointing, call helpers.lora.prepare_for_training first)"
+        )
+    loss.backward()
+
+    def norm(kind):
+        grads = [p.grad.detach().float().norm() ** 2 for n, p in model.named_parameters()
+                 if kind in n and p.grad is not None]
+        return float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+
+    non_lora_grad = [n for n, p in model.named_parameters() if "lora_" not in n
+                     and p.grad is not None]
+    non_lora_trainable = [n for n, _ in trainable if "lora_" not in n]
+    a_norm, b_norm = norm("lora_A"), norm("lora_B")
+
+    before = _packed_checksums(model)
+    optimizer = torch.optim.SGD([p for _, p in trainable], lr=lr)
+    optimizer.step()
+    after = _packed_checksums(model)
+    b_changed = any(not torch.equal(p.detach(), saved[n]) for n, p in trainable if "lora_B" in n)
+
+    with torch.no_grad():  # leave the model as it was
+        for n, p in trainable:
+            p.copy_(saved[n])
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+
+    result = {
+        "loss": float(loss.detach()),
+        "lora_A_grad_norm": a_norm,
+        "lora_B_grad_norm": b_norm,
+        "lora_A_grad_zero": a_norm == 0.0,
+        "lora_B_grad_nonzero": b_norm > 0.0,
+        "non_lora_with_grad": non_lora_grad,
+        "non_lora_trainable": non_lora_trainable,
+        "only_lora_grads": not non_lora_grad and not non_lora_trainable,
+        "base_4bit_unchanged": before == after,
+        "checked_4bit_weights": len(before),
+        "lora_B_changed": b_changed,
+    }
+    result["ok"] = (math.isfinite(result["loss"]) and result["only_lora_grads"]
+                    and result["lora_B_grad_nonzero"] and result["base_4bit_unchanged"]
+                    and b_changed)
+    return result
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def metrics(report: dict, prepared: dict) -> dict:
+    """Notebook 03's figures for the manifest, from :func:`trainable_report` and the report of
+    :func:`prepare_for_training`."""
+    t = report["totals"]
+    out = {
+        "trainable_params": t["trainable"],
+        "total_params": t["total_params"],
+        "trainable_percent": t["trainable_percent"],
+        "lora_target_count": t["lora_target_count"],
+        "lora_formula_matches": t["equal"],
+        "adapter_bytes": t["adapter_bytes"],
+        "bytes_before_lora": t["bytes_before"],
+        "bytes_after_lora": t["bytes_after"],
+        "upcast_bytes_avoided": prepared["upcast_bytes_avoided"],
+        "upcast_bytes_would_cost": prepared["upcast_bytes_would_cost"],
+        "bytes_prepared": prepared["bytes_after"],
+    }
+    return out

@@ -1,0 +1,293 @@
+"""helpers.lora on tiny random models of five families, loaded in 4-bit on CPU (notebook 03)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+from helpers import lora
+from helpers.config import Config, ConfigError
+
+SMALL = {"vocab_size": 256, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+
+
+def _configs() -> dict:
+    return {
+        "gpt_neox": GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=256, max_position_embeddings=64, **SMALL),
+        "gptj": GPTJConfig(n_embd=64, n_layer=2, n_head=4, n_inner=256, rotary_dim=16,
+                           n_positions=64, **SMALL),
+        "llama": LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=128,
+                             max_position_embeddings=64, **SMALL),
+        "qwen2": Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=128,
+                             max_position_embeddings=64, **SMALL),
+        "opt": OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                         word_embed_proj_dim=64, max_position_embeddings=64, **SMALL),
+    }
+
+
+FAMILIES = list(_configs())
+
+ATTENTION = {
+    "gpt_neox": {"query_key_value", "dense"},
+    "gptj": {"q_proj", "k_proj", "v_proj", "out_proj"},
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "opt": {"q_proj", "k_proj", "v_proj", "out_proj"},
+}
+MLP = {
+    "gpt_neox": {"dense_h_to_4h", "dense_4h_to_h"},
+    "gptj": {"fc_in", "fc_out"},
+    "llama": {"gate_proj", "up_proj", "down_proj"},
+    "qwen2": {"gate_proj", "up_proj", "down_proj"},
+    "opt": {"fc1", "fc2"},
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each family built with random weights, saved as safetensors; plus its parameter count."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for name, config in _configs().items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(root / name)
+        out[name] = (root / name, sum(p.numel() for p in model.parameters()))
+    return out
+
+
+def load_4bit(saved, family, dtype=torch.bfloat16):
+    """The family in NF4 + double quantization on CPU; non-quantized weights in ``dtype``."""
+    path, _ = saved[family]
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
+                                                device_map={"": "cpu"}, dtype=dtype)
+
+
+def batch(seed=0):
+    ids = torch.randint(2, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def cfg(**changes) -> Config:
+    values = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, **changes}
+    return dataclasses.replace(Config(), **values)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_targets_per_family(saved, family):
+    model = load_4bit(saved, family)
+    assert set(lora.find_targets(model, "attention")) == ATTENTION[family]
+    everything = lora.find_targets(model, "all-linear")
+    assert set(everything) == ATTENTION[family] | MLP[family]
+    assert lora.find_targets(model) == everything  # all-linear is the default
+    assert "lm_head" not in everything
+
+    rows = {r["name"]: r for r in lora.linear_layers(model)}
+    assert rows["lm_head"]["block"] == "head" and rows["lm_head"]["dtype"] == "bfloat16"
+    for name in ATTENTION[family]:
+        assert rows[name]["block"] == "attention"
+        assert rows[name]["dtype"] == "4-bit nf4" and rows[name]["count"] == 2
+    for name in MLP[family]:
+        assert rows[name]["block"] == "other"
+
+
+def test_shapes_are_logical(saved):
+    rows = {r["name"]: r for r in lora.linear_layers(load_4bit(saved, "llama"))}
+    assert (rows["q_proj"]["d_in"], rows["q_proj"]["d_out"]) == (64, 64)
+    assert rows["k_proj"]["shape"] == "64 x 32"  # 2 key/value heads of 16
+    assert (rows["down_proj"]["d_in"], rows["down_proj"]["d_out"]) == (128, 64)
+
+
+def test_explicit_names_and_unknown_name(saved):
+    gptj = load_4bit(saved, "gptj")
+    assert lora.find_targets(gptj, "q_proj, v_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError) as err:  # the article's recipe on GPT-J
+        lora.find_targets(gptj, "query_key_value")
+    msg = str(err.value)
+    assert "query_key_value" in msg
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"):
+        assert name in msg
+    with pytest.raises(ValueError, match="q_proj"):
+        lora.lora_config(cfg(lora_targets="query_key_value"), gptj)
+
+
+def test_head_found_by_identity_in_16bit_tied_model(saved):
+    """OPT ties its head to the embeddings; a 16-bit model has only nn.Linear layers."""
+    path, _ = saved["opt"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = {r["name"]: r for r in lora.linear_layers(model)}
+    assert rows["lm_head"]["block"] == "head" and rows["q_proj"]["dtype"] == "float32"
+    assert "lm_head" not in lora.find_targets(model)
+
+
+def test_ambiguous_short_name_gets_a_longer_suffix():
+    """'dense' inside attention and outside it: the attention scope must name only the first."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Linear(8, 8)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.dense = Attention(), nn.Linear(8, 8)
+
+    model = nn.Sequential(Block(), Block())
+    names = lora.find_targets(model, "attention")
+    assert names == ["attention.dense"]
+    config = peft.LoraConfig(r=2, target_modules=names)
+    wrapped = peft.get_peft_model(model, config)
+    adapted = [p for p, m in wrapped.named_modules() if hasattr(m, "lora_A")]
+    assert len(adapted) == 2 and all(p.endswith("attention.dense") for p in adapted)
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize("change, text", [
+    ({"lora_r": 0}, "positive integer"),
+    ({"lora_alpha": -1}, "must be positive"),
+    ({"lora_dropout": 1.0}, r"\[0, 1\)"),
+])
+def test_bad_lora_values_refused_with_range(saved, change, text):
+    model = load_4bit(saved, "gpt_neox")
+    with pytest.raises(ConfigError, match=text):
+        lora.lora_config(cfg(**change), model)
+
+
+def test_lora_config_fields(saved):
+    model = load_4bit(saved, "gpt_neox")
+    config = lora.lora_config(cfg(lora_targets="attention"), model)
+    assert config.r == 4 and config.lora_alpha == 8 and config.bias == "none"
+    assert str(config.task_type).endswith("CAUSAL_LM")
+    assert set(config.target_modules) == {"query_key_value", "dense"}
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def test_prepare_defaults(saved):
+    model = load_4bit(saved, "gpt_neox")
+    report = lora.prepare_for_training(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.config.use_cache is False
+    assert report["gradient_checkpointing"] and report["input_require_grads"]
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert report["bytes_after"] == report["bytes_before"]
+    assert report["upcast_bytes_avoided"] == report["upcast_bytes_would_cost"] > 0
+
+
+def test_upcast_costs_exactly_what_it_reports_and_matches_peft(saved):
+    kept = load_4bit(saved, "llama")
+    off = lora.prepare_for_training(kept, upcast_norms_and_head=False)
+    assert kept.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert kept.get_output_embeddings().weight.dtype == torch.bfloat16
+
+    cast = load_4bit(saved, "llama")
+    on = lora.prepare_for_training(cast, upcast_norms_and_head=True)
+    assert cast.get_input_embeddings().weight.dtype == torch.float32
+    assert cast.get_output_embeddings().weight.dtype == torch.float32
+    assert on["upcast_bytes_avoided"] == 0
+    assert on["bytes_after"] - on["bytes_before"] == off["upcast_bytes_avoided"]
+
+    reference = peft.prepare_model_for_kbit_training(load_4bit(saved, "llama"))
+    assert ({n: p.dtype for n, p in cast.named_parameters()}
+            == {n: p.dtype for n, p in reference.named_parameters()})
+
+
+# --------------------------------------------------------------------------- count and train
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainable_count_equals_formula_and_it_trains(saved, family):
+    model = load_4bit(saved, family)
+    lora.prepare_for_training(model)
+    wrapped = lora.attach(model, cfg())
+    report = lora.trainable_report(wrapped)
+    t = report["totals"]
+    assert t["equal"] and t["formula_count"] == t["counted"] == t["trainable"] > 0
+    assert t["lora_target_count"] == 2 * len(ATTENTION[family] | MLP[family])
+    assert sum(r["trainable"] for r in report["rows"]) == t["trainable"]
+    assert all(r["trainable"] == r["formula"] for r in report["rows"])
+    # logical count: the 16-bit original's parameters plus the adapters
+    assert t["total_params"] == saved[family][1] + t["trainable"]
+    assert t["trainable_percent"] == pytest.approx(100 * t["trainable"] / t["total_params"])
+    assert t["bytes_after"] - t["bytes_before"] == t["adapter_bytes"] == 4 * t["trainable"]
+    assert all(p.dtype == torch.float32 for p in wrapped.parameters() if p.requires_grad)
+
+    check = lora.gradient_check(wrapped, batch())
+    assert check["ok"], check
+    assert check["only_lora_grads"] and check["non_lora_with_grad"] == []
+    assert check["base_4bit_unchanged"] and check["checked_4bit_weights"] == t["lora_target_count"]
+    assert check["lora_B_grad_nonzero"] and check["lora_A_grad_zero"]  # B starts at zero
+    assert check["lora_B_changed"]
+    assert torch.isfinite(torch.tensor(check["loss"]))
+    # the check leaves the adapters as it found them: B still zero
+    assert all(not p.any() for n, p in wrapped.named_parameters() if "lora_B" in n)
+
+
+def test_attention_scope_counts(saved):
+    model = load_4bit(saved, "gpt_neox")
+    lora.prepare_for_training(model)
+    wrapped = lora.attach(model, cfg(lora_targets="attention", lora_r=8))
+    t = lora.trainable_report(wrapped)["totals"]
+    # 2 layers x r=8 x ((64 + 192) + (64 + 64))
+    assert t["counted"] == t["formula_count"] == 2 * 8 * (256 + 128)
+    assert t["lora_target_count"] == 4
+
+
+def test_metrics_for_manifest(saved):
+    model = load_4bit(saved, "opt")
+    prepared = lora.prepare_for_training(model)
+    wrapped = lora.attach(model, cfg())
+    figures = lora.metrics(lora.trainable_report(wrapped), prepared)
+    for key in ("trainable_params", "total_params", "lora_target_count", "trainable_percent",
+                "upcast_bytes_avoided"):
+        assert isinstance(figures[key], (int, float)) and figures[key] > 0
+    assert figures["lora_formula_matches"] is True
+    assert 0 < figures["trainable_percent"] < 100
+
+
+def test_gradient_check_catches_a_trainable_base_weight(saved):
+    model = load_4bit(saved, "llama")
+    lora.prepare_for_training(model)
+    wrapped = lora.attach(model, cfg())
+    wrapped.get_input_embeddings().weight.requires_grad_(True)
+    check = lora.gradient_check(wrapped, batch())
+    assert not check["ok"] and not check["only_lora_grads"]
+    assert any("embed_tokens" in n for n in check["non_lora_with_grad"])
+    with pytest.raises(ValueError, match="before|attach"):
+        lora.prepare_for_training(wrapped)
+
+
+def test_checkpointing_is_non_reentrant(saved):
+    model = load_4bit(saved, "gptj")
+    lora.prepare_for_training(model)
+    funcs = [m._gradient_checkpointing_func for m in model.modules()
+             if getattr(m, "gradient_checkpointing", False)]
+    assert funcs and all(f.keywords.get("use_reentrant") is False for f in funcs)
