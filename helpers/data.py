@@ -1,0 +1,910 @@
+"""Dataset preparation: from a source to token ids with labels a causal LM can learn from.
+
+Introduced in notebook 04 (dataset preparation); notebook 05 calls :func:`load_or_prepare` and
+trains with :class:`CompletionCollator`. The steps, each a function the notebook shows:
+
+1. :func:`load_source` - the embedded quotes, a local file (.jsonl .json .csv .parquet .txt), a
+   local folder laid out like a Hub dataset, or a Hub dataset id (``DATASET_CONFIG``,
+   ``DATASET_SPLIT``).
+2. :func:`format_examples` - every row becomes ``pieces`` of text and, for each piece, whether it
+   is ``trained`` (counts for the loss): one piece for ``text`` and ``template``; a prompt and a
+   response for ``instruction``; the turns of a ``chat`` rendered with the tokenizer's chat
+   template, assistant turns trained.
+3. :func:`tokenize_examples` - token ids and labels. Every complete example ends with EOS, and EOS
+   keeps its label: the original recipe padded with EOS and let ``DataCollatorForLanguageModeling``
+   turn every pad-id label into -100, so the EOS labels vanished too and the tuned model never
+   learned to stop. Here labels are built explicitly and padding is masked by position (see
+   :class:`CompletionCollator`), never by comparing ids with the pad id.
+4. :func:`pack` (``PACKING``) - whole examples laid end to end in blocks of at most MAX_LENGTH.
+5. :func:`prepare` runs it all with a seeded train/eval split; :func:`save` writes
+   ``RUN_DIR/dataset`` and ``RUN_DIR/dataset_stats.json``; :func:`load_or_prepare` reuses them only
+   when they were prepared with the same tokenizer and settings (a fingerprint), else rebuilds.
+
+Prompt and response pieces are tokenized separately and their ids concatenated, so no BPE merge
+can straddle the boundary: the prompt's tokens are exactly those the model sees at generation time
+(when the prompt is tokenized alone), and every response token, EOS included, has its label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import shutil
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDED_QUOTES = Path(__file__).parent / "data" / "quotes.jsonl"
+
+# file extension -> the `datasets` builder that reads it
+SUPPORTED_EXTENSIONS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+CHAT_ROLES = ("system", "user", "assistant")
+EVAL_SPLIT_NAMES = ("validation", "valid", "eval", "test")
+IGNORE_INDEX = -100  # a label the loss skips (PyTorch's cross-entropy default)
+
+# Used when a tokenizer has no chat template of its own. Each assistant turn ends with EOS so that
+# the model learns to stop after its answer, not only at the end of the conversation.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "<|{{ m['role'] }}|>{{ '\\n' }}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
+)
+
+FORMAT_VERSION = 1  # part of the fingerprint: bump when the prepared layout changes
+_BATCH = 1000
+
+
+class DatasetError(ValueError):
+    """The data cannot be used as configured; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# 1. sources
+
+
+def load_source(cfg):
+    """The rows of ``cfg.dataset`` as a ``datasets.DatasetDict`` (its splits by name).
+
+    ``"embedded"``: the public-domain quotations shipped in ``helpers/data/quotes.jsonl``
+    (columns quote, author, tags). A local file: .jsonl/.json (records), .csv, .parquet, or .txt
+    (one example per line, column ``text``; blank lines skipped); a single file is one split.
+    A local folder or a Hub id: ``datasets.load_dataset(id, DATASET_CONFIG, split=DATASET_SPLIT)``
+    plus the source's own validation/test split when it has one. Introduced in notebook 04.
+    """
+    from datasets import DatasetDict
+
+    name = str(cfg.dataset).strip()
+    if name in ("", "embedded"):
+        if not EMBEDDED_QUOTES.exists():
+            raise FileNotFoundError(
+                f"the embedded sample {EMBEDDED_QUOTES.name} is missing from the helpers package; "
+                "reinstall it (pip install -e .) or set DATASET to a local file")
+        return DatasetDict({"train": _load_file(EMBEDDED_QUOTES)})
+    path = Path(name).expanduser()
+    if path.is_file():
+        return DatasetDict({"train": _load_file(path)})
+    if path.is_dir():
+        return _load_repository(str(path), cfg)
+    if _looks_like_a_path(name):
+        raise FileNotFoundError(
+            f"DATASET={name!r}: no such file or folder ({path.resolve()}); check the path "
+            '(relative paths start from the notebook\'s folder), or use DATASET="embedded"')
+    return _load_repository(name, cfg)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name that is meant as a file, not a Hub id (``owner/name``, or a bare ``name``)."""
+    suffix = Path(name).suffix.lower()
+    file_like = suffix in SUPPORTED_EXTENSIONS or suffix in (
+        ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".xml", ".html", ".md", ".yaml")
+    return (file_like or name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or "\\" in name or ("/" not in name and bool(suffix)))
+
+
+def _load_file(path: Path):
+    from datasets import load_dataset
+
+    builder = SUPPORTED_EXTENSIONS.get(path.suffix.lower())
+    if builder is None:
+        raise DatasetError(
+            f"{path.name}: files ending in {path.suffix or '(no extension)'} are not supported; "
+            f"use one of {', '.join(SUPPORTED_EXTENSIONS)} (.txt = one example per line)")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path.name} is empty: it has no examples to train on")
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # the builders' own errors name a line but not what to do
+        raise DatasetError(
+            f"could not read {path.name} as {path.suffix} ({type(err).__name__}: {err}); "
+            "check that it is valid, e.g. one JSON object per line for .jsonl") from err
+    if builder == "text":
+        ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True,
+                       keep_in_memory=True)
+    return ds
+
+
+def _load_repository(name: str, cfg):
+    """A Hub dataset id, or a local folder of data files in the same layout."""
+    from datasets import DatasetDict, get_dataset_split_names, load_dataset
+
+    config = cfg.dataset_config or None
+    split = cfg.dataset_split or "train"
+    local = Path(name).is_dir()
+    try:
+        available = get_dataset_split_names(name, config)
+        base = split.split("[")[0]  # "train[:1000]" reads the first 1000 rows of train
+        if base not in available:
+            raise DatasetError(
+                f"DATASET={name!r} has the splits {', '.join(available)}, not {base!r}; "
+                "set DATASET_SPLIT to one of them")
+        splits = {split: load_dataset(name, config, split=split)}
+        for other in EVAL_SPLIT_NAMES:
+            if other in available and other != base:
+                splits[other] = load_dataset(name, config, split=other)
+                break
+    except DatasetError:
+        raise
+    except ConnectionError as err:
+        raise DatasetError(
+            f"cannot reach the Hugging Face Hub to load {name!r} ({err}); without network use "
+            'DATASET="embedded" or a local file (.jsonl, .json, .csv, .parquet, .txt)') from err
+    except Exception as err:
+        where = "the folder" if local else "the Hub dataset"
+        hint = ("it should hold data files (e.g. train.jsonl, test.jsonl or "
+                "data/train-*.parquet)" if local else
+                "check the id (owner/name), DATASET_CONFIG and DATASET_SPLIT; a private or gated "
+                "dataset needs `huggingface-cli login`")
+        raise DatasetError(f"could not load {where} {name!r} ({type(err).__name__}: {err}); "
+                           f"{hint}") from err
+    return DatasetDict(splits)
+
+
+def pick_splits(source, cfg):
+    """(train, eval or None) from a loaded source, before any random split.
+
+    The train split is ``DATASET_SPLIT`` (or the only split); the eval split is the source's own
+    validation/test split when it has one. Both are capped at ``MAX_EXAMPLES`` rows when set.
+    """
+    from datasets import Dataset
+
+    if isinstance(source, Dataset):
+        train, evaluation = source, None
+    else:
+        names = list(source)
+        if cfg.dataset_split in source:
+            train_name = cfg.dataset_split
+        elif len(names) == 1:
+            train_name = names[0]
+        else:
+            raise DatasetError(f"the source has the splits {', '.join(names)}, not "
+                               f"{cfg.dataset_split!r}; set DATASET_SPLIT to one of them")
+        train = source[train_name]
+        evaluation = next((source[n] for n in EVAL_SPLIT_NAMES if n in source and n != train_name),
+                          None)
+    if cfg.max_examples:
+        train = train.select(range(min(cfg.max_examples, len(train))))
+        if evaluation is not None:
+            evaluation = evaluation.select(range(min(cfg.max_examples, len(evaluation))))
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------------------------
+# 2. formats
+
+
+def instruction_prompt(instruction: str, input: str = "") -> str:
+    """The fixed prompt layout of the ``instruction`` format (the response follows it).
+
+    Ends with a newline so that the response starts a new pre-token: generation (notebook 06)
+    uses this same function. Introduced in notebook 04.
+    """
+    text = f"### Instruction:\n{instruction.strip()}\n\n"
+    if input and input.strip():
+        text += f"### Input:\n{input.strip()}\n\n"
+    return text + "### Response:\n"
+
+
+def required_columns(cfg) -> list:
+    """The columns a format reads (``input`` of the instruction format is optional)."""
+    if cfg.data_format == "text":
+        return [cfg.text_column]
+    if cfg.data_format == "template":
+        return template_columns(cfg.template)
+    if cfg.data_format == "instruction":
+        return ["instruction", "output"]
+    if cfg.data_format == "chat":
+        return ["messages"]
+    raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or chat")
+
+
+def template_columns(template: str) -> list:
+    """The column names a TEMPLATE's ``{placeholders}`` refer to, in order."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise DatasetError(f"TEMPLATE={template!r} is not a valid template ({err}); write column "
+                           "names in braces, e.g. '{quote} ({author})', and double literal braces "
+                           "{{ }}") from None
+    for _, field_name, _, _ in parsed:
+        if field_name is None:
+            continue
+        base = field_name.split(".")[0].split("[")[0]
+        if not base or base.isdigit():
+            raise DatasetError(f"TEMPLATE={template!r} has a placeholder without a column name; "
+                               "name a column in each, e.g. {quote}")
+        if base not in names:
+            names.append(base)
+    if not names:
+        raise DatasetError(f"TEMPLATE={template!r} names no column; use {{column}} placeholders, "
+                           "e.g. '{quote} ({author})'")
+    return names
+
+
+def check_columns(ds, cfg, split: str = "train") -> None:
+    """Refuse an empty split, a missing column, or rows whose needed fields are missing."""
+    if len(ds) == 0:
+        raise DatasetError(f"the {split} split of DATASET={cfg.dataset!r} has no rows; choose a "
+                           "source with examples (or a larger MAX_EXAMPLES)")
+    columns = list(ds.column_names)
+    needed = required_columns(cfg)
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        what = {
+            "text": "set TEXT_COLUMN to one of them",
+            "template": "use only these names in TEMPLATE's {placeholders}",
+            "instruction": "rename your columns to instruction / input (optional) / output, or "
+                           "use DATA_FORMAT='template'",
+            "chat": "the chat format needs a 'messages' column of [{role, content}, ...]",
+        }[cfg.data_format]
+        raise DatasetError(f"column {', '.join(map(repr, missing))} not found; the data has the "
+                           f"columns {', '.join(columns)}: {what}")
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")
+    for column in needed:
+        values = table[column]
+        bad = []
+        if values.null_count:
+            bad = pc.indices_nonzero(pc.is_null(values)).to_pylist()
+        elif cfg.data_format in ("text", "instruction") and str(values.type) in ("string",
+                                                                                "large_string"):
+            empty = pc.equal(pc.utf8_trim_whitespace(values), "")
+            bad = pc.indices_nonzero(pc.fill_null(empty, False)).to_pylist()
+        if bad:
+            raise DatasetError(
+                f"{len(bad)} row(s) of the {split} split have no value in column {column!r} "
+                f"(rows {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}); "
+                f"remove them first, e.g. ds.filter(lambda r: r[{column!r}])")
+    if cfg.data_format == "chat":
+        _check_messages(ds["messages"], split)
+
+
+def _check_messages(conversations, split: str) -> None:
+    bad_role, bad_shape = [], []
+    for i, messages in enumerate(conversations):
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            bad_shape.append(i)
+        elif any(m.get("role") not in CHAT_ROLES for m in messages):
+            bad_role.append((i, next(m.get("role") for m in messages
+                                     if m.get("role") not in CHAT_ROLES)))
+    if bad_shape:
+        raise DatasetError(
+            f"{len(bad_shape)} row(s) of the {split} split are not a non-empty list of "
+            f"{{role, content}} messages with text content (rows "
+            f"{', '.join(map(str, bad_shape[:5]))}); fix or filter them")
+    if bad_role:
+        rows = ", ".join(f"{i} ({r!r})" for i, r in bad_role[:5])
+        raise DatasetError(
+            f"{len(bad_role)} row(s) of the {split} split have a message role other than "
+            f"{', '.join(CHAT_ROLES)}: rows {rows}; map roles to these (ShareGPT's human/gpt are "
+            "user/assistant) or filter the rows")
+
+
+def format_examples(ds, cfg, tokenizer=None, check: bool = True):
+    """Rows -> ``pieces`` (list of str) and ``trained`` (list of bool, one per piece).
+
+    text: the TEXT_COLUMN; template: TEMPLATE filled with the row; both trained whole.
+    instruction: :func:`instruction_prompt` (untrained when RESPONSE_ONLY) + output (trained).
+    chat: the tokenizer's chat template (:data:`DEFAULT_CHAT_TEMPLATE` if it has none); with
+    RESPONSE_ONLY only assistant turns (their text and end-of-turn marker) are trained.
+    Checks the columns first (:func:`check_columns`) unless ``check=False``. Introduced in
+    notebook 04.
+    """
+    if check:
+        check_columns(ds, cfg)
+    kind = cfg.data_format
+    if kind == "chat" and tokenizer is None:
+        raise DatasetError("the chat format needs the tokenizer (its chat template)")
+    if kind == "text":
+        col = cfg.text_column
+
+        def fn(batch):
+            return {"pieces": [[str(t)] for t in batch[col]], "trained": [[True]] * len(batch[col])}
+    elif kind == "template":
+        template, columns = cfg.template, template_columns(cfg.template)
+
+        def fn(batch):
+            n = len(batch[columns[0]])
+            rows = ({c: batch[c][i] for c in columns} for i in range(n))
+            return {"pieces": [[template.format_map(r)] for r in rows], "trained": [[True]] * n}
+    elif kind == "instruction":
+        only = cfg.response_only
+
+        def fn(batch):
+            inputs = batch.get("input") or [""] * len(batch["instruction"])
+            pieces = [[instruction_prompt(i, x or ""), str(o)]
+                      for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
+            return {"pieces": pieces, "trained": [[not only, True]] * len(pieces)}
+    else:
+        only = cfg.response_only
+
+        def fn(batch):
+            out = [chat_pieces(m, tokenizer, only) for m in batch["messages"]]
+            return {"pieces": [p for p, _ in out], "trained": [t for _, t in out]}
+
+    return ds.map(fn, batched=True, batch_size=_BATCH, remove_columns=ds.column_names,
+                  keep_in_memory=True, desc="format")
+
+
+def chat_pieces(messages, tokenizer, response_only: bool = True):
+    """A conversation rendered with the chat template, cut into (pieces, trained).
+
+    Each assistant turn is located by rendering the conversation up to it with the generation
+    prompt (the assistant header) and up to its end; the text between is that turn's trained
+    piece. Works for any template that renders a conversation's beginning the same way whether or
+    not more turns follow (the usual case); others are refused with a clear error.
+    """
+    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+
+    def render(msgs, generation=False):
+        if not msgs and not generation:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template,
+                                             add_generation_prompt=generation)
+
+    full = render(messages)
+    if not response_only:
+        return [full], [True]
+    pieces, trained, done = [], [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], generation=True), render(messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through) and len(before) >= done):
+            raise DatasetError(
+                "this tokenizer's chat template renders the start of a conversation differently "
+                "when more turns follow, so assistant turns cannot be located for response-only "
+                "loss; set RESPONSE_ONLY=False, or give the tokenizer a simpler chat_template")
+        if len(before) > done:
+            pieces.append(before[done:])
+            trained.append(False)
+        pieces.append(through[len(before):])
+        trained.append(True)
+        done = len(through)
+    if done < len(full):
+        pieces.append(full[done:])
+        trained.append(False)
+    return pieces, trained
+
+
+# --------------------------------------------------------------------------------------------
+# 3. tokens and labels
+
+
+def _leading_special_ids(tokenizer) -> list:
+    """The ids a tokenizer puts before every text by itself (BOS for Llama-style tokenizers)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k: k + len(plain)] == plain:
+            return list(full[:k])
+    return []
+
+
+def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool = True,
+                      add_leading_special: bool = True):
+    """``pieces``/``trained`` -> ``input_ids`` and ``labels`` (plus per-example bookkeeping).
+
+    Labels are the ids of trained pieces and -100 elsewhere (all ids when not RESPONSE_ONLY).
+    EOS is appended (unless the text already ends with it) and keeps its label (unless the
+    example ends with an untrained piece, e.g. a chat ending with a user turn). An example longer
+    than ``max_length`` keeps its first ``max_length`` tokens and no EOS: it did not end there,
+    and an EOS would teach the model to stop mid-sentence. Added columns: ``full_length`` (tokens
+    before truncation, EOS included), ``truncated`` (bool), ``loss_tokens`` (labels the loss uses:
+    those after the first position, which a causal LM never predicts). Introduced in notebook 04.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DatasetError("the tokenizer has no EOS token; set tokenizer.eos_token (the model "
+                           "must learn where an example ends)")
+    lead = _leading_special_ids(tokenizer) if add_leading_special else []
+
+    def fn(batch):
+        flat = [p for pieces in batch["pieces"] for p in pieces]
+        flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        out = {"input_ids": [], "labels": [], "full_length": [], "truncated": [],
+               "loss_tokens": []}
+        k = 0
+        for trained in batch["trained"]:
+            ids, labels = list(lead), [IGNORE_INDEX] * len(lead)
+            for t in trained:
+                piece = flat_ids[k]
+                k += 1
+                ids.extend(piece)
+                labels.extend(piece if (t or not response_only) else [IGNORE_INDEX] * len(piece))
+            if not ids or ids[-1] != eos:
+                ids.append(eos)  # its label follows the last piece: a trained end is learned
+                labels.append(eos if (not response_only or not trained or trained[-1])
+                              else IGNORE_INDEX)
+            n = len(ids)
+            if n > max_length:
+                ids, labels = ids[:max_length], labels[:max_length]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["full_length"].append(n)
+            out["truncated"].append(n > max_length)
+            out["loss_tokens"].append(len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
+        return out
+
+    return formatted.map(fn, batched=True, batch_size=_BATCH,
+                         remove_columns=formatted.column_names, keep_in_memory=True,
+                         desc="tokenize")
+
+
+def pack(tokenized, max_length: int):
+    """Whole examples laid end to end into blocks of at most ``max_length`` tokens.
+
+    Blocks are filled greedily in order (within batches of 1,000 examples); an example that does
+    not fit starts the next block, so no example is split and no token is dropped (a block's
+    unused tail is padding the collator adds, never counted). Each example keeps its own EOS.
+
+    ``position_ids`` restart at 0 for every example, and each example's first label is -100 (as
+    unpacked, where a first token is never predicted), so the loss covers exactly the same tokens
+    packed or not. Whether examples in one block can attend to each other depends on the batch:
+    :class:`CompletionCollator` leaves out ``attention_mask`` for packed rows, and transformers
+    (>= 4.54, eager/SDPA/flash attention) then builds a causal mask per example from the
+    restarting ``position_ids``: no attention across examples, logits equal to unpacked ones.
+    Older versions or other models fall back to one causal mask over the block (examples see the
+    ones before them, the usual packing compromise). Introduced in notebook 04.
+    """
+
+    def fn(batch):
+        out = {"input_ids": [], "labels": [], "position_ids": []}
+        ids, labels, pos = [], [], []
+        for x, y in zip(batch["input_ids"], batch["labels"]):
+            if ids and len(ids) + len(x) > max_length:
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["position_ids"].append(pos)
+                ids, labels, pos = [], [], []
+            ids = ids + list(x)
+            labels = labels + [IGNORE_INDEX] + list(y[1:])
+            pos = pos + list(range(len(x)))
+        if ids:
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["position_ids"].append(pos)
+        return out
+
+    return tokenized.map(fn, batched=True, batch_size=_BATCH,
+                         remove_columns=tokenized.column_names, keep_in_memory=True, desc="pack")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. lengths
+
+
+def length_stats(lengths) -> dict:
+    """count, mean, median, p95, max (and min) of token counts per example."""
+    a = np.asarray(list(lengths), dtype=np.int64)
+    if a.size == 0:
+        return {"count": 0, "mean": 0.0, "median": 0.0, "p95": 0.0, "max": 0, "min": 0}
+    return {"count": int(a.size), "mean": round(float(a.mean()), 2),
+            "median": float(np.median(a)), "p95": round(float(np.percentile(a, 95)), 2),
+            "max": int(a.max()), "min": int(a.min())}
+
+
+def _column_array(ds, column) -> np.ndarray:
+    return np.asarray(ds.with_format("arrow")[column].to_numpy(zero_copy_only=False))
+
+
+def _token_count(ds) -> int:
+    """Real (non-pad) tokens of a tokenized or packed split: rows are stored unpadded."""
+    import pyarrow.compute as pc
+
+    if ds is None or len(ds) == 0:
+        return 0
+    return int(pc.sum(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py())
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the whole preparation, saved and reused
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset: ``train``/``eval`` (``eval`` may be None), figures, fingerprint.
+
+    Rows hold ``input_ids`` and ``labels`` (and ``position_ids`` when packed), unpadded;
+    :class:`CompletionCollator` pads them per batch. ``lengths`` are the train examples' token
+    counts before truncation (None when reloaded from disk).
+    """
+
+    train: object
+    eval: object
+    stats: dict
+    lengths: list | None = None
+    origin: str = "prepared"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.stats["fingerprint"]
+
+    def metrics(self) -> dict:
+        """The figures notebook 04 records in the manifest (all numbers; see :func:`prepare`)."""
+        return dict(self.stats["figures"])
+
+    def __repr__(self) -> str:
+        f = self.stats["figures"]
+        packed = f" in {f['train_rows']:,} packed blocks" if f["packing"] else ""
+        return (f"Prepared({self.stats['source']}: {f['train_examples']:,} train examples{packed}, "
+                f"{f['eval_examples']:,} eval; {f['train_tokens']:,} train tokens, "
+                f"{f['train_loss_tokens']:,} in the loss; {f['truncated_examples']:,} truncated "
+                f"at MAX_LENGTH={f['max_length']}; {self.origin})")
+
+
+def _source_identity(cfg) -> dict:
+    """What identifies the source's content: file sizes and times for local data, else the id."""
+    name = str(cfg.dataset).strip()
+    path = EMBEDDED_QUOTES if name in ("", "embedded") else Path(name).expanduser()
+    if path.is_file():
+        s = path.stat()
+        return {"files": [[path.name, s.st_size, s.st_mtime_ns]]}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+                          for p in files]}
+    return {"hub": name}
+
+
+def _tokenizer_identity(tokenizer, with_chat_template: bool) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest = hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+    else:  # a slow tokenizer: its vocabulary
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+        digest = hashlib.sha256(vocab.encode()).hexdigest()[:16]
+    out = {"name": str(getattr(tokenizer, "name_or_path", "")), "size": len(tokenizer),
+           "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id, "digest": digest}
+    if with_chat_template:
+        out["chat_template"] = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    return out
+
+
+def settings(cfg, tokenizer) -> dict:
+    """Everything the prepared dataset depends on (the fingerprint is a hash of this)."""
+    s = {"format_version": FORMAT_VERSION, "dataset": cfg.dataset,
+         "source": _source_identity(cfg), "data_format": cfg.data_format,
+         "response_only": cfg.response_only, "max_length": cfg.max_length,
+         "packing": cfg.packing, "eval_fraction": cfg.eval_fraction,
+         "max_examples": cfg.max_examples, "seed": cfg.seed,
+         "tokenizer": _tokenizer_identity(tokenizer, cfg.data_format == "chat")}
+    if cfg.dataset not in ("", "embedded") and not Path(cfg.dataset).expanduser().is_file():
+        s.update(dataset_config=cfg.dataset_config, dataset_split=cfg.dataset_split)
+    if cfg.data_format == "text":
+        s["text_column"] = cfg.text_column
+    if cfg.data_format == "template":
+        s["template"] = cfg.template
+    return s
+
+
+def fingerprint(cfg, tokenizer) -> str:
+    """A short hash of :func:`settings`: equal fingerprints, interchangeable datasets."""
+    blob = json.dumps(settings(cfg, tokenizer), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def split_train_eval(train, evaluation, cfg):
+    """Keep the source's own eval split, else hold out EVAL_FRACTION of train (seeded)."""
+    if evaluation is not None or cfg.eval_fraction <= 0 or len(train) < 2:
+        return train, evaluation
+    n_eval = min(len(train) - 1, max(1, round(cfg.eval_fraction * len(train))))
+    parts = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def prepare(cfg, tokenizer) -> Prepared:
+    """Source -> formatted -> tokenized (labels, EOS, truncation) -> optional packing, per split.
+
+    Figures (``Prepared.metrics()``, train split unless named ``eval_``):
+    train_examples / eval_examples (examples, before packing); train_rows (rows the Trainer sees:
+    blocks when packed); train_tokens / eval_tokens (real tokens: every non-pad id, EOS included,
+    after truncation); train_loss_tokens / eval_loss_tokens (tokens the loss is computed on:
+    labels other than -100, a row's first position excluded); truncated_examples and
+    truncated_tokens (examples longer than MAX_LENGTH and the tokens cut from them);
+    dropped_examples (examples left without any loss token by truncation, removed);
+    packing_dropped_tokens (always 0: packing pads, never drops); mean/median/p95/max/min_tokens
+    (per example before truncation, EOS included); max_length; packing (0/1).
+    Introduced in notebook 04.
+    """
+    started = time.perf_counter()
+    source = load_source(cfg)
+    train_rows, eval_rows = pick_splits(source, cfg)
+    check_columns(train_rows, cfg, "train")
+    own_eval = eval_rows is not None
+    if own_eval:
+        check_columns(eval_rows, cfg, "eval")
+    train_rows, eval_rows = split_train_eval(train_rows, eval_rows, cfg)
+
+    def build(rows):
+        formatted = format_examples(rows, cfg, tokenizer, check=False)  # checked above
+        return tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
+                                 add_leading_special=cfg.data_format != "chat")
+
+    train_tok = build(train_rows)
+    eval_tok = build(eval_rows) if eval_rows is not None and len(eval_rows) else None
+
+    lengths = _column_array(train_tok, "full_length")
+    truncated = lengths > cfg.max_length
+    per_split_dropped = {}
+
+    def finish(tok, name):
+        keep = _column_array(tok, "loss_tokens") > 0
+        per_split_dropped[name] = int((~keep).sum())
+        if not keep.all():
+            tok = tok.select(np.flatnonzero(keep), keep_in_memory=True)
+        n_examples, tokens = len(tok), _token_count(tok)
+        loss = int(_column_array(tok, "loss_tokens").sum()) if n_examples else 0
+        tok = tok.remove_columns(["full_length", "truncated", "loss_tokens"])
+        if cfg.packing:  # the same tokens and loss tokens, in fewer rows
+            tok = pack(tok, cfg.max_length)
+            assert _token_count(tok) == tokens, "packing must keep every token"
+        return tok, n_examples, tokens, loss
+
+    train_ds, n_train, train_tokens, train_loss = finish(train_tok, "train")
+    if n_train == 0:
+        raise DatasetError(f"no train example has a token left for the loss at MAX_LENGTH="
+                           f"{cfg.max_length} (prompts fill it); raise MAX_LENGTH or shorten the "
+                           "prompts")
+    eval_ds, n_eval, eval_tokens, eval_loss = (finish(eval_tok, "eval") if eval_tok is not None
+                                               else (None, 0, 0, 0))
+    ls = length_stats(lengths)
+    figures = {
+        "train_examples": n_train, "eval_examples": n_eval, "train_rows": len(train_ds),
+        "train_tokens": train_tokens, "train_loss_tokens": train_loss,
+        "eval_tokens": eval_tokens, "eval_loss_tokens": eval_loss,
+        "truncated_examples": int(truncated.sum()),
+        "truncated_tokens": int((lengths[truncated] - cfg.max_length).sum()),
+        "dropped_examples": per_split_dropped["train"],
+        "packing_dropped_tokens": 0,
+        "mean_tokens": ls["mean"], "median_tokens": ls["median"], "p95_tokens": ls["p95"],
+        "max_tokens": ls["max"], "min_tokens": ls["min"],
+        "max_length": cfg.max_length, "packing": int(cfg.packing),
+        "prepare_seconds": round(time.perf_counter() - started, 2),
+    }
+    stats = {"fingerprint": fingerprint(cfg, tokenizer), "settings": settings(cfg, tokenizer),
+             "source": "embedded quotes" if cfg.dataset in ("", "embedded") else str(cfg.dataset),
+             "eval_from": "source split" if own_eval else f"{cfg.eval_fraction:.0%} of train",
+             "eval_dropped_examples": per_split_dropped.get("eval", 0),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "figures": figures}
+    return Prepared(train_ds, eval_ds, stats, lengths=lengths.tolist())
+
+
+DATASET_DIR = "dataset"
+STATS_FILE = "dataset_stats.json"
+
+
+def save(prepared: Prepared, run_dir) -> Path:
+    """Write ``RUN_DIR/dataset`` (a DatasetDict: train, eval) and ``RUN_DIR/dataset_stats.json``.
+
+    The stats file is written last, so a save cut short is rebuilt rather than reused.
+    Introduced in notebook 04; read by :func:`load_or_prepare` in notebook 05.
+    """
+    from datasets import DatasetDict
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
+    stats_path.unlink(missing_ok=True)
+    splits = {"train": prepared.train}
+    if prepared.eval is not None:
+        splits["eval"] = prepared.eval
+    tmp = run_dir / (DATASET_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DatasetDict(splits).save_to_disk(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    stats_path.write_text(json.dumps(prepared.stats, indent=1, default=str) + "\n")
+    return target
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            shown = [v if len(repr(v)) < 40 else "(changed)" for v in (a, b)]
+            out.append(f"{prefix}{key}: {shown[0]!r} -> {shown[1]!r}")
+    return out
+
+
+def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepared:
+    """The dataset notebook 04 saved in RUN_DIR, or a fresh one when it is missing or stale.
+
+    A saved dataset is reused only when its fingerprint matches this tokenizer and these settings
+    (format, MAX_LENGTH, packing, source, ...); otherwise it is rebuilt and saved, and the
+    differences are printed. Introduced in notebook 05.
+    """
+    from datasets import load_from_disk
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
+    say = print if verbose else (lambda *_: None)
+    wanted = fingerprint(cfg, tokenizer)
+    reason, stale = f"no prepared dataset in {run_dir.name}/", False
+    if target.is_dir() and stats_path.exists():
+        try:
+            stats = json.loads(stats_path.read_text())
+        except json.JSONDecodeError:
+            stats = {}
+        if stats.get("fingerprint") == wanted:
+            splits = load_from_disk(str(target))
+            prepared = Prepared(splits["train"], splits.get("eval"),
+                                stats, origin="reused")
+            say(f"Reusing the dataset prepared in {run_dir.name}/{DATASET_DIR} "
+                f"(fingerprint {wanted}).")
+            return prepared
+        changes = _differences(stats.get("settings", {}), settings(cfg, tokenizer))
+        reason = ("the saved dataset was prepared differently: " + "; ".join(changes[:5])
+                  if changes else "the saved dataset's fingerprint does not match")
+        stale = True
+    say(f"Preparing the dataset: {reason}.")
+    prepared = prepare(cfg, tokenizer)
+    prepared.origin = f"rebuilt: {reason}" if stale else "prepared"
+    save(prepared, run_dir)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------
+# 6. batches
+
+
+class CompletionCollator:
+    """Pads a list of rows into a batch: ``input_ids`` with the pad id, ``attention_mask`` 0,
+    ``labels`` -100 (and ``position_ids`` 0 when the rows are packed).
+
+    Padding is masked by position, never by comparing ids with the pad id, so an EOS inside a
+    sequence keeps its label even if a tokenizer's pad id equals its EOS id (the pad id only
+    fills positions the mask hides; without a pad token the EOS id is used). Rows are padded on
+    the right to the longest in the batch, rounded up to ``pad_to_multiple_of``.
+
+    Packed rows (with ``position_ids``), when ``separate_examples``: the batch has no
+    ``attention_mask`` and carries ``use_cache=False``, so that transformers builds one causal
+    mask per packed example from the restarting ``position_ids`` (see :func:`pack`); right
+    padding needs no mask in a causal model, since no real token attends to a later position.
+    ``separate_examples=False`` gives the classic attention over the whole block.
+    Introduced in notebook 04; the Trainer of notebook 05 uses it.
+    """
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None,
+                 separate_examples: bool = True):
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise DatasetError("the tokenizer has neither a pad nor an EOS token to pad with")
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.separate_examples = separate_examples
+
+    def __call__(self, features: list) -> dict:
+        import torch
+
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = (width + m - 1) // m * m
+        n = len(features)
+        batch = {"input_ids": torch.full((n, width), self.pad_id, dtype=torch.long),
+                 "attention_mask": torch.zeros((n, width), dtype=torch.long),
+                 "labels": torch.full((n, width), IGNORE_INDEX, dtype=torch.long)}
+        packed = "position_ids" in features[0]
+        if packed:
+            batch["position_ids"] = torch.zeros((n, width), dtype=torch.long)
+        for i, f in enumerate(features):
+            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            k = len(ids)
+            batch["input_ids"][i, :k] = ids
+            batch["attention_mask"][i, :k] = 1
+            batch["labels"][i, :k] = torch.as_tensor(f.get("labels", ids), dtype=torch.long)
+            if packed:
+                batch["position_ids"][i, :k] = torch.as_tensor(f["position_ids"],
+                                                               dtype=torch.long)
+        if packed and self.separate_examples:
+            del batch["attention_mask"]
+            batch["use_cache"] = False  # the per-example mask is only built without a cache
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# 7. showing examples
+
+
+class TokenView:
+    """Examples as tokens, loss tokens highlighted: HTML in a notebook, text elsewhere."""
+
+    def __init__(self, html_text: str, plain_text: str):
+        self.html, self.text = html_text, plain_text
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+def _token_text(tokenizer, token_id) -> str:
+    return tokenizer.decode([int(token_id)], skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
+
+
+def render_examples(prepared, tokenizer, n: int = 3, split: str = "train") -> TokenView:
+    """The first ``n`` rows of a split, token by token, showing what the loss sees.
+
+    Tokens that count for the loss are highlighted (in text: ``[in brackets]``); the others are
+    context only. EOS is shown by name, newlines as ``↵``, and in packed rows ``‖`` marks where
+    the next example starts. Introduced in notebook 04.
+    """
+    ds = prepared.train if split == "train" else prepared.eval
+    if ds is None:
+        raise DatasetError(f"there is no {split} split to show (EVAL_FRACTION = 0?)")
+    eos, special = tokenizer.eos_token_id, set(getattr(tokenizer, "all_special_ids", []))
+    legend = ("<div style='margin-bottom:6px'><span style='background:#b7ebb4;padding:1px 4px'>"
+              "counts for the loss</span> <span style='color:#777;background:#f0f0f0;"
+              "padding:1px 4px'>context only</span> <span style='color:#b00;font-weight:bold'>"
+              "EOS</span> ↵ newline, ‖ next packed example</div>")
+    blocks, texts = [legend], ["[brackets] = counts for the loss; ↵ = newline"]
+    for r in range(min(n, len(ds))):
+        row = ds[r]
+        ids, labels, positions = row["input_ids"], row["labels"], row.get("position_ids")
+        counted = sum(1 for i, y in enumerate(labels) if i > 0 and y != IGNORE_INDEX)
+        head = f"example {r + 1}: {len(ids)} tokens, {counted} in the loss"
+        if positions is not None:
+            head = (f"row {r + 1} ({list(positions).count(0)} packed examples): {len(ids)} tokens, "
+                    f"{counted} in the loss")
+        spans, plain = [], []
+        for i, (t, y) in enumerate(zip(ids, labels)):
+            if positions is not None and i > 0 and positions[i] == 0:
+                spans.append("<span style='color:#06c;font-weight:bold'>‖</span>")
+                plain.append("‖")
+            text = _token_text(tokenizer, t)
+            shown = text.replace("\n", "↵\n") if t not in special else text
+            style = "background:#b7ebb4" if y != IGNORE_INDEX else "color:#777;background:#f0f0f0"
+            if t == eos:
+                style += ";color:#b00;font-weight:bold"
+            spans.append(f"<span style='{style};border-right:1px solid #fff'>"
+                         f"{html.escape(shown)}</span>")
+            plain.append(f"[{shown}]" if y != IGNORE_INDEX else shown)
+        blocks.append(f"<div style='margin:8px 0'><b>{head}</b><div style='font-family:monospace;"
+                      f"white-space:pre-wrap;line-height:1.8'>{''.join(spans)}</div></div>")
+        texts.append(f"--- {head}\n{''.join(plain)}")
+    return TokenView("".join(blocks), "\n".join(texts))
