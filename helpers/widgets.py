@@ -25,3 +25,106 @@ def has_frontend() -> bool:
     if ip is None or not hasattr(ip, "kernel"):
         return False
     return "PAPERMILL_EXECUTION" not in os.environ and "papermill" not in sys.modules
+
+
+def _show(*objs) -> None:
+    """Display in a notebook (papermill keeps the output); print text in a plain process."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # pragma: no cover - IPython ships with the series' requirements
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(*objs)
+        return
+    for o in objs:
+        if isinstance(o, str):
+            print(o)
+        elif not hasattr(o, "savefig") and callable(getattr(o, "text", None)):
+            print(o.text())  # figures are returned, not shown, in a plain process
+
+
+# ------------------------------------------------------------------ memory calculator (01)
+
+_SEQ_CHOICES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+_BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+_RANK_CHOICES = (4, 8, 16, 32, 64, 128)
+
+
+def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float | None = None,
+                      seq_len: int = 512, micro_batch: int = 1, lora_r: int = 16,
+                      gradient_checkpointing: bool = True, **settings):
+    """"Will it fit?": pick a model preset, the card's memory, sequence length, micro-batch,
+    LoRA rank and checkpointing; a stacked bar chart of the predicted memory and a one-line
+    verdict follow every change.
+
+    ``presets``: name -> ModelShape / config / config dict (default: ``helpers.memory.PRESETS``,
+    the JSON configs in ``helpers/configs/``). ``gpu_gb``: default this machine's GPU, else 16
+    (a T4). Other ``settings`` go to :func:`helpers.memory.estimate` (optimizer, upcast_fp32...).
+    Without a front end (papermill, CI, a plain process) it shows the verdict, the item table
+    and the chart for the given settings, and returns them as a dict (``estimate``,
+    ``verdict``, ``figure``); with one it returns the widget. Introduced in notebook 01.
+    """
+    import dataclasses
+
+    import torch
+
+    from helpers import memory, plots
+
+    source = memory.PRESETS if presets is None else presets
+    shapes = {name: dataclasses.replace(memory.as_shape(cfg), name=name)
+              for name, cfg in dict(source).items()}
+    if not shapes:
+        raise ValueError("no model presets to choose from: pass presets={'name': config, ...} "
+                         "or add transformers config JSON files to helpers/configs/")
+    if model is not None and model not in shapes:
+        raise ValueError(f"model {model!r} is not among the presets: {', '.join(shapes)}")
+    model = model or next(iter(shapes))
+    if gpu_gb is None:
+        gpu_gb = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1) \
+            if torch.cuda.is_available() else 16.0
+
+    def compute(name, gb, seq, mb, r, gc):
+        est = memory.estimate(shapes[name], seq_len=seq, micro_batch=mb, lora_r=r,
+                              gradient_checkpointing=gc, **settings)
+        verdict = memory.verdict_text(est, gb * 1e9)
+        fig = plots.memory_bars({f"{name}\n{seq} x {mb}": est}, budget_bytes=gb * 1e9,
+                                title=verdict)
+        return est, verdict, fig
+
+    if not has_frontend():
+        est, verdict, fig = compute(model, gpu_gb, seq_len, micro_batch, lora_r,
+                                    gradient_checkpointing)
+        _show(f"Will it fit? {verdict}", est, fig)
+        return {"estimate": est, "verdict": verdict, "figure": fig}
+
+    import ipywidgets as w
+    from IPython.display import clear_output, display
+
+    ctrl = {
+        "name": w.Dropdown(options=list(shapes), value=model, description="model"),
+        "gb": w.BoundedFloatText(value=gpu_gb, min=1, max=2000, step=1,
+                                 description="GPU GB"),
+        "seq": w.Dropdown(options=sorted(set(_SEQ_CHOICES) | {seq_len}), value=seq_len,
+                          description="seq len"),
+        "mb": w.Dropdown(options=sorted(set(_BATCH_CHOICES) | {micro_batch}),
+                         value=micro_batch, description="micro-batch"),
+        "r": w.Dropdown(options=sorted(set(_RANK_CHOICES) | {lora_r}), value=lora_r,
+                        description="LoRA r"),
+        "gc": w.Checkbox(value=gradient_checkpointing, description="gradient checkpointing"),
+    }
+    out = w.Output()
+
+    def redraw(_=None):
+        _, verdict, fig = compute(*(c.value for c in ctrl.values()))
+        with out:
+            clear_output(wait=True)
+            display(fig)
+            print(verdict)
+
+    for c in ctrl.values():
+        c.observe(redraw, names="value")
+    redraw()
+    box = w.VBox([w.HBox([ctrl["name"], ctrl["gb"], ctrl["gc"]]),
+                  w.HBox([ctrl["seq"], ctrl["mb"], ctrl["r"]]), out])
+    return box
