@@ -1,0 +1,399 @@
+"""helpers.generate on tiny GPT-NeoX models on CPU: generation (notebook 05), adapter loading and
+the verified merge (notebook 06)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPTNeoXConfig
+
+from helpers import generate as gen
+from helpers.config import Config
+
+PROMPTS = ["The only", "Love is patient and", "A friend", "Time"]
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+CORPUS = ["The only way to do great work is to love what you do.",
+          "Love is patient, love is kind.", "A friend is someone who knows all about you.",
+          "Time is money.", "Life is what happens while you are busy making other plans."]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CORPUS * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=PAD)
+
+
+def _config(hidden=64, vocab=300):
+    return GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=4 * hidden, max_position_embeddings=128,
+                         vocab_size=vocab, tie_word_embeddings=False, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=1)
+
+
+def load_4bit(path):
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
+                                                 device_map={"": "cpu"}, dtype=torch.float32)
+    gen.cpu_safe(model)
+    return model
+
+
+def load_16bit(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _save_adapter(base_path, out, seed):
+    """A LoRA adapter trained (here: randomized) on the 4-bit base, as notebook 05 saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_4bit(base_path)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                  target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Paths and tokenizer: base (hidden 64), other (hidden 96), wide_vocab (hidden 64, vocab 320),
+    and an adapter for base and for other."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("generate")
+    tok = _tokenizer()
+    paths = {}
+    for name, config in {"base": _config(), "other": _config(hidden=96),
+                         "wide_vocab": _config(vocab=320)}.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = root / name
+    paths["adapter"] = _save_adapter(paths["base"], root / "adapter", seed=1)
+    paths["other_adapter"] = _save_adapter(paths["other"], root / "other_adapter", seed=2)
+    return {"paths": paths, "tokenizer": tok, "root": root}
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny):
+    """The adapter loaded on the 4-bit base (as notebook 06 does)."""
+    return gen.load_adapter(load_4bit(tiny["paths"]["base"]), tiny["paths"]["adapter"])
+
+
+def eos_chain_model(tok, prompts, chain):
+    """A model that writes ``chain`` after any of ``prompts`` and then EOS: attention and MLP
+    outputs are zeroed, so the last hidden state is the current token's embedding, and the head
+    maps each token's (normalized) embedding to its successor."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config())
+    with torch.no_grad():
+        for layer in model.gpt_neox.layers:
+            for lin in (layer.attention.dense, layer.mlp.dense_4h_to_h):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        emb = model.gpt_neox.embed_in.weight
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        lasts = {tok(p)["input_ids"][-1] for p in prompts}
+        steps = [(t, chain[0]) for t in lasts] + list(zip(chain, chain[1:] + [tok.eos_token_id]))
+        for t, nxt in steps:
+            u = model.gpt_neox.final_layer_norm(emb[t])
+            head[nxt] += 10 * u / u.norm()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_greedy_is_deterministic_and_batching_changes_nothing(tiny, tuned):
+    tok = tiny["tokenizer"]
+    assert tok.padding_side == "right"
+    first = gen.generate(tuned, tok, PROMPTS, max_new_tokens=12)
+    again = gen.generate(tuned, tok, PROMPTS, max_new_tokens=12)
+    one_by_one = [gen.generate(tuned, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    assert first == again == one_by_one
+    assert tok.padding_side == "right"  # left padding only while generating
+    assert len(first) == len(PROMPTS) and all(isinstance(t, str) for t in first)
+    assert first.prompts == PROMPTS
+    assert all(n <= 12 for n in first.new_tokens)
+    for text, ends, n in zip(first, first.ends_with_eos, first.new_tokens):
+        assert ends or n == 12  # stopped by EOS, or ran out of tokens
+
+
+def test_stops_at_eos_and_returns_only_new_text(tiny):
+    tok = tiny["tokenizer"]
+    chain = [100, 101, 102]
+    model = eos_chain_model(tok, PROMPTS, chain)
+    out = gen.generate(model, tok, PROMPTS, max_new_tokens=10)
+    assert list(out) == [tok.decode(chain)] * len(PROMPTS)
+    assert out.ends_with_eos == [True] * len(PROMPTS) and out.new_tokens == [3] * len(PROMPTS)
+    assert out.eos_rate == 1.0
+    cut = gen.generate(model, tok, PROMPTS[:2], max_new_tokens=2)
+    assert list(cut) == [tok.decode(chain[:2])] * 2 and cut.ends_with_eos == [False, False]
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny, tuned):
+    tok = tiny["tokenizer"]
+    state = torch.get_rng_state()
+    a = gen.generate(tuned, tok, PROMPTS[:2], do_sample=True, seed=3, max_new_tokens=15)
+    assert torch.equal(state, torch.get_rng_state())
+    b = gen.generate(tuned, tok, PROMPTS[:2], do_sample=True, seed=3, max_new_tokens=15)
+    c = gen.generate(tuned, tok, PROMPTS[:2], do_sample=True, seed=4, max_new_tokens=15,
+                     temperature=1.5, top_p=1.0)
+    assert a == b and a != c
+    with pytest.raises(ValueError, match="temperature"):
+        gen.generate(tuned, tok, PROMPTS, do_sample=True, temperature=0)
+
+
+def test_streaming_prints_what_it_returns(tiny, tuned, capsys):
+    tok = tiny["tokenizer"]
+    out = gen.generate(tuned, tok, PROMPTS[:2], max_new_tokens=8, stream=True)
+    printed = capsys.readouterr().out
+    assert out == gen.generate(tuned, tok, PROMPTS[:2], max_new_tokens=8)
+    for prompt, text in zip(PROMPTS[:2], out):
+        assert (prompt + text).strip() in printed
+    pieces = list(gen.stream_generate(tuned, tok, PROMPTS[0], max_new_tokens=8))
+    assert "".join(pieces) == out[0]
+
+
+def test_disable_adapter_gives_the_base_outputs(tiny, tuned):
+    tok = tiny["tokenizer"]
+    base, after = gen.base_and_tuned(tuned, tok, PROMPTS, max_new_tokens=10)
+    plain = gen.generate(load_4bit(tiny["paths"]["base"]), tok, PROMPTS, max_new_tokens=10)
+    assert base == plain
+    assert after == gen.generate(tuned, tok, PROMPTS, max_new_tokens=10)
+    assert after != base  # the adapter changes what the model writes
+    view = gen.side_by_side(PROMPTS, base, after)
+    assert "<table>" in view._repr_html_() and str(view).count("[") >= 2 * len(PROMPTS)
+    assert "[EOS]" in str(gen.side_by_side(["x"], gen.Generations(["a"], [True], [1], ["x"]),
+                                           ["<b>"]))
+    assert "&lt;b&gt;" in gen.side_by_side(["x"], ["a"], ["<b>"]).html
+    with pytest.raises(TypeError, match="peft model"):
+        gen.base_and_tuned(load_16bit(tiny["paths"]["base"]), tok, PROMPTS)
+
+
+def test_default_prompts_follow_the_format(tiny):
+    cfg = Config()
+    assert gen.default_prompts(cfg) == list(gen.OPENINGS)  # "{quote} ({author})"
+    assert gen.default_prompts(dataclasses.replace(cfg, template="Quote: {quote}"))[0] == \
+        "Quote: The only"
+    assert gen.default_prompts(dataclasses.replace(cfg, prompts="Hello | World|")) == \
+        ["Hello", "World"]
+    instr = gen.default_prompts(dataclasses.replace(cfg, data_format="instruction"))
+    assert instr[0].startswith("### Instruction:\n") and instr[0].endswith("### Response:\n")
+    chat = dataclasses.replace(cfg, data_format="chat")
+    with pytest.raises(ValueError, match="tokenizer"):
+        gen.default_prompts(chat)
+    rendered = gen.default_prompts(chat, tiny["tokenizer"])
+    assert rendered[0] == f"<|user|>\n{gen.INSTRUCTIONS[0]}\n<|assistant|>\n"
+
+
+# --------------------------------------------------------------------------- loading an adapter
+
+
+def test_missing_adapter_names_the_files(tiny, tmp_path):
+    base = load_16bit(tiny["paths"]["base"])
+    with pytest.raises(FileNotFoundError, match="adapter_config.json and "
+                                                "adapter_model.safetensors"):
+        gen.load_adapter(base, tmp_path / "nowhere")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text(
+        (tiny["paths"]["adapter"] / "adapter_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="missing adapter_model.safetensors"):
+        gen.load_adapter(base, half)
+
+
+def test_adapter_for_another_base_is_refused_with_the_reason(tiny):
+    paths = tiny["paths"]
+    # hidden 96 vs 64: the shapes say so, even with the name check off
+    with pytest.raises(gen.AdapterMismatch) as err:
+        gen.load_adapter(load_4bit(paths["base"]), paths["other_adapter"], check_base_name=False)
+    msg = str(err.value)
+    assert "gpt_neox.layers.0.attention.query_key_value" in msg
+    assert "4 x 96" in msg and "Linear4bit 64 -> 192" in msg
+    # another vocabulary with the same layer shapes: the recorded base name says so
+    with pytest.raises(gen.AdapterMismatch, match="trained on base"):
+        gen.load_adapter(load_16bit(paths["wide_vocab"]), paths["adapter"])
+    # the same base in 16-bit (name and shapes agree) loads
+    loaded = gen.load_adapter(load_16bit(paths["base"]), paths["adapter"])
+    assert gen.check_adapter(load_16bit(paths["base"]), paths["adapter"])["lora_layers"] == 8
+    assert not loaded.training
+    with pytest.raises(ValueError, match="already carries an adapter"):
+        gen.load_adapter(loaded, paths["adapter"])
+
+
+def test_adapter_target_missing_from_the_base(tiny, tmp_path):
+    import shutil
+
+    bad = tmp_path / "renamed"
+    shutil.copytree(tiny["paths"]["adapter"], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj"]
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(gen.AdapterMismatch, match="no layer named q_proj, v_proj"):
+        gen.load_adapter(load_16bit(tiny["paths"]["base"]), bad)
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def test_merge_into_reloaded_base_agrees_and_reloads(tiny, tuned, tmp_path):
+    paths, tok = tiny["paths"], tiny["tokenizer"]
+    out = tmp_path / "merged"
+    result = gen.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"],
+                               tokenizer=tok, prompts=PROMPTS, out_dir=out,
+                               quantized_model=tuned, max_new_tokens=12)
+    print(result)
+    assert result.source == gen.SOURCE_RELOADED and result.dtype == "float32"
+    a = result.vs_same_base
+    assert a["max_abs_diff"] < 1e-4 and a["top1_agreement"] == 1.0
+    assert result.adapter_effect > 100 * a["max_abs_diff"]  # the adapter matters; merge error not
+    assert result.vs_4bit is not None and result.vs_4bit["max_abs_diff"] > a["max_abs_diff"]
+    assert result.generation_matches and result.merged_text == result.reference_text
+    assert result.reload_max_abs_diff < 1e-6
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "adapter_config.json").exists()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert not list(tmp_path.glob("*.partial"))
+    figures = gen.merge_metrics(result)
+    for key in ("merge_max_abs_logit_diff", "merge_top1_agreement",
+                "merge_max_abs_logit_diff_vs_4bit", "merge_top1_agreement_vs_4bit",
+                "merged_generation_matches", "merged_size_bytes"):
+        assert key in figures
+    assert figures["merged_generation_matches"] == 1
+    assert figures["merged_size_bytes"] == (out / "model.safetensors").stat().st_size
+    assert "merge_cpu_rss_bytes_after_merge" in figures
+    stages = [r.stage for r in result.memory.records]
+    assert stages[:3] == ["load 16-bit base", "attach adapter", "reference outputs"]
+    # a fresh load of the saved folder writes what the adapter on the same 16-bit base writes
+    merged = load_16bit(out)
+    assert gen.generate(merged, tok, PROMPTS, max_new_tokens=12) == result.reference_text
+
+
+def test_merge_in_bfloat16_is_checked_against_bfloat16_rounding(tiny):
+    paths, tok = tiny["paths"], tiny["tokenizer"]
+    result = gen.merge_adapter(
+        lambda: AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16),
+        paths["adapter"], tokenizer=tok, prompts=PROMPTS, max_new_tokens=8)
+    print(result)
+    assert result.dtype == "bfloat16" and result.tolerance == gen.MERGE_TOLERANCE[torch.bfloat16]
+    assert 0 < result.vs_same_base["max_rel_diff"] < result.tolerance["rtol"]
+
+
+def test_a_corrupted_merge_is_refused_and_nothing_is_saved(tiny, tmp_path, monkeypatch):
+    paths, tok = tiny["paths"], tiny["tokenizer"]
+    real = gen.merge_into_base
+
+    def noisy(peft_model):
+        merged = real(peft_model)
+        with torch.no_grad():
+            w = merged.gpt_neox.layers[1].mlp.dense_4h_to_h.weight
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        return merged
+
+    monkeypatch.setattr(gen, "merge_into_base", noisy)
+    out = tmp_path / "merged"
+    with pytest.raises(gen.MergeMismatch, match="Nothing was saved") as err:
+        gen.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"], tokenizer=tok,
+                          prompts=PROMPTS, out_dir=out, max_new_tokens=8)
+    assert err.value.figures["max_rel_diff"] > err.value.tolerance["rtol"]
+    print("corrupted merge:", err.value.figures)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_dequantized_path_when_only_the_4bit_model_exists(tiny, tmp_path):
+    paths, tok = tiny["paths"], tiny["tokenizer"]
+    q4 = load_4bit(paths["base"])
+    plain = gen.dequantize_model(q4)
+    assert not any(type(m).__name__ == "Linear4bit" for m in plain.modules())
+    assert plain.gpt_neox.layers[0].attention.query_key_value.weight.dtype == torch.float32
+    # the dequantized weights are what the 4-bit layers compute with
+    same = gen.compare_logits(q4, plain, tok, PROMPTS)
+    assert same["max_abs_diff"] < 1e-4 and same["top1_agreement"] == 1.0
+
+    def no_weights():
+        raise FileNotFoundError("no 16-bit weights for this model")
+
+    result = gen.merge_adapter(no_weights, paths["adapter"], tokenizer=tok, prompts=PROMPTS,
+                               out_dir=tmp_path / "merged", quantized_model=q4,
+                               max_new_tokens=10)
+    print(result)
+    assert result.source == gen.SOURCE_DEQUANTIZED == "dequantized from 4-bit"
+    assert any("dequantized the 4-bit model instead" in n for n in result.notes)
+    assert result.vs_same_base["max_abs_diff"] < 1e-4
+    assert result.vs_same_base["top1_agreement"] == 1.0
+    # merged from the dequantized base, it matches the adapter on the 4-bit base too
+    assert result.vs_4bit["max_abs_diff"] < 1e-3 and result.vs_4bit["top1_agreement"] == 1.0
+    assert result.generation_matches
+    assert gen.merge_metrics(result)["merge_dequantized"] == 1
+    # with no loader at all, the same
+    again = gen.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS[:1],
+                              quantized_model=q4, max_new_tokens=4)
+    assert again.source == gen.SOURCE_DEQUANTIZED and again.out_dir is None
+    with pytest.raises(ValueError, match="no 16-bit base"):
+        gen.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS)
+
+
+def test_dequantize_a_weight_repacked_for_cpu_inference(tiny):
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this processor has no AVX512-BF16: bitsandbytes never repacks here")
+    tok = tiny["tokenizer"]
+    q4 = AutoModelForCausalLM.from_pretrained(
+        tiny["paths"]["base"], device_map={"": "cpu"}, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.float32))
+    layer = q4.gpt_neox.layers[0].attention.query_key_value
+    before = gen.dequantize_weight(layer.weight)
+    q4.eval()
+    with torch.no_grad():  # the trap: an eval forward without grad repacks (no cpu_safe here)
+        q4(**tok("Time", return_tensors="pt"))
+    assert layer.weight.quant_state.packing_format_for_cpu
+    after = gen.dequantize_weight(layer.weight)
+    assert layer.weight.quant_state.packing_format_for_cpu  # the layer keeps its own layout
+    # the same weights, up to the bf16 rounding of the block scales the repacking does
+    assert torch.allclose(before, after, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_merge_on_the_gpu_in_bfloat16(tiny, tmp_path):
+    paths, tok = tiny["paths"], tiny["tokenizer"]
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    q4 = AutoModelForCausalLM.from_pretrained(paths["base"], quantization_config=quant,
+                                              device_map={"": 0}, dtype=torch.bfloat16)
+    tuned_gpu = gen.load_adapter(q4, paths["adapter"])
+    first = gen.generate(tuned_gpu, tok, PROMPTS, max_new_tokens=10)
+    assert first == gen.generate(tuned_gpu, tok, PROMPTS, max_new_tokens=10)
+    result = gen.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS,
+                               out_dir=tmp_path / "merged", quantized_model=tuned_gpu,
+                               max_new_tokens=10)
+    print(result)
+    assert result.source == gen.SOURCE_DEQUANTIZED and result.dtype == "bfloat16"
+    assert result.device.startswith("cuda")
+    assert result.vs_same_base["max_rel_diff"] < result.tolerance["rtol"]
+    assert result.reload_max_abs_diff < 0.05  # the same bf16 weights (kernels may differ)
