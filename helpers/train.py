@@ -1,0 +1,1328 @@
+"""Training: paged-optimizer QLoRA training that fits the card, shows its progress, survives an
+interruption and proves that it learned. Introduced in notebook 05.
+
+The pieces, each callable on its own so the notebook can show them one at a time:
+
+1. :func:`training_arguments` - ``transformers.TrainingArguments`` from the one Config: the
+   optimizer (``paged_adamw_8bit`` by default), schedule, micro-batch x gradient accumulation,
+   checkpoints every SAVE_STEPS, and fp16/bf16 flags taken from :func:`helpers.env.precision_flags`
+   of the same dtype the 4-bit layers compute in (:func:`precision`), so the original recipe's
+   bf16-compute-with-fp16-flag mismatch cannot happen.
+2. :func:`choose_micro_batch` - the micro-batch that fits MEMORY_BUDGET_GB: predicted by the
+   estimator of :mod:`helpers.memory`, confirmed on the GPU by one forward and backward at that size
+   (:func:`probe_step`), halved on out-of-memory; a budget smaller than the card is enforced, so a
+   12 GB or 16 GB card can be rehearsed on a larger one; a budget too small even for micro-batch 1
+   is refused before training, with what would fit.
+3. Callbacks - :class:`LossCurveCallback` (a live loss / learning-rate / gradient-norm figure in
+   Jupyter, ``RUN_DIR/loss_curve.png`` at each checkpoint and at the end), :class:`TrainingGuard`
+   (stops on a NaN/inf or exactly-zero loss and explains the likely cause),
+   :class:`MemoryCallback` (peak GPU memory and CPU RSS per step), :class:`ThroughputCallback`
+   (real, non-padding tokens per second, the warm-up step excluded).
+4. :func:`evaluate_loss` - held-out loss and perplexity, weighted by label tokens, before and
+   after training.
+5. Checkpoints and resume - the Trainer's checkpoints (adapter as safetensors, optimizer,
+   scheduler, RNG state) in ``RUN_DIR/checkpoints``, a :func:`run_signature` that refuses to resume
+   another run's checkpoints, and the final adapter with a model card in ``RUN_DIR/adapter``.
+6. :func:`train` - all of it in one call, returning a :class:`TrainResult`.
+
+``python -m helpers.train RUN_DIR`` (or ``accelerate launch -m helpers.train RUN_DIR``) trains
+with the parameters recorded in ``RUN_DIR/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from helpers import env
+
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints: the Trainer's checkpoint-N folders
+ADAPTER = "adapter"  # RUN_DIR/adapter: the final adapter, its config and model card
+LOSS_CURVE = "loss_curve.png"
+SIGNATURE = "run_signature.json"
+CPU_MICRO_BATCH = 8  # MICRO_BATCH=0 on CPU: no memory budget to size it by
+AUTO_MICRO_BATCH_LIMIT = 16  # the automatic choice stops here (see choose_micro_batch)
+IGNORE_INDEX = -100
+GB = 1e9
+# The checkpoint files that make a resume exact (besides the adapter weights).
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+
+
+class TrainingStopped(RuntimeError):
+    """Training was stopped by :class:`TrainingGuard`; the message explains why and what to do.
+
+    ``kind`` is "nan" or "zero"; ``step`` the optimizer step it happened at; ``history`` the
+    logged steps up to it (for :func:`helpers.plots.loss_curve`).
+    """
+
+    def __init__(self, explanation: str, kind: str = "", step: int = 0, history=None):
+        super().__init__(explanation)
+        self.explanation, self.kind, self.step = explanation, kind, step
+        self.history = list(history or [])
+
+
+class BudgetError(ValueError):
+    """MEMORY_BUDGET_GB cannot hold even micro-batch 1 at MAX_LENGTH; the message says what would."""
+
+
+class ResumeError(ValueError):
+    """RESUME=True found checkpoints of another run; the message names the differences."""
+
+
+# ============================================================================ 1. arguments
+
+
+def precision(cfg) -> tuple:
+    """``(dtype, flags)``: the compute dtype of the 4-bit layers and the Trainer's matching
+    ``{"bf16": ..., "fp16": ...}``, both from :mod:`helpers.env` (one decision, two places)."""
+    dtype = env.compute_dtype(cfg.compute_dtype)
+    return dtype, env.precision_flags(dtype)
+
+
+def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None) -> TrainingArguments:
+    """``TrainingArguments`` for the series' Config at ``micro_batch`` examples per forward.
+
+    ``dtype`` is the compute dtype the model was loaded with (default: the Config's, through
+    :func:`helpers.env.compute_dtype`); the fp16/bf16 flags follow it. Logging every step with
+    NaN/inf losses left visible (``logging_nan_inf_filter=False``: by default the Trainer hides
+    them, so a diverging run would look healthy); checkpoints every SAVE_STEPS in
+    ``RUN_DIR/checkpoints`` (the adapter as safetensors, optimizer, scheduler and RNG state);
+    non-reentrant activation checkpointing; the Trainer's own progress bar; no external
+    reporting. ``remove_unused_columns=False`` because the collator, not the Trainer, decides what
+    the model receives. Introduced in notebook 05.
+    """
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch={micro_batch} must be at least 1")
+    if dtype is None:
+        dtype = env.compute_dtype(cfg.compute_dtype)
+    flags = env.precision_flags(dtype)
+    cuda = torch.cuda.is_available()
+    steps = {"max_steps": cfg.max_steps} if cfg.max_steps > 0 else {
+        "max_steps": -1, "num_train_epochs": cfg.epochs}
+    save = {"save_strategy": "steps", "save_steps": cfg.save_steps} if cfg.save_steps > 0 else {
+        "save_strategy": "no"}
+    return TrainingArguments(
+        output_dir=str(Path(cfg.run_dir) / CHECKPOINTS),
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum,
+        **steps,
+        optim=cfg.optimizer,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=0.0,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=flags["bf16"],
+        fp16=flags["fp16"],
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing
+        else None,
+        logging_strategy="steps",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        eval_strategy="no",
+        **save,
+        save_only_model=False,  # keep optimizer, scheduler and RNG state: resume is exact
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+        disable_tqdm=False,  # the series quiets transformers' logging, which would hide the bar
+    )
+
+
+# ============================================================================ 2. fit the card
+
+
+def budget_bytes(cfg) -> int | None:
+    """MEMORY_BUDGET_GB in bytes: 0 means the whole card; None on CPU without a budget."""
+    if cfg.memory_budget_gb > 0:
+        return int(cfg.memory_budget_gb * GB)
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def default_estimate_fn(cfg, model):
+    """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
+    with the Config's settings, from :func:`helpers.memory.estimate`; None where the estimator
+    does not know the model's architecture."""
+    from helpers import memory
+
+    try:
+        shape = memory.shape_from_config(getattr(model, "config", model))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # an architecture the estimator does not describe: the probe decides
+    dtype = env.compute_dtype(cfg.compute_dtype)
+    settings = {"gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
+                "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
+                "compute_dtype": dtype, "double_quant": cfg.double_quant,
+                "cuda_context": torch.cuda.is_available(),
+                "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout}
+    try:
+        memory.estimate(shape, seq_len=8, micro_batch=1, **settings)
+    except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
+        settings["lora_targets"] = "all-linear"
+
+    def estimate_fn(micro_batch: int, seq_len: int) -> int:
+        return memory.estimate(shape, seq_len=seq_len, micro_batch=micro_batch,
+                               **settings).total_device
+
+    return estimate_fn
+
+
+def largest_micro_batch(estimate_fn, budget: int, seq_len: int, limit: int = 64) -> int:
+    """The largest power-of-two micro-batch up to ``limit`` whose estimate fits ``budget``
+    (0 when not even 1 fits)."""
+    best, b = 0, 1
+    while b <= limit and estimate_fn(b, seq_len) <= budget:
+        best, b = b, b * 2
+    return best
+
+
+def largest_seq_len(estimate_fn, budget: int, upto: int) -> int:
+    """The longest sequence (a multiple of 64, or of 8 below 64) up to ``upto`` whose estimate at
+    micro-batch 1 fits ``budget``; 0 when none does."""
+    candidates = list(range(64, upto + 1, 64)) or list(range(8, upto + 1, 8))
+    best = 0
+    for s in candidates:
+        if estimate_fn(1, s) > budget:
+            break
+        best = s
+    return best
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _vocab_size(model) -> int:
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if not size:
+        size = model.get_input_embeddings().weight.shape[0]
+    return int(size)
+
+
+def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
+    """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
+    all of them labelled: the largest activations a training step at this size can have. Returns
+    the peak GPU bytes allocated during it (0 on CPU); raises ``torch.cuda.OutOfMemoryError`` when
+    it does not fit. The random numbers come from their own generator and the global RNG state is
+    restored, so the run that follows is not shifted by the probe. Introduced in notebook 05.
+    """
+    device = _model_device(model)
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, _vocab_size(model), (micro_batch, seq_len), generator=gen).to(device)
+    was_training = model.training
+    devices = [device.index or 0] if cuda else []
+    use_autocast = cuda and dtype in (torch.float16, torch.bfloat16)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            model.train()
+            with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=use_autocast):
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
+                            use_cache=False)
+            out.loss.backward()
+            del out
+            peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        del ids
+        if cuda:
+            torch.cuda.empty_cache()
+    return int(peak)
+
+
+def _enforce_budget(budget: int, notes: list) -> None:
+    """Cap torch's allocator so that the process uses at most ``budget`` bytes of the card,
+    counting what is already held outside the allocator (CUDA context, libraries)."""
+    free, total = torch.cuda.mem_get_info(0)
+    outside = max(0, (total - free) - torch.cuda.memory_reserved(0))
+    if budget >= total:
+        notes.append(f"MEMORY_BUDGET_GB={budget / GB:.1f} is not below the card's "
+                     f"{total / GB:.1f} GB: nothing to enforce")
+        return
+    fraction = max(0.01, (budget - outside) / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    notes.append(f"budget enforced: torch may allocate {fraction * total / GB:.2f} GB of this "
+                 f"{total / GB:.1f} GB card ({budget / GB:.1f} GB budget less "
+                 f"{outside / GB:.2f} GB of CUDA context), as on a {budget / GB:.0f} GB card")
+
+
+def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:
+    seq = largest_seq_len(estimate_fn, budget, cfg.max_length)
+    ways = []
+    if seq:
+        ways.append(f"MAX_LENGTH = {seq} would fit at micro-batch 1")
+    if not cfg.gradient_checkpointing:
+        ways.append("GRADIENT_CHECKPOINTING = True saves activation memory")
+    ways.append(f"a budget of at least {math.ceil(needed_1 / GB * 10) / 10:.1f} GB "
+                "(MEMORY_BUDGET_GB, or a larger card)")
+    return (f"MEMORY_BUDGET_GB={budget / GB:.2f} is too small: one training step at micro-batch 1 "
+            f"and MAX_LENGTH={cfg.max_length} needs about {needed_1 / GB:.2f} GB (predicted by "
+            "helpers.memory.estimate). "
+            f"What would fit: {'; or '.join(ways)}.")
+
+
+def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
+                       limit: int = AUTO_MICRO_BATCH_LIMIT) -> tuple:
+    """The micro-batch for this card and budget, and the notes explaining it: ``(n, [lines])``.
+
+    - The budget is MEMORY_BUDGET_GB (0: the whole card). On a card larger than the budget it is
+      enforced with ``torch.cuda.set_per_process_memory_fraction``, so the run behaves as it would
+      on a card of that size.
+    - ``estimate_fn(micro_batch, seq_len) -> bytes`` predicts a training step's need (default:
+      :func:`default_estimate_fn`, from :mod:`helpers.memory`). If micro-batch 1 at MAX_LENGTH does
+      not fit, :class:`BudgetError` is raised before anything is trained, naming the MAX_LENGTH
+      or the budget that would fit.
+    - MICRO_BATCH > 0 is taken as given; MICRO_BATCH = 0 takes the largest power of two that the
+      estimate fits, up to ``limit`` (16: beyond it a larger micro-batch mostly changes the
+      optimization - fewer, larger steps - rather than the speed; set MICRO_BATCH for more).
+    - On the GPU a probe (:func:`probe_step`: forward and backward at that micro-batch and
+      MAX_LENGTH on the real model) confirms it, halving on out-of-memory until it fits.
+    - On CPU there is no out-of-memory to probe and no card to budget: MICRO_BATCH or 8. A
+      MEMORY_BUDGET_GB given on CPU is still checked against the estimate (would the run fit a
+      card of that size?), so a plan can be refused here before it fails on the card.
+
+    Introduced in notebook 05.
+    """
+    notes: list[str] = []
+    cuda = torch.cuda.is_available() and _model_device(model).type == "cuda"
+    budget = budget_bytes(cfg)
+    if budget is not None:
+        if estimate_fn is None:
+            estimate_fn = default_estimate_fn(cfg, model)
+        if estimate_fn is None:
+            notes.append("the estimator does not know this architecture: the probe decides")
+        else:
+            needed_1 = estimate_fn(1, cfg.max_length)
+            if needed_1 > budget:
+                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1))
+            notes.append(f"estimate at micro-batch 1 x {cfg.max_length} tokens: "
+                         f"{needed_1 / GB:.2f} GB of a {budget / GB:.2f} GB budget")
+    if not cuda:
+        micro = cfg.micro_batch or CPU_MICRO_BATCH
+        how = "MICRO_BATCH" if cfg.micro_batch else "the CPU default (no GPU memory to size by)"
+        notes.append(f"CPU: micro-batch {micro} from {how}; no out-of-memory probe on CPU")
+        return micro, notes
+
+    if cfg.memory_budget_gb > 0:
+        _enforce_budget(budget, notes)
+    else:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)  # undo an earlier budget
+    if cfg.micro_batch:
+        micro = cfg.micro_batch
+        if estimate_fn is not None and estimate_fn(micro, cfg.max_length) > budget:
+            notes.append(f"MICRO_BATCH={micro} is predicted not to fit "
+                         f"({estimate_fn(micro, cfg.max_length) / GB:.2f} GB): the probe checks")
+        else:
+            notes.append(f"micro-batch {micro} from MICRO_BATCH")
+    elif estimate_fn is not None:
+        micro = max(1, largest_micro_batch(estimate_fn, budget, cfg.max_length, limit))
+        notes.append(f"micro-batch {micro}: the largest power of two up to {limit} that the "
+                     f"estimate fits ({estimate_fn(micro, cfg.max_length) / GB:.2f} GB)")
+    else:
+        micro = limit
+        notes.append(f"micro-batch {micro} to start the probe from")
+    if not probe:
+        return micro, notes
+
+    import gc
+
+    dtype = env.compute_dtype(cfg.compute_dtype)
+    while True:
+        out_of_memory = False
+        try:
+            peak = probe_step(model, micro, cfg.max_length, dtype)
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # outside the except block, so the failed step's tensors can go
+            gc.collect()
+            torch.cuda.empty_cache()
+            if micro == 1:
+                raise BudgetError(
+                    f"out of GPU memory at micro-batch 1 and MAX_LENGTH={cfg.max_length} within "
+                    f"a {budget / GB:.2f} GB budget: lower MAX_LENGTH, turn "
+                    "GRADIENT_CHECKPOINTING on, or raise MEMORY_BUDGET_GB")
+            msg = f"out of memory at micro-batch {micro}: trying {micro // 2}"
+            print(msg)
+            notes.append(msg)
+            micro //= 2
+            continue
+        notes.append(f"probe: micro-batch {micro} x {cfg.max_length} tokens ran, peak "
+                     f"{peak / GB:.2f} GB allocated (optimizer state comes on top)")
+        return micro, notes
+
+
+# ============================================================================ 3. tokens
+
+
+def _row_token_count(feature) -> int:
+    mask = feature.get("attention_mask")
+    return int(sum(mask)) if mask is not None else len(feature["input_ids"])
+
+
+class CountingCollator:
+    """Wraps a collator and adds ``num_real_tokens`` to each batch: the tokens of its rows before
+    padding (the sum of their attention masks, or their lengths). :class:`SeriesTrainer` takes it
+    out before the model sees the batch. Counting rows, not the padded batch, also counts packed
+    rows correctly, whose batches carry no attention mask."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        batch["num_real_tokens"] = torch.tensor(sum(_row_token_count(f) for f in features))
+        return batch
+
+
+class TokenCounter:
+    """Real tokens and loss tokens of the micro-batches trained since the last :meth:`take`."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.loss_tokens = 0
+
+    def add(self, tokens: int, loss_tokens: int) -> None:
+        self.tokens += tokens
+        self.loss_tokens += loss_tokens
+
+    def take(self) -> tuple:
+        out = (self.tokens, self.loss_tokens)
+        self.tokens = self.loss_tokens = 0
+        return out
+
+
+def _batch_real_tokens(inputs) -> int:
+    n = inputs.pop("num_real_tokens", None)
+    if n is not None:
+        return int(n)
+    if inputs.get("attention_mask") is not None:
+        return int(inputs["attention_mask"].sum())
+    return int(inputs["input_ids"].numel())
+
+
+def _batch_loss_tokens(inputs) -> int:
+    labels = inputs.get("labels")
+    if labels is None:
+        return 0
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+class SeriesTrainer(Trainer):
+    """The Trainer, counting the real (non-padding) and loss tokens of every micro-batch it trains
+    on: into ``token_counter`` (for :class:`ThroughputCallback` and :class:`TrainingGuard`) and
+    into ``state.num_input_tokens_seen``, which checkpoints keep, so a resumed run's total counts
+    the steps before the interruption too."""
+
+    def __init__(self, *args, token_counter: TokenCounter | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_counter = token_counter or TokenCounter()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        real = _batch_real_tokens(inputs)
+        self.token_counter.add(real, _batch_loss_tokens(inputs))
+        self.state.num_input_tokens_seen += real
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop("num_real_tokens", None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+
+def label_token_count(dataset) -> int:
+    """Label tokens the loss is computed on in ``dataset`` (labels other than -100, each row's
+    first position excluded: nothing predicts it). Zero means training would learn nothing."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    total = 0
+    for table in dataset.select_columns(["labels"]).with_format("arrow").iter(batch_size=4096):
+        labels = table.column("labels").combine_chunks()
+        flat = np.asarray(labels.flatten(), dtype=np.int64)
+        nonempty = labels.filter(pc.greater(pc.list_value_length(labels), 0))
+        first = np.asarray(pc.list_element(nonempty, 0), dtype=np.int64)
+        total += int((flat != IGNORE_INDEX).sum()) - int((first != IGNORE_INDEX).sum())
+    return total
+
+
+# ============================================================================ 3. callbacks
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class ThroughputCallback(TrainerCallback):
+    """Real tokens and seconds of each optimizer step (``steps``: step, tokens, loss_tokens,
+    seconds). :attr:`tokens_per_second` leaves out the first step of the run, whose time includes
+    warm-up (allocations, kernel selection, the optimizer's state creation)."""
+
+    def __init__(self, counter: TokenCounter):
+        self.counter = counter
+        self.steps: list[dict] = []
+        self._start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.counter.take()  # anything counted before this run's first step is not ours
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        seconds = time.perf_counter() - (self._start or time.perf_counter())
+        tokens, loss_tokens = self.counter.take()
+        self.steps.append({"step": state.global_step, "tokens": tokens,
+                           "loss_tokens": loss_tokens, "seconds": seconds})
+
+    @property
+    def last(self) -> dict:
+        return self.steps[-1] if self.steps else {}
+
+    @property
+    def tokens_per_second(self) -> float:
+        timed = self.steps[1:] if len(self.steps) > 1 else self.steps
+        seconds = sum(s["seconds"] for s in timed)
+        return sum(s["tokens"] for s in timed) / seconds if seconds > 0 else 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.steps)
+
+
+class MemoryCallback(TrainerCallback):
+    """GPU memory and CPU RSS at the end of each optimizer step, in ``steps``: ``peak_gpu_bytes``
+    (``torch.cuda.max_memory_allocated`` since training began: the peak counter is reset once, at
+    the start of training, and not per step, so a ``helpers.memory.track`` stage around the
+    training still reads the training's peak), ``gpu_allocated_bytes`` (held between steps:
+    weights, adapters, optimizer state) and ``cpu_rss_bytes``. Zeros for the GPU on CPU."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from helpers import memory
+
+        cuda = torch.cuda.is_available()
+        self.steps.append({
+            "step": state.global_step,
+            "peak_gpu_bytes": int(torch.cuda.max_memory_allocated()) if cuda else 0,
+            "gpu_allocated_bytes": int(torch.cuda.memory_allocated()) if cuda else 0,
+            "cpu_rss_bytes": int(memory.cpu_rss())})
+
+    @property
+    def peak_gpu_bytes(self) -> int:
+        return max((s["peak_gpu_bytes"] for s in self.steps), default=0)
+
+    @property
+    def peak_cpu_rss_bytes(self) -> int:
+        return max((s["cpu_rss_bytes"] for s in self.steps), default=0)
+
+
+class ProgressBar(TrainerCallback):
+    """One progress bar over the optimizer steps with the latest loss and learning rate: a widget
+    in Jupyter (:func:`helpers.widgets.has_frontend`), text elsewhere (papermill, scripts), where
+    it redraws at most every ``text_interval`` seconds. It replaces the Trainer's own bar, which
+    also prints every step's log as a line (or a table row in Jupyter)."""
+
+    def __init__(self, live: bool | None = None, text_interval: float = 10.0):
+        if live is None:
+            from helpers import widgets
+
+            live = widgets.has_frontend()
+        self.live, self.text_interval = live, text_interval
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.live:
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step",
+                        desc="training", dynamic_ncols=True,
+                        mininterval=0.1 if self.live else self.text_interval)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if self.bar is not None and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4g}",
+                                 lr=f"{logs.get('learning_rate', 0):.2g}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _log_entry(state, logs) -> dict | None:
+    if "loss" not in logs:
+        return None  # the end-of-training summary, or an evaluation
+    entry = {"step": state.global_step, "loss": float(logs["loss"])}
+    for key in ("learning_rate", "grad_norm", "epoch"):
+        if logs.get(key) is not None:
+            entry[key] = float(logs[key])
+    return entry
+
+
+class LossCurveCallback(TrainerCallback):
+    """Keeps the logged steps in ``history`` and draws them with :func:`helpers.plots.loss_curve`:
+    live in Jupyter (one figure, redrawn in place at most every ``min_interval`` seconds, only when
+    :func:`helpers.widgets.has_frontend`), and as ``path`` (RUN_DIR/loss_curve.png) at every
+    checkpoint and at the end."""
+
+    def __init__(self, path, live: bool | None = None, min_interval: float = 2.0):
+        self.path = Path(path)
+        self.history: list[dict] = []
+        self.eval_points: list = []
+        if live is None:
+            from helpers import widgets
+
+            live = widgets.has_frontend()
+        self.live = live
+        self.min_interval = min_interval
+        self._handle = None
+        self._drawn = 0.0
+
+    def figure(self):
+        from helpers import plots
+
+        return plots.loss_curve(self.history, eval_points=self.eval_points)
+
+    def save(self):
+        from helpers import plots
+
+        if not self.history:
+            return None
+        return plots.save(self.figure(), self.path)
+
+    def _redraw(self, force: bool = False):
+        if not self.live or not self.history:
+            return
+        now = time.perf_counter()
+        if not force and now - self._drawn < self.min_interval:
+            return
+        import io
+
+        from IPython.display import Image, display
+
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        image = Image(data=buf.getvalue())
+        if self._handle is None:
+            self._handle = display(image, display_id=True)
+        else:
+            self._handle.update(image)
+        self._drawn = now
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entry = _log_entry(state, logs or {})
+        if entry is not None:
+            self.history.append(entry)
+            self._redraw()
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.save()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._redraw(force=True)
+        if args.should_save:
+            self.save()
+
+
+def _finite(x) -> bool:
+    return x is None or math.isfinite(x)
+
+
+class TrainingGuard(TrainerCallback):
+    """Stops training cleanly on a NaN/inf loss, a non-finite gradient norm, or a loss of exactly
+    zero, and keeps an explanation of the likely cause in ``problem`` (``kind``: "nan"/"zero").
+
+    It acts on each step's log, before that step's checkpoint would be written, and cancels the
+    checkpoint, so no broken weights are saved. Under fp16 the gradient scaler skips steps whose
+    gradients overflow - normal while it finds its scale - so a non-finite gradient norm with a
+    finite loss stops the run only after ``fp16_patience`` such steps in a row.
+    :func:`train` raises :class:`TrainingStopped` with the explanation once the Trainer returns.
+    ``counter_steps`` (optional) is a :class:`ThroughputCallback`'s ``steps`` list, giving the
+    step's number of loss tokens.
+    """
+
+    def __init__(self, counter_steps: list | None = None, fp16_patience: int = 8,
+                 dataset_loss_tokens: int | None = None):
+        self.counter_steps = counter_steps if counter_steps is not None else []
+        self.fp16_patience = fp16_patience
+        self.dataset_loss_tokens = dataset_loss_tokens
+        self.problem: str | None = None
+        self.kind = ""
+        self.step = 0
+        self._bad_grad_steps = 0
+        self._last_good: dict | None = None
+
+    def _step_loss_tokens(self, step: int):
+        for s in reversed(self.counter_steps):
+            if s["step"] == step:
+                return s["loss_tokens"]
+        return None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs or self.problem:
+            return
+        loss, grad = logs.get("loss"), logs.get("grad_norm")
+        kind = None
+        if not _finite(loss):
+            kind = "nan"
+        elif not _finite(grad):
+            self._bad_grad_steps += 1
+            if not args.fp16 or self._bad_grad_steps >= self.fp16_patience:
+                kind = "nan"
+        elif loss == 0.0:
+            kind = "zero"
+        else:
+            self._bad_grad_steps = 0
+            self._last_good = {"step": state.global_step, "loss": loss}
+        if kind is None:
+            return
+        self.kind, self.step = kind, state.global_step
+        self.problem = (explain_nan(args, state.global_step, loss, grad, self._last_good,
+                                    self._step_loss_tokens(state.global_step),
+                                    self._bad_grad_steps)
+                        if kind == "nan" else
+                        explain_zero(args, state.global_step, self._step_loss_tokens(
+                            state.global_step), self.dataset_loss_tokens))
+        control.should_training_stop = True
+        control.should_save = False  # keep the last good checkpoint the latest one
+        print(self.problem)
+
+
+def _capability() -> tuple | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(0)
+
+
+def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_grad_steps=0) -> str:
+    """What a NaN/inf loss or gradient norm most likely means, and what to do about it."""
+    what = (f"loss {loss}" if not _finite(loss) else
+            f"gradient norm {grad_norm} for {bad_grad_steps} step(s) with loss {loss:.4g}")
+    lines = [f"Training stopped at step {step}: {what}."]
+    if last_good:
+        lines[0] += f" The last finite loss was {last_good['loss']:.4g} at step {last_good['step']}."
+    causes = []
+    if step_loss_tokens == 0:
+        causes.append(
+            "Data: this step had no label tokens (every label -100), and a mean over zero tokens is "
+            "0/0 = NaN. Check the label masking (RESPONSE_ONLY with prompts that fill MAX_LENGTH "
+            "leaves nothing to learn): notebook 04 shows the labels of a few examples.")
+    if args.fp16:
+        cap = _capability()
+        better = ("this GPU has compute capability "
+                  f"{cap[0]}.{cap[1]} >= 8.0: use bfloat16 (COMPUTE_DTYPE = 'auto' or 'bfloat16')"
+                  if cap and cap[0] >= 8 else
+                  "on a GPU of compute capability >= 8 (A100, L4, RTX 30xx and later) bfloat16 "
+                  "avoids this; here, lower LEARNING_RATE and keep MAX_GRAD_NORM = 1.0")
+        causes.append("fp16 overflow: float16 ends at 65,504, and activations or gradients beyond "
+                      f"it become inf, then NaN; {better}.")
+    lr = args.learning_rate
+    advice = (" is far above the usual 1e-4 to 3e-4 for LoRA: use 2e-4" if lr > 1e-2 else
+              " is high for LoRA (1e-4 to 3e-4 is usual): lower it 10x" if lr > 1e-3 else
+              ": if the loss rose before it broke, lower it (2e-4 -> 5e-5)")
+    causes.append(f"Learning rate: LEARNING_RATE = {lr:g}" + advice
+                  + (" and set MAX_GRAD_NORM = 1.0" if not args.max_grad_norm else "") + ".")
+    if step_loss_tokens is None or step_loss_tokens > 0:
+        causes.append("Data: a NaN can also come from the inputs; check that labels are -100 or "
+                      "valid token ids (below the vocabulary size).")
+    lines.append("Likely causes, most likely first:")
+    lines += [f"  - {c}" for c in causes]
+    lines.append("The checkpoints before this step are intact; after changing the setting, start "
+                 "again with RESUME = False (or resume from the last checkpoint with a lower "
+                 "LEARNING_RATE only if the loss was healthy there).")
+    return "\n".join(lines)
+
+
+def explain_zero(args, step, step_loss_tokens, dataset_loss_tokens) -> str:
+    """What a loss of exactly zero most likely means, and what to do about it."""
+    lines = [(f"Training stopped at step {step}: the loss is exactly 0, so nothing is being "
+              "learned from this batch.")]
+    causes = []
+    if dataset_loss_tokens == 0 or step_loss_tokens == 0:
+        causes.append("Data: no label tokens"
+                      + (" in the whole train set" if dataset_loss_tokens == 0 else
+                         " in this step's batch")
+                      + " (every label -100). Check the label masking in notebook 04.")
+    else:
+        facts = []
+        if step_loss_tokens is not None:
+            facts.append(f"this step had {step_loss_tokens:,} label tokens")
+        if dataset_loss_tokens is not None:
+            facts.append(f"the train set has {dataset_loss_tokens:,}")
+        causes.append("Data: labels that are trivially predictable, e.g. padding positions "
+                      "labelled with the pad id instead of -100, or every label the same token"
+                      + (f" ({', '.join(facts)})" if facts else "") + ".")
+    if args.fp16:
+        causes.append("fp16: the loss or the logits underflowed or were clamped in float16; use "
+                      "bfloat16 on a GPU of compute capability >= 8, or lower LEARNING_RATE.")
+    causes.append("Memorized: a tiny train set seen for many epochs can be predicted perfectly; "
+                  "compare the eval loss (it rises when the model memorizes), and use fewer "
+                  "MAX_STEPS or more data.")
+    lines.append("Likely causes:")
+    lines += [f"  - {c}" for c in causes]
+    return "\n".join(lines)
+
+
+class StopAfterStep(TrainerCallback):
+    """Stops training after optimizer step ``step``, as an interruption would (the schedule stays
+    that of the full run). With ``save=True`` a checkpoint is written at that step first."""
+
+    def __init__(self, step: int, save: bool = False):
+        self.step, self.save = step, save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            if self.save:
+                control.should_save = True
+
+
+class SignatureCallback(TrainerCallback):
+    """Copies the run signature into every checkpoint folder, so a checkpoint moved elsewhere
+    still says which run it belongs to."""
+
+    def __init__(self, signature: dict):
+        self.signature = signature
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_signature(folder, self.signature)
+
+
+# ============================================================================ 4. evaluation
+
+
+def _cpu_safe(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference: the repacking breaks
+    training afterwards on processors with AVX512-BF16."""
+    try:
+        from helpers.models import cpu_safe
+    except ImportError:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    else:
+        cpu_safe(model)
+
+
+def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
+                  dtype: torch.dtype | None = None) -> tuple:
+    """``(loss, perplexity)`` of ``model`` on ``eval_dataset``: the mean cross-entropy over every
+    label token of the whole set (token-weighted, not a mean of batch means, which would weigh a
+    short example's tokens more), and ``exp(loss)``.
+
+    Runs without gradients in eval mode (dropout off) and restores the mode. On a GPU it runs
+    under the same autocast ``dtype`` as training; on CPU the 4-bit layers are first made safe for
+    a no-grad forward (see :func:`helpers.models.cpu_safe`). Introduced in notebook 05.
+    """
+    if eval_dataset is None or len(eval_dataset) == 0:
+        raise ValueError("no eval examples: set EVAL_FRACTION > 0 (notebook 04) to hold some out")
+    device = _model_device(model)
+    if device.type == "cpu":
+        _cpu_safe(model)
+    use_autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(eval_dataset), batch_size):
+                rows = [eval_dataset[i] for i in range(start, min(start + batch_size,
+                                                                  len(eval_dataset)))]
+                batch = collator(rows)
+                batch.pop("num_real_tokens", None)
+                labels = batch.pop("labels").to(device)
+                inputs = {k: (v.to(device) if torch.is_tensor(v) else v)
+                          for k, v in batch.items()}
+                inputs.setdefault("use_cache", False)
+                with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=use_autocast):
+                    logits = model(**inputs).logits
+                target = labels[:, 1:]
+                keep = target != IGNORE_INDEX
+                if not keep.any():
+                    continue
+                picked = logits[:, :-1][keep].float()
+                total += float(torch.nn.functional.cross_entropy(picked, target[keep],
+                                                                 reduction="sum"))
+                count += int(keep.sum())
+                del logits, picked
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the eval examples have no label tokens (every label is -100): check "
+                         "the label masking in notebook 04")
+    loss = total / count
+    return loss, math.exp(min(loss, 700.0))
+
+
+# ============================================================================ 5. checkpoints
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A hash of a dataset's token content (input_ids, labels, position_ids, attention_mask) and
+    row count: equal for the same rows in the same order, however they were prepared."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    cols = [c for c in ("input_ids", "labels", "position_ids", "attention_mask")
+            if c in dataset.column_names]
+    h = hashlib.sha256(json.dumps([len(dataset), cols]).encode())
+    arrow = dataset.select_columns(cols).with_format("arrow")
+    for table in arrow.iter(batch_size=4096):
+        for c in cols:
+            arr = table.column(c).combine_chunks()
+            h.update(np.asarray(pc.list_value_length(arr), dtype=np.int64).tobytes())
+            h.update(np.asarray(arr.flatten(), dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _lora_identity(model) -> dict:
+    configs = getattr(model, "peft_config", None) or {}
+    if not configs:
+        return {}
+    c = next(iter(configs.values()))
+    targets = c.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    return {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout, "targets": targets}
+
+
+def _model_identity(cfg, model) -> dict:
+    config = getattr(model, "config", None)
+    name_or_path = str(getattr(config, "_name_or_path", "") or "")
+    return {"model": cfg.model, "name": Path(name_or_path).name if name_or_path else "",
+            "type": getattr(config, "model_type", type(model).__name__),
+            "hidden": getattr(config, "hidden_size", None),
+            "layers": getattr(config, "num_hidden_layers", None),
+            "vocab": getattr(config, "vocab_size", None),
+            "quant_type": cfg.quant_type, "double_quant": cfg.double_quant}
+
+
+# fields that must agree to resume; the rest of a signature is informative
+_MUST_MATCH = ("model", "lora", "max_length", "data", "micro_batch", "grad_accum", "optimizer",
+               "learning_rate", "lr_schedule", "warmup_steps")
+
+
+def run_signature(cfg, model, train_dataset, micro_batch: int) -> dict:
+    """What a checkpoint must share with this run to be resumed: the model, the LoRA config, the
+    data (a fingerprint of its tokens), MAX_LENGTH, micro-batch, gradient accumulation, optimizer
+    and schedule; plus informative fields (max_steps, seed, compute dtype, versions)."""
+    return {
+        "model": _model_identity(cfg, model),
+        "lora": _lora_identity(model),
+        "max_length": cfg.max_length,
+        "data": {"rows": len(train_dataset), "fingerprint": dataset_fingerprint(train_dataset)},
+        "micro_batch": micro_batch,
+        "grad_accum": cfg.grad_accum,
+        "optimizer": cfg.optimizer,
+        "learning_rate": cfg.learning_rate,
+        "lr_schedule": cfg.lr_schedule,
+        "warmup_steps": cfg.warmup_steps,
+        "max_steps": cfg.max_steps,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "compute_dtype": str(env.compute_dtype(cfg.compute_dtype)).replace("torch.", ""),
+        "versions": {k: v for k, v in env.versions().items()
+                     if k in ("torch", "transformers", "peft", "bitsandbytes")},
+    }
+
+
+def write_signature(folder, signature: dict) -> Path:
+    path = Path(folder) / SIGNATURE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(signature, indent=1, default=str) + "\n")
+    return path
+
+
+def signature_differences(saved: dict, current: dict) -> list:
+    """The fields that must match to resume and do not, as readable lines."""
+    out = []
+    for key in _MUST_MATCH:
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    out.append(f"{key}.{sub}: checkpoint {a.get(sub)!r}, now {b.get(sub)!r}")
+        else:
+            out.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The ``checkpoint-N`` folder with the highest N in ``RUN_DIR/checkpoints``, or None."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir()
+             and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def checkpoint_files(checkpoint) -> dict:
+    """Which of the files an exact resume needs a checkpoint holds: the adapter as safetensors,
+    its config, optimizer, scheduler, RNG and trainer state (name -> present)."""
+    folder = Path(checkpoint)
+    names = ("adapter_model.safetensors", "adapter_config.json") + RESUME_FILES
+    return {n: (folder / n).is_file() for n in names}
+
+
+def check_resume(cfg, signature: dict) -> Path | None:
+    """The checkpoint to resume from when RESUME=True (None: start from step 0), after checking
+    that it belongs to this run; raises :class:`ResumeError` naming what differs, or what is
+    missing. Introduced in notebook 05."""
+    last = latest_checkpoint(cfg.run_dir)
+    if last is None:
+        return None
+    saved_path = last / SIGNATURE
+    if not saved_path.is_file():
+        saved_path = Path(cfg.run_dir) / CHECKPOINTS / SIGNATURE
+    where = f"{Path(cfg.run_dir).name}/{CHECKPOINTS}/{last.name}"
+    if not saved_path.is_file():
+        raise ResumeError(f"{where} has no {SIGNATURE}, so nothing shows that it belongs to this "
+                          "model, data and settings. Resume only checkpoints this series wrote; "
+                          "or set RESUME = False to start over (its checkpoints are replaced).")
+    saved = json.loads(saved_path.read_text())
+    diffs = signature_differences(saved, signature)
+    if diffs:
+        raise ResumeError(f"cannot resume from {where}: it was written by a different run.\n  "
+                          + "\n  ".join(diffs)
+                          + "\nUse the same parameters as that run, choose another RUN_DIR, or set "
+                            "RESUME = False to start over (its checkpoints are replaced).")
+    missing = [n for n, ok in checkpoint_files(last).items() if not ok]
+    if missing:
+        raise ResumeError(f"{where} lacks {', '.join(missing)}: it cannot be resumed exactly. "
+                          "Resume from an earlier checkpoint (delete this folder) or set RESUME = "
+                          "False.")
+    return last
+
+
+def _clear_checkpoints(run_dir) -> list:
+    folder = Path(run_dir) / CHECKPOINTS
+    old = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
+    for p in old:
+        shutil.rmtree(p)
+    return [p.name for p in old]
+
+
+def save_adapter(model, folder, card: dict) -> Path:
+    """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a short model
+    card (README.md: base model, dataset, steps, losses, date) in ``folder``."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise RuntimeError(f"the adapter was not saved as safetensors in {folder}")
+    (folder / "README.md").write_text(model_card(card))
+    return folder
+
+
+def model_card(card: dict) -> str:
+    """A short model card in Markdown from ``card`` (base_model, dataset, steps, losses, ...)."""
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = [f"# LoRA adapter for {card.get('base_model', 'a base model')}", "",
+             ("A QLoRA adapter: the base model loaded in 4-bit, these low-rank weights trained on "
+              "top of it. Load the base model, then this folder with "
+              "`peft.PeftModel.from_pretrained(base, path)`."), ""]
+    rows = [("base model", "base_model"), ("dataset", "dataset"), ("trained", "date"),
+            ("optimizer steps", "train_steps"), ("micro-batch x accumulation", "batch"),
+            ("optimizer", "optimizer"), ("learning rate", "learning_rate"),
+            ("LoRA", "lora"), ("MAX_LENGTH", "max_length"),
+            ("eval loss before", "eval_loss_before"), ("eval loss after", "eval_loss_after"),
+            ("eval perplexity before", "perplexity_before"),
+            ("eval perplexity after", "perplexity_after"),
+            ("final train loss", "train_loss_final"), ("tokens trained on", "train_tokens_seen")]
+    lines += ["| | |", "|---|---|"]
+    lines += [f"| {label} | {fmt(card[key])} |" for label, key in rows if key in card]
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ 6. one call
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the figures for the manifest (``metrics``), the logged steps
+    (``history``), where the adapter, loss curve and checkpoints are, the micro-batch notes and
+    the Trainer itself (for a closer look)."""
+
+    metrics: dict
+    history: list
+    adapter_dir: Path | None
+    loss_curve: Path | None
+    checkpoints: Path
+    notes: list = field(default_factory=list)
+    resumed_from: Path | None = None
+    trainer: object = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        """The figures a person reads first, as a few lines of text."""
+        from helpers.memory import fmt_bytes
+
+        m = self.metrics
+        lines = [
+            (f"held-out loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
+             f"(perplexity {m['perplexity_before']:.1f} -> {m['perplexity_after']:.1f})"),
+            (f"train loss {m['train_loss_first']:.4f} (first step) -> "
+             f"{m['train_loss_final']:.4f} (step {m['train_steps']})"),
+            (f"{m['train_tokens_seen']:,} real tokens trained on; "
+             f"{m['tokens_per_second']:,.0f} tokens/s (padding not counted, first step left "
+             f"out); {m['train_seconds']:.1f} s"),
+            (f"micro-batch {m['micro_batch']} x {m['grad_accum']} accumulation; peak GPU "
+             f"{fmt_bytes(m['peak_gpu_bytes_train'])}, CPU RSS "
+             f"{fmt_bytes(m['peak_cpu_rss_bytes_train'])}")]
+        if self.resumed_from is not None:
+            lines.append(f"resumed from {self.resumed_from.name}")
+        if self.adapter_dir is not None:
+            lines.append(f"adapter: {self.adapter_dir}")
+        return "\n".join(lines)
+
+
+def _is_main_process() -> bool:
+    """False in the other processes of a multi-GPU launch (``accelerate launch`` sets RANK)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _merge_history(logged: list, *per_step: list) -> list:
+    by_step = {}
+    for rows in per_step:
+        for r in rows:
+            by_step.setdefault(r["step"], {}).update(r)
+    return [{**by_step.get(e["step"], {}), **e} for e in logged]
+
+
+def make_trainer(cfg, model, tokenizer, train_dataset, collator, micro_batch: int,
+                 callbacks=(), dtype=None) -> SeriesTrainer:
+    """The :class:`SeriesTrainer` for this Config with the counting collator, without the
+    Trainer's own progress bar and log printing; :func:`train` adds the series' callbacks."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    trainer = SeriesTrainer(model=model, args=training_arguments(cfg, micro_batch, dtype),
+                            train_dataset=train_dataset, data_collator=CountingCollator(collator),
+                            processing_class=tokenizer, callbacks=list(callbacks),
+                            token_counter=TokenCounter())
+    for own in (ProgressCallback, NotebookProgressCallback, PrinterCallback):
+        trainer.remove_callback(own)  # replaced by ProgressBar (train adds it)
+    return trainer
+
+
+def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
+          micro_batch: int | None = None, callbacks=(), estimate_fn=None,
+          live: bool | None = None, verbose: bool = True) -> TrainResult:
+    """Train the LoRA adapters of ``model`` (a peft model on a 4-bit base) on ``train_dataset``
+    with the Config's settings, and return a :class:`TrainResult`.
+
+    In order: refuse a train set without label tokens; RESUME: find the latest checkpoint and
+    check its run signature (else start over, removing earlier checkpoints); choose the
+    micro-batch (:func:`choose_micro_batch`, unless ``micro_batch`` is given; a resumed run keeps
+    its micro-batch); evaluate before; train with the callbacks (live loss curve, NaN/zero guard,
+    memory, throughput) plus ``callbacks``; raise :class:`TrainingStopped` if the guard stopped it;
+    evaluate after; save the adapter with its model card in ``RUN_DIR/adapter`` and the curve as
+    ``RUN_DIR/loss_curve.png``.
+
+    ``metrics``: eval_loss_before/after, perplexity_before/after, train_loss_first/final,
+    train_steps, train_tokens_seen (real tokens, all runs of a resumed training),
+    train_seconds, tokens_per_second (real tokens, this run, warm-up step excluded),
+    peak_gpu_bytes_train, peak_cpu_rss_bytes_train, micro_batch, grad_accum, resumed_from_step.
+    ``live``: draw the loss curve and progress bar for Jupyter (default: when a front end is
+    attached); ``verbose``: print the notes (micro-batch choice, resume) as they are made.
+    Introduced in notebook 05.
+    """
+    if not cfg.run_dir:
+        raise ValueError("RUN_DIR is empty: helpers.config.start(...) sets it (runs/interactive)")
+    if len(train_dataset) == 0:
+        raise ValueError("the train set is empty: prepare the dataset first (notebook 04)")
+    loss_tokens = label_token_count(train_dataset)
+    if loss_tokens == 0:
+        raise ValueError("the train set has no label tokens (every label is -100), so training "
+                         "would learn nothing and log a NaN loss: check RESPONSE_ONLY and "
+                         "MAX_LENGTH in notebook 04")
+    dtype, _ = precision(cfg)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / CHECKPOINTS
+    notes: list[str] = []
+
+    resume_from = None
+    if cfg.resume and latest_checkpoint(run_dir) is not None:
+        # a resumed run keeps its micro-batch (a different card might choose another)
+        saved = ckpt_dir / SIGNATURE
+        if micro_batch is None and not cfg.micro_batch and saved.is_file():
+            micro_batch = int(json.loads(saved.read_text()).get("micro_batch") or 0) or None
+    chosen_cfg = cfg if micro_batch is None else dataclasses.replace(cfg, micro_batch=micro_batch)
+    micro, fit_notes = choose_micro_batch(chosen_cfg, model, estimate_fn=estimate_fn)
+    notes += fit_notes
+    signature = run_signature(cfg, model, train_dataset, micro)
+    if cfg.resume:
+        resume_from = check_resume(cfg, signature)
+        if resume_from is None:
+            notes.append("RESUME = True, but no checkpoint yet: starting from step 0")
+        else:
+            notes.append(f"resuming from {resume_from.name}")
+            saved = json.loads((resume_from / SIGNATURE).read_text()) \
+                if (resume_from / SIGNATURE).is_file() else {}
+            if saved.get("max_steps", cfg.max_steps) != cfg.max_steps:
+                notes.append(f"MAX_STEPS changed from {saved['max_steps']} to {cfg.max_steps}: "
+                             "the learning-rate schedule now ends at the new last step")
+    elif latest_checkpoint(run_dir) is not None and _is_main_process():
+        removed = _clear_checkpoints(run_dir)
+        notes.append(f"RESUME = False: starting over; removed the earlier run's "
+                     f"{', '.join(removed)} (RESUME = True would have continued from them)")
+    if _is_main_process():
+        write_signature(ckpt_dir, signature)
+    eval_set = eval_dataset
+    if eval_set is None or len(eval_set) == 0:
+        eval_set = train_dataset.select(range(min(64, len(train_dataset))))
+        notes.append("no eval split: before/after losses are measured on the first train rows")
+    if verbose:
+        print("\n".join(notes))
+    eval_loss_before, ppl_before = evaluate_loss(model, eval_set, collator, micro, dtype)
+
+    trainer = make_trainer(cfg, model, tokenizer, train_dataset, collator, micro, dtype=dtype)
+    throughput = ThroughputCallback(trainer.token_counter)
+    memory_cb = MemoryCallback()
+    curve = LossCurveCallback(run_dir / LOSS_CURVE, live=live)
+    curve.eval_points.append((0, eval_loss_before, "eval before"))
+    guard = TrainingGuard(throughput.steps, dataset_loss_tokens=loss_tokens)
+    for cb in (throughput, memory_cb, curve, guard, SignatureCallback(signature),
+               ProgressBar(live), *callbacks):
+        trainer.add_callback(cb)
+
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.cuda.OutOfMemoryError:
+        raise BudgetError(
+            f"out of GPU memory during training at micro-batch {micro} (the probe fitted; the "
+            f"optimizer state or a longer batch did not): set MICRO_BATCH = {max(1, micro // 2)} "
+            f"and GRAD_ACCUM = {cfg.grad_accum * 2} (the same examples per step), restart the "
+            "runtime to free the GPU, and set RESUME = True to continue from the last "
+            "checkpoint") from None
+    seconds = time.perf_counter() - started
+    history = _merge_history(curve.history, throughput.steps, memory_cb.steps)
+    if guard.problem:
+        curve.save()
+        raise TrainingStopped(guard.problem, guard.kind, guard.step, history)
+
+    eval_loss_after, ppl_after = evaluate_loss(model, eval_set, collator, micro, dtype)
+    curve.eval_points.append((trainer.state.global_step, eval_loss_after, "eval after"))
+    state = trainer.state
+    logged = [e["loss"] for e in curve.history]
+    metrics = {
+        "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after,
+        "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+        "train_loss_first": logged[0] if logged else float("nan"),
+        "train_loss_final": logged[-1] if logged else float("nan"),
+        "train_steps": state.global_step,
+        "train_tokens_seen": int(state.num_input_tokens_seen),
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": throughput.tokens_per_second,
+        "peak_gpu_bytes_train": memory_cb.peak_gpu_bytes,
+        "peak_cpu_rss_bytes_train": memory_cb.peak_cpu_rss_bytes,
+        "micro_batch": micro, "grad_accum": cfg.grad_accum,
+        "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else 0,
+    }
+    adapter_dir = curve_path = None
+    if trainer.args.should_save:
+        curve_path = curve.save()
+        lora_id = _lora_identity(model)
+        adapter_dir = save_adapter(model, run_dir / ADAPTER, {
+            **metrics, "base_model": cfg.model, "dataset": cfg.dataset,
+            "date": time.strftime("%Y-%m-%d"), "batch": f"{micro} x {cfg.grad_accum}",
+            "optimizer": cfg.optimizer, "learning_rate": f"{cfg.learning_rate:g} ({cfg.lr_schedule})",
+            "lora": f"r={lora_id.get('r')}, alpha={lora_id.get('alpha')}, "
+                    f"targets {lora_id.get('targets')}",
+            "max_length": cfg.max_length})
+    return TrainResult(metrics=metrics, history=history, adapter_dir=adapter_dir,
+                       loss_curve=curve_path, checkpoints=ckpt_dir, notes=notes,
+                       resumed_from=resume_from, trainer=trainer)
+
+
+# ============================================================================ command line
+
+
+def main(argv=None) -> int:
+    """``python -m helpers.train RUN_DIR [--resume]``: train with the parameters recorded in
+    ``RUN_DIR/manifest.json`` (the same path the notebook takes, for scripts and, later,
+    ``accelerate launch -m helpers.train RUN_DIR`` on several GPUs)."""
+    import argparse
+    import inspect
+    import os
+
+    from helpers import config as config_mod
+    from helpers import data, lora, manifest, models
+
+    ap = argparse.ArgumentParser(prog="python -m helpers.train", description=main.__doc__)
+    ap.add_argument("run_dir")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    args = ap.parse_args(argv)
+    recorded = manifest.load(args.run_dir).get("parameters", {})
+    params = {k: v for k, v in recorded.items() if k in config_mod.PARAMETERS}
+    params["RUN_DIR"] = args.run_dir
+    if args.resume:
+        params["RESUME"] = True
+    cfg = config_mod.make_config(**params)
+    config_mod.seed_everything(cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    load_kwargs = {"quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
+                   "compute_dtype": env.compute_dtype(cfg.compute_dtype)}
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available() \
+            and "device" in inspect.signature(models.load_model).parameters:
+        load_kwargs["device"] = torch.device("cuda", int(local_rank))  # one model per GPU (DDP)
+    model = models.load_model(cfg.model, tokenizer=tokenizer, **load_kwargs)
+    lora.prepare_for_training(model, cfg.gradient_checkpointing, cfg.upcast_norms_and_head)
+    model = lora.attach(model, cfg)
+    prepared = data.load_or_prepare(cfg, tokenizer)
+    result = train(cfg, model, tokenizer, prepared.train, prepared.eval,
+                   data.CompletionCollator(tokenizer), live=False)
+    print(result.summary())
+    print(json.dumps(result.metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,523 @@
+"""helpers.train on a tiny random GPT-NeoX in 4-bit on CPU (notebook 05)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GPTNeoXConfig,
+    PreTrainedTokenizerFast,
+)
+
+from helpers import env, lora
+from helpers import train as T
+from helpers.config import Config
+
+SUBJECTS = ["sky", "grass", "sun", "night", "sea", "fire", "ice", "stone", "rain", "snow",
+            "wind", "sand", "moon", "leaf", "river", "cloud"]
+VALUES = ["blue", "green", "bright", "dark", "deep", "hot", "cold", "hard", "wet", "white",
+          "loud", "dry", "pale", "thin", "long", "grey"]
+TEXTS = [f"the {s} is {v}." for s, v in zip(SUBJECTS, VALUES)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer GPT-NeoX (hidden 64) and a byte-level BPE tokenizer with distinct EOS and
+    pad tokens, saved as safetensors. The frozen head is scaled up so that LoRA in the blocks can
+    reach confident predictions (a pretrained model's head can; a random one of std 0.02 cannot)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-neox")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+    fast.save_pretrained(root)
+    config = GPTNeoXConfig(vocab_size=len(fast), hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=256,
+                           max_position_embeddings=128, eos_token_id=fast.eos_token_id,
+                           bos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a random head of std 0.02 caps the logits near 1: widen it
+        model.get_output_embeddings().weight.mul_(10.0)
+    model.save_pretrained(root)
+    return root
+
+
+def tokenizer_of(tiny):
+    return PreTrainedTokenizerFast.from_pretrained(tiny)
+
+
+def config(tmp_path, **changes) -> Config:
+    values = {"run_dir": str(tmp_path / "run"), "model": "tiny-neox", "lora_r": 8,
+              "lora_alpha": 16, "lora_dropout": 0.0, "max_length": 32, "micro_batch": 4,
+              "grad_accum": 1, "optimizer": "adamw_torch", "learning_rate": 3e-3,
+              "lr_schedule": "cosine", "warmup_steps": 2, "max_steps": 8, "save_steps": 4,
+              "gradient_checkpointing": True}
+    values.update(changes)
+    return dataclasses.replace(Config(), **values)
+
+
+def peft_model(tiny, cfg, seed=0):
+    """The tiny model in NF4 with double quantization on CPU, prepared, with LoRA attached."""
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=quant,
+                                                 device_map={"": "cpu"}, dtype=torch.float32)
+    lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
+    torch.manual_seed(seed)
+    return lora.attach(model, cfg)
+
+
+def rows(tokenizer, texts):
+    """Unpadded rows: every token labelled, EOS included."""
+    out = {"input_ids": [], "labels": []}
+    for t in texts:
+        ids = tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+        out["input_ids"].append(ids)
+        out["labels"].append(list(ids))
+    return Dataset.from_dict(out)
+
+
+class Collator:
+    """Right padding with the pad id, attention mask 0 and label -100 on padding."""
+
+    def __init__(self, tokenizer):
+        self.pad = tokenizer.pad_token_id
+
+    def __call__(self, features):
+        width = max(len(f["input_ids"]) for f in features)
+        n = len(features)
+        batch = {"input_ids": torch.full((n, width), self.pad),
+                 "attention_mask": torch.zeros((n, width), dtype=torch.long),
+                 "labels": torch.full((n, width), -100)}
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            batch["input_ids"][i, :k] = torch.tensor(f["input_ids"])
+            batch["attention_mask"][i, :k] = 1
+            batch["labels"][i, :k] = torch.tensor(f["labels"])
+        return batch
+
+
+def collator_for(tokenizer):
+    try:
+        from helpers.data import CompletionCollator
+    except ImportError:  # pragma: no cover
+        return Collator(tokenizer)
+    return CompletionCollator(tokenizer)
+
+
+def run(tiny, cfg, callbacks=(), train_texts=TEXTS, eval_texts=TEXTS[:8], seed=0, **kw):
+    tokenizer = tokenizer_of(tiny)
+    model = peft_model(tiny, cfg, seed)
+    result = T.train(cfg, model, tokenizer, rows(tokenizer, train_texts),
+                     rows(tokenizer, eval_texts), collator_for(tokenizer),
+                     callbacks=callbacks, live=False, **kw)
+    return result, model
+
+
+def adapter_weights(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _fake_gpu_torch(capability):
+    cuda = types.SimpleNamespace(is_available=lambda: True,
+                                 get_device_capability=lambda index=0: capability)
+    return types.SimpleNamespace(float32=torch.float32, float16=torch.float16,
+                                 bfloat16=torch.bfloat16, dtype=torch.dtype, cuda=cuda)
+
+
+@pytest.mark.parametrize("capability, requested, dtype, bf16, fp16", [
+    ((8, 0), "auto", torch.bfloat16, True, False),  # A100 / H100: native bf16
+    ((7, 5), "auto", torch.float16, False, True),  # T4: fp16, never emulated bf16
+    ((8, 0), "float32", torch.float32, False, False),
+])
+def test_precision_flags_follow_the_one_dtype_decision(tmp_path, monkeypatch, capability,
+                                                       requested, dtype, bf16, fp16):
+    monkeypatch.setattr(env, "torch", _fake_gpu_torch(capability))
+    cfg = config(tmp_path, compute_dtype=requested)
+    got, flags = T.precision(cfg)
+    assert got == dtype
+    args = T.training_arguments(cfg, micro_batch=4)  # the dtype comes from the same decision
+    assert (args.bf16, args.fp16) == (bf16, fp16) == (flags["bf16"], flags["fp16"])
+
+
+def test_training_arguments_from_config(tmp_path):
+    cfg = config(tmp_path, optimizer="paged_adamw_8bit", grad_accum=4, save_steps=5, seed=7)
+    args = T.training_arguments(cfg, micro_batch=2)
+    assert args.optim == "paged_adamw_8bit"
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 4)
+    assert (args.max_steps, args.save_steps, args.logging_steps) == (8, 5, 1)
+    assert args.output_dir.endswith("checkpoints")
+    assert args.logging_nan_inf_filter is False  # a NaN must stay visible
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.report_to == []  # "none": no external reporting
+    assert (args.seed, args.data_seed) == (7, 7)
+    assert args.use_cpu and not args.bf16 and not args.fp16  # CPU: float32
+    assert args.remove_unused_columns is False
+    epochs = T.training_arguments(config(tmp_path, max_steps=0, epochs=2.0), 2)
+    assert (epochs.max_steps, epochs.num_train_epochs) == (-1, 2.0)
+
+
+# --------------------------------------------------------------------------- fit the card
+
+
+def test_budget_too_small_is_refused_before_training(tmp_path, tiny):
+    cfg = config(tmp_path, memory_budget_gb=12.0, max_length=512)
+    model = peft_model(tiny, cfg)
+
+    def estimate(micro_batch, seq_len):  # a pretend 7B model: 5 GB + 30 MB per token
+        return int(5e9 + 3e7 * micro_batch * seq_len)
+
+    with pytest.raises(T.BudgetError) as err:
+        T.choose_micro_batch(cfg, model, estimate_fn=estimate)
+    msg = str(err.value)
+    assert "MEMORY_BUDGET_GB=12.00 is too small" in msg and "20.36 GB" in msg
+    assert "MAX_LENGTH = 192 would fit" in msg  # (12e9 - 5e9) / 3e7 = 233 -> 192
+    assert "at least 20.4 GB" in msg
+    # train() refuses it the same way, before anything is trained
+    tokenizer = tokenizer_of(tiny)
+    with pytest.raises(T.BudgetError):
+        T.train(cfg, model, tokenizer, rows(tokenizer, TEXTS), None, collator_for(tokenizer),
+                estimate_fn=estimate, live=False)
+    assert T.latest_checkpoint(cfg.run_dir) is None
+
+
+def test_budget_from_the_real_estimator(tmp_path, tiny):
+    cfg = config(tmp_path, memory_budget_gb=0.0001, micro_batch=0)  # 100 kB: not even weights
+    model = peft_model(tiny, cfg)
+    with pytest.raises(T.BudgetError, match="too small"):
+        T.choose_micro_batch(cfg, model)
+    roomy = config(tmp_path, memory_budget_gb=1.0, micro_batch=0)
+    micro, notes = T.choose_micro_batch(roomy, model)
+    assert micro == T.CPU_MICRO_BATCH and any("CPU" in n for n in notes)
+
+
+def test_micro_batch_search_helpers():
+    def est(b, s):
+        return 1000 + 10 * b * s
+
+    assert T.largest_micro_batch(est, 1000 + 10 * 4 * 100, 100) == 4
+    assert T.largest_micro_batch(est, 999, 100) == 0
+    assert T.largest_seq_len(est, 1000 + 10 * 200, 512) == 192
+
+
+# --------------------------------------------------------------------------- tokens per second
+
+
+def test_tokens_per_second_counts_only_real_tokens(tmp_path, tiny):
+    """Rows already padded to 32 with attention_mask 0: only the unpadded tokens count, over the
+    2 micro-batches of each step (gradient accumulation)."""
+    cfg = config(tmp_path, max_steps=4, save_steps=0, micro_batch=2, grad_accum=2)
+    tokenizer = tokenizer_of(tiny)
+    base = rows(tokenizer, TEXTS)
+    lengths = [len(r) for r in base["input_ids"]]
+    width = 32
+    padded = Dataset.from_dict({
+        "input_ids": [r + [tokenizer.pad_token_id] * (width - len(r)) for r in base["input_ids"]],
+        "attention_mask": [[1] * len(r) + [0] * (width - len(r)) for r in base["input_ids"]],
+        "labels": [r + [-100] * (width - len(r)) for r in base["labels"]]})
+
+    def pass_through(features):
+        return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
+
+    model = peft_model(tiny, cfg)
+    result = T.train(cfg, model, tokenizer, padded, None, pass_through, live=False)
+    steps = result.history
+    assert len(steps) == 4 and all(s["tokens"] < 4 * width for s in steps)
+    # every step is 2 x 2 whole rows; 16 rows = 4 steps: one epoch, each row once
+    assert result.metrics["train_tokens_seen"] == sum(lengths)
+    assert sum(s["tokens"] for s in steps) == sum(lengths)
+    timed = steps[1:]
+    expected = sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed)
+    assert result.metrics["tokens_per_second"] == pytest.approx(expected)
+
+
+def test_counting_collator_counts_unpadded_rows():
+    collate = T.CountingCollator(lambda feats: {"input_ids": torch.zeros(len(feats), 9)})
+    batch = collate([{"input_ids": [1, 2, 3]}, {"input_ids": [1] * 7},
+                     {"input_ids": [4] * 9, "attention_mask": [1] * 5 + [0] * 4}])
+    assert int(batch["num_real_tokens"]) == 3 + 7 + 5
+
+
+# --------------------------------------------------------------------------- it learns
+
+
+def test_eval_loss_falls_on_a_memorizable_dataset(tmp_path, tiny):
+    cfg = config(tmp_path, max_steps=24, save_steps=8, optimizer="paged_adamw_8bit",
+                 lora_r=16, lora_alpha=32, learning_rate=5e-3)
+    result, _ = run(tiny, cfg)
+    m = result.metrics
+    assert m["eval_loss_after"] < 0.8 * m["eval_loss_before"]
+    assert m["perplexity_after"] == pytest.approx(math.exp(m["eval_loss_after"]))
+    assert m["train_loss_final"] < m["train_loss_first"]
+    assert m["train_steps"] == 24 and m["micro_batch"] == 4
+    assert "held-out loss" in result.summary()
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss_final", "tokens_per_second",
+                "peak_gpu_bytes_train", "micro_batch", "perplexity_before", "perplexity_after",
+                "train_steps", "train_tokens_seen", "train_seconds"):
+        assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
+    # what was saved: the adapter with its card, the curve, complete checkpoints
+    run_dir = tmp_path / "run"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "tiny-neox" in card and "eval loss after" in card
+    assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    for step in (8, 16, 24):
+        files = T.checkpoint_files(run_dir / "checkpoints" / f"checkpoint-{step}")
+        assert all(files.values()), files
+        assert (run_dir / "checkpoints" / f"checkpoint-{step}" / T.SIGNATURE).is_file()
+    assert not list((run_dir / "checkpoints").glob("*/adapter_model.bin"))
+    # history: one entry per step with loss, learning rate, grad norm, tokens and memory
+    h = result.history
+    assert [e["step"] for e in h] == list(range(1, 25))
+    assert all({"loss", "learning_rate", "grad_norm", "tokens", "cpu_rss_bytes"} <= set(e)
+               for e in h)
+
+
+def test_evaluate_loss_is_token_weighted(tmp_path, tiny):
+    """Two batches of very different sizes: the loss is the mean over all label tokens."""
+    cfg = config(tmp_path)
+    tokenizer = tokenizer_of(tiny)
+    model = peft_model(tiny, cfg)
+    ds = rows(tokenizer, [TEXTS[0], TEXTS[1] + " " + TEXTS[2] + " " + TEXTS[3]])
+    collate = collator_for(tokenizer)
+    loss, ppl = T.evaluate_loss(model, ds, collate, batch_size=1)
+    sums, counts = [], []
+    for i in range(2):
+        b = collate([ds[i]])
+        with torch.no_grad():
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        labels=b["labels"])
+        n = int((b["labels"][:, 1:] != -100).sum())
+        sums.append(float(out.loss) * n)
+        counts.append(n)
+    assert counts[0] != counts[1]
+    assert loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert loss != pytest.approx((sums[0] / counts[0] + sums[1] / counts[1]) / 2, rel=1e-3)
+    assert ppl == pytest.approx(math.exp(loss))
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("optimizer, rank", [("adamw_torch", 8), ("paged_adamw_8bit", 64)])
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny, optimizer, rank):
+    """8 steps straight, versus: interrupted after step 5 (the last checkpoint is step 4, so step
+    5 is lost and redone), then resumed. Same schedule, same data order, same final weights.
+    Rank 64 makes every LoRA matrix >= 4096 values, the size from which bitsandbytes keeps the
+    Adam states in 8 bits (smaller tensors get 32-bit states)."""
+    common = {"max_steps": 8, "save_steps": 4, "optimizer": optimizer, "lora_dropout": 0.1,
+              "lora_r": rank, "lora_alpha": rank}
+    straight, _ = run(tiny, config(tmp_path / "a", **common))
+
+    cfg = config(tmp_path / "b", **common)
+    first, _ = run(tiny, cfg, callbacks=[T.StopAfterStep(5)])
+    assert first.metrics["train_steps"] == 5
+    assert T.latest_checkpoint(cfg.run_dir).name == "checkpoint-4"
+    resumed, _ = run(tiny, dataclasses.replace(cfg, resume=True), seed=123)  # other LoRA init
+    assert resumed.resumed_from.name == "checkpoint-4"
+    assert resumed.metrics["train_steps"] == 8 and resumed.metrics["resumed_from_step"] == 4
+
+    a = adapter_weights(straight.adapter_dir)
+    b = adapter_weights(resumed.adapter_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert resumed.metrics["train_loss_final"] == pytest.approx(
+        straight.metrics["train_loss_final"], rel=1e-5)
+    assert resumed.metrics["eval_loss_after"] == pytest.approx(
+        straight.metrics["eval_loss_after"], rel=1e-5)
+    # the schedule is the 8-step one in both: same learning rate at each resumed step
+    lr_a = {e["step"]: e["learning_rate"] for e in straight.history}
+    assert all(e["learning_rate"] == pytest.approx(lr_a[e["step"]]) for e in resumed.history)
+    assert resumed.metrics["train_tokens_seen"] == straight.metrics["train_tokens_seen"]
+    if optimizer == "paged_adamw_8bit":  # the 8-bit states were really used and restored
+        state = torch.load(T.latest_checkpoint(cfg.run_dir) / "optimizer.pt", weights_only=True)
+        quant = state["state"][0]["__bnb_optimizer_quant_state__"]
+        assert quant["state1"].dtype == torch.uint8
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny):
+    cfg = config(tmp_path, max_steps=4, save_steps=2)
+    run(tiny, cfg, callbacks=[T.StopAfterStep(2)])
+    for change, field in [({"lora_r": 4, "lora_alpha": 8}, "lora.r"),
+                          ({"max_length": 16}, "max_length"),
+                          ({"learning_rate": 1e-3}, "learning_rate")]:
+        other = dataclasses.replace(cfg, resume=True, **change)
+        with pytest.raises(T.ResumeError) as err:
+            run(tiny, other)
+        assert field in str(err.value) and "checkpoint-2" in str(err.value)
+    # other data
+    with pytest.raises(T.ResumeError, match="data.fingerprint"):
+        run(tiny, dataclasses.replace(cfg, resume=True), train_texts=TEXTS[::-1])
+    # a checkpoint without a signature is not trusted either
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2" / T.SIGNATURE).unlink()
+    (tmp_path / "run" / "checkpoints" / T.SIGNATURE).unlink()
+    with pytest.raises(T.ResumeError, match="no run_signature.json"):
+        run(tiny, dataclasses.replace(cfg, resume=True))
+
+
+def test_signature_differences_lists_fields():
+    a = {"model": {"model": "x", "layers": 2}, "lora": {"r": 8}, "optimizer": "adamw_torch",
+         "max_steps": 10}
+    b = {"model": {"model": "y", "layers": 2}, "lora": {"r": 8}, "optimizer": "adamw_torch",
+         "max_steps": 20}
+    assert T.signature_differences(a, b) == ["model.model: checkpoint 'x', now 'y'"]
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def test_nan_guard_stops_and_explains(tmp_path, tiny):
+    cfg = config(tmp_path, learning_rate=1e30, max_steps=6, save_steps=1, warmup_steps=0,
+                 lr_schedule="constant", max_grad_norm=0.0)
+    with pytest.raises(T.TrainingStopped) as err:
+        run(tiny, cfg)
+    stop = err.value
+    assert stop.kind == "nan" and 1 <= stop.step < 6
+    text = str(stop)
+    assert "Training stopped at step" in text and "LEARNING_RATE = 1e+30" in text
+    assert "use 2e-4" in text
+    # no checkpoint was written at the broken step, and the curve shows what happened
+    last = T.latest_checkpoint(cfg.run_dir)
+    assert last is None or int(last.name.split("-")[1]) < stop.step
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+    assert not math.isfinite(stop.history[-1]["loss"]) or \
+        not math.isfinite(stop.history[-1]["grad_norm"])
+
+
+def test_nan_guard_names_fp16_and_empty_batches():
+    args = types.SimpleNamespace(fp16=True, learning_rate=2e-4, max_grad_norm=1.0)
+    text = T.explain_nan(args, 3, float("nan"), 0.0, {"step": 2, "loss": 2.5}, 0)
+    assert "no label tokens" in text and "fp16 overflow" in text and "bfloat16" in text
+    assert "last finite loss was 2.5 at step 2" in text
+
+
+class ZeroLoss(T.TrainerCallback):
+    """Multiplies the model's loss by 0 from step ``at`` on (a forward hook)."""
+
+    def __init__(self, model, at):
+        self.at, self.handle = at, None
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.at and self.handle is None:
+            def hook(module, inputs, output):
+                output.loss = output.loss * 0.0
+                return output
+            self.handle = self.model.register_forward_hook(hook)
+
+
+def test_zero_loss_guard_stops_and_explains(tmp_path, tiny):
+    cfg = config(tmp_path, max_steps=6, save_steps=0)
+    tokenizer = tokenizer_of(tiny)
+    model = peft_model(tiny, cfg)
+    with pytest.raises(T.TrainingStopped) as err:
+        T.train(cfg, model, tokenizer, rows(tokenizer, TEXTS), None, collator_for(tokenizer),
+                callbacks=[ZeroLoss(model, at=3)], live=False)
+    assert err.value.kind == "zero" and err.value.step == 3
+    assert "exactly 0" in str(err.value) and "label tokens" in str(err.value)
+
+
+def test_a_train_set_without_label_tokens_is_refused(tmp_path, tiny):
+    cfg = config(tmp_path)
+    tokenizer = tokenizer_of(tiny)
+    ds = rows(tokenizer, TEXTS)
+    masked = ds.map(lambda r: {"labels": [-100] * len(r["labels"])})
+    with pytest.raises(ValueError, match="no label tokens"):
+        T.train(cfg, peft_model(tiny, cfg), tokenizer, masked, None, collator_for(tokenizer),
+                live=False)
+
+
+# --------------------------------------------------------------------------- the figure
+
+
+def test_loss_curve_figure(tmp_path):
+    from helpers import plots
+
+    history = [{"step": i, "loss": 3.0 / i, "learning_rate": 1e-4, "grad_norm": 0.5}
+               for i in range(1, 21)]
+    history.append({"step": 21, "loss": float("nan"), "learning_rate": 1e-4})
+    fig = plots.loss_curve(history, eval_points=[(0, 3.2, "eval before")])
+    assert len(fig.axes) == 3  # loss; learning rate with gradient norm on a twin axis
+    path = plots.save(fig, tmp_path / "curve.png")
+    assert path.stat().st_size > 1000
+    json.dumps(history, default=str)
+
+
+def test_live_curve_redraws_one_display(tmp_path, monkeypatch):
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(("update", obj))
+
+    def display(obj, display_id=False):
+        shown.append(("display", obj))
+        return Handle()
+
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    curve = T.LossCurveCallback(tmp_path / "loss_curve.png", live=True, min_interval=0.0)
+    args = types.SimpleNamespace(should_save=True)
+    for step in range(1, 4):
+        state = types.SimpleNamespace(global_step=step)
+        curve.on_log(args, state, None, logs={"loss": 2.0 / step, "learning_rate": 1e-4,
+                                              "grad_norm": 0.3})
+    curve.on_log(args, state, None, logs={"train_runtime": 1.0})  # the summary: not a step
+    curve.on_train_end(args, state, None)
+    assert [kind for kind, _ in shown] == ["display", "update", "update", "update"]
+    assert len(curve.history) == 3 and (tmp_path / "loss_curve.png").is_file()
+
+
+def test_starting_over_replaces_the_earlier_checkpoints(tmp_path, tiny):
+    cfg = config(tmp_path, max_steps=4, save_steps=2)
+    run(tiny, cfg, callbacks=[T.StopAfterStep(4)])
+    again, _ = run(tiny, dataclasses.replace(cfg, max_steps=2, save_steps=1))
+    assert any("removed" in n and "checkpoint-4" in n for n in again.notes)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert names == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_guard_lets_the_fp16_scaler_find_its_scale():
+    """Under fp16 the scaler skips steps whose gradients overflow: a few are normal."""
+    from transformers import TrainerControl
+
+    def feed(fp16, grads):
+        guard, control = T.TrainingGuard(fp16_patience=3), TrainerControl()
+        args = types.SimpleNamespace(fp16=fp16, learning_rate=2e-4, max_grad_norm=1.0)
+        for step, grad in enumerate(grads, start=1):
+            guard.on_log(args, types.SimpleNamespace(global_step=step), control,
+                         logs={"loss": 5.0, "grad_norm": grad})
+            if control.should_training_stop:
+                return step, guard.problem
+        return None, None
+
+    inf = float("inf")
+    assert feed(True, [inf, inf, 1.0, inf, inf, 0.9]) == (None, None)
+    step, problem = feed(True, [inf, inf, inf, 1.0])
+    assert step == 3 and "fp16 overflow" in problem
+    step, problem = feed(False, [1.0, float("nan")])  # no scaler: stop at once
+    assert step == 2 and "gradient norm nan" in problem
