@@ -51,20 +51,20 @@ class Config:
     template: str = "{quote} ({author})"
     response_only: bool = True
     max_length: int = 128
-    packing: bool = False
+    packing: bool = True
     eval_fraction: float = 0.1
     max_examples: int = 0  # 0 = all
     # training (helpers.train)
     optimizer: str = "paged_adamw_8bit"
-    learning_rate: float = 2e-4
+    learning_rate: float = 0.0  # 0 = auto: 2e-4 x 4096 / hidden size (2e-4 for 7B models)
     lr_schedule: str = "cosine"
     warmup_steps: int = 5
-    max_steps: int = 60
+    max_steps: int = 200
     epochs: float = 0.0  # used when max_steps = 0
     micro_batch: int = 0  # 0 = chosen from the memory budget
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    save_steps: int = 20
+    save_steps: int = 50
     resume: bool = False
     # generation (helpers.generate)
     max_new_tokens: int = 40
@@ -154,8 +154,8 @@ def check(cfg: Config) -> None:
         raise ConfigError("set MAX_STEPS > 0, or MAX_STEPS = 0 and EPOCHS > 0")
     if cfg.micro_batch < 0 or cfg.grad_accum < 1:
         raise ConfigError("MICRO_BATCH must be >= 0 (0 = automatic) and GRAD_ACCUM >= 1")
-    if cfg.learning_rate <= 0:
-        raise ConfigError(f"LEARNING_RATE={cfg.learning_rate} must be positive")
+    if cfg.learning_rate < 0:
+        raise ConfigError(f"LEARNING_RATE={cfg.learning_rate} must be positive (or 0 = auto)")
     if cfg.memory_budget_gb < 0:
         raise ConfigError("MEMORY_BUDGET_GB must be >= 0 (0 = the card's whole memory)")
 

@@ -1427,3 +1427,20 @@ def estimate_for_config(cfg, shape=None) -> Estimate:
                     cuda_context=torch.cuda.is_available(),
                     upcast_fp32=cfg.upcast_norms_and_head, lora_dropout=cfg.lora_dropout)
 
+
+
+class MemoryBudgetError(ValueError):
+    """A run that cannot fit the memory budget, refused before anything is loaded."""
+
+
+def require_fit(est: Estimate, budget_bytes: float | None) -> str:
+    """The verdict sentence when the estimate fits ``budget_bytes`` (None: no budget, CPU);
+    otherwise :class:`MemoryBudgetError` with what would fit. Introduced in notebook 02."""
+    if not budget_bytes:
+        return (f"no GPU budget on this machine; predicted GPU need "
+                f"{fmt_bytes(est.total_device)}")
+    sentence = verdict_text(est, budget_bytes)
+    if not fits(est, budget_bytes):
+        raise MemoryBudgetError(sentence + " (refused before loading: change MAX_LENGTH, "
+                                "MICRO_BATCH or MEMORY_BUDGET_GB, or pick a smaller MODEL)")
+    return sentence

@@ -88,7 +88,18 @@ def precision(cfg) -> tuple:
     return dtype, env.precision_flags(dtype)
 
 
-def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None) -> TrainingArguments:
+def auto_learning_rate(model) -> float:
+    """LEARNING_RATE=0 picks 2e-4 x 4096 / hidden size, capped at 1e-2: the QLoRA paper's 2e-4 for
+    7B-13B models (hidden 4096-5120) and 1e-4 for 33B-65B (6656-8192), and proportionally more
+    for narrow models such as the embedded one (hidden 128), whose adapters barely move at 2e-4.
+    Introduced in notebook 05."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = getattr(base.config, "hidden_size", None) or getattr(base.config, "n_embd", 4096)
+    return float(min(1e-2, 2e-4 * 4096 / hidden))
+
+
+def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None,
+                       model=None) -> TrainingArguments:
     """``TrainingArguments`` for the series' Config at ``micro_batch`` examples per forward.
 
     ``dtype`` is the compute dtype the model was loaded with (default: the Config's, through
@@ -102,6 +113,10 @@ def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None) 
     """
     if micro_batch < 1:
         raise ValueError(f"micro_batch={micro_batch} must be at least 1")
+    if not cfg.learning_rate:
+        if model is None:
+            raise ValueError("LEARNING_RATE=0 (auto) needs the model: pass model=")
+        cfg = dataclasses.replace(cfg, learning_rate=auto_learning_rate(model))
     if dtype is None:
         dtype = env.compute_dtype(cfg.compute_dtype)
     flags = env.precision_flags(dtype)
@@ -1185,6 +1200,10 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
     notes: list[str] = []
+    if not cfg.learning_rate:
+        cfg = dataclasses.replace(cfg, learning_rate=auto_learning_rate(model))
+        notes.append(f"LEARNING_RATE=0: {cfg.learning_rate:.2g} for this model's width "
+                     f"(2e-4 x 4096 / hidden size)")
 
     resume_from = None
     if cfg.resume and latest_checkpoint(run_dir) is not None:
@@ -1284,16 +1303,48 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
 # ============================================================================ command line
 
 
+def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = True) -> TrainResult:
+    """Notebook 05's steps in one call: load the model in 4-bit, prepare and attach LoRA, load or
+    prepare the dataset, train. For scripts, ``python -m helpers.train`` and notebooks that need
+    an adapter when notebook 05 has not run (:func:`ensure_adapter`)."""
+    from helpers import data, lora, models
+
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                              compute_dtype=cfg.compute_dtype, device=device, tokenizer=tokenizer)
+    lora.prepare_for_training(model, cfg.gradient_checkpointing, cfg.upcast_norms_and_head)
+    model = lora.attach(model, cfg)
+    prepared = data.load_or_prepare(cfg, tokenizer, verbose=verbose)
+    return train(cfg, model, tokenizer, prepared.train, prepared.eval,
+                 data.CompletionCollator(tokenizer), live=live, verbose=verbose)
+
+
+def ensure_adapter(cfg) -> Path:
+    """``RUN_DIR/adapter`` when notebook 05 saved one there; otherwise train it now with these
+    parameters (so notebook 06 runs alone). Introduced in notebook 06."""
+    folder = Path(cfg.run_dir) / "adapter"
+    if (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists():
+        return folder
+    print(f"no adapter in {folder}: training one first, as notebook 05 would")
+    result = train_from_config(cfg)
+    del result.trainer
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return Path(result.adapter_dir)
+
+
 def main(argv=None) -> int:
     """``python -m helpers.train RUN_DIR [--resume]``: train with the parameters recorded in
     ``RUN_DIR/manifest.json`` (the same path the notebook takes, for scripts and, later,
     ``accelerate launch -m helpers.train RUN_DIR`` on several GPUs)."""
     import argparse
-    import inspect
     import os
 
     from helpers import config as config_mod
-    from helpers import data, lora, manifest, models
+    from helpers import manifest
 
     ap = argparse.ArgumentParser(prog="python -m helpers.train", description=main.__doc__)
     ap.add_argument("run_dir")
@@ -1306,19 +1357,11 @@ def main(argv=None) -> int:
         params["RESUME"] = True
     cfg = config_mod.make_config(**params)
     config_mod.seed_everything(cfg.seed)
-    tokenizer = models.load_tokenizer(cfg.model)
-    load_kwargs = {"quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
-                   "compute_dtype": env.compute_dtype(cfg.compute_dtype)}
+    device = None
     local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None and torch.cuda.is_available() \
-            and "device" in inspect.signature(models.load_model).parameters:
-        load_kwargs["device"] = torch.device("cuda", int(local_rank))  # one model per GPU (DDP)
-    model = models.load_model(cfg.model, tokenizer=tokenizer, **load_kwargs)
-    lora.prepare_for_training(model, cfg.gradient_checkpointing, cfg.upcast_norms_and_head)
-    model = lora.attach(model, cfg)
-    prepared = data.load_or_prepare(cfg, tokenizer)
-    result = train(cfg, model, tokenizer, prepared.train, prepared.eval,
-                   data.CompletionCollator(tokenizer), live=False)
+    if local_rank is not None and torch.cuda.is_available():
+        device = torch.device("cuda", int(local_rank))  # one model per GPU (DDP)
+    result = train_from_config(cfg, device=device)
     print(result.summary())
     print(json.dumps(result.metrics, indent=1))
     return 0

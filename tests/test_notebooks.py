@@ -1,0 +1,100 @@
+"""Every notebook executed by papermill, in a fresh kernel, on the embedded default (the main
+job runs the series once; see conftest.series_run), with its recorded figures checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import NOTEBOOKS
+
+
+def figures(series_run, stem):
+    run_dir, data = series_run
+    entry = data["notebooks"][stem]
+    assert entry["status"] == "ok", entry.get("error")
+    return entry["metrics"]
+
+
+def test_every_notebook_ran_and_left_its_executed_copy(series_run):
+    run_dir, data = series_run
+    for stem in NOTEBOOKS:
+        assert data["notebooks"][stem]["status"] == "ok"
+        executed = json.loads((run_dir / f"{stem}.ipynb").read_text())
+        errors = [o for c in executed["cells"] if c["cell_type"] == "code"
+                  for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors
+    assert data["versions"]["torch"] and data["machine"]["cpu_cores"] >= 1
+    assert data["parameters"]["MODEL"] == "embedded"
+
+
+def test_01_environment(series_run):
+    m = figures(series_run, "01_environment_and_cuda")
+    assert m["bnb_selftest_ok"] == 1
+    assert 0.05 < m["bnb_relative_error"] < 0.15  # 4-bit rounding of a random matrix: ~10%
+    assert m["gpu_count"] == torch.cuda.device_count()
+    assert m["requirements_ok"] == 1
+
+
+def test_02_footprint_table_and_estimator(series_run):
+    m = figures(series_run, "02_load_in_4bit")
+    # the part-by-part table sums to the measured footprint
+    assert m["footprint_breakdown_bytes"] == pytest.approx(m["footprint_bytes"], rel=0.005)
+    # 4-bit is smaller than 16-bit by the ratio the estimator predicts (within 5%)
+    measured = m["footprint_bytes"] / m["footprint_bytes_16bit"]
+    predicted = m["predicted_footprint_bytes"] / m["predicted_footprint_bytes_16bit"]
+    assert measured < 1
+    assert measured == pytest.approx(predicted, rel=0.05)
+    assert m["peak_cpu_rss_bytes_load"] > 0
+    # NF4 rounds a model's (normally distributed) weights more finely than FP4
+    assert m["quant_error_nf4_MLP"] < m["quant_error_fp4_MLP"]
+    assert m["quant_error_nf4_attention"] < m["quant_error_fp4_attention"]
+
+
+def test_03_lora(series_run):
+    m = figures(series_run, "03_lora_setup")
+    assert m["lora_formula_matches"] == 1 and m["gradient_check_ok"] == 1
+    # embedded GPT-NeoX: 4 layers x 4 linear layers, all-linear scope
+    assert m["lora_target_count"] == 16
+    assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["trainable_percent"] == pytest.approx(100 * m["trainable_params"] / m["total_params"],
+                                                   rel=1e-3)
+
+
+def test_04_dataset(series_run):
+    m = figures(series_run, "04_dataset_preparation")
+    assert m["train_examples"] + m["eval_examples"] == 850  # the embedded quotations
+    assert m["eval_examples"] == pytest.approx(85, abs=1)
+    assert m["truncated_examples"] == 0 and m["packing_dropped_tokens"] == 0
+    assert 20 < m["mean_tokens"] < 80
+    assert m["train_tokens"] > m["train_examples"] * 10
+
+
+def test_05_training_learned(series_run):
+    m = figures(series_run, "05_paged_optimizer_training")
+    assert m["eval_loss_after"] <= 0.8 * m["eval_loss_before"]
+    assert m["tuned_eos_rate"] >= 0.8  # the tuned model stops: EOS was learned
+    assert m["tuned_form_rate"] >= 0.4 and m["tuned_form_rate"] > m["base_form_rate"]
+    assert m["tokens_per_second"] > 0 and m["micro_batch"] >= 1
+    assert m["train_steps"] == 200
+    run_dir, _ = series_run
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert (run_dir / "loss_curve.png").stat().st_size > 1000
+
+
+def test_06_merge_agrees(series_run):
+    m = figures(series_run, "06_inference_and_merge")
+    assert m["merge_max_abs_logit_diff"] < 1e-3  # float32 merge on CPU
+    assert m["merge_top1_agreement"] == 1.0
+    assert m["merged_generation_matches"] == 1
+    assert m["merge_dequantized"] == 0  # the embedded base's 16-bit weights are on disk
+    run_dir, _ = series_run
+    assert list((run_dir / "merged").glob("*.safetensors"))
+
+
+def test_no_secret_or_machine_path_in_the_manifest(series_run):
+    run_dir, data = series_run
+    text = json.dumps(data)
+    assert "HF_TOKEN" not in text and "hf_" not in text.lower().replace("hf_hub", "")
