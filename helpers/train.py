@@ -98,6 +98,18 @@ def auto_learning_rate(model) -> float:
     return float(min(1e-2, 2e-4 * 4096 / hidden))
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """The TrainingArguments that turn (non-reentrant) checkpointing on or off, under the names
+    this transformers has: ``activation_checkpointing`` from 5.2x, ``gradient_checkpointing``
+    before."""
+    import dataclasses as dc
+
+    names = {f.name for f in dc.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None,
                        model=None) -> TrainingArguments:
     """``TrainingArguments`` for the series' Config at ``micro_batch`` examples per forward.
@@ -139,9 +151,7 @@ def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None,
         max_grad_norm=cfg.max_grad_norm,
         bf16=flags["bf16"],
         fp16=flags["fp16"],
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing
-        else None,
+        **checkpointing_arguments(cfg.gradient_checkpointing),
         logging_strategy="steps",
         logging_steps=1,
         logging_nan_inf_filter=False,

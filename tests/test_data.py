@@ -82,6 +82,7 @@ def _jsonl(path, rows):
 
 def _cfg(tmp_path, dataset, **kw):
     kw.setdefault("MAX_LENGTH", 64)
+    kw.setdefault("PACKING", False)  # the series packs by default; these tests look at examples
     return make_config(DATASET=str(dataset), RUN_DIR=str(tmp_path / "run"), **kw)
 
 

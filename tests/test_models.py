@@ -128,7 +128,9 @@ def test_embedded_is_reused_not_rebuilt(embedded):
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):
+    caller_state = torch.get_rng_state()
     a = models.build_embedded(tmp_path / "a", seed=3, _steps=3)
+    assert torch.equal(torch.get_rng_state(), caller_state)  # the caller's seed is untouched
     b = models.build_embedded(tmp_path / "b", seed=3, _steps=3)
     c = models.build_embedded(tmp_path / "c", seed=4, _steps=3)
     wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
@@ -176,12 +178,24 @@ def test_resolve_refuses_clearly(tmp_path):
 
 def test_hub_id_offline_says_what_to_choose(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not models.hub_reachable()
+    start = time.perf_counter()
     with pytest.raises(models.ModelUnavailableError) as err:
         models.load_tokenizer("EleutherAI/this-model-is-not-cached")
     message = str(err.value)
-    assert "cannot reach the Hugging Face Hub" in message
+    assert "cannot reach the Hugging Face Hub" in message and "HF_HUB_OFFLINE" in message
     assert "MODEL='embedded'" in message and "rehearsal:gpt-neox-20b" in message
     with pytest.raises(ConfigError, match="rehearsal:tiny-neox"):
+        models.load_model("EleutherAI/this-model-is-not-cached", device="cpu",
+                          tokenizer=_FakeTokenizer(vocab=300))
+    assert time.perf_counter() - start < 30  # no waiting through the Hub client's retries
+
+
+def test_hub_id_without_network_fails_fast(monkeypatch):
+    """No HF_HUB_OFFLINE, but the Hub does not answer: only the local Hub cache is tried."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(models.ModelUnavailableError, match="not in the local Hub cache"):
         models.load_model("EleutherAI/this-model-is-not-cached", device="cpu",
                           tokenizer=_FakeTokenizer(vocab=300))
 
@@ -308,6 +322,8 @@ def test_rehearsal_tiny_is_4bit_and_trains_with_lora():
     loss.backward()
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
     assert len(with_grad) == 16 and all("lora_" in n for n in with_grad)
+    wrapped = models.describe(model)  # a peft model is described by its base
+    assert wrapped["architecture"] == "GPTNeoXForCausalLM" and wrapped["linear_4bit_layers"] == 8
 
 
 def test_rehearsal_weights_are_seeded_and_match_their_16bit_twin():

@@ -1,0 +1,394 @@
+"""GPU measurements of the series on rehearsal models (random weights of real architectures,
+built directly in 4-bit), with the original recipe measured beside the series' defaults in the
+same process, on the same card.
+
+    python bench/gpu_suite.py gpt-j-6b gpt-neox-20b llama-3.1-8b [--steps 6] [--out DIR]
+
+For each model, in order (each result is appended to ``DIR/suite.jsonl`` as soon as it exists,
+so a run cut short keeps what it measured):
+
+- ``build``: time, peak GPU memory and peak host RSS while building; the 4-bit footprint against
+  the estimator's prediction.
+- ``train``: LoRA (all-linear and attention), sequence 512, micro-batch 1 and 4, gradient
+  checkpointing, paged_adamw_8bit, a few optimizer steps: peak ``max_memory_allocated`` against
+  the estimate; trainable parameters per scope.
+- ``defaults``: ``helpers.train.train`` exactly as notebook 05 runs it (micro-batch chosen from
+  the estimator under MEMORY_BUDGET_GB, bf16 from the dtype decision, packing), on 512-token
+  rows and on the embedded quotations packed into 512-token blocks; and the same with a
+  non-paged optimizer.
+- ``original``: the original recipe (peft's prepare_model_for_kbit_training with its fp32
+  upcast, LoRA r=8 alpha=32 on the attention projections, batch 1 x accumulation 4,
+  checkpointing, paged_adamw_8bit, the ``fp16`` flag) on the same rows and on unpacked quotes.
+- ``longest``: the longest sequence at micro-batch 1 that trains under a budget, for the
+  defaults and for the original recipe (estimator's answer, confirmed by a real step).
+- ``merge``: the defaults' adapter merged into the 16-bit rehearsal, verified by logits.
+
+Tokens per second count real tokens, with the first two steps left out as warm-up. Model FLOPs
+utilization = 6 x parameters x tokens/s / the card's bf16 matmul rate measured at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers import config, data, lora, memory, models, train  # noqa: E402
+
+OUT = Path(os.environ.get("OUT", "/tmp"))
+ORIGINAL_TARGETS = {"gpt-neox-20b": ["query_key_value"], "gpt-j-6b": ["q_proj", "k_proj", "v_proj"],
+                    "llama-3.1-8b": ["q_proj", "k_proj", "v_proj"], "tiny-neox": ["query_key_value"]}
+BUDGETS = {"gpt-j-6b": 12, "gpt-neox-20b": 24, "llama-3.1-8b": 16, "tiny-neox": 1}
+
+
+def emit(record: dict) -> None:
+    record["time"] = time.strftime("%H:%M:%S")
+    print(json.dumps(record), flush=True)
+    with open(OUT / "suite.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.reset_peak_memory_stats()
+
+
+def matmul_rate() -> float:
+    """The card's measured bf16 matmul rate (FLOP/s), 8192^3, best of 10."""
+    if not torch.cuda.is_available():
+        return 0.0
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = 1e9
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del a, b
+    return 2 * 8192**3 / best
+
+
+def random_rows(vocab: int, n: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab, (n, seq), generator=g).tolist()
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def quote_rows(cfg, tokenizer, packing: bool):
+    c = dataclasses.replace(cfg, packing=packing, max_length=512, dataset="embedded",
+                            eval_fraction=0.0)
+    return data.prepare(c, tokenizer).train
+
+
+def build(name: str):
+    free()
+    log = memory.MemoryLog()
+    with log.track("build"):
+        t = time.perf_counter()
+        model = models.load_model(f"rehearsal:{name}")
+        secs = time.perf_counter() - t
+    rec = log.records[-1]
+    shape = memory.shape_from_config(model.config)
+    est = memory.estimate(shape, seq_len=512, micro_batch=1)
+    largest = max(s.d_in * s.d_out for s in shape.linears)
+    emit({"kind": "build", "model": name, "seconds": round(secs, 1),
+          "params": shape_params(shape),
+          "footprint_bytes": model.get_memory_footprint(),
+          "predicted_footprint_bytes": est.footprint,
+          "peak_gpu_bytes_build": rec.gpu_peak_allocated,
+          "one_layer_16bit_bytes": largest * 2,
+          "peak_cpu_rss_bytes_build": rec.cpu_rss_peak, "cpu_rss_bytes_before": rec.cpu_rss_before})
+    return model, shape
+
+
+def timed_trainer_run(trainer, seq_tokens_per_step=None):
+    clock = []
+
+    class Clock(train.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            clock.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    trainer.add_callback(Clock())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    (t0, n0), (t1, n1) = clock[1], clock[-1]
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
+    return {"tokens_per_second": round((n1 - n0) / (t1 - t0), 1),
+            "step_seconds": round((t1 - t0) / (len(clock) - 2), 3),
+            "peak_alloc_bytes": peak, "peak_reserved_bytes": reserved}
+
+
+def measure_lora(model, shape, name, tokenizer, steps, rate):
+    """Both scopes, micro-batch 1 and 4, sequence 512: peak vs estimate."""
+    for scope in ("all-linear", "attention"):
+        for mb in (1, 4):
+            free()
+            cfg = config.make_config(RUN_DIR=f"/tmp/suite/{name}", MODEL=f"rehearsal:{name}",
+                                     LORA_TARGETS=scope, MAX_STEPS=steps, SAVE_STEPS=0,
+                                     MICRO_BATCH=mb, LEARNING_RATE=2e-4, MAX_LENGTH=512)
+            prep = lora.prepare_for_training(model, True, False)
+            peft_model = lora.attach(model, cfg)
+            rep = lora.trainable_report(peft_model)["totals"]
+            rows = random_rows(shape.vocab, mb * (steps + 1), 512)
+            trainer = train.make_trainer(cfg, peft_model, tokenizer, rows,
+                                         data.CompletionCollator(tokenizer), mb)
+            try:
+                r = timed_trainer_run(trainer)
+            except Exception as err:  # record, go on
+                r = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            est = memory.estimate(shape, seq_len=512, micro_batch=mb, lora_r=16,
+                                  lora_targets=scope, gradient_checkpointing=True)
+            emit({"kind": "train", "model": name, "scope": scope, "micro_batch": mb,
+                  "trainable_params": rep["trainable"], "lora_target_count":
+                  rep["lora_target_count"], "upcast_bytes_avoided": prep["upcast_bytes_avoided"],
+                  "predicted_peak_bytes": est.total_allocated, **r,
+                  "mfu": round(6 * shape_params(shape) * r.get("tokens_per_second", 0) / rate, 3)
+                  if rate else None})
+            del trainer
+            model = peft_model.unload()
+            free()
+    return model
+
+
+def shape_params(shape) -> int:
+    return shape.n_linear_params() + shape.n_16bit_params()
+
+
+def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label, optimizer=None,
+             keep_adapter=False, targets=None):
+    """notebook 05's train() with its defaults under a budget."""
+    free()
+    extra = {"OPTIMIZER": optimizer} if optimizer else {}
+    if targets:
+        extra["LORA_TARGETS"] = targets
+    cfg = config.make_config(RUN_DIR=f"/tmp/suite/{name}-{label}", MODEL=f"rehearsal:{name}",
+                             MAX_STEPS=steps, SAVE_STEPS=0, MAX_LENGTH=512, WARMUP_STEPS=1,
+                             MEMORY_BUDGET_GB=budget_gb, **extra)
+    lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
+    peft_model = lora.attach(model, cfg)
+    clock = []
+
+    class Clock(train.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            clock.append(time.perf_counter())
+
+    try:
+        res = train.train(cfg, peft_model, tokenizer, rows, None,
+                          data.CompletionCollator(tokenizer), callbacks=[Clock()], live=False,
+                          verbose=True)
+        m = res.metrics
+        out = {k: m[k] for k in ("tokens_per_second", "peak_gpu_bytes_train", "micro_batch",
+                                 "train_loss_first", "train_loss_final", "train_steps")}
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
+        out["notes"] = res.notes
+        est = memory.estimate(shape, seq_len=512, micro_batch=m["micro_batch"], lora_r=cfg.lora_r,
+                              gradient_checkpointing=cfg.gradient_checkpointing,
+                              optimizer=cfg.optimizer)
+        out["predicted_peak_bytes"] = est.total_allocated
+        out["mfu"] = round(6 * shape_params(shape) * m["tokens_per_second"] / rate, 3) if rate else None
+        adapter = res.adapter_dir
+    except Exception as err:  # record and go on
+        out, adapter = {"error": f"{type(err).__name__}: {str(err)[:300]}"}, None
+    emit({"kind": "defaults", "model": name, "rows": label, "budget_gb": budget_gb,
+          "optimizer": cfg.optimizer, "lora_targets": cfg.lora_targets, **out})
+    model = peft_model.unload()
+    free()
+    return model, adapter
+
+
+def original(model, shape, name, tokenizer, steps, rate, rows, label):
+    """The original recipe, as the article wrote it (run last: its upcast changes the model)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments
+
+    free()
+    model.gradient_checkpointing_enable()
+    model = prepare_model_for_kbit_training(model)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
+                                                  target_modules=ORIGINAL_TARGETS[name],
+                                                  bias="none", task_type="CAUSAL_LM"))
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(output_dir=f"/tmp/suite/orig-{name}", per_device_train_batch_size=1,
+                             gradient_accumulation_steps=4, warmup_steps=2, max_steps=steps,
+                             learning_rate=2e-4, logging_steps=1, optim="paged_adamw_8bit",
+                             report_to=[], save_strategy="no", use_cpu=not cuda,
+                             fp16=cuda, remove_unused_columns=False)
+    counter = train.TokenCounter()
+    trainer = train.SeriesTrainer(model=peft_model, args=args, train_dataset=rows,
+                                  data_collator=train.CountingCollator(
+                                      data.CompletionCollator(tokenizer)),
+                                  token_counter=counter)
+    try:
+        r = timed_trainer_run(trainer)
+    except Exception as err:
+        r = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    est = memory.estimate(shape, seq_len=512, micro_batch=1, lora_r=8,
+                          lora_targets=ORIGINAL_TARGETS[name], upcast_fp32=True,
+                          compute_dtype=torch.bfloat16, autocast=True)
+    emit({"kind": "original", "model": name, "rows": label, "predicted_peak_bytes":
+          est.total_allocated, **r,
+          "mfu": round(6 * shape_params(shape) * r.get("tokens_per_second", 0) / rate, 3)
+          if rate else None})
+    return peft_model
+
+
+def longest(model, shape, name, tokenizer, budget_gb, recipe):
+    """The longest sequence at micro-batch 1 that trains under ``budget_gb``: the estimator's
+    answer, then real steps (forward, backward) around it, 256 tokens apart."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    free()
+    budget = int(budget_gb * 1e9)
+    if recipe == "original":
+        model.gradient_checkpointing_enable()
+        model = prepare_model_for_kbit_training(model)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
+                                                      target_modules=ORIGINAL_TARGETS[name],
+                                                      task_type="CAUSAL_LM"))
+        settings = dict(lora_r=8, lora_targets=ORIGINAL_TARGETS[name], upcast_fp32=True,
+                        autocast=True)
+        dtype = torch.float16
+    else:
+        cfg = config.make_config(MODEL=f"rehearsal:{name}", RUN_DIR="/tmp/suite/longest")
+        lora.prepare_for_training(model, True, False)
+        peft_model = lora.attach(model, cfg)
+        settings = dict(lora_r=cfg.lora_r)
+        dtype = None
+    lf = memory.largest_fit(shape, budget, seq_len=512, **settings)
+    predicted = lf["seq_len"]
+    torch.cuda.set_per_process_memory_fraction(
+        min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+    ok, seq, tried = 0, max(256, predicted), []
+    step = 512
+    for _ in range(10):
+        try:
+            train.probe_step(peft_model, 1, seq, dtype)
+            ok = max(ok, seq)
+            tried.append((seq, "ok"))
+        except torch.cuda.OutOfMemoryError:
+            tried.append((seq, "oom"))
+            free()
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+            if step == 256 and ok:
+                break
+            if ok:
+                step = 256
+                seq = ok + step
+                continue
+            seq -= 512
+            continue
+        seq += step
+    emit({"kind": "longest", "model": name, "recipe": recipe, "budget_gb": budget_gb,
+          "predicted_seq_len": predicted, "measured_seq_len": ok, "tried": tried})
+    out = peft_model.unload()
+    free()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--parts", default="build,train,defaults,original,merge")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    OUT.mkdir(parents=True, exist_ok=True)
+    rate = matmul_rate()
+    emit({"kind": "card", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+          else "cpu", "bf16_matmul_flops": rate, "torch": torch.__version__,
+          "versions": __import__("helpers.env", fromlist=["versions"]).versions()})
+    tokenizer = models.load_tokenizer("embedded")
+    for name in args.models:
+        try:
+            run_model(name, parts, tokenizer, rate, args.steps)
+        except Exception as err:  # record, go on with the next model
+            emit({"kind": "error", "model": name, "error": f"{type(err).__name__}: {err}"[:500]})
+            free()
+    return 0
+
+
+def run_model(name, parts, tokenizer, rate, steps):
+    if True:
+        model, shape = build(name)
+        budget = BUDGETS.get(name, 16)
+        vocab = shape.vocab
+        if "train" in parts:
+            model = measure_lora(model, shape, name, tokenizer, steps, rate)
+        rows512 = random_rows(vocab, 64 * (steps + 1), 512, seed=1)
+        quotes_packed = quote_rows(config.make_config(), tokenizer, True)
+        quotes_plain = quote_rows(config.make_config(), tokenizer, False)
+        adapter = None
+        if "defaults" in parts:
+            model, adapter = defaults(model, shape, name, tokenizer, steps, rate, budget,
+                                      rows512, "random-512", keep_adapter=True)
+            model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget,
+                                quotes_packed, "quotes-packed")
+            if name != "gpt-neox-20b":
+                model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, rows512,
+                                    "random-512-nonpaged", optimizer="adamw_8bit")
+            if name == "gpt-neox-20b":
+                model, _ = defaults(model, shape, name, tokenizer, steps, rate, 16, rows512,
+                                    "random-512-16GB")
+        if "merge" in parts and adapter is not None and name == "gpt-j-6b":
+            free()
+            from helpers import generate
+
+            log = memory.MemoryLog()
+            try:
+                res = generate.merge_adapter(
+                    lambda: models.load_16bit(f"rehearsal:{name}"), adapter, tokenizer=tokenizer,
+                    prompts=["The only", "Love is"], out_dir=None, quantized_model=model,
+                    max_new_tokens=8, check_base_name=False)
+                emit({"kind": "merge", "model": name, **generate.merge_metrics(res),
+                      "source": res.source})
+            except Exception as err:
+                emit({"kind": "merge", "model": name, "error": f"{type(err).__name__}: {err}"[:400]})
+            del log
+            free()
+        if "long" in parts:  # a few hundred steps under the smallest card the article names
+            long_steps, budget_small, targets = {"gpt-j-6b": (150, 12, None),
+                                                 "gpt-neox-20b": (100, 16, "attention")}[name]
+            rows_long = random_rows(vocab, 16 * (long_steps + 1), 512, seed=2)
+            model, _ = defaults(model, shape, name, tokenizer, long_steps, rate, budget_small,
+                                rows_long, f"random-512-{long_steps}-steps", targets=targets)
+        if "longest" in parts:
+            model = longest(model, shape, name, tokenizer, budget, "defaults")
+            model = longest(model, shape, name, tokenizer, budget, "original")
+        if "original" in parts:
+            rows_plain = random_rows(vocab, 4 * (steps + 1), 512, seed=1)
+            peft_model = original(model, shape, name, tokenizer, steps, rate, rows_plain,
+                                  "random-512")
+            peft_model = original(peft_model.unload(), shape, name, tokenizer, steps, rate,
+                                  quotes_plain, "quotes-plain")
+            model = peft_model
+        del model
+        free()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
