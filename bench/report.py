@@ -1,0 +1,89 @@
+"""Turn the GPU suite's JSON lines (bench/results/*.jsonl) into the markdown tables of
+bench/RESULTS.md: python bench/report.py bench/results/h200_suite.jsonl"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+GB = 1e9
+
+
+def load(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    # a later measurement of the same thing replaces an earlier one
+    seen = {}
+    for r in rows:
+        key = (r["kind"], r.get("model"), r.get("scope"), r.get("micro_batch") if r["kind"] == "train"
+               else None, r.get("rows"), r.get("recipe"))
+        seen[key] = r
+    return rows, list(seen.values())
+
+
+def pct(a, b):
+    return f"{100 * (a - b) / b:+.1f}%"
+
+
+def main(path):
+    raw, rows = load(path)
+    card = next(r for r in raw if r["kind"] == "card")
+    rate = card["bf16_matmul_flops"]
+    out = [f"Card: {card['gpu']}; measured bf16 matmul rate {rate / 1e12:.0f} TFLOP/s; "
+           f"torch {card['versions']['torch']}, transformers {card['versions']['transformers']}, "
+           f"peft {card['versions']['peft']}, bitsandbytes {card['versions']['bitsandbytes']}.", ""]
+    out += ["### Rehearsal builds: 4-bit footprint, predicted vs measured", "",
+            "| model | parameters | build s | measured footprint | predicted | off by | peak GPU while building | 4-bit + one 16-bit layer | peak host RSS |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "build":
+            out.append(f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['seconds']} | "
+                       f"{r['footprint_bytes'] / GB:.2f} GB | {r['predicted_footprint_bytes'] / GB:.2f} GB | "
+                       f"{pct(r['predicted_footprint_bytes'], r['footprint_bytes'])} | "
+                       f"{r['peak_gpu_bytes_build'] / GB:.2f} GB | "
+                       f"{(r['footprint_bytes'] + r['one_layer_16bit_bytes']) / GB:.2f} GB | "
+                       f"{r['peak_cpu_rss_bytes_build'] / GB:.2f} GB |")
+    out += ["", "### Training peak (sequence 512, checkpointing, LoRA r=16, paged_adamw_8bit, 5 steps): estimator vs `max_memory_allocated`", "",
+            "| model | LoRA scope | micro-batch | trainable params | adapted layers | predicted peak | measured peak | off by | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "train" and "peak_alloc_bytes" in r:
+            out.append(f"| {r['model']} | {r['scope']} | {r['micro_batch']} | {r['trainable_params']:,} | "
+                       f"{r['lora_target_count']} | {r['predicted_peak_bytes'] / GB:.2f} GB | "
+                       f"{r['peak_alloc_bytes'] / GB:.2f} GB | "
+                       f"{pct(r['predicted_peak_bytes'], r['peak_alloc_bytes'])} | {r['tokens_per_second']:,.0f} |")
+    out += ["", "### The original recipe and the series' defaults, same card, same process", "",
+            "| model | workload | recipe | budget | micro-batch | tokens/s (real) | MFU | peak allocated | predicted peak |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "original" and "tokens_per_second" in r:
+            out.append(f"| {r['model']} | {r['rows']} | original (1 x 4 accum, fp16 flag, r=8 attention, fp32 upcast) | - | 1 | "
+                       f"{r['tokens_per_second']:,.0f} | {r['mfu']:.1%} | {r['peak_alloc_bytes'] / GB:.2f} GB | "
+                       f"{r['predicted_peak_bytes'] / GB:.2f} GB |")
+        if r["kind"] == "defaults":
+            if "error" in r:
+                out.append(f"| {r['model']} | {r['rows']} | defaults ({r.get('lora_targets', 'all-linear')}) | {r['budget_gb']} GB | - | refused: {r['error'][:120]} | | | |")
+                continue
+            out.append(f"| {r['model']} | {r['rows']} | defaults ({r['optimizer']}, {r.get('lora_targets', 'all-linear')} r=16, bf16) | "
+                       f"{r['budget_gb']} GB | {r['micro_batch']} | {r['tokens_per_second']:,.0f} | "
+                       f"{r['mfu']:.1%} | {r['peak_gpu_bytes_train'] / GB:.2f} GB | "
+                       f"{r['predicted_peak_bytes'] / GB:.2f} GB |")
+    out += ["", "### Longest sequence at micro-batch 1 under the budget", "",
+            "| model | recipe | budget | estimator | measured (forward + backward ran) | probes |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "longest":
+            out.append(f"| {r['model']} | {r['recipe']} | {r['budget_gb']} GB | {r['predicted_seq_len']} | "
+                       f"{r['measured_seq_len']} | {', '.join(f'{s}: {v}' for s, v in r['tried'])} |")
+    out += ["", "### Merge of a GPT-J-6B rehearsal's adapter (bf16, on the GPU)", ""]
+    for r in rows:
+        if r["kind"] == "merge" and "merge_max_abs_logit_diff" in r:
+            out.append(f"- {r['model']}: {r['source']}; merged vs adapter on the same 16-bit base: max |logit diff| "
+                       f"{r['merge_max_abs_logit_diff']:.3f} (relative {r['merge_max_rel_logit_diff']:.3f}), "
+                       f"top-1 agreement {r['merge_top1_agreement']:.3f}; vs the 4-bit training base: "
+                       f"{r['merge_max_abs_logit_diff_vs_4bit']:.3f}, top-1 {r['merge_top1_agreement_vs_4bit']:.3f}; "
+                       f"greedy text of the merged model equals the adapter's: {bool(r['merged_generation_matches'])}; "
+                       f"peak GPU memory {max(v for k, v in r.items() if k.startswith('merge_peak_gpu_bytes')) / GB:.2f} GB.")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
