@@ -223,7 +223,7 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
 def original(model, shape, name, tokenizer, steps, rate, rows, label):
     """The original recipe, as the article wrote it (run last: its upcast changes the model)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     free()
     model.gradient_checkpointing_enable()

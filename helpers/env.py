@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
-import re
 import shutil
 import sys
 from pathlib import Path

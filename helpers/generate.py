@@ -100,24 +100,6 @@ class Generations(list):
         return sum(self.ends_with_eos) / len(self) if len(self) else 0.0
 
 
-def cpu_safe(model) -> None:
-    """Keep bitsandbytes from repacking 4-bit weights for CPU inference.
-
-    On processors with AVX512-BF16, the first eval-mode forward without grad repacks every
-    ``Linear4bit`` (rounding its block scales to bf16), and training afterwards fails with "a view
-    of a leaf Variable that requires grad is being used in an in-place operation". Uses
-    ``helpers.models.cpu_safe`` where that exists.
-    """
-    try:
-        from helpers.models import cpu_safe as models_cpu_safe
-    except ImportError:
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    else:
-        models_cpu_safe(model)
-
-
 def model_device(model) -> torch.device:
     """Where the model's first parameter lives (inputs go there)."""
     try:
@@ -149,6 +131,8 @@ def _generation_mode(model, tokenizer):
     was_training = model.training
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     if model_device(model).type == "cpu":
+        from helpers.models import cpu_safe
+
         cpu_safe(model)
     model.eval()
     tokenizer.padding_side = "left"  # new tokens follow the prompt directly in every row

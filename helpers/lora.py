@@ -459,19 +459,6 @@ def show(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- it trains
 
 
-def _cpu_safe(model) -> None:
-    """Keep bitsandbytes from repacking 4-bit weights for CPU inference (which breaks training
-    afterwards on processors with AVX512-BF16)."""
-    try:
-        from helpers.models import cpu_safe
-    except ImportError:
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    else:
-        cpu_safe(model)
-
-
 def _packed_checksums(model) -> dict:
     """An exact integer checksum of each packed 4-bit weight, computed on its own device in
     slices (no copy of the whole model): sum of bytes and a position-weighted sum."""
@@ -509,7 +496,9 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     """
     device = next(p.device for p in model.parameters())
     if device.type == "cpu":
-        _cpu_safe(model)
+        from helpers.models import cpu_safe
+
+        cpu_safe(model)
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "input_ids" not in batch:
         raise ValueError("the batch needs input_ids (and attention_mask, labels)")

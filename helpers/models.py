@@ -594,7 +594,7 @@ def quantization_config(quant_type: str = "nf4", double_quant: bool = True, comp
         bnb_4bit_quant_storage=torch.uint8)
 
 
-def _hub_failure(source: ModelSource, err: Exception) -> ModelUnavailableError:
+def _hub_failure(source: ModelSource, err: Exception, reachable: bool) -> ModelUnavailableError:
     """A clear error for a Hub model that could not be had."""
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     text = str(err).lower()
@@ -603,6 +603,8 @@ def _hub_failure(source: ModelSource, err: Exception) -> ModelUnavailableError:
                "license on its Hub page and log in (huggingface-cli login, or HF_TOKEN)")
     elif "not a valid model identifier" in text or "404" in text or "repository not found" in text:
         why = f"the Hugging Face Hub has no model '{source.hub_id}' (check the spelling)"
+    elif reachable:
+        why = f"loading '{source.hub_id}' from the Hugging Face Hub failed"
     else:
         offline = (" (HF_HUB_OFFLINE is set)" if _env_flag("HF_HUB_OFFLINE")
                    else " (no network) and it is not in the local Hub cache")
@@ -653,14 +655,15 @@ def _from_pretrained(loader, source: ModelSource, **kwargs):
         hub_errors += (HFValidationError,)
     except ImportError:  # pragma: no cover
         pass
-    if not hub_reachable():
+    reachable = hub_reachable()
+    if not reachable:
         kwargs["local_files_only"] = True
         if hasattr(loader, "_model_mapping"):  # an AutoModel class: its adapter lookup too
             kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
         return loader.from_pretrained(source.location, **kwargs)
     except hub_errors as err:
-        raise _hub_failure(source, err) from err
+        raise _hub_failure(source, err, reachable) from err
 
 
 def ensure_pad_token(tokenizer):

@@ -859,19 +859,6 @@ class SignatureCallback(TrainerCallback):
 # ============================================================================ 4. evaluation
 
 
-def _cpu_safe(model) -> None:
-    """Keep bitsandbytes from repacking 4-bit weights for CPU inference: the repacking breaks
-    training afterwards on processors with AVX512-BF16."""
-    try:
-        from helpers.models import cpu_safe
-    except ImportError:
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    else:
-        cpu_safe(model)
-
-
 def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
                   dtype: torch.dtype | None = None) -> tuple:
     """``(loss, perplexity)`` of ``model`` on ``eval_dataset``: the mean cross-entropy over every
@@ -886,7 +873,9 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
         raise ValueError("no eval examples: set EVAL_FRACTION > 0 (notebook 04) to hold some out")
     device = _model_device(model)
     if device.type == "cpu":
-        _cpu_safe(model)
+        from helpers.models import cpu_safe
+
+        cpu_safe(model)
     use_autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     was_training = model.training
     model.eval()
