@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPTNeoXConfig
 
 from helpers import generate as gen
+from helpers import models
 from helpers.config import Config
 
 PROMPTS = ["The only", "Love is patient and", "A friend", "Time"]
@@ -49,7 +50,7 @@ def load_4bit(path):
                                bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
                                                  device_map={"": "cpu"}, dtype=torch.float32)
-    gen.cpu_safe(model)
+    models.cpu_safe(model)
     return model
 
 
