@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from helpers import config, data, lora, memory, models, train  # noqa: E402
 
-OUT = Path(os.environ.get("OUT", "/tmp"))
+OUT = Path(os.environ.get("OUT", "runs/gpu-suite"))
+WORK = Path(os.environ.get("SUITE_WORK", "runs/gpu-suite-work"))  # checkpoints and adapters
 ORIGINAL_TARGETS = {"gpt-neox-20b": ["query_key_value"], "gpt-j-6b": ["q_proj", "k_proj", "v_proj"],
                     "llama-3.1-8b": ["q_proj", "k_proj", "v_proj"], "tiny-neox": ["query_key_value"]}
 BUDGETS = {"gpt-j-6b": 12, "gpt-neox-20b": 24, "llama-3.1-8b": 16, "tiny-neox": 1}
@@ -146,7 +147,7 @@ def measure_lora(model, shape, name, tokenizer, steps, rate):
     for scope in ("all-linear", "attention"):
         for mb in (1, 4):
             free()
-            cfg = config.make_config(RUN_DIR=f"/tmp/suite/{name}", MODEL=f"rehearsal:{name}",
+            cfg = config.make_config(RUN_DIR=str(WORK / name), MODEL=f"rehearsal:{name}",
                                      LORA_TARGETS=scope, MAX_STEPS=steps, SAVE_STEPS=0,
                                      MICRO_BATCH=mb, LEARNING_RATE=2e-4, MAX_LENGTH=512)
             prep = lora.prepare_for_training(model, True, False)
@@ -184,7 +185,7 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
     extra = {"OPTIMIZER": optimizer} if optimizer else {}
     if targets:
         extra["LORA_TARGETS"] = targets
-    cfg = config.make_config(RUN_DIR=f"/tmp/suite/{name}-{label}", MODEL=f"rehearsal:{name}",
+    cfg = config.make_config(RUN_DIR=str(WORK / f"{name}-{label}"), MODEL=f"rehearsal:{name}",
                              MAX_STEPS=steps, SAVE_STEPS=0, MAX_LENGTH=512, WARMUP_STEPS=1,
                              MEMORY_BUDGET_GB=budget_gb, **extra)
     lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
@@ -232,7 +233,7 @@ def original(model, shape, name, tokenizer, steps, rate, rows, label):
                                                   target_modules=ORIGINAL_TARGETS[name],
                                                   bias="none", task_type="CAUSAL_LM"))
     cuda = torch.cuda.is_available()
-    args = TrainingArguments(output_dir=f"/tmp/suite/orig-{name}", per_device_train_batch_size=1,
+    args = TrainingArguments(output_dir=str(WORK / f"orig-{name}"), per_device_train_batch_size=1,
                              gradient_accumulation_steps=4, warmup_steps=2, max_steps=steps,
                              learning_rate=2e-4, logging_steps=1, optim="paged_adamw_8bit",
                              report_to=[], save_strategy="no", use_cpu=not cuda,
@@ -273,7 +274,7 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
                         autocast=True)
         dtype = torch.float16
     else:
-        cfg = config.make_config(MODEL=f"rehearsal:{name}", RUN_DIR="/tmp/suite/longest")
+        cfg = config.make_config(MODEL=f"rehearsal:{name}", RUN_DIR=str(WORK / "longest"))
         lora.prepare_for_training(model, True, False)
         peft_model = lora.attach(model, cfg)
         settings = dict(lora_r=cfg.lora_r)

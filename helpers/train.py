@@ -384,10 +384,13 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
             gc.collect()
             torch.cuda.empty_cache()
             if micro == 1:
+                ways = ["lower MAX_LENGTH", "adapt fewer layers (LORA_TARGETS='attention')"]
+                if not cfg.gradient_checkpointing:
+                    ways.insert(1, "turn GRADIENT_CHECKPOINTING on")
                 raise BudgetError(
                     f"out of GPU memory at micro-batch 1 and MAX_LENGTH={cfg.max_length} within "
-                    f"a {budget / GB:.2f} GB budget: lower MAX_LENGTH, turn "
-                    "GRADIENT_CHECKPOINTING on, or raise MEMORY_BUDGET_GB")
+                    f"a {budget / GB:.2f} GB budget (the estimate said it would fit; the probe "
+                    f"step says otherwise): {', '.join(ways)}, or raise MEMORY_BUDGET_GB")
             msg = f"out of memory at micro-batch {micro}: trying {micro // 2}"
             print(msg)
             notes.append(msg)
