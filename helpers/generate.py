@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from helpers.memory import logical_numel
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOURCE_RELOADED = "reloaded 16-bit base"
@@ -605,13 +607,6 @@ def _dtype_key() -> str:
     return "dtype" if new else "torch_dtype"
 
 
-def _logical_numel(param) -> int:
-    """Elements a parameter stands for (a packed 4-bit weight holds two per byte)."""
-    state = getattr(param, "quant_state", None)
-    shape = getattr(state, "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
-
-
 def compute_dtype_of(model) -> torch.dtype:
     """The dtype a 4-bit model computes in (its layers' ``compute_dtype``), else its parameters'
     floating dtype."""
@@ -892,7 +887,7 @@ def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_di
         inner = quantized_model.get_base_model() if _is_peft(quantized_model) else quantized_model
         dt = dtype or compute_dtype_of(inner)
         target = torch.device(device) if device is not None else model_device(inner)
-        n_bytes = sum(_logical_numel(p) for p in inner.parameters()) * torch.finfo(dt).bits // 8
+        n_bytes = sum(logical_numel(p) for p in inner.parameters()) * torch.finfo(dt).bits // 8
         if device is None and not _fits_on(target, n_bytes):
             notes.append(f"The 16-bit copy ({n_bytes / 1e9:.1f} GB) does not fit beside the 4-bit "
                          f"model on {target}: built on the CPU.")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from helpers.config import ConfigError
+from helpers.memory import logical_numel
 
 SCOPES = ("all-linear", "attention")
 ADAPTER = "default"
@@ -35,15 +36,6 @@ ADAPTER = "default"
 
 def _is_4bit(param) -> bool:
     return type(param).__name__ == "Params4bit"
-
-
-def _logical_numel(param) -> int:
-    """Elements a parameter stands for: a 4-bit weight packs two values per byte, so its true
-    count is the product of ``quant_state.shape``, not ``numel()`` of the packed storage."""
-    state = getattr(param, "quant_state", None)
-    if _is_4bit(param) and state is not None and getattr(state, "shape", None) is not None:
-        return math.prod(state.shape)
-    return param.numel()
 
 
 def _is_adapter_wrapper(module) -> bool:
@@ -410,7 +402,7 @@ def trainable_report(peft_model) -> dict:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += _logical_numel(p)
+        total += logical_numel(p)
         if p.requires_grad:
             counted += p.numel()
             adapter_bytes += p.numel() * p.element_size()

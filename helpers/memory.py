@@ -306,6 +306,15 @@ def track(stage: str, log: MemoryLog | None = None, device: int = 0):
 # ===================================================================== a model, part by part
 
 
+def logical_numel(param) -> int:
+    """Elements a parameter stands for: a packed 4-bit weight holds two values per byte, so its
+    true count is the product of ``quant_state.shape``, not ``numel()`` of its storage."""
+    state = getattr(param, "quant_state", None)
+    if _is_params4bit(param) and getattr(state, "shape", None) is not None:
+        return math.prod(state.shape)
+    return param.numel()
+
+
 def _is_params4bit(p) -> bool:
     return type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None
 
