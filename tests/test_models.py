@@ -96,6 +96,16 @@ def test_embedded_layout_is_a_hub_layout(embedded):
     assert generation["eos_token_id"] == 0 and generation["pad_token_id"] == 1
 
 
+def test_built_files_load_in_transformers_4_and_5(tmp_path):
+    folder = models.build_embedded(tmp_path / "m", seed=0, _steps=1)
+    values = json.loads((folder / "tokenizer_config.json").read_text())
+    assert values["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in folder.iterdir())  # shared cache
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(folder)).pad_token == models.PAD_TOKEN
+
+
 def test_embedded_loads_in_4bit_and_generates(embedded):
     tok = models.load_tokenizer("embedded")
     model = models.load_model("embedded", device="cpu")
