@@ -391,28 +391,22 @@ def footprint_breakdown(model) -> list[dict]:
                 "two 4-bit values packed per byte")
             groups = _quant_state_tensors(qs)
             nested = getattr(qs, "nested", False)
-            for t in groups["absmax"]:
-                if t.data_ptr() in seen_q:
-                    continue
-                seen_q.add(t.data_ptr())
-                add("quantization constants: absmax (8-bit)" if nested
-                    else "quantization constants: absmax (float32)",
-                    _nbytes(t), 0, t.dtype, False,
-                    "one per block of 64 weights; not counted by get_memory_footprint")
-            for t in groups["second"]:
-                if t.data_ptr() in seen_q:
-                    continue
-                seen_q.add(t.data_ptr())
-                add("quantization constants: second level (float32)", _nbytes(t), 0, t.dtype,
-                    False, "double quantization: one per 256 absmax values; not counted by "
-                    "get_memory_footprint")
-            for t in groups["tables"]:
-                if t.data_ptr() in seen_q:
-                    continue
-                seen_q.add(t.data_ptr())
-                add("quantization constants: code tables and offsets", _nbytes(t), 0, t.dtype,
-                    False, "NF4/FP4 value table and the 8-bit absmax table per weight; not "
-                    "counted by get_memory_footprint")
+            constants = [
+                ("absmax", "quantization constants: absmax (8-bit)" if nested
+                 else "quantization constants: absmax (float32)",
+                 "one per block of 64 weights"),
+                ("second", "quantization constants: second level (float32)",
+                 "double quantization: one per 256 absmax values"),
+                ("tables", "quantization constants: code tables and offsets",
+                 "NF4/FP4 value table and the 8-bit absmax table per weight"),
+            ]
+            for group, part, why in constants:
+                for t in groups[group]:
+                    if t.data_ptr() in seen_q:
+                        continue
+                    seen_q.add(t.data_ptr())
+                    add(part, _nbytes(t), 0, t.dtype, False,
+                        f"{why}; not counted by get_memory_footprint")
             continue
         n = p.nelement()
         if "lora_" in name:
