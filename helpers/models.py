@@ -62,6 +62,8 @@ REHEARSALS: dict = {
                     "128k vocabulary",
     "mistral-7b": "mistralai/Mistral-7B-v0.1, 7.2B parameters: grouped-query attention, "
                   "sliding window",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf, 69.0B parameters: about 35 GB in 4-bit, more "
+                   "than one 24 GB card holds (FSDP over several GPUs)",
     "tiny-neox": "a GPT-NeoX of 0.36M parameters (the embedded tokenizer's vocabulary), for tests",
 }
 # The Hub model each shipped rehearsal stands for (its tokenizer is used when the Hub is reachable).
@@ -70,6 +72,7 @@ REHEARSAL_HUB_IDS: dict = {
     "gpt-j-6b": "EleutherAI/gpt-j-6b",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
 }
 
 

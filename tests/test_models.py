@@ -359,7 +359,7 @@ def test_rehearsal_weights_are_seeded_and_match_their_16bit_twin():
 
 
 REAL_SIZES = {"gpt-neox-20b": 20.55e9, "gpt-j-6b": 6.05e9, "llama-3.1-8b": 8.03e9,
-              "mistral-7b": 7.24e9}
+              "mistral-7b": 7.24e9, "llama-2-70b": 68.98e9}
 
 
 @pytest.mark.parametrize("name", sorted(REAL_SIZES))
