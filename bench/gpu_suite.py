@@ -111,12 +111,17 @@ def build(name: str):
     shape = memory.shape_from_config(model.config)
     est = memory.estimate(shape, seq_len=512, micro_batch=1)
     largest = max(s.d_in * s.d_out for s in shape.linears)
+    per_block = sum(s.d_in * s.d_out for s in shape.linears)
     emit({"kind": "build", "model": name, "seconds": round(secs, 1),
           "params": shape_params(shape),
           "footprint_bytes": model.get_memory_footprint(),
+          "resident_bytes": memory.footprint_totals(memory.footprint_breakdown(model))["resident"],
           "predicted_footprint_bytes": est.footprint,
+          "gpu_allocated_before_build": rec.gpu_allocated_before,
           "peak_gpu_bytes_build": rec.gpu_peak_allocated,
+          "peak_gpu_bytes_build_above_before": rec.gpu_peak_allocated - rec.gpu_allocated_before,
           "one_layer_16bit_bytes": largest * 2,
+          "one_block_16bit_bytes": per_block * 2,
           "peak_cpu_rss_bytes_build": rec.cpu_rss_peak, "cpu_rss_bytes_before": rec.cpu_rss_before})
     return model, shape
 
@@ -178,13 +183,67 @@ def shape_params(shape) -> int:
     return shape.n_linear_params() + shape.n_16bit_params()
 
 
+KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
+    ("4-bit dequantization", ("dequantize", "kdequant")),
+    ("8-bit optimizer", ("optimizer", "adam", "koptimizer")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("matmul", ("gemm", "sm90", "cutlass", "xmma", "nvjet", "cublas", "splitk", "matmul")),
+    ("copies and casts", ("copy", "cast", "fill", "cat", "memcpy", "memset")),
+)
+
+
+class ProfileSteps(train.TrainerCallback):
+    """torch.profiler over optimizer steps [start, start + count): GPU kernel time by group and
+    the top kernels, written to OUT/profile_<label>.txt and returned by :meth:`summary`."""
+
+    def __init__(self, label: str, start: int = 3, count: int = 3):
+        self.label, self.start, self.count, self.prof, self.result = label, start, count, None, {}
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.start and self.prof is None:
+            torch.cuda.synchronize()
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is None or self.result or state.global_step < self.start + self.count:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        kernels = [e for e in self.prof.key_averages()
+                   if str(getattr(e, "device_type", "")).endswith("CUDA")]
+
+        def t(e):
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+        groups = {g: 0.0 for g, _ in KERNEL_GROUPS}
+        groups["other (elementwise, norms, LoRA glue)"] = 0.0
+        for e in kernels:
+            name = e.key.lower()
+            g = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)),
+                     "other (elementwise, norms, LoRA glue)")
+            groups[g] += t(e) / 1e6
+        busy = sum(groups.values())
+        top = sorted(kernels, key=t, reverse=True)[:25]
+        self.result = {"steps": self.count, "wall_seconds": round(wall, 3),
+                       "gpu_busy_seconds": round(busy, 3),
+                       "groups_seconds": {g: round(v, 3) for g, v in groups.items()},
+                       "top_kernels": [(e.key[:90], round(t(e) / 1e6, 4), e.count) for e in top]}
+        with open(OUT / f"profile_{self.label}.txt", "w") as f:
+            f.write(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
+
+
 def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label, optimizer=None,
-             keep_adapter=False, targets=None):
-    """notebook 05's train() with its defaults under a budget."""
+             keep_adapter=False, targets=None, params=None, profile=False):
+    """notebook 05's train() with its defaults under a budget (``params``: other parameters)."""
     free()
     extra = {"OPTIMIZER": optimizer} if optimizer else {}
     if targets:
         extra["LORA_TARGETS"] = targets
+    extra.update(params or {})
     cfg = config.make_config(RUN_DIR=str(WORK / f"{name}-{label}"), MODEL=f"rehearsal:{name}",
                              MAX_STEPS=steps, SAVE_STEPS=0, MAX_LENGTH=512, WARMUP_STEPS=1,
                              MEMORY_BUDGET_GB=budget_gb, **extra)
@@ -197,9 +256,11 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
             torch.cuda.synchronize() if torch.cuda.is_available() else None
             clock.append(time.perf_counter())
 
+    prof = ProfileSteps(f"{name}-{label}") if profile and torch.cuda.is_available() else None
     try:
         res = train.train(cfg, peft_model, tokenizer, rows, None,
-                          data.CompletionCollator(tokenizer), callbacks=[Clock()], live=False,
+                          data.CompletionCollator(tokenizer),
+                          callbacks=[Clock()] + ([prof] if prof else []), live=False,
                           verbose=True)
         m = res.metrics
         out = {k: m[k] for k in ("tokens_per_second", "peak_gpu_bytes_train", "micro_batch",
@@ -212,10 +273,19 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
         out["predicted_peak_bytes"] = est.total_allocated
         out["mfu"] = round(6 * shape_params(shape) * m["tokens_per_second"] / rate, 3) if rate else None
         adapter = res.adapter_dir
+        if prof is not None:
+            out["profile"] = prof.result
     except Exception as err:  # record and go on
         out, adapter = {"error": f"{type(err).__name__}: {str(err)[:300]}"}, None
+        if torch.cuda.is_available():  # what the card held when it failed
+            free_b, total_b = torch.cuda.mem_get_info(0)
+            out["at_failure"] = {"outside_allocator_bytes": total_b - free_b
+                                 - torch.cuda.memory_reserved(0),
+                                 "peak_reserved_bytes": torch.cuda.max_memory_reserved(0),
+                                 "peak_alloc_bytes": torch.cuda.max_memory_allocated(0)}
     emit({"kind": "defaults", "model": name, "rows": label, "budget_gb": budget_gb,
-          "optimizer": cfg.optimizer, "lora_targets": cfg.lora_targets, **out})
+          "optimizer": cfg.optimizer, "lora_targets": cfg.lora_targets,
+          "params": params or {}, **out})
     model = peft_model.unload()
     free()
     return model, adapter
@@ -371,9 +441,21 @@ def run_model(name, parts, tokenizer, rate, steps):
                 emit({"kind": "merge", "model": name, "error": f"{type(err).__name__}: {err}"[:400]})
             del log
             free()
+        if "fit16" in parts and name == "gpt-neox-20b":  # all-linear under 16 GB: refused?
+            model, _ = defaults(model, shape, name, tokenizer, steps, rate, 16, rows512,
+                                "random-512-16GB")
+        if "profile" in parts:  # where a step's GPU time goes, defaults under the budget
+            model, _ = defaults(model, shape, name, tokenizer, 7, rate, budget, rows512,
+                                "random-512-profile", profile=True)
+        for variant in sorted(p for p in parts if p.startswith("var:")):
+            # var:NAME=VALUE;NAME=VALUE - the defaults with some parameters changed
+            params = dict(kv.split("=", 1) for kv in variant[4:].split(";"))
+            model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, rows512,
+                                "random-512-" + variant[4:].replace("=", "-").replace(";", "-"),
+                                params=params)
         if "long" in parts:  # a few hundred steps under the smallest card the article names
             long_steps, budget_small, targets = {"gpt-j-6b": (150, 12, None),
-                                                 "gpt-neox-20b": (100, 16, "attention")}[name]
+                                                 "gpt-neox-20b": (300, 16, "attention")}[name]
             rows_long = random_rows(vocab, 16 * (long_steps + 1), 512, seed=2)
             model, _ = defaults(model, shape, name, tokenizer, long_steps, rate, budget_small,
                                 rows_long, f"random-512-{long_steps}-steps", targets=targets)
