@@ -57,10 +57,26 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
 
 
 def precision_flags(dtype: torch.dtype) -> dict:
-    """TrainingArguments flags that match the compute dtype (one decision, two places)."""
+    """TrainingArguments flags that match the compute dtype (one decision, two places).
+
+    float16 (T4, V100): ``fp16=True``, i.e. autocast with loss scaling, which float16 gradients
+    need. bfloat16: no flag. The model is loaded in bfloat16 and its 4-bit layers compute in
+    bfloat16, so it runs natively; the Trainer's ``bf16=True`` would add autocast, under which
+    LayerNorm returns float32 and every block of GPT-NeoX/GPT-J then carries a float32 stream
+    (twice the activation memory, and on an H200 half of a step's GPU time spent in float32
+    elementwise kernels and casts). The float32 LoRA weights compute in the stream's dtype
+    (:func:`helpers.lora.attach`), so their gradients and optimizer stay float32, as under
+    autocast. float32 (CPU): no flag.
+    """
     if dtype == torch.float32 or not torch.cuda.is_available():
         return {"bf16": False, "fp16": False}
-    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+    return {"bf16": False, "fp16": dtype == torch.float16}
+
+
+def uses_autocast(dtype: torch.dtype) -> bool:
+    """Whether training in ``dtype`` runs under autocast (float16 on a GPU only; see
+    :func:`precision_flags`), so evaluation and probes run the same way."""
+    return precision_flags(dtype)["fp16"]
 
 
 def dtype_reason(dtype: torch.dtype) -> str:
@@ -70,7 +86,8 @@ def dtype_reason(dtype: torch.dtype) -> str:
     name = torch.cuda.get_device_name(0)
     cap = ".".join(map(str, torch.cuda.get_device_capability(0)))
     if dtype == torch.bfloat16:
-        return f"{name} has compute capability {cap} >= 8.0: native bfloat16"
+        return (f"{name} has compute capability {cap} >= 8.0: native bfloat16 (no autocast; "
+                "LoRA weights and optimizer in float32)")
     if dtype == torch.float16:
         return (f"{name} has compute capability {cap} < 8.0: bfloat16 would be emulated "
                 "(slow), so float16 with loss scaling")

@@ -347,12 +347,47 @@ def lora_config(cfg, model):
     )
 
 
+class StreamDtypeLinear(nn.Linear):
+    """A LoRA A or B matrix that keeps its float32 weight (and so float32 gradients and optimizer
+    state) but multiplies in the dtype of its input: a bfloat16 stream stays bfloat16. peft would
+    instead cast every adapted layer's input to float32 (a float32 copy of the activations, twice,
+    for each adapted layer). The state dict is unchanged, so saved adapters are plain peft."""
+
+    def forward(self, x):
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return nn.functional.linear(x, weight, bias)
+
+
+def compute_lora_in_stream_dtype(peft_model) -> int:
+    """Make every LoRA layer of ``peft_model`` compute in its input's dtype
+    (:class:`StreamDtypeLinear`, and peft's input cast turned off); returns how many adapted
+    layers were changed. Without autocast (bfloat16 training, see
+    :func:`helpers.env.precision_flags`) this keeps the whole forward in bfloat16."""
+    changed = 0
+    for module in peft_model.modules():
+        if not (_is_adapter_wrapper(module) and hasattr(module, "lora_A")):
+            continue
+        for holder in (module.lora_A, module.lora_B):
+            for linear in holder.values():
+                if type(linear) is nn.Linear:
+                    linear.__class__ = StreamDtypeLinear
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+        changed += 1
+    return changed
+
+
 def attach(model, cfg):
     """Wrap ``model`` with LoRA adapters from ``cfg`` and return the peft model.
 
     Casts only what must be cast: trainable (LoRA) weights to float32, so fp16 mixed precision
-    can unscale their gradients; the frozen base keeps its dtypes. The memory before and after is
-    kept on the returned model for :func:`trainable_report`. Introduced in notebook 03.
+    can unscale their gradients and bfloat16 training keeps float32 master weights; the frozen
+    base keeps its dtypes. The adapters multiply in the dtype of the activations
+    (:func:`compute_lora_in_stream_dtype`). The memory before and after is kept on the returned
+    model for :func:`trainable_report`. Introduced in notebook 03.
     """
     from peft import get_peft_model
 
@@ -362,6 +397,7 @@ def attach(model, cfg):
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.to(torch.float32)
+    compute_lora_in_stream_dtype(peft_model)
     peft_model.attach_memory = {"bytes_before": before, "bytes_after": param_bytes(peft_model)}
     return peft_model
 

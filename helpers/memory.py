@@ -1049,8 +1049,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         raise ValueError("attention must be 'sdpa' (default in transformers 5) or 'eager'")
     cb = _dtype_bytes(compute_dtype)  # bytes of the compute dtype (2 or 4)
     fp32 = cb == 4
-    if autocast is None:
-        autocast = not fp32
+    if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)
+        autocast = compute_dtype == torch.float16
     settings = {"seq_len": seq_len, "micro_batch": micro_batch,
                 "gradient_checkpointing": gradient_checkpointing, "lora_r": lora_r,
                 "lora_targets": lora_targets, "optimizer": optimizer,
@@ -1112,13 +1112,14 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     #   float32 stream; Llama's RMSNorm returns the stream's own dtype, float32 only when the
     #   embeddings were upcast. Without autocast the stream has the weights' dtype.
     # - c16: q, k, v and the attention output as sdpa saves them: 16-bit under autocast.
-    # - li: LoRA A's saved input: 16-bit under autocast, else cast to LoRA's float32.
+    # - li: LoRA A's saved input: 16-bit under autocast; without autocast the series computes
+    #   LoRA in the stream's dtype (helpers.lora.attach), so the stream's own tensor.
     if shape.norm == "layernorm":
         hb = 4 if (autocast or upcast_fp32 or fp32) else 2
     else:
         hb = 4 if (upcast_fp32 or fp32) else 2
     c16 = 2 if autocast else hb
-    li = 2 if autocast else lora_b
+    li = 2 if autocast else hb
     norm_save = 4 if (autocast or hb == 4 or shape.norm == "rmsnorm") else hb
     q_dim = shape.heads * shape.head_dim
 
@@ -1158,9 +1159,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # Dropout on the residual branches keeps a 1-byte mask each (OPT's 0.1; 0 in most LLMs).
     per_tok["dropout"] = (2 * h if shape.resid_dropout > 0 else 0)
     layer_saved = T * sum(per_tok.values())
-    # Under autocast each float32 LoRA weight is cast to 16-bit once per forward and the copy is
-    # kept for backward.
-    lora_casts = 2 * n_lora if autocast else 0
+    # Each float32 LoRA weight is cast to the 16-bit compute dtype once per forward (by autocast,
+    # or by the series' LoRA layers without it) and the copy is kept for backward.
+    lora_casts = 2 * n_lora if (autocast or hb == 2) else 0
 
     checkpoints = L * T * h * hb  # with checkpointing: each block's input hidden state
     acts_all = L * layer_saved
@@ -1296,8 +1297,8 @@ def _reads(shape: ModelShape, spec: LinearSpec) -> str:
 def _lora_saved_per_token(shape, lora, r, dropout, lc, *, norm_out, attn_out, mlp_out) -> int:
     """Bytes per token that the LoRA adapters of one block save for backward.
 
-    lora_A keeps its input, lora_B its r-wide input (``lc`` bytes each: 16-bit under autocast,
-    LoRA's float32 otherwise). With dropout each adapter has its own dropout output and a 1-byte
+    lora_A keeps its input, lora_B its r-wide input (``lc`` bytes each: the 16-bit compute dtype
+    under autocast or in the series' LoRA layers, float32 when the stream is float32). With dropout each adapter has its own dropout output and a 1-byte
     mask (CUDA; a float mask on CPU). Without dropout an input that needs a cast gets one copy
     per adapter (autocast caches casts of weights, not of activations); one that already has
     the right dtype is shared by every adapter reading it, and a ReLU's output (kept by ReLU

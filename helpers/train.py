@@ -195,7 +195,7 @@ def default_estimate_fn(cfg, model):
     settings = {"gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
                 "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
                 "compute_dtype": dtype, "double_quant": cfg.double_quant,
-                "cuda_context": torch.cuda.is_available(),
+                "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
                 "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout}
     try:
         memory.estimate(shape, seq_len=8, micro_batch=1, **settings)
@@ -255,14 +255,14 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
     ids = torch.randint(0, _vocab_size(model), (micro_batch, seq_len), generator=gen).to(device)
     was_training = model.training
     devices = [device.index or 0] if cuda else []
-    use_autocast = cuda and dtype in (torch.float16, torch.bfloat16)
+    use_autocast = cuda and dtype is not None and env.uses_autocast(dtype)
     try:
         with torch.random.fork_rng(devices=devices):
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             model.train()
-            with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=use_autocast):
+            with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
                 out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
                             use_cache=False)
             out.loss.backward()
@@ -869,7 +869,7 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     short example's tokens more), and ``exp(loss)``.
 
     Runs without gradients in eval mode (dropout off) and restores the mode. On a GPU it runs
-    under the same autocast ``dtype`` as training; on CPU the 4-bit layers are first made safe for
+    the way training does (autocast for float16 only, :func:`helpers.env.uses_autocast`); on CPU the 4-bit layers are first made safe for
     a no-grad forward (see :func:`helpers.models.cpu_safe`). Introduced in notebook 05.
     """
     if eval_dataset is None or len(eval_dataset) == 0:
@@ -879,7 +879,7 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
         from helpers.models import cpu_safe
 
         cpu_safe(model)
-    use_autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    use_autocast = device.type == "cuda" and dtype is not None and env.uses_autocast(dtype)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -894,7 +894,7 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
                 inputs = {k: (v.to(device) if torch.is_tensor(v) else v)
                           for k, v in batch.items()}
                 inputs.setdefault("use_cache", False)
-                with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=use_autocast):
+                with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
                     logits = model(**inputs).logits
                 target = labels[:, 1:]
                 keep = target != IGNORE_INDEX

@@ -49,7 +49,9 @@ def test_t4_trains_in_float16_although_torch_says_bf16_is_supported(gpu):
 def test_ampere_and_later_train_in_bfloat16(gpu):
     gpu((8, 0), "NVIDIA A100")
     assert env.compute_dtype() == torch.bfloat16
-    assert env.precision_flags(torch.bfloat16) == {"bf16": True, "fp16": False}
+    # bf16 runs natively: no autocast (it would turn GPT-NeoX's stream into float32)
+    assert env.precision_flags(torch.bfloat16) == {"bf16": False, "fp16": False}
+    assert not env.uses_autocast(torch.bfloat16) and env.uses_autocast(torch.float16)
 
 
 def test_cpu_trains_in_float32_with_no_mixed_precision_flag():

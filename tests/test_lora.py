@@ -291,3 +291,48 @@ def test_checkpointing_is_non_reentrant(saved):
     funcs = [m._gradient_checkpointing_func for m in model.modules()
              if getattr(m, "gradient_checkpointing", False)]
     assert funcs and all(f.keywords.get("use_reentrant") is False for f in funcs)
+
+
+def test_lora_computes_in_the_stream_dtype_with_float32_master_weights(tmp_path):
+    """bf16 activations stay bf16 through the adapters (no float32 copy of the input), while the
+    LoRA weights, and so their gradients, stay float32; in float32 nothing changes."""
+    from helpers import config as C, lora, models
+
+    model = models.load_model("rehearsal:tiny-neox", compute_dtype="bfloat16")
+    cfg = C.make_config(RUN_DIR=str(tmp_path), MODEL="rehearsal:tiny-neox", LORA_DROPOUT=0.0)
+    lora.prepare_for_training(model, False, False)
+    peft_model = lora.attach(model, cfg)
+    adapted = [m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert adapted and all(type(m.lora_A["default"]) is lora.StreamDtypeLinear for m in adapted)
+    seen = []
+    hooks = [m.lora_B["default"].register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+             for m in adapted]
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():  # make lora_B non-zero so gradients reach lora_A too
+        for m in adapted:
+            m.lora_B["default"].weight.normal_(0, 0.02)
+    peft_model.train()
+    out = peft_model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in trainable)
+    assert all(torch.isfinite(p.grad).all() for p in trainable)
+
+
+def test_stream_dtype_linear_is_peft_linear_in_float32():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(8, 4)
+    ours = torch.nn.Linear(8, 4)
+    ours.load_state_dict(plain.state_dict())
+    from helpers import lora
+
+    ours.__class__ = lora.StreamDtypeLinear
+    x = torch.randn(3, 8)
+    assert torch.equal(plain(x), ours(x))
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    half = ours(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and ours.weight.dtype == torch.float32
