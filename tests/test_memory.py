@@ -422,6 +422,37 @@ def test_checkpointing_batch_and_length_move_the_estimate_the_right_way():
     assert e(gradient_checkpointing=False, use_cache=True) > e(gradient_checkpointing=False)
 
 
+def test_chunked_loss_holds_one_chunk_of_logits():
+    """Llama-3.1-8B at 8,192 tokens: the standard loss holds 8,192 x 128,256 logits at 12 bytes
+    (12.6 GB); the chunked loss one chunk of 512 positions (0.79 GB) plus the gathered final
+    hidden states, their gradient and index_select's (3 x 8,192 x 4,096 x 2 bytes)."""
+    shape = M.shape_from_config(llama8b())
+    T, V, h = 8192, 128256, 4096
+    final_norm = T * (4 * h + 8)  # RMSNorm saves a float32 copy of its input
+
+    def logits_item(**kw):
+        est = M.estimate(shape, seq_len=T, micro_batch=1, **kw)
+        return next(i for i in est.items if i.key == "logits").bytes, est
+
+    full, std = logits_item(chunked_loss=False)
+    chunk, est = logits_item(chunked_loss=True)
+    assert full == 12 * T * V + final_norm
+    assert chunk == 12 * 512 * V + 3 * T * h * 2 + final_norm
+    assert full / 1e9 == pytest.approx(12.74, abs=0.01) and chunk / 1e9 == pytest.approx(1.12, abs=0.01)
+    assert std.total_allocated - est.total_allocated > 9e9
+    assert est.settings["chunked_loss"] and "chunk" in est.text()
+    # a sequence shorter than a chunk: the same logits, plus the gathered hidden states
+    def item(seq, chunked):
+        est = M.estimate(shape, seq_len=seq, chunked_loss=chunked)
+        return next(i for i in est.items if i.key == "logits").bytes
+
+    assert item(256, True) == item(256, False) + 3 * 256 * h * 2
+    # under 16 GB at micro-batch 1, the longest sequence more than doubles
+    longest = {c: M.largest_fit(shape, 16e9, seq_len=512, chunked_loss=c)["seq_len"]
+               for c in (False, True)}
+    assert longest[True] >= 2 * longest[False]
+
+
 # GPU peak memory measured on an NVIDIA H200 by the original recipe (the recipe benchmark):
 # NF4 + double quantization, bf16 compute dtype, prepare_model_for_kbit_training (embeddings,
 # head and norms upcast to float32), LoRA r=8 on query_key_value (GPT-J: q_proj, k_proj, v_proj),
