@@ -20,7 +20,10 @@ the batch's label tokens.
 - :func:`unsupported_reason` / :func:`supports` - which models it applies to: the families whose
   head reads the body's last hidden state unchanged (checked in tests/test_losses.py), with a
   plain linear head (GPT-J's bias included) and no logit soft-capping or scaling; any other model
-  keeps the standard loss.
+  keeps the standard loss;
+- :func:`more_than_one_chunk` - whether a micro-batch is long enough for chunks to save memory:
+  up to one chunk (:func:`chunk_tokens`: 512 positions of a 128,256-token vocabulary, 8,192 of a
+  small model's) the model's own loss holds the same logits and is a little faster.
 """
 
 from __future__ import annotations
@@ -102,6 +105,14 @@ def unsupported_reason(model) -> str | None:
 def supports(model) -> bool:
     """True when :func:`causal_lm_loss` can replace ``model``'s own loss."""
     return unsupported_reason(model) is None
+
+
+def more_than_one_chunk(model, positions: int) -> bool:
+    """True when ``positions`` (micro-batch x sequence length) are more than one chunk of
+    ``model``'s vocabulary holds. Up to one chunk the chunked loss holds the same logits as the
+    model's own loss (recomputed in backward), so it saves nothing and the model's loss is used."""
+    head = unwrap(model).get_output_embeddings()
+    return positions > chunk_tokens(head.weight.shape[0])
 
 
 def _autocast_state(device_type: str) -> tuple:

@@ -1177,13 +1177,15 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # log_softmax's output, the loss gradient and log_softmax's input gradient (4 + 4 + 4).
     # With the chunked loss (helpers.losses) the same happens to one chunk of positions at a
     # time (its logits are recomputed in backward), and the labelled positions' final hidden
-    # states are gathered once, with their gradient (and index_select's) in backward.
+    # states are gathered once, with their gradient (and index_select's) in backward. A
+    # micro-batch of at most one chunk keeps the model's own loss.
     head_copy = V * h * 2 if (upcast_fp32 and autocast) else 0
     final_norm = T * (norm_save * h + 8)
-    if chunked_loss:
-        from helpers.losses import chunk_tokens
+    from helpers.losses import chunk_tokens
 
-        logit_tokens = min(T, chunk_tokens(V))
+    chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
+    if chunked_loss:
+        logit_tokens = chunk_tokens(V)
         head_in = 4 if (autocast and shape.norm == "layernorm") or hb == 4 else 2
         gathered = 3 * T * h * head_in
     else:

@@ -277,7 +277,8 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
             model.train()
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
             with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=use_autocast):
-                if chunked_loss and losses.supports(model):
+                if chunked_loss and losses.supports(model) and \
+                        losses.more_than_one_chunk(model, ids.numel()):
                     out = losses.causal_lm_loss(model, inputs, ids)
                 else:
                     out = model(**inputs, labels=ids)
@@ -481,8 +482,9 @@ class SeriesTrainer(Trainer):
 
     With ``chunked_loss`` (CHUNKED_LOSS, on by default) the training loss is the chunked
     cross-entropy of :mod:`helpers.losses`, which never holds the whole sequence's logits, for
-    the models it applies to (:func:`helpers.losses.supports`); it equals the model's own loss,
-    and the Trainer scales it for gradient accumulation exactly as it scales the model's.
+    the models it applies to (:func:`helpers.losses.supports`) and micro-batches of more than one
+    chunk of positions (:func:`helpers.losses.more_than_one_chunk`); it equals the model's own
+    loss, and the Trainer scales it for gradient accumulation exactly as it scales the model's.
     Evaluation through the Trainer (which returns logits) and label smoothing or a
     ``compute_loss_func`` keep the standard path."""
 
@@ -502,11 +504,11 @@ class SeriesTrainer(Trainer):
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and getattr(pc, "sp_enabled", False):
             return False
-        if self._chunked_applies is None:
-            from helpers import losses
+        from helpers import losses
 
+        if self._chunked_applies is None:
             self._chunked_applies = losses.supports(model)
-        return self._chunked_applies
+        return self._chunked_applies and losses.more_than_one_chunk(model, inputs["labels"].numel())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._use_chunked_loss(model, inputs, return_outputs):

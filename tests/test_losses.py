@@ -189,6 +189,9 @@ def test_probe_step_uses_the_chunked_loss(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(losses, "causal_lm_loss", counting)
+    assert T.probe_step(model, 2, 16) == 0  # 32 positions: one chunk, the model's own loss
+    assert calls == []
+    monkeypatch.setattr(losses, "chunk_tokens", lambda vocab: 8)
     assert T.probe_step(model, 2, 16) == 0  # CPU: no GPU peak to report
     assert calls == [1]
     T.probe_step(model, 2, 16, chunked_loss=False)
