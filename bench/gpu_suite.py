@@ -20,7 +20,8 @@ so a run cut short keeps what it measured):
   upcast, LoRA r=8 alpha=32 on the attention projections, batch 1 x accumulation 4,
   checkpointing, paged_adamw_8bit, the ``fp16`` flag) on the same rows and on unpacked quotes.
 - ``longest``: the longest sequence at micro-batch 1 that trains under a budget, for the
-  defaults and for the original recipe (estimator's answer, confirmed by a real step).
+  defaults (with the chunked loss of CHUNKED_LOSS) and for the original recipe (the model's own
+  loss over the full logits): the estimator's answer, confirmed by a real step.
 - ``merge``: the defaults' adapter merged into the 16-bit rehearsal, verified by logits.
 
 Tokens per second count real tokens, with the first two steps left out as warm-up. Model FLOPs
@@ -312,14 +313,14 @@ def original(model, shape, name, tokenizer, steps, rate, rows, label):
     trainer = train.SeriesTrainer(model=peft_model, args=args, train_dataset=rows,
                                   data_collator=train.CountingCollator(
                                       data.CompletionCollator(tokenizer)),
-                                  token_counter=counter)
+                                  token_counter=counter, chunked_loss=False)  # the model's loss
     try:
         r = timed_trainer_run(trainer)
     except Exception as err:
         r = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     est = memory.estimate(shape, seq_len=512, micro_batch=1, lora_r=8,
                           lora_targets=ORIGINAL_TARGETS[name], upcast_fp32=True,
-                          compute_dtype=torch.bfloat16, autocast=True)
+                          compute_dtype=torch.bfloat16, autocast=True, chunked_loss=False)
     emit({"kind": "original", "model": name, "rows": label, "predicted_peak_bytes":
           est.total_allocated, **r,
           "mfu": round(6 * shape_params(shape) * r.get("tokens_per_second", 0) / rate, 3)
@@ -341,13 +342,13 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
                                                       target_modules=ORIGINAL_TARGETS[name],
                                                       task_type="CAUSAL_LM"))
         settings = dict(lora_r=8, lora_targets=ORIGINAL_TARGETS[name], upcast_fp32=True,
-                        autocast=True)
+                        autocast=True, chunked_loss=False)
         dtype = torch.float16
     else:
         cfg = config.make_config(MODEL=f"rehearsal:{name}", RUN_DIR=str(WORK / "longest"))
         lora.prepare_for_training(model, True, False)
         peft_model = lora.attach(model, cfg)
-        settings = dict(lora_r=cfg.lora_r)
+        settings = dict(lora_r=cfg.lora_r, chunked_loss=cfg.chunked_loss)
         dtype = None
     lf = memory.largest_fit(shape, budget, seq_len=512, **settings)
     predicted = lf["seq_len"]
@@ -357,7 +358,8 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
     step = 512
     for _ in range(10):
         try:
-            train.probe_step(peft_model, 1, seq, dtype)
+            train.probe_step(peft_model, 1, seq, dtype,
+                             chunked_loss=settings["chunked_loss"])
             ok = max(ok, seq)
             tried.append((seq, "ok"))
         except torch.cuda.OutOfMemoryError:

@@ -66,6 +66,7 @@ class Config:
     max_grad_norm: float = 1.0
     save_steps: int = 50
     resume: bool = False
+    chunked_loss: bool = True  # the loss over chunks of positions: no full-sequence logits
     # generation (helpers.generate)
     max_new_tokens: int = 40
     prompts: str = ""  # "|"-separated; "" = a few fixed prompts suited to the dataset

@@ -1021,7 +1021,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              compute_dtype=torch.bfloat16, double_quant: bool = True, cuda_context: bool = True,
              upcast_fp32: bool = False, autocast: bool | None = None,
              lora_dropout: float = 0.05, attention: str = "sdpa", use_cache: bool = False,
-             context_bytes: int = CUDA_CONTEXT_BYTES,
+             chunked_loss: bool = True, context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
     """Predict the peak GPU memory of a QLoRA training step, item by item.
 
@@ -1033,7 +1033,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     optional); ``autocast``: the Trainer's fp16/bf16 mixed-precision flag (default: on unless the
     compute dtype is float32); ``use_cache``: the model's ``config.use_cache`` during training
     (a key/value cache is then built in every forward without checkpointing: set it False, as the
-    recipe does); ``cuda_context``: False on CPU.
+    recipe does); ``chunked_loss``: the loss of :mod:`helpers.losses` (the series' default,
+    CHUNKED_LOSS), whose logits exist one chunk of positions at a time, instead of the standard
+    loss over the whole sequence's logits (False: the original recipe, a plain Trainer);
+    ``cuda_context``: False on CPU.
 
     The activation model follows what autograd really saves in transformers 5 with bitsandbytes
     4-bit layers and peft LoRA (checked with saved-tensor hooks on each family); the module's
@@ -1057,7 +1060,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
                 "compute_dtype": str(compute_dtype).replace("torch.", ""),
                 "double_quant": double_quant, "cuda_context": cuda_context,
                 "upcast_fp32": upcast_fp32, "autocast": autocast, "lora_dropout": lora_dropout,
-                "attention": attention, "use_cache": use_cache, "context_bytes": context_bytes,
+                "attention": attention, "use_cache": use_cache, "chunked_loss": chunked_loss,
+                "context_bytes": context_bytes,
                 "allocator_slack": allocator_slack}
     h, V, L, ff = shape.hidden, shape.vocab, shape.layers, shape.intermediate
     T = seq_len * micro_batch  # tokens per forward pass
@@ -1172,10 +1176,23 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # logits.float(): at the end of the forward the 16-bit logits, their float32 copy and
     # log_softmax's saved output coexist (2 + 4 + 4 bytes per logit); at the start of backward
     # log_softmax's output, the loss gradient and log_softmax's input gradient (4 + 4 + 4).
+    # With the chunked loss (helpers.losses) the same happens to one chunk of positions at a
+    # time (its logits are recomputed in backward), and the labelled positions' final hidden
+    # states are gathered once, with their gradient (and index_select's) in backward. A
+    # micro-batch of at most one chunk keeps the model's own loss.
     head_copy = V * h * 2 if (upcast_fp32 and autocast) else 0
     final_norm = T * (norm_save * h + 8)
-    logits_fwd = 10 * T * V
-    logits = 12 * T * V
+    from helpers.losses import chunk_tokens
+
+    chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
+    if chunked_loss:
+        logit_tokens = chunk_tokens(V)
+        head_in = 4 if (autocast and shape.norm == "layernorm") or hb == 4 else 2
+        gathered = 3 * T * h * head_in
+    else:
+        logit_tokens, gathered = T, 0
+    logits_fwd = 10 * logit_tokens * V + gathered // 3
+    logits = 12 * logit_tokens * V + gathered
     # A key/value cache (config.use_cache=True, no checkpointing): every block's keys and values
     # in the stream dtype, alive until the model's output is dropped, just before backward.
     kv_cache = L * T * 2 * shape.kv_heads * shape.head_dim * hb \
@@ -1247,7 +1264,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              if head_copy else "none: the head is already 16-bit"),
         Item("logits", "logits and loss", logits + final_norm,
              (logits_fwd if at_fwd else logits) + final_norm if not at_block else 0,
-             f"{T} tokens x {V} vocab x 12 bytes (float32 logits, log-softmax, gradients)"),
+             (f"one chunk of {logit_tokens} of {T} tokens x {V} vocab x 12 bytes (float32 "
+              "logits, log-softmax, gradients; chunked loss) and the gathered hidden states"
+              if chunked_loss else
+              f"{T} tokens x {V} vocab x 12 bytes (float32 logits, log-softmax, gradients)")),
     ]
     if use_cache and not gradient_checkpointing:
         items.append(Item("kv_cache", "key/value cache", kv_cache, on(kv_cache, at_fwd),
@@ -1429,7 +1449,8 @@ def estimate_for_config(cfg, shape=None) -> Estimate:
                     lora_targets=cfg.lora_targets, optimizer=cfg.optimizer,
                     compute_dtype=dtype, double_quant=cfg.double_quant,
                     cuda_context=torch.cuda.is_available(),
-                    upcast_fp32=cfg.upcast_norms_and_head, lora_dropout=cfg.lora_dropout)
+                    upcast_fp32=cfg.upcast_norms_and_head, lora_dropout=cfg.lora_dropout,
+                    chunked_loss=cfg.chunked_loss)
 
 
 

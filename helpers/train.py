@@ -196,7 +196,8 @@ def default_estimate_fn(cfg, model):
                 "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
                 "compute_dtype": dtype, "double_quant": cfg.double_quant,
                 "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
-                "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout}
+                "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout,
+                "chunked_loss": cfg.chunked_loss and _chunked_loss_applies(model)}
     try:
         memory.estimate(shape, seq_len=8, micro_batch=1, **settings)
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
@@ -242,13 +243,25 @@ def _vocab_size(model) -> int:
     return int(size)
 
 
-def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
+def _chunked_loss_applies(model) -> bool:
+    from helpers import losses
+
+    return losses.supports(model)
+
+
+def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None,
+               chunked_loss: bool = True) -> int:
     """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
     all of them labelled: the largest activations a training step at this size can have. Returns
     the peak GPU bytes allocated during it (0 on CPU); raises ``torch.cuda.OutOfMemoryError`` when
     it does not fit. The random numbers come from their own generator and the global RNG state is
-    restored, so the run that follows is not shifted by the probe. Introduced in notebook 05.
+    restored, so the run that follows is not shifted by the probe. ``chunked_loss``: the loss of
+    :mod:`helpers.losses`, as :class:`SeriesTrainer` computes it (CHUNKED_LOSS; models it does
+    not apply to keep their own loss), so the probe measures what training will hold.
+    Introduced in notebook 05.
     """
+    from helpers import losses
+
     device = _model_device(model)
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
@@ -262,9 +275,13 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             model.train()
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
             with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
-                            use_cache=False)
+                if chunked_loss and losses.supports(model) and \
+                        losses.more_than_one_chunk(model, ids.numel()):
+                    out = losses.causal_lm_loss(model, inputs, ids)
+                else:
+                    out = model(**inputs, labels=ids)
             out.loss.backward()
             del out
             peak = torch.cuda.max_memory_allocated(device) if cuda else 0
@@ -377,7 +394,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     while True:
         out_of_memory = False
         try:
-            peak = probe_step(model, micro, cfg.max_length, dtype)
+            peak = probe_step(model, micro, cfg.max_length, dtype, chunked_loss=cfg.chunked_loss)
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
         if out_of_memory:  # outside the except block, so the failed step's tensors can go
@@ -461,11 +478,45 @@ class SeriesTrainer(Trainer):
     """The Trainer, counting the real (non-padding) and loss tokens of every micro-batch it trains
     on: into ``token_counter`` (for :class:`ThroughputCallback` and :class:`TrainingGuard`) and
     into ``state.num_input_tokens_seen``, which checkpoints keep, so a resumed run's total counts
-    the steps before the interruption too."""
+    the steps before the interruption too.
 
-    def __init__(self, *args, token_counter: TokenCounter | None = None, **kwargs):
+    With ``chunked_loss`` (CHUNKED_LOSS, on by default) the training loss is the chunked
+    cross-entropy of :mod:`helpers.losses`, which never holds the whole sequence's logits, for
+    the models it applies to (:func:`helpers.losses.supports`) and micro-batches of more than one
+    chunk of positions (:func:`helpers.losses.more_than_one_chunk`); it equals the model's own
+    loss, and the Trainer scales it for gradient accumulation exactly as it scales the model's.
+    Evaluation through the Trainer (which returns logits) and label smoothing or a
+    ``compute_loss_func`` keep the standard path."""
+
+    def __init__(self, *args, token_counter: TokenCounter | None = None,
+                 chunked_loss: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_counter = token_counter or TokenCounter()
+        self.chunked_loss = chunked_loss
+        self._chunked_applies = None
+
+    def _use_chunked_loss(self, model, inputs, return_outputs) -> bool:
+        if not self.chunked_loss or return_outputs or "labels" not in inputs:
+            return False
+        if "shift_labels" in inputs or self.label_smoother is not None \
+                or getattr(self, "compute_loss_func", None) is not None:
+            return False
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None and getattr(pc, "sp_enabled", False):
+            return False
+        from helpers import losses
+
+        if self._chunked_applies is None:
+            self._chunked_applies = losses.supports(model)
+        return self._chunked_applies and losses.more_than_one_chunk(model, inputs["labels"].numel())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._use_chunked_loss(model, inputs, return_outputs):
+            from helpers import losses
+
+            model = losses.ChunkedLossModel(model)  # called as the model; the Trainer does the rest
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         real = _batch_real_tokens(inputs)
@@ -1161,7 +1212,7 @@ def make_trainer(cfg, model, tokenizer, train_dataset, collator, micro_batch: in
     trainer = SeriesTrainer(model=model, args=training_arguments(cfg, micro_batch, dtype),
                             train_dataset=train_dataset, data_collator=CountingCollator(collator),
                             processing_class=tokenizer, callbacks=list(callbacks),
-                            token_counter=TokenCounter())
+                            token_counter=TokenCounter(), chunked_loss=cfg.chunked_loss)
     for own in (ProgressCallback, NotebookProgressCallback, PrinterCallback):
         trainer.remove_callback(own)  # replaced by ProgressBar (train adds it)
     return trainer

@@ -318,6 +318,73 @@ def test_evaluate_loss_is_token_weighted(tmp_path, tiny):
     assert ppl == pytest.approx(math.exp(loss))
 
 
+# --------------------------------------------------------------------------- chunked loss
+
+
+@pytest.mark.parametrize("loss_kwargs", [True, False])
+def test_chunked_loss_trains_like_the_standard_loss(tmp_path, tiny, monkeypatch, loss_kwargs):
+    """Micro-batches of 2 rows of different lengths, 3 accumulated per step: the chunked loss (in
+    chunks of 5 positions) logs the same losses and gradient norms and ends with the same
+    adapter as the model's own loss. With ``loss_kwargs`` the Trainer passes num_items_in_batch
+    (the token count over the accumulated micro-batches); without, each micro-batch's mean is
+    divided by the accumulation steps - both as for the model's own loss."""
+    from helpers import losses
+
+    calls = []
+    chunked = losses.causal_lm_loss
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("num_items_in_batch"))
+        return chunked(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "causal_lm_loss", counting)
+    monkeypatch.setattr(losses, "chunk_tokens", lambda vocab: 5)  # several chunks per batch
+    if not loss_kwargs:
+        init = T.SeriesTrainer.__init__
+
+        def no_loss_kwargs(self, *a, **kw):
+            init(self, *a, **kw)
+            self.model_accepts_loss_kwargs = False
+
+        monkeypatch.setattr(T.SeriesTrainer, "__init__", no_loss_kwargs)
+    results = {}
+    for on in (False, True):
+        cfg = config(tmp_path / str(on), max_steps=4, save_steps=0, micro_batch=2, grad_accum=3,
+                     lora_dropout=0.0, chunked_loss=on)
+        result, _ = run(tiny, cfg, train_texts=[t + " and " + TEXTS[i % 5] * (i % 3)
+                                                 for i, t in enumerate(TEXTS)] * 2)
+        results[on] = result
+    assert len(calls) == 4 * 3
+    assert all((n is not None) == loss_kwargs for n in calls)
+    standard, chunked_run = results[False], results[True]
+    for a, b in zip(standard.history, chunked_run.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-6)
+    assert chunked_run.metrics["eval_loss_after"] == pytest.approx(
+        standard.metrics["eval_loss_after"], rel=1e-5)
+    wa, wb = adapter_weights(standard.adapter_dir), adapter_weights(chunked_run.adapter_dir)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_the_estimate_follows_chunked_loss(tmp_path, tiny, monkeypatch):
+    from helpers import memory
+
+    seen = []
+    estimate = memory.estimate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["chunked_loss"])
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "estimate", recording)
+    model = peft_model(tiny, config(tmp_path))
+    for on in (True, False):
+        seen.clear()
+        T.default_estimate_fn(config(tmp_path, chunked_loss=on), model)(1, 32)
+        assert seen and set(seen) == {on}
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -430,7 +497,8 @@ class ZeroLoss(T.TrainerCallback):
 
 
 def test_zero_loss_guard_stops_and_explains(tmp_path, tiny):
-    cfg = config(tmp_path, max_steps=6, save_steps=0)
+    # the model's own loss, which ZeroLoss's forward hook zeroes
+    cfg = config(tmp_path, max_steps=6, save_steps=0, chunked_loss=False)
     tokenizer = tokenizer_of(tiny)
     model = peft_model(tiny, cfg)
     with pytest.raises(T.TrainingStopped) as err:
