@@ -2,7 +2,7 @@
 
 One module per concept, in the order the notebooks introduce them: ``config`` and ``manifest``
 (every notebook), ``env`` (01), ``memory`` and ``models`` (02), ``lora`` (03), ``data`` (04),
-``train`` (05), ``generate`` (05, 06), ``plots`` and ``widgets`` (throughout), and ``run``, the
+``train`` and ``distributed`` (05), ``generate`` (05, 06), ``plots`` and ``widgets`` (throughout), and ``run``, the
 main job that executes the series with papermill.
 """
 
@@ -21,8 +21,8 @@ NOTEBOOKS = (
     "06_inference_and_merge",
 )
 
-_MODULES = ("config", "manifest", "env", "memory", "models", "lora", "data", "train", "generate",
-            "plots", "widgets", "nbtools", "run")
+_MODULES = ("config", "manifest", "env", "memory", "models", "lora", "data", "train",
+            "distributed", "generate", "plots", "widgets", "nbtools", "run")
 
 
 def __getattr__(name):
