@@ -157,9 +157,6 @@ def check_plan(cfg, num_processes: int, mode: str = "ddp", *, cuda_devices: int 
         if offload:
             notes.append("fsdp_offload_params: shards and the optimizer step live in CPU RAM "
                           "(slower, but only the gathered layers are on the cards)")
-    if mode == "ddp" and cfg.optimizer.startswith("paged") and gpus > 0 and num_processes > 1:
-        notes.append("paged optimizers page each process's state independently; fine under "
-                     "DDP (the LoRA state is small)")
     return notes
 
 
