@@ -259,3 +259,33 @@ def notebook_launch(cfg, num_processes: int, *, cuda_devices: int | None = None,
     from accelerate import notebook_launcher
 
     return notebook_launcher(_notebook_worker, **kwargs)
+
+
+# ============================================================================ notebook 05
+
+
+def suggested_processes(cuda_devices: int | None = None) -> int:
+    """One process per visible GPU; 2 gloo processes on a machine without one."""
+    return _gpu_count(cuda_devices) or 2
+
+
+def launch_plans(cfg, num_processes: int | None = None, *, cuda_devices: int | None = None,
+                 offload: bool = False) -> str:
+    """Notebook 05's "Scaling out" in one call: write the DDP config for ``num_processes``
+    (default :func:`suggested_processes`) into RUN_DIR and, where this Config and machine allow
+    it, the FSDP-QLoRA one; return the commands to run them, or why FSDP is refused here and
+    what to change. Nothing is launched."""
+    n = num_processes or suggested_processes(cuda_devices)
+    lines = []
+    ddp = write_launch_config(cfg, n, "ddp", cuda_devices=cuda_devices)
+    lines += [f"DDP, {n} processes (the model fits one card; the run finishes sooner):",
+              f"  {ddp.command_line}"] + [f"  note: {x}" for x in ddp.notes]
+    try:
+        fsdp = write_launch_config(cfg, n, "fsdp", cuda_devices=cuda_devices, offload=offload)
+    except LaunchError as err:
+        lines += ["FSDP-QLoRA (the model does not fit one card): not with these settings "
+                  f"here: {err}"]
+    else:
+        lines += [f"FSDP-QLoRA, {n} processes (the model does not fit one card):",
+                  f"  {fsdp.command_line}"] + [f"  note: {x}" for x in fsdp.notes]
+    return "\n".join(lines)
