@@ -232,15 +232,30 @@ def notebook_launch(cfg, num_processes: int, *, cuda_devices: int | None = None,
     ``accelerate.notebook_launcher``; returns the launcher's result (``dry_run``: the arguments
     it would be called with, after the checks).
 
-    When it works: in a kernel that has not touched a GPU yet (restart the kernel, set the
-    parameters, call this before loading a model), on one machine, for DDP. When it does not:
-    once CUDA is initialized in the kernel (any model on a GPU, ``torch.cuda`` memory readouts)
-    the forked processes cannot use CUDA, so this refuses; FSDP needs the config file, so it is
-    refused here (use :func:`write_launch_config` and the command line). On a CPU machine the
-    processes are forked gloo workers. Introduced in notebook 05.
+    When it works: in a fresh kernel, on one machine, for DDP - restart the kernel, run the
+    setup and parameters cells and ``helpers.config.start``, then call this before loading a
+    model. When it does not, it refuses with the reason: once CUDA is initialized in the kernel
+    (a model on the GPU, a ``torch.cuda`` memory readout) forked processes cannot use CUDA;
+    once bitsandbytes is imported (loading a 4-bit model imports it) or a Trainer/Accelerator
+    exists in the kernel, accelerate itself refuses to fork. FSDP needs its config file: use
+    :func:`write_launch_config` and the command line. On a CPU machine the processes are forked
+    gloo workers. Introduced in notebook 05.
     """
+    import sys
+
     notes = check_plan(cfg, num_processes, "ddp", cuda_devices=cuda_devices)
     gpus = _gpu_count(cuda_devices)
+    if num_processes > 1 and "bitsandbytes" in sys.modules:
+        raise LaunchError(
+            "bitsandbytes is already imported in this kernel (a 4-bit model was loaded), and "
+            "accelerate's notebook_launcher refuses to fork after that. Restart the kernel and "
+            "call notebook_launch before loading a model, or run the command from "
+            "write_launch_config(...) in a terminal")
+    if num_processes > 1 and _accelerate_state_exists():
+        raise LaunchError(
+            "a Trainer or Accelerator was already created in this kernel, and accelerate's "
+            "notebook_launcher refuses to fork after that. Restart the kernel and call "
+            "notebook_launch before training, or run the command from write_launch_config(...)")
     if gpus > 0 and torch.cuda.is_initialized():
         raise LaunchError(
             "CUDA is already initialized in this kernel (a model or a memory readout used the "
@@ -259,6 +274,14 @@ def notebook_launch(cfg, num_processes: int, *, cuda_devices: int | None = None,
     from accelerate import notebook_launcher
 
     return notebook_launcher(_notebook_worker, **kwargs)
+
+
+def _accelerate_state_exists() -> bool:
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover
+        return False
+    return len(AcceleratorState._shared_state) > 0
 
 
 # ============================================================================ notebook 05

@@ -145,6 +145,14 @@ def test_notebook_launch_checks_its_arguments(tmp_path, monkeypatch):
         D.notebook_launch(cfg, 0, cuda_devices=0, dry_run=True)
     with pytest.raises(D.LaunchError, match="2 GPU"):
         D.notebook_launch(cfg, 3, cuda_devices=2, dry_run=True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", object())
+    with pytest.raises(D.LaunchError, match="bitsandbytes is already imported"):
+        D.notebook_launch(cfg, 2, cuda_devices=0, dry_run=True)
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    monkeypatch.setattr(D, "_accelerate_state_exists", lambda: True)
+    with pytest.raises(D.LaunchError, match="Trainer or Accelerator"):
+        D.notebook_launch(cfg, 2, cuda_devices=0, dry_run=True)
+    monkeypatch.setattr(D, "_accelerate_state_exists", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(D.LaunchError, match="Restart the kernel"):
         D.notebook_launch(cfg, 2, cuda_devices=2, dry_run=True)
