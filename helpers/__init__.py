@@ -2,8 +2,8 @@
 
 One module per concept, in the order the notebooks introduce them: ``config`` and ``manifest``
 (every notebook), ``env`` (01), ``memory`` and ``models`` (02), ``lora`` (03), ``data`` (04),
-``train`` and ``losses`` (05), ``generate`` (05, 06), ``plots`` and ``widgets`` (throughout), and ``run``, the
-main job that executes the series with papermill.
+``train``, ``losses`` and ``distributed`` (05), ``generate`` (05, 06), ``plots`` and ``widgets``
+(throughout), and ``run``, the main job that executes the series with papermill.
 """
 
 __version__ = "0.1.0"
@@ -22,7 +22,7 @@ NOTEBOOKS = (
 )
 
 _MODULES = ("config", "manifest", "env", "memory", "models", "lora", "data", "train", "losses",
-            "generate", "plots", "widgets", "nbtools", "run")
+            "distributed", "generate", "plots", "widgets", "nbtools", "run")
 
 
 def __getattr__(name):

@@ -34,6 +34,7 @@ class Config:
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
     compute_dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    quant_storage: str = "auto"  # auto: uint8 in one process, the compute dtype under FSDP
     memory_budget_gb: float = 0.0  # 0 = the card's memory (CPU: no budget)
     # LoRA (helpers.lora)
     lora_r: int = 16
@@ -87,6 +88,7 @@ PARAMETERS: dict = {f.name.upper(): f.default for f in dataclasses.fields(Config
 _CHOICES = {
     "quant_type": ("nf4", "fp4"),
     "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "quant_storage": ("auto", "uint8", "bfloat16", "float16", "float32"),
     "data_format": ("text", "template", "instruction", "chat"),
     "optimizer": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"),
     "lr_schedule": ("cosine", "linear", "constant", "constant_with_warmup"),

@@ -56,6 +56,34 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float16
 
 
+def fsdp_active() -> bool:
+    """True inside a process that ``accelerate launch`` started with an FSDP config (it sets
+    ``ACCELERATE_USE_FSDP``); the 4-bit weights must then be stored in a dtype FSDP can shard."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+
+
+def quant_storage_dtype(requested: str = "auto", compute: torch.dtype | None = None) -> torch.dtype:
+    """The dtype bitsandbytes packs 4-bit weights into (``bnb_4bit_quant_storage``).
+
+    auto: ``uint8`` (two 4-bit values per byte, bitsandbytes' default) in a single process or
+    under DDP; under FSDP (:func:`fsdp_active`) the compute dtype, because FSDP flattens every
+    parameter of a wrapped layer into one tensor of one dtype, and it shards floating-point
+    tensors only. The packed bytes are the same either way: a bfloat16 element holds four 4-bit
+    values. Introduced with scaling out (notebook 05).
+    """
+    names = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float32": torch.float32}
+    if requested != "auto":
+        try:
+            return names[requested]
+        except KeyError:
+            raise ValueError(f"QUANT_STORAGE={requested!r}: use auto, uint8, bfloat16, float16 "
+                             "or float32") from None
+    if fsdp_active():
+        return compute if compute is not None else compute_dtype("auto")
+    return torch.uint8
+
+
 def precision_flags(dtype: torch.dtype) -> dict:
     """TrainingArguments flags that match the compute dtype (one decision, two places).
 

@@ -1454,6 +1454,120 @@ def estimate_for_config(cfg, shape=None) -> Estimate:
 
 
 
+# ============================================================================ several GPUs
+
+# Items FSDP shards: every persistent tensor of the model, its gradients and optimizer state.
+_SHARDED = ("weights_4bit", "quant_constants", "embeddings", "lm_head", "norms_biases",
+            "lora_params", "lora_grads", "optimizer", "optimizer_paged")
+SCALING_MODES = ("ddp", "fsdp")
+
+
+def _block_bytes(shape: ModelShape, settings: dict) -> int:
+    """Bytes of one transformer block's parameters as FSDP gathers them: its 4-bit linears with
+    their constants, norms and biases in the 16-bit dtype, and its LoRA weights (float32)."""
+    wb = 4 if settings["upcast_fp32"] else _dtype_bytes(settings["compute_dtype"])
+    quant = sum(sum(quantized_weight_bytes(s.params, double_quant=settings["double_quant"])
+                    .values()) for s in shape.linears)
+    per_norm = shape.hidden * (2 if shape.norm == "layernorm" else 1)
+    small = shape.norms_per_block * per_norm + sum(s.d_out for s in shape.linears if s.bias)
+    r = settings["lora_r"]
+    lora = sum(r * (s.d_in + s.d_out) for s in _lora_specs(shape, settings["lora_targets"]))
+    return quant + small * wb + lora * 4
+
+
+def estimate_per_gpu(shape, n_gpus: int, mode: str = "ddp", *, prefetch: bool = True,
+                     offload: bool = False, **estimate_kwargs) -> Estimate:
+    """Predicted memory of each GPU when the same QLoRA step runs on ``n_gpus`` GPUs.
+
+    ``mode="ddp"`` (data parallel, one whole model per GPU): the one-GPU :func:`estimate`, plus
+    DDP's gradient buckets, a second float32 copy of the LoRA gradients that the all-reduce
+    works on. ``mode="fsdp"`` (fully sharded, the 4-bit weights stored in the compute dtype): the
+    4-bit weights, their constants, the 16-bit embeddings, head, norms and biases, the LoRA
+    parameters, their gradients and the optimizer state are divided by ``n_gpus``; on top, FSDP
+    all-gathers one transformer block at a time (two with ``prefetch``: the next block is
+    fetched while this one computes) and keeps the root unit - embeddings, head and final norm,
+    everything outside the wrapped blocks - whole from the forward through the backward. With
+    ``offload`` (``fsdp_offload_params``) the shards live in CPU RAM and only the gathered
+    units are on the card. Activations, logits and the buffers of one block's backward are
+    per GPU and do not shrink: each GPU still runs its own micro-batch.
+    ``estimate_kwargs`` are :func:`estimate`'s (``seq_len``, ``micro_batch``, ...); the result
+    is an :class:`Estimate` whose items say what was divided. Introduced in notebook 05.
+    """
+    if mode not in SCALING_MODES:
+        raise ValueError(f"mode={mode!r}: use 'ddp' (a whole model per GPU) or 'fsdp' (sharded)")
+    if int(n_gpus) != n_gpus or n_gpus < 1:
+        raise ValueError(f"n_gpus={n_gpus} must be a whole number of at least 1")
+    n = int(n_gpus)
+    one = estimate(shape, **estimate_kwargs)
+    settings = {**one.settings, "n_gpus": n, "mode": mode, "prefetch": prefetch,
+                "offload": offload}
+    items = [dataclasses.replace(i) for i in one.items
+             if i.key not in ("allocator_slack", "cuda_context")]
+    by_key = {i.key: i for i in items}
+    if mode == "ddp":
+        grads = by_key["lora_grads"].bytes
+        extra = [Item("ddp_buckets", "DDP gradient buckets", grads, grads if n > 1 else 0,
+                      "a float32 copy of the LoRA gradients that the all-reduce averages")]
+        items += extra
+    else:
+        for i in items:
+            if i.key in _SHARDED and i.bytes:
+                i.at_peak = 0 if offload else math.ceil(i.bytes / n)
+                i.explanation = (f"in CPU RAM (offloaded); {fmt_bytes(i.bytes / n)} per GPU "
+                                 "there" if offload else
+                                 f"1/{n} of {fmt_bytes(i.bytes)} ({i.explanation})")
+        sh = one.shape
+        root = by_key["embeddings"].bytes + by_key["lm_head"].bytes + \
+            (4 if one.settings["upcast_fp32"] else _dtype_bytes(one.settings["compute_dtype"])) \
+            * sh.hidden * (2 if sh.norm == "layernorm" else 1)
+        block = _block_bytes(sh, one.settings)
+        gathered = block * (2 if prefetch and sh.layers > 1 else 1)
+        items += [
+            Item("fsdp_root", "root unit, gathered", root, root if n > 1 else 0,
+                 "embeddings, head and final norm held whole from forward to backward"),
+            Item("fsdp_gathered_blocks", "blocks gathered", gathered, gathered if n > 1 else 0,
+                 f"{gathered // block if block else 0} whole block(s) of {fmt_bytes(block)}: "
+                 "the one computing" + (" and the one prefetched" if gathered > block else "")),
+        ]
+    allocated = sum(i.at_peak for i in items if i.allocator)
+    transient = sum(i.at_peak for i in items if i.key in (
+        "block_recompute", "dequant_temp", "head_copy", "logits", "kv_cache"))
+    cuda = one.settings["cuda_context"]
+    slack_frac = one.settings["allocator_slack"]
+    slack = int(allocated * slack_frac + transient * TRANSIENT_SLACK) if cuda else 0
+    ctx = one.settings["context_bytes"] if cuda else 0
+    items += [
+        Item("allocator_slack", "allocator slack", slack, slack,
+             f"caching allocator's reserved-but-unused memory ({slack_frac:.0%} of the "
+             f"allocated + {TRANSIENT_SLACK:.0%} of short-lived buffers)", allocator=False),
+        Item("cuda_context", "CUDA context", ctx, ctx,
+             "driver context and kernels, on every GPU", allocator=False),
+    ]
+    device = sum(i.at_peak for i in items)
+    return Estimate(shape=one.shape, settings=settings, items=items,
+                    total_allocated=int(allocated), total_device=int(device),
+                    footprint=one.footprint, peak_phase=one.peak_phase,
+                    activation_detail=one.activation_detail)
+
+
+def scaling_table(shape, budget_bytes: float, n_gpus=(1, 2, 4), modes=SCALING_MODES,
+                  **estimate_kwargs) -> list[dict]:
+    """Per-GPU predictions for each mode and GPU count against ``budget_bytes`` (one card's
+    memory): rows of mode, n_gpus, per-GPU bytes and the verdict. Introduced in notebook 05."""
+    rows = []
+    for mode in modes:
+        for n in n_gpus:
+            est = estimate_per_gpu(shape, n, mode, **estimate_kwargs)
+            rows.append({"mode": mode, "n_gpus": n, "per_gpu_bytes": est.total_device,
+                         "fits": est.total_device <= budget_bytes,
+                         "text": f"{mode.upper()} on {n} GPU(s): {fmt_bytes(est.total_device)} "
+                                 f"per GPU of {fmt_bytes(budget_bytes)}: "
+                                 + ("fits" if est.total_device <= budget_bytes
+                                    else "does not fit")})
+    return rows
+
+
+
 class MemoryBudgetError(ValueError):
     """A run that cannot fit the memory budget, refused before anything is loaded."""
 

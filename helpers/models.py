@@ -595,21 +595,34 @@ def _compute_dtype(compute_dtype) -> torch.dtype:
     return env.compute_dtype(compute_dtype or "auto")
 
 
-def quantization_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=None):
+def _quant_storage(quant_storage, compute: torch.dtype) -> torch.dtype:
+    if isinstance(quant_storage, torch.dtype):
+        return quant_storage
+    try:
+        return env.quant_storage_dtype(quant_storage or "auto", compute)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def quantization_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=None,
+                        quant_storage="uint8"):
     """The 4-bit settings of the series as a ``BitsAndBytesConfig`` (notebook 02).
 
     ``compute_dtype``: a torch dtype, a name ("bfloat16", ...) or None/"auto" for
     :func:`helpers.env.compute_dtype` (bf16 on capability >= 8, fp16 on older GPUs, fp32 on CPU).
+    ``quant_storage``: the dtype the packed 4-bit values are stored in (``uint8``; under FSDP the
+    compute dtype, see :func:`helpers.env.quant_storage_dtype`; "auto" decides by the launch).
     """
     from transformers import BitsAndBytesConfig
 
     if quant_type not in ("nf4", "fp4"):
         raise ConfigError(f"QUANT_TYPE={quant_type!r}: use 'nf4' (the QLoRA default) or 'fp4'")
+    compute = _compute_dtype(compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=bool(double_quant),
-        bnb_4bit_compute_dtype=_compute_dtype(compute_dtype),
-        bnb_4bit_quant_storage=torch.uint8)
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=_quant_storage(quant_storage, compute))
 
 
 def _hub_failure(source: ModelSource, err: Exception, reachable: bool) -> ModelUnavailableError:
@@ -781,7 +794,7 @@ def cpu_safe(model):
 
 
 def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
-               compute_dtype="auto", device=None, tokenizer=None):
+               compute_dtype="auto", device=None, tokenizer=None, quant_storage="auto"):
     """MODEL loaded in 4-bit, as the article does, on the GPU (or on CPU) (notebook 02).
 
     ``from_pretrained(..., quantization_config=..., device_map={"": 0} or {"": "cpu"},
@@ -790,20 +803,30 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
     layer by layer instead (:func:`build_rehearsal`). The embeddings grow when the tokenizer
     (given, or :func:`load_tokenizer`'s) has more tokens than the model has rows. On CPU,
     :func:`cpu_safe` is applied.
+
+    ``quant_storage`` ("auto": ``uint8``, or the compute dtype inside an FSDP launch; see
+    :func:`helpers.env.quant_storage_dtype`). Under FSDP, with no ``device`` given, a Hub or local
+    model is loaded without a device map, in the storage dtype, as transformers' FSDP-QLoRA
+    loading expects (FSDP places the shards), and a rehearsal is built in CPU RAM, where FSDP
+    takes it from (``fsdp_sync_module_states``).
     """
     from transformers import AutoModelForCausalLM
 
     source = resolve(model)
-    dev = _device(device)
+    fsdp = env.fsdp_active() and device is None
+    dev = torch.device("cpu") if fsdp and source.kind == "rehearsal" else _device(device)
     dtype = _compute_dtype(compute_dtype)
+    storage = _quant_storage(quant_storage, dtype)
     if source.kind == "rehearsal":
         loaded = build_rehearsal(source, quant_type=quant_type, double_quant=double_quant,
-                                 compute_dtype=dtype, device=dev)
+                                 compute_dtype=dtype, device=dev, quant_storage=storage)
     else:
-        qc = quantization_config(quant_type, double_quant, dtype)
+        qc = quantization_config(quant_type, double_quant, dtype, storage)
+        placement = {"device_map": _device_map(dev)} if not fsdp else {}
+        load_dtype = storage if (fsdp and storage.is_floating_point) else dtype
         loaded = _from_pretrained(AutoModelForCausalLM, source, quantization_config=qc,
-                                  device_map=_device_map(dev), low_cpu_mem_usage=True,
-                                  **_dtype_kwarg(dtype))
+                                  low_cpu_mem_usage=True, **placement,
+                                  **_dtype_kwarg(load_dtype))
     fit_embeddings(loaded, tokenizer if tokenizer is not None else load_tokenizer(source))
     if dev.type == "cpu":
         cpu_safe(loaded)
@@ -954,7 +977,8 @@ def _check_room(model, name: str, dev: torch.device, double_quant: bool) -> None
 
 
 def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
-                    compute_dtype=None, device=None, seed: int = 0, quantize: bool = True):
+                    compute_dtype=None, device=None, seed: int = 0, quantize: bool = True,
+                    quant_storage="uint8"):
     """A real architecture with random weights, built directly in 4-bit (notebook 02).
 
     The model's skeleton is made on the ``meta`` device (no memory); every linear layer but the
@@ -966,6 +990,8 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
     ``from_pretrained(quantization_config=...)``. On a GPU, GPT-NeoX-20B takes about 11 GB.
 
     ``quantize=False`` builds the same random weights unquantized (what :func:`load_16bit` gives).
+    ``quant_storage``: the dtype the packed 4-bit values are stored in (``uint8``; the compute
+    dtype for FSDP; "auto" as in :func:`load_model`).
     """
     import bitsandbytes as bnb
     from accelerate import init_empty_weights
@@ -974,7 +1000,8 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
     config = rehearsal_config(name)
     dev = _device(device)
     dtype = _compute_dtype(compute_dtype)
-    qc = quantization_config(quant_type, double_quant, dtype) if quantize else None
+    storage = _quant_storage(quant_storage, dtype)
+    qc = quantization_config(quant_type, double_quant, dtype, storage) if quantize else None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
     head = model.get_output_embeddings()
@@ -986,7 +1013,7 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
                     setattr(parent, child_name, bnb.nn.Linear4bit(
                         child.in_features, child.out_features, bias=child.bias is not None,
                         compute_dtype=dtype, compress_statistics=bool(double_quant),
-                        quant_type=quant_type, quant_storage=torch.uint8, device="meta"))
+                        quant_type=quant_type, quant_storage=storage, device="meta"))
 
     _check_room(model, config.name_or_path, dev, double_quant)
     std = getattr(config, "initializer_range", 0.02)
@@ -1008,7 +1035,7 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
                 # quantized on its way to the device; the 16-bit tensor is dropped right after
                 module.weight = bnb.nn.Params4bit(
                     value, requires_grad=False, quant_type=quant_type,
-                    compress_statistics=bool(double_quant), quant_storage=torch.uint8,
+                    compress_statistics=bool(double_quant), quant_storage=storage,
                     module=module).to(dev)
             else:
                 module._parameters[param_name] = nn.Parameter(

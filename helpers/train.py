@@ -163,6 +163,7 @@ def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None,
         use_cpu=not cuda,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step (DDP)
         label_names=["labels"],
         report_to="none",
         disable_tqdm=False,  # the series quiets transformers' logging, which would hide the bar
@@ -172,12 +173,17 @@ def training_arguments(cfg, micro_batch: int, dtype: torch.dtype | None = None,
 # ============================================================================ 2. fit the card
 
 
+def _gpu() -> int:
+    """The GPU this process trains on (its LOCAL_RANK's under a multi-GPU launch)."""
+    return torch.cuda.current_device()
+
+
 def budget_bytes(cfg) -> int | None:
     """MEMORY_BUDGET_GB in bytes: 0 means the whole card; None on CPU without a budget."""
     if cfg.memory_budget_gb > 0:
         return int(cfg.memory_budget_gb * GB)
     if torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(0).total_memory)
+        return int(torch.cuda.get_device_properties(_gpu()).total_memory)
     return None
 
 
@@ -203,7 +209,15 @@ def default_estimate_fn(cfg, model):
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
         settings["lora_targets"] = "all-linear"
 
+    from helpers import distributed
+
+    launch = distributed.world()
+    mode = "fsdp" if launch["fsdp"] else "ddp"
+
     def estimate_fn(micro_batch: int, seq_len: int) -> int:
+        if launch["world_size"] > 1:  # what each GPU of the launch holds
+            return memory.estimate_per_gpu(shape, launch["world_size"], mode, seq_len=seq_len,
+                                           micro_batch=micro_batch, **settings).total_device
         return memory.estimate(shape, seq_len=seq_len, micro_batch=micro_batch,
                                **settings).total_device
 
@@ -297,14 +311,14 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
 def _enforce_budget(budget: int, notes: list) -> None:
     """Cap torch's allocator so that the process uses at most ``budget`` bytes of the card,
     counting what is already held outside the allocator (CUDA context, libraries)."""
-    free, total = torch.cuda.mem_get_info(0)
-    outside = max(0, (total - free) - torch.cuda.memory_reserved(0))
+    free, total = torch.cuda.mem_get_info(_gpu())
+    outside = max(0, (total - free) - torch.cuda.memory_reserved(_gpu()))
     if budget >= total:
         notes.append(f"MEMORY_BUDGET_GB={budget / GB:.1f} is not below the card's "
                      f"{total / GB:.1f} GB: nothing to enforce")
         return
     fraction = max(0.01, (budget - outside) / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.cuda.set_per_process_memory_fraction(fraction, _gpu())
     notes.append(f"budget enforced: torch may allocate {fraction * total / GB:.2f} GB of this "
                  f"{total / GB:.1f} GB card ({budget / GB:.1f} GB budget less "
                  f"{outside / GB:.2f} GB of CUDA context), as on a {budget / GB:.0f} GB card")
@@ -349,6 +363,9 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     """
     notes: list[str] = []
     cuda = torch.cuda.is_available() and _model_device(model).type == "cuda"
+    if env.fsdp_active() and torch.cuda.is_available():
+        # FSDP places the shards when training starts: no probe on the unsharded model
+        cuda, probe = True, False
     budget = budget_bytes(cfg)
     if budget is not None:
         if estimate_fn is None:
@@ -370,7 +387,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     if cfg.memory_budget_gb > 0:
         _enforce_budget(budget, notes)
     else:
-        torch.cuda.set_per_process_memory_fraction(1.0, 0)  # undo an earlier budget
+        torch.cuda.set_per_process_memory_fraction(1.0, _gpu())  # undo an earlier budget
     if cfg.micro_batch:
         micro = cfg.micro_batch
         if estimate_fn is not None and estimate_fn(micro, cfg.max_length) > budget:
@@ -553,10 +570,36 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _process_count() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _across_processes(values, op: str = "sum") -> list:
+    """``values`` summed (or their maximum, ``op="max"``) over the processes of a launch; the
+    values themselves in a single process. Every process must call it at the same point."""
+    import torch.distributed as dist
+
+    if _process_count() == 1:
+        return list(values)
+    backend = str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu")
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
 class ThroughputCallback(TrainerCallback):
     """Real tokens and seconds of each optimizer step (``steps``: step, tokens, loss_tokens,
-    seconds). :attr:`tokens_per_second` leaves out the first step of the run, whose time includes
-    warm-up (allocations, kernel selection, the optimizer's state creation)."""
+    seconds, local_tokens). :attr:`tokens_per_second` leaves out the first step of the run, whose
+    time includes warm-up (allocations, kernel selection, the optimizer's state creation).
+
+    In a launch of several processes the step's tokens are summed over all of them and its
+    seconds are the slowest process's (the wall time of the step), so tokens/s is the whole
+    launch's; ``local_tokens`` are this process's share. ``state.num_input_tokens_seen`` is
+    raised to the launch's total, the same in every process and in the checkpoints."""
 
     def __init__(self, counter: TokenCounter):
         self.counter = counter
@@ -574,8 +617,14 @@ class ThroughputCallback(TrainerCallback):
         _sync()
         seconds = time.perf_counter() - (self._start or time.perf_counter())
         tokens, loss_tokens = self.counter.take()
+        local = tokens
+        if _process_count() > 1:
+            tokens, loss_tokens = (int(v) for v in _across_processes([tokens, loss_tokens]))
+            seconds = _across_processes([seconds], "max")[0]
+            state.num_input_tokens_seen += tokens - local  # SeriesTrainer counted `local`
         self.steps.append({"step": state.global_step, "tokens": tokens,
-                           "loss_tokens": loss_tokens, "seconds": seconds})
+                           "loss_tokens": loss_tokens, "seconds": seconds,
+                           "local_tokens": local})
 
     @property
     def last(self) -> dict:
@@ -590,6 +639,10 @@ class ThroughputCallback(TrainerCallback):
     @property
     def tokens(self) -> int:
         return sum(s["tokens"] for s in self.steps)
+
+    @property
+    def local_tokens(self) -> int:
+        return sum(s.get("local_tokens", s["tokens"]) for s in self.steps)
 
 
 class MemoryCallback(TrainerCallback):
@@ -1113,11 +1166,13 @@ def _clear_checkpoints(run_dir) -> list:
     return [p.name for p in old]
 
 
-def save_adapter(model, folder, card: dict) -> Path:
+def save_adapter(model, folder, card: dict, saved: bool = False) -> Path:
     """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a short model
-    card (README.md: base model, dataset, steps, losses, date) in ``folder``."""
+    card (README.md: base model, dataset, steps, losses, date) in ``folder``; ``saved``: the
+    adapter files are already there (FSDP gathers them through the Trainer), add the card."""
     folder = Path(folder)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    if not saved:
+        model.save_pretrained(str(folder), safe_serialization=True)
     if not (folder / "adapter_model.safetensors").is_file():
         raise RuntimeError(f"the adapter was not saved as safetensors in {folder}")
     (folder / "README.md").write_text(model_card(card))
@@ -1180,6 +1235,12 @@ class TrainResult:
             (f"micro-batch {m['micro_batch']} x {m['grad_accum']} accumulation; peak GPU "
              f"{fmt_bytes(m['peak_gpu_bytes_train'])}, CPU RSS "
              f"{fmt_bytes(m['peak_cpu_rss_bytes_train'])}")]
+        if m.get("num_processes", 1) > 1:
+            lines.insert(3, (f"{m['num_processes']} processes x micro-batch {m['micro_batch']} x "
+                             f"{m['grad_accum']} accumulation = {m['global_batch']} rows per "
+                             f"optimizer step; tokens summed over the processes (this one: "
+                             f"{m['train_tokens_this_process']:,}); peak memory of the main "
+                             "process"))
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from.name}")
         if self.adapter_dir is not None:
@@ -1189,9 +1250,9 @@ class TrainResult:
 
 def _is_main_process() -> bool:
     """False in the other processes of a multi-GPU launch (``accelerate launch`` sets RANK)."""
-    import os
+    from helpers import distributed
 
-    return os.environ.get("RANK", "0") == "0"
+    return distributed.is_main_process()
 
 
 def _merge_history(logged: list, *per_step: list) -> list:
@@ -1253,6 +1314,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
     notes: list[str] = []
+    verbose = verbose and _is_main_process()  # one process prints, one writes
+    fsdp = env.fsdp_active() and torch.cuda.is_available()
     if not cfg.learning_rate:
         cfg = dataclasses.replace(cfg, learning_rate=auto_learning_rate(model))
         notes.append(f"LEARNING_RATE=0: {cfg.learning_rate:.2g} for this model's width "
@@ -1289,9 +1352,14 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     if eval_set is None or len(eval_set) == 0:
         eval_set = train_dataset.select(range(min(64, len(train_dataset))))
         notes.append("no eval split: before/after losses are measured on the first train rows")
+    if fsdp:  # the model is sharded only when training starts: measured after, not before
+        notes.append("FSDP: the held-out loss before training is not measured (the model is "
+                     "not sharded yet, and whole it may not fit one GPU)")
+        eval_loss_before, ppl_before = float("nan"), float("nan")
     if verbose:
         print("\n".join(notes))
-    eval_loss_before, ppl_before = evaluate_loss(model, eval_set, collator, micro, dtype)
+    if not fsdp:
+        eval_loss_before, ppl_before = evaluate_loss(model, eval_set, collator, micro, dtype)
 
     trainer = make_trainer(cfg, model, tokenizer, train_dataset, collator, micro, dtype=dtype)
     throughput = ThroughputCallback(trainer.token_counter)
@@ -1319,10 +1387,13 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
         curve.save()
         raise TrainingStopped(guard.problem, guard.kind, guard.step, history)
 
-    eval_loss_after, ppl_after = evaluate_loss(model, eval_set, collator, micro, dtype)
+    # under FSDP the wrapped model, whose layers are gathered in turn on every process
+    eval_model = trainer.model_wrapped if fsdp else model
+    eval_loss_after, ppl_after = evaluate_loss(eval_model, eval_set, collator, micro, dtype)
     curve.eval_points.append((trainer.state.global_step, eval_loss_after, "eval after"))
     state = trainer.state
     logged = [e["loss"] for e in curve.history]
+    processes = _process_count()
     metrics = {
         "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after,
         "perplexity_before": ppl_before, "perplexity_after": ppl_after,
@@ -1335,19 +1406,26 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
         "peak_gpu_bytes_train": memory_cb.peak_gpu_bytes,
         "peak_cpu_rss_bytes_train": memory_cb.peak_cpu_rss_bytes,
         "micro_batch": micro, "grad_accum": cfg.grad_accum,
+        "num_processes": processes, "global_batch": micro * cfg.grad_accum * processes,
+        "train_tokens_this_process": throughput.local_tokens,
         "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else 0,
     }
     adapter_dir = curve_path = None
+    if fsdp:  # gathering the adapter from the shards is a step every process takes
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(run_dir / ADAPTER))
     if trainer.args.should_save:
         curve_path = curve.save()
         lora_id = _lora_identity(model)
         adapter_dir = save_adapter(model, run_dir / ADAPTER, {
             **metrics, "base_model": cfg.model, "dataset": cfg.dataset,
-            "date": time.strftime("%Y-%m-%d"), "batch": f"{micro} x {cfg.grad_accum}",
+            "date": time.strftime("%Y-%m-%d"),
+            "batch": f"{micro} x {cfg.grad_accum}" + (f" x {processes} processes"
+                                                      if processes > 1 else ""),
             "optimizer": cfg.optimizer, "learning_rate": f"{cfg.learning_rate:g} ({cfg.lr_schedule})",
             "lora": f"r={lora_id.get('r')}, alpha={lora_id.get('alpha')}, "
                     f"targets {lora_id.get('targets')}",
-            "max_length": cfg.max_length})
+            "max_length": cfg.max_length}, saved=fsdp)
     return TrainResult(metrics=metrics, history=history, adapter_dir=adapter_dir,
                        loss_curve=curve_path, checkpoints=ckpt_dir, notes=notes,
                        resumed_from=resume_from, trainer=trainer)
@@ -1359,17 +1437,38 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
 def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = True) -> TrainResult:
     """Notebook 05's steps in one call: load the model in 4-bit, prepare and attach LoRA, load or
     prepare the dataset, train. For scripts, ``python -m helpers.train`` and notebooks that need
-    an adapter when notebook 05 has not run (:func:`ensure_adapter`)."""
-    from helpers import data, lora, models
+    an adapter when notebook 05 has not run (:func:`ensure_adapter`).
 
+    In a launch of several processes every process loads its own model (DDP: whole, on its
+    GPU; FSDP: see :func:`helpers.models.load_model`); the main process prepares the dataset
+    first and the others then read it, so no two processes write RUN_DIR at once."""
+    from helpers import data, distributed, lora, models
+
+    main = distributed.is_main_process()
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                              compute_dtype=cfg.compute_dtype, device=device, tokenizer=tokenizer)
+                              compute_dtype=cfg.compute_dtype, device=device, tokenizer=tokenizer,
+                              quant_storage=cfg.quant_storage)
     lora.prepare_for_training(model, cfg.gradient_checkpointing, cfg.upcast_norms_and_head)
     model = lora.attach(model, cfg)
-    prepared = data.load_or_prepare(cfg, tokenizer, verbose=verbose)
+    with _main_process_first():
+        prepared = data.load_or_prepare(cfg, tokenizer, verbose=verbose and main)
     return train(cfg, model, tokenizer, prepared.train, prepared.eval,
                  data.CompletionCollator(tokenizer), live=live, verbose=verbose)
+
+
+def _main_process_first():
+    """A context in which the main process of a launch runs first and the others wait for it
+    (a no-op in a single process)."""
+    import contextlib
+
+    from helpers import distributed
+
+    if distributed.world()["world_size"] == 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
 
 
 def ensure_adapter(cfg) -> Path:
@@ -1391,32 +1490,78 @@ def ensure_adapter(cfg) -> Path:
 
 def main(argv=None) -> int:
     """``python -m helpers.train RUN_DIR [--resume]``: train with the parameters recorded in
-    ``RUN_DIR/manifest.json`` (the same path the notebook takes, for scripts and, later,
-    ``accelerate launch -m helpers.train RUN_DIR`` on several GPUs)."""
+    ``RUN_DIR/manifest.json`` - the path notebook 05 takes, for scripts and for
+    ``accelerate launch --config_file RUN_DIR/accelerate_ddp.yaml -m helpers.train RUN_DIR``
+    on several GPUs (see :mod:`helpers.distributed`).
+
+    Before anything is loaded the launch is checked (:func:`helpers.distributed.check_plan`:
+    processes against visible GPUs, FSDP's needs). One model per process, on the GPU of its
+    LOCAL_RANK. Only the main process prints the summary and writes: the adapter, the loss
+    curve, and the final figures in the manifest's ``train`` entry (``metrics``, ``status``).
+    Exit status: 0 trained; 2 refused before starting (the message says what to change);
+    1 failed while running (the manifest's ``train.error`` says how)."""
     import argparse
     import os
+    import sys
 
     from helpers import config as config_mod
-    from helpers import manifest
+    from helpers import distributed, manifest
 
     ap = argparse.ArgumentParser(prog="python -m helpers.train", description=main.__doc__)
     ap.add_argument("run_dir")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = ap.parse_args(argv)
-    recorded = manifest.load(args.run_dir).get("parameters", {})
-    params = {k: v for k, v in recorded.items() if k in config_mod.PARAMETERS}
-    params["RUN_DIR"] = args.run_dir
-    if args.resume:
-        params["RESUME"] = True
-    cfg = config_mod.make_config(**params)
+    launch = distributed.world()
+    is_main = launch["rank"] == 0
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    def fail(err, code: int) -> int:
+        where = f"[process {launch['rank']}] " if launch["world_size"] > 1 else ""
+        print(f"{where}error: {err}", file=sys.stderr)
+        if is_main and Path(args.run_dir).is_dir():
+            manifest.update(args.run_dir, lambda d: d.__setitem__("train", {
+                "status": "refused" if code == 2 else "failed", "started": started,
+                "error": f"{type(err).__name__}: {str(err)[:1000]}", "metrics": {}}))
+        return code
+
+    if not manifest.path(args.run_dir).is_file():
+        return fail(FileNotFoundError(
+            f"{args.run_dir} has no {manifest.FILE}: write the parameters first (notebook 05, "
+            "helpers.distributed.write_launch_config, or python -m helpers.run)"), 2)
+    try:
+        recorded = manifest.load(args.run_dir).get("parameters", {})
+        params = {k: v for k, v in recorded.items() if k in config_mod.PARAMETERS}
+        params["RUN_DIR"] = args.run_dir
+        if args.resume:
+            params["RESUME"] = True
+        cfg = config_mod.make_config(**params)
+        mode = "fsdp" if launch["fsdp"] else "ddp"
+        notes = distributed.check_plan(cfg, launch["local_world_size"], mode,
+                                       cuda_devices=torch.cuda.device_count())
+    except (config_mod.ConfigError, distributed.LaunchError, ValueError) as err:
+        return fail(err, 2)
+    if is_main and launch["world_size"] > 1:
+        print(f"{launch['world_size']} processes ({mode.upper()})"
+              + "".join(f"\n  {n}" for n in notes))
     config_mod.seed_everything(cfg.seed)
     device = None
-    local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None and torch.cuda.is_available():
-        device = torch.device("cuda", int(local_rank))  # one model per GPU (DDP)
-    result = train_from_config(cfg, device=device)
-    print(result.summary())
-    print(json.dumps(result.metrics, indent=1))
+    if torch.cuda.is_available() and not launch["fsdp"] and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", launch["local_rank"])  # one model per GPU (DDP)
+        torch.cuda.set_device(device)
+    try:
+        result = train_from_config(cfg, device=device)
+    except (BudgetError, ResumeError, TrainingStopped) as err:
+        return fail(err, 1)
+    except Exception as err:
+        fail(err, 1)
+        raise
+    if is_main:
+        print(result.summary())
+        print(json.dumps(result.metrics, indent=1))
+        manifest.update(args.run_dir, lambda d: d.__setitem__("train", {
+            "status": "ok", "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "launch": {"num_processes": launch["world_size"], "mode": mode},
+            "metrics": result.metrics}))
     return 0
 
 

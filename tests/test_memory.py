@@ -725,3 +725,70 @@ def test_estimate_matches_a_measured_training_step(tmp_path):
                      compute_dtype=dtype, upcast_fp32=False, chunked_loss=False)
     print(f"measured {peak / 1e9:.3f} GB, predicted {est.total_allocated / 1e9:.3f} GB")
     assert est.total_allocated == pytest.approx(peak, rel=0.10), (peak, est.text())
+
+
+# ---------------------------------------------------------------- several GPUs (notebook 05)
+
+
+def _toy_shape():
+    """Two blocks of four linears, hidden 64, vocab 100, untied head, LayerNorm."""
+    lin = (M.LinearSpec("qkv", 64, 192), M.LinearSpec("out", 64, 64),
+           M.LinearSpec("up", 64, 256, group="mlp"), M.LinearSpec("down", 256, 64, group="mlp"))
+    return M.ModelShape(name="toy", family="generic", vocab=100, hidden=64, layers=2, heads=4,
+                        kv_heads=4, head_dim=16, intermediate=256, context=128,
+                        tied_embeddings=False, linears=lin)
+
+
+TOY = {"seq_len": 32, "micro_batch": 2, "lora_r": 4, "optimizer": "adamw_torch",
+       "compute_dtype": torch.bfloat16, "cuda_context": False}
+
+
+def test_per_gpu_estimate_by_hand():
+    one = M.estimate(_toy_shape(), **TOY)
+    b = one.breakdown()
+    # DDP: one GPU's need plus a float32 copy of the LoRA gradients (the all-reduce buckets).
+    # LoRA r=4 per block: 4 x ((64+192) + (64+64) + (64+256) + (256+64)) = 4096 parameters.
+    lora_grads = 2 * 4096 * 4
+    assert b["lora_grads"] == lora_grads
+    ddp = M.estimate_per_gpu(_toy_shape(), 2, "ddp", **TOY)
+    assert ddp.total_device == one.total_device + lora_grads
+    assert M.estimate_per_gpu(_toy_shape(), 1, "ddp", **TOY).total_device == one.total_device
+    # FSDP on 2 GPUs: the persistent items halved, plus the gathered units.
+    # One block, gathered: 4-bit packed + constants (double quantization: one byte per block of
+    # 64, four per 256 of those, a 1,092-byte table) of each linear,
+    qkv = 12288 // 2 + 192 + 4 + 1092
+    out = 4096 // 2 + 64 + 4 + 1092
+    up = down = 16384 // 2 + 256 + 4 + 1092
+    # two LayerNorms (weight and bias) in bf16, the block's LoRA weights in float32:
+    block = qkv + out + up + down + 2 * 64 * 2 * 2 + 4096 * 4
+    assert block == 46624
+    root = 100 * 64 * 2 * 2 + 64 * 2 * 2  # embeddings and head (bf16), final LayerNorm
+    sharded = ("weights_4bit", "quant_constants", "embeddings", "lm_head", "norms_biases",
+               "lora_params", "lora_grads", "optimizer", "optimizer_paged")
+    expected = sum(math.ceil(b[k] / 2) for k in sharded) + \
+        sum(v for k, v in b.items() if k not in sharded) + 2 * block + root
+    fsdp = M.estimate_per_gpu(_toy_shape(), 2, "fsdp", **TOY)
+    assert fsdp.total_device == expected
+    assert fsdp.breakdown()["fsdp_gathered_blocks"] == 2 * block
+    assert fsdp.breakdown()["fsdp_root"] == root
+    no_prefetch = M.estimate_per_gpu(_toy_shape(), 2, "fsdp", prefetch=False, **TOY)
+    assert fsdp.total_device - no_prefetch.total_device == block
+    # activations are per GPU: unchanged
+    assert fsdp.breakdown()["activations"] == b["activations"]
+    # offloaded: no shard on the card at all
+    off = M.estimate_per_gpu(_toy_shape(), 2, "fsdp", offload=True, **TOY)
+    assert off.total_device == expected - sum(math.ceil(b[k] / 2) for k in sharded)
+
+
+def test_fsdp_halves_a_70b_model_and_refuses_bad_arguments():
+    from helpers import models
+
+    shape = M.shape_from_config(models.load_config("rehearsal:llama-2-70b"))
+    kw = {"seq_len": 512, "lora_r": 8, "lora_targets": "attention", "optimizer": "adamw_torch"}
+    one = M.estimate(shape, **kw).total_device
+    two = M.estimate_per_gpu(shape, 2, "fsdp", **kw).total_device
+    assert one > 24e9 > two  # 70B in 4-bit: one card of 24 GB is too small, two are enough
+    with pytest.raises(ValueError, match="ddp"):
+        M.estimate_per_gpu(shape, 2, "zero3", **kw)
+    with pytest.raises(ValueError, match="at least 1"):
+        M.estimate_per_gpu(shape, 0, "ddp", **kw)
