@@ -815,11 +815,17 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
     source = resolve(model)
     fsdp = env.fsdp_active() and device is None
     dev = torch.device("cpu") if fsdp and source.kind == "rehearsal" else _device(device)
+    # under FSDP a rehearsal is drawn and quantized on this process's GPU, layer by layer, and
+    # kept in CPU RAM (a 70B model in minutes of CPU time otherwise)
+    build_on = None
+    if fsdp and source.kind == "rehearsal" and torch.cuda.is_available():
+        build_on = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = _compute_dtype(compute_dtype)
     storage = _quant_storage(quant_storage, dtype)
     if source.kind == "rehearsal":
         loaded = build_rehearsal(source, quant_type=quant_type, double_quant=double_quant,
-                                 compute_dtype=dtype, device=dev, quant_storage=storage)
+                                 compute_dtype=dtype, device=dev, quant_storage=storage,
+                                 build_device=build_on)
     else:
         qc = quantization_config(quant_type, double_quant, dtype, storage)
         placement = {"device_map": _device_map(dev)} if not fsdp else {}
@@ -978,7 +984,7 @@ def _check_room(model, name: str, dev: torch.device, double_quant: bool) -> None
 
 def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
                     compute_dtype=None, device=None, seed: int = 0, quantize: bool = True,
-                    quant_storage="uint8"):
+                    quant_storage="uint8", build_device=None):
     """A real architecture with random weights, built directly in 4-bit (notebook 02).
 
     The model's skeleton is made on the ``meta`` device (no memory); every linear layer but the
@@ -999,6 +1005,9 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
 
     config = rehearsal_config(name)
     dev = _device(device)
+    # where the random values are drawn and quantized (a GPU is hundreds of times faster than a
+    # CPU at it); each finished tensor then moves to ``dev``
+    make = torch.device(build_device) if build_device is not None else dev
     dtype = _compute_dtype(compute_dtype)
     storage = _quant_storage(quant_storage, dtype)
     qc = quantization_config(quant_type, double_quant, dtype, storage) if quantize else None
@@ -1017,7 +1026,7 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
 
     _check_room(model, config.name_or_path, dev, double_quant)
     std = getattr(config, "initializer_range", 0.02)
-    generator = torch.Generator(device=dev)
+    generator = torch.Generator(device=make)
     for module_name, module in model.named_modules():
         for param_name, param in list(module.named_parameters(recurse=False)):
             if not param.is_meta:
@@ -1025,21 +1034,23 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             generator.manual_seed(_tensor_seed(seed, full_name))
             if param_name == "bias":
-                value = torch.zeros(param.shape, dtype=dtype, device=dev)
+                value = torch.zeros(param.shape, dtype=dtype, device=make)
             elif _is_norm(module):
-                value = torch.ones(param.shape, dtype=dtype, device=dev)
+                value = torch.ones(param.shape, dtype=dtype, device=make)
             else:
-                value = torch.empty(param.shape, dtype=dtype, device=dev)
+                value = torch.empty(param.shape, dtype=dtype, device=make)
                 value.normal_(0.0, std, generator=generator)
             if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
                 # quantized on its way to the device; the 16-bit tensor is dropped right after
                 module.weight = bnb.nn.Params4bit(
                     value, requires_grad=False, quant_type=quant_type,
                     compress_statistics=bool(double_quant), quant_storage=storage,
-                    module=module).to(dev)
+                    module=module).to(make)
+                if make != dev:  # quant_state moves with it, in place (the module shares it)
+                    module.weight = module.weight.to(dev)
             else:
                 module._parameters[param_name] = nn.Parameter(
-                    value, requires_grad=param.requires_grad)
+                    value.to(dev), requires_grad=param.requires_grad)
             del value
         for buffer_name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.device != dev and not buffer.is_meta:

@@ -1394,6 +1394,10 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     state = trainer.state
     logged = [e["loss"] for e in curve.history]
     processes = _process_count()
+    # every process's GPU peak: the largest is what the card must hold; the smallest shows the
+    # spread (equal under DDP, near-equal shards under FSDP)
+    peak_max = int(_across_processes([memory_cb.peak_gpu_bytes], "max")[0])
+    peak_min = -int(_across_processes([-memory_cb.peak_gpu_bytes], "max")[0])
     metrics = {
         "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after,
         "perplexity_before": ppl_before, "perplexity_after": ppl_after,
@@ -1404,6 +1408,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
         "train_seconds": round(seconds, 3),
         "tokens_per_second": throughput.tokens_per_second,
         "peak_gpu_bytes_train": memory_cb.peak_gpu_bytes,
+        "peak_gpu_bytes_train_max_process": peak_max,
+        "peak_gpu_bytes_train_min_process": peak_min,
         "peak_cpu_rss_bytes_train": memory_cb.peak_cpu_rss_bytes,
         "micro_batch": micro, "grad_accum": cfg.grad_accum,
         "num_processes": processes, "global_batch": micro * cfg.grad_accum * processes,
