@@ -67,7 +67,8 @@ KEEP = ("eval_loss_before", "eval_loss_after", "train_loss_final", "train_steps"
         "grad_accum", "num_processes", "global_batch", "train_seconds")
 
 
-def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 600) -> dict:
+def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 600,
+        offload: bool = False) -> dict:
     """Train with ``params`` on ``gpus`` GPUs (``mode`` ddp or fsdp) and return its figures."""
     run_dir = WORK / f"{part}-{gpus}"
     cfg = config.make_config(RUN_DIR=str(run_dir), **params)
@@ -77,7 +78,7 @@ def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 60
         command = [sys.executable, "-m", "helpers.train", str(run_dir)]
         env["CUDA_VISIBLE_DEVICES"] = "0"
     else:
-        launch = distributed.write_launch_config(cfg, gpus, mode)
+        launch = distributed.write_launch_config(cfg, gpus, mode, offload=offload)
         command = launch.command
     started = time.perf_counter()
     log = OUT / f"{part}-{gpus}.log"
@@ -89,7 +90,7 @@ def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 60
             rc = "timeout"
     entry = manifest.load(run_dir).get("train", {})
     metrics = entry.get("metrics", {}) if rc == 0 else {}
-    record = {"part": part, "gpus": gpus, "mode": mode, "rc": rc,
+    record = {"part": part, "gpus": gpus, "mode": mode, "offload": offload, "rc": rc,
               "wall_seconds": round(time.perf_counter() - started, 1),
               "command": " ".join(str(c) for c in command).replace(str(ROOT) + "/", ""),
               "params": params, **{k: metrics.get(k) for k in KEEP if k in metrics}}
@@ -126,10 +127,11 @@ def main() -> int:
         for gpus in (1, n):
             run("gpt-j", {"MODEL": "rehearsal:gpt-j-6b", "MEMORY_BUDGET_GB": 12,
                           "MAX_STEPS": 30, **data}, gpus, timeout=300)
-    if "fsdp-70b" in parts:
+    if "fsdp-70b" in parts or "fsdp-70b-offload" in parts:
         run("fsdp-70b", {"MODEL": "rehearsal:llama-2-70b", "MEMORY_BUDGET_GB": 24,
                          "OPTIMIZER": "adamw_torch", "LORA_TARGETS": "attention", "LORA_R": 8,
-                         "MAX_STEPS": 8, **data}, n, mode="fsdp", timeout=420)
+                         "MAX_STEPS": 8, **data}, n, mode="fsdp", timeout=420,
+            offload="fsdp-70b-offload" in parts)
     return 0
 
 

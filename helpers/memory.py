@@ -63,6 +63,10 @@ TRANSIENT_SLACK = 0.35
 # cuBLAS and cuBLASLt workspaces, which torch allocates through its caching allocator at the
 # first matmul (so they are in max_memory_allocated): 64 MB measured on an H200 (4 MiB x 8 each).
 CUBLAS_WORKSPACE_BYTES = 64_000_000
+# What a process of a multi-GPU launch holds outside torch's allocator besides the CUDA context:
+# NCCL's communicator buffers and kernels. Measured on 2 NVIDIA H200 (torch 2.11, NCCL for
+# CUDA 13, FSDP over NVLink): 2.49 GB outside the allocator per process against 0.80 GB alone.
+NCCL_BYTES = 1_700_000_000
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -1543,6 +1547,10 @@ def estimate_per_gpu(shape, n_gpus: int, mode: str = "ddp", *, prefetch: bool = 
         Item("cuda_context", "CUDA context", ctx, ctx,
              "driver context and kernels, on every GPU", allocator=False),
     ]
+    if cuda and n > 1:
+        items.append(Item("nccl", "NCCL communicators", NCCL_BYTES, NCCL_BYTES,
+                          "the process group's buffers and kernels, outside torch's allocator",
+                          allocator=False))
     device = sum(i.at_peak for i in items)
     return Estimate(shape=one.shape, settings=settings, items=items,
                     total_allocated=int(allocated), total_device=int(device),
