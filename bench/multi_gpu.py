@@ -130,7 +130,8 @@ def main() -> int:
     if "fsdp-70b" in parts or "fsdp-70b-offload" in parts:
         run("fsdp-70b", {"MODEL": "rehearsal:llama-2-70b", "MEMORY_BUDGET_GB": 24,
                          "OPTIMIZER": "adamw_torch", "LORA_TARGETS": "attention", "LORA_R": 8,
-                         "MAX_STEPS": 8, **data}, n, mode="fsdp", timeout=420,
+                         **data, "MAX_STEPS": 4, "MICRO_BATCH": 2, "EVAL_FRACTION": 0.002},
+            n, mode="fsdp", timeout=420,
             offload="fsdp-70b-offload" in parts)
     return 0
 

@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -213,11 +214,16 @@ def default_estimate_fn(cfg, model):
 
     launch = distributed.world()
     mode = "fsdp" if launch["fsdp"] else "ddp"
+    # accelerate launch passes the config's fsdp_offload_params as FSDP_OFFLOAD_PARAMS
+    offload = {"offload": launch["fsdp"] and os.environ.get(
+        "FSDP_OFFLOAD_PARAMS", "false").strip().lower() in ("1", "true", "yes")} \
+        if mode == "fsdp" else {}
 
     def estimate_fn(micro_batch: int, seq_len: int) -> int:
         if launch["world_size"] > 1:  # what each GPU of the launch holds
             return memory.estimate_per_gpu(shape, launch["world_size"], mode, seq_len=seq_len,
-                                           micro_batch=micro_batch, **settings).total_device
+                                           micro_batch=micro_batch, **offload,
+                                           **settings).total_device
         return memory.estimate(shape, seq_len=seq_len, micro_batch=micro_batch,
                                **settings).total_device
 
@@ -979,7 +985,10 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     if eval_dataset is None or len(eval_dataset) == 0:
         raise ValueError("no eval examples: set EVAL_FRACTION > 0 (notebook 04) to hold some out")
     device = _model_device(model)
-    if device.type == "cpu":
+    if env.fsdp_active() and torch.cuda.is_available():
+        # FSDP computes on this process's GPU, wherever the shards are kept (CPU with offload)
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type == "cpu":
         from helpers.models import cpu_safe
 
         cpu_safe(model)
