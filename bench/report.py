@@ -32,16 +32,20 @@ def main(path):
            f"torch {card['versions']['torch']}, transformers {card['versions']['transformers']}, "
            f"peft {card['versions']['peft']}, bitsandbytes {card['versions']['bitsandbytes']}.", ""]
     out += ["### Rehearsal builds: 4-bit footprint, predicted vs measured", "",
-            "| model | parameters | build s | measured footprint | predicted | off by | peak GPU while building | 4-bit + one 16-bit layer | peak host RSS |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| model | parameters | build s | measured footprint | predicted | off by | 4-bit resident (with constants) | peak GPU while building | bound: resident + largest 16-bit linear | bound: footprint + one 16-bit block | peak host RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "build":
+            peak = r.get("peak_gpu_bytes_build_above_before", r["peak_gpu_bytes_build"])
+            resident = r.get("resident_bytes", r["footprint_bytes"])
+            block = r.get("one_block_16bit_bytes")
             out.append(f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['seconds']} | "
                        f"{r['footprint_bytes'] / GB:.2f} GB | {r['predicted_footprint_bytes'] / GB:.2f} GB | "
                        f"{pct(r['predicted_footprint_bytes'], r['footprint_bytes'])} | "
-                       f"{r['peak_gpu_bytes_build'] / GB:.2f} GB | "
-                       f"{(r['footprint_bytes'] + r['one_layer_16bit_bytes']) / GB:.2f} GB | "
-                       f"{r['peak_cpu_rss_bytes_build'] / GB:.2f} GB |")
+                       f"{resident / GB:.2f} GB | {peak / GB:.2f} GB | "
+                       f"{(resident + r['one_layer_16bit_bytes']) / GB:.2f} GB | "
+                       + (f"{(r['footprint_bytes'] + block) / GB:.2f} GB | " if block else "- | ")
+                       + f"{r['peak_cpu_rss_bytes_build'] / GB:.2f} GB |")
     out += ["", "### Training peak (sequence 512, checkpointing, LoRA r=16, paged_adamw_8bit, 5 steps): estimator vs `max_memory_allocated`", "",
             "| model | LoRA scope | micro-batch | trainable params | adapted layers | predicted peak | measured peak | off by | tokens/s |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -63,7 +67,7 @@ def main(path):
             if "error" in r:
                 out.append(f"| {r['model']} | {r['rows']} | defaults ({r.get('lora_targets', 'all-linear')}) | {r['budget_gb']} GB | - | refused: {r['error'][:120]} | | | |")
                 continue
-            out.append(f"| {r['model']} | {r['rows']} | defaults ({r['optimizer']}, {r.get('lora_targets', 'all-linear')} r=16, bf16) | "
+            out.append(f"| {r['model']} | {r['rows']} | defaults ({r['optimizer']}, {r.get('lora_targets', 'all-linear')} r=16, native bf16, chunked loss) | "
                        f"{r['budget_gb']} GB | {r['micro_batch']} | {r['tokens_per_second']:,.0f} | "
                        f"{r['mfu']:.1%} | {r['peak_gpu_bytes_train'] / GB:.2f} GB | "
                        f"{r['predicted_peak_bytes'] / GB:.2f} GB |")
@@ -85,5 +89,32 @@ def main(path):
     print("\n".join(out))
 
 
+def multi_gpu(path):
+    """The table of bench/multi_gpu.py's JSON lines."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    card = next(r for r in rows if r.get("kind") == "card")
+    out = [f"Cards: {', '.join(card['gpus'])}; torch {card['versions']['torch']}, accelerate "
+           f"{card['versions']['accelerate']}, transformers {card['versions']['transformers']}, "
+           f"bitsandbytes {card['versions']['bitsandbytes']}.", "",
+           "| run | GPUs | launch | micro-batch x GPUs | held-out loss before -> after | tokens/s (real, all GPUs) | peak per GPU (max / min) | result |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "part" not in r:
+            continue
+        launch = "python -m helpers.train" if r["gpus"] == 1 and r["mode"] == "ddp" else \
+            f"accelerate launch ({r['mode']}{', CPU offload' if r.get('offload') else ''})"
+        if r["rc"] != 0:
+            out.append(f"| {r['part']} | {r['gpus']} | {launch} | {r['params'].get('MICRO_BATCH', 'auto')} x {r['gpus']} | | | | "
+                       f"failed: {r.get('error', '')[:160]} |")
+            continue
+        out.append(f"| {r['part']} | {r['gpus']} | {launch} | {r['micro_batch']} x {r['num_processes']} | "
+                   f"{r['eval_loss_before']:.4f} -> {r['eval_loss_after']:.4f} | {r['tokens_per_second']:,.0f} | "
+                   f"{r['peak_gpu_bytes_train_max_process'] / GB:.2f} / {r['peak_gpu_bytes_train_min_process'] / GB:.2f} GB | ok |")
+    print("\n".join(out))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1].endswith("multi_gpu.jsonl"):
+        multi_gpu(sys.argv[1])
+    else:
+        main(sys.argv[1])

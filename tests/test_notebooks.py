@@ -86,10 +86,11 @@ def test_05_training_learned(series_run):
     run_dir, _ = series_run
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
-    # scaling out: the configs are written (not launched), and Llama-2-70B fits 2 x 24 GB only
-    # sharded
+    # scaling out: the configs are written (not launched); Llama-2-70B fits 2 x 24 GB only sharded
+    # and offloaded (NCCL's buffers push the sharded plan past 24 GB, as measured on two H200s)
     assert (run_dir / "accelerate_ddp_cpu.yaml").is_file() or torch.cuda.is_available()
-    assert m["predicted_70b_fsdp_2gpu_bytes"] < 24e9 < m["predicted_70b_ddp_2gpu_bytes"]
+    assert m["predicted_70b_fsdp_2gpu_offload_bytes"] < 24e9 < m["predicted_70b_fsdp_2gpu_bytes"]
+    assert m["predicted_70b_fsdp_2gpu_bytes"] < m["predicted_70b_ddp_2gpu_bytes"]
     assert m["predicted_70b_fsdp_1gpu_bytes"] == m["predicted_70b_ddp_1gpu_bytes"]
 
 
