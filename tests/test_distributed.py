@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -238,3 +239,20 @@ def test_notebook_06_uses_the_adapter_of_two_processes(ddp_run):
     assert adapter.stat().st_mtime_ns == before  # used, not trained again
     m = manifest.metrics(run_dir, "06_inference_and_merge")
     assert m["merge_top1_agreement"] == 1.0 and m["merged_generation_matches"] == 1
+
+
+def test_fsdp_qlora_wrapping_gives_lora_gradients_on_every_process(tmp_path):
+    """The FSDP-QLoRA wrapping (peft's auto-wrap policy, flat parameters, 4-bit weights stored in
+    a float dtype) on 2 CPU processes: every process's LoRA shards receive gradients."""
+    out = tmp_path / "fsdp"
+    worker = Path(__file__).with_name("_fsdp_cpu_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", str(worker), str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        seen = json.loads(Path(f"{out}.rank{rank}.json").read_text())
+        assert math.isfinite(seen["loss"]) and seen["trainable_flat"] > 0
+        assert seen["with_grad"] == seen["trainable_flat"]
+        assert seen["frozen_4bit_flat"] > 0
