@@ -52,6 +52,7 @@ LOSS_CURVE = "loss_curve.png"
 SIGNATURE = "run_signature.json"
 CPU_MICRO_BATCH = 8  # MICRO_BATCH=0 on CPU: no memory budget to size it by
 AUTO_MICRO_BATCH_LIMIT = 16  # the automatic choice stops here (see choose_micro_batch)
+UNPROBED_HEADROOM = 0.85  # share of the budget an unprobed (FSDP) micro-batch may be predicted to use
 IGNORE_INDEX = -100
 GB = 1e9
 # The checkpoint files that make a resume exact (besides the adapter weights).
@@ -401,6 +402,16 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
                          f"({estimate_fn(micro, cfg.max_length) / GB:.2f} GB): the probe checks")
         else:
             notes.append(f"micro-batch {micro} from MICRO_BATCH")
+    elif estimate_fn is not None and not probe:
+        # nothing will confirm it before training (FSDP shards only when training starts): keep
+        # headroom for the estimator's error (an FSDP run with CPU offload at micro-batch 16,
+        # predicted 22.9 of 24 GB, ran out of memory on 2 H200s)
+        room = int(budget * UNPROBED_HEADROOM)
+        micro = max(1, largest_micro_batch(estimate_fn, room, cfg.max_length, limit))
+        notes.append(f"micro-batch {micro}: the largest power of two up to {limit} that the "
+                     f"estimate fits with {1 - UNPROBED_HEADROOM:.0%} headroom "
+                     f"({estimate_fn(micro, cfg.max_length) / GB:.2f} GB; no probe can confirm it "
+                     "before training)")
     elif estimate_fn is not None:
         micro = max(1, largest_micro_batch(estimate_fn, budget, cfg.max_length, limit))
         notes.append(f"micro-batch {micro}: the largest power of two up to {limit} that the "

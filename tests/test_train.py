@@ -589,3 +589,19 @@ def test_guard_lets_the_fp16_scaler_find_its_scale():
     assert step == 3 and "fp16 overflow" in problem
     step, problem = feed(False, [1.0, float("nan")])  # no scaler: stop at once
     assert step == 2 and "gradient norm nan" in problem
+
+
+def test_unprobed_micro_batch_keeps_headroom(tmp_path, monkeypatch):
+    """Under FSDP no probe confirms the choice before training, so the automatic micro-batch keeps
+    15% of the budget for the estimator's error."""
+    from helpers import env as E
+
+    monkeypatch.setattr(E, "fsdp_active", lambda: True)
+    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(T, "_enforce_budget", lambda budget, notes: None)
+    cfg = config(tmp_path, memory_budget_gb=24.0, max_length=512, micro_batch=0)
+    per_row = 1.4e9  # a fake estimate: 1.4 GB per row of 512 tokens
+    model = T.torch.nn.Linear(2, 2)
+    micro, notes = T.choose_micro_batch(cfg, model, estimate_fn=lambda mb, seq: mb * per_row)
+    assert micro == 8, notes  # 16 rows (22.4 GB) would fit 24 GB, but not 85% of it
+    assert any("headroom" in n for n in notes)
