@@ -247,7 +247,7 @@ def test_fsdp_qlora_wrapping_gives_lora_gradients_on_every_process(tmp_path):
     out = tmp_path / "fsdp"
     worker = Path(__file__).with_name("_fsdp_cpu_worker.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", str(worker), str(out)],
+                           "--master_port", str(_free_port()), str(worker), str(out)],
                           capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
