@@ -94,6 +94,13 @@ def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 60
               "wall_seconds": round(time.perf_counter() - started, 1),
               "command": " ".join(str(c) for c in command).replace(str(ROOT) + "/", ""),
               "params": params, **{k: metrics.get(k) for k in KEEP if k in metrics}}
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    if rc == 0 and adapter.is_file():  # LoRA B starts at zero: non-zero means the adapter trained
+        from safetensors.torch import load_file
+
+        weights = load_file(str(adapter))
+        record["lora_B_abs_max"] = max((float(t.abs().max()) for k, t in weights.items()
+                                        if "lora_B" in k), default=0.0)
     if rc != 0:
         record["error"] = str(entry.get("error", ""))[:800]
         record["log_tail"] = log.read_text()[-1500:]
