@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from helpers.config import ConfigError
-from helpers.memory import logical_numel
+from helpers.memory import footprint_breakdown, footprint_totals, logical_numel
 
 SCOPES = ("all-linear", "attention")
 ADAPTER = "default"
@@ -194,31 +194,9 @@ def find_targets(model, scope: str = "all-linear") -> list[str]:
 def param_bytes(model) -> int:
     """Bytes the model's weights take: parameters (each shared tensor once, 4-bit weights as
     their packed storage), buffers, and the 4-bit quantization constants (absmax, nested
-    absmax, code tables) that live beside each packed weight."""
-    seen: set = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-        state = getattr(t, "quant_state", None)
-        if state is not None:
-            total += _quant_state_bytes(state, seen)
-    return total
-
-
-def _quant_state_bytes(state, seen: set) -> int:
-    total = 0
-    for attr in ("absmax", "code", "offset"):
-        t = getattr(state, attr, None)
-        if isinstance(t, torch.Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    nested = getattr(state, "state2", None)
-    if nested is not None:
-        total += _quant_state_bytes(nested, seen)
-    return total
+    absmax, code tables) that live beside each packed weight: the "resident" total of
+    :func:`helpers.memory.footprint_breakdown`."""
+    return footprint_totals(footprint_breakdown(model))["resident"]
 
 
 def _upcast_candidates(model):
