@@ -62,7 +62,9 @@ class Launch:
 
 def world() -> dict:
     """This process's place in a launch, from the variables torchrun/accelerate set: ``rank``,
-    ``local_rank``, ``world_size``, ``local_world_size`` (1 process: 0, 0, 1, 1) and ``fsdp``."""
+    ``local_rank``, ``world_size``, ``local_world_size`` (1 process: 0, 0, 1, 1), ``fsdp`` and
+    ``offload`` (the FSDP config's ``fsdp_offload_params``, which accelerate launch passes as
+    ``FSDP_OFFLOAD_PARAMS``)."""
     from helpers import env
 
     def num(name, default):
@@ -73,7 +75,9 @@ def world() -> dict:
 
     size = num("WORLD_SIZE", 1)
     return {"rank": num("RANK", 0), "local_rank": num("LOCAL_RANK", 0), "world_size": size,
-            "local_world_size": num("LOCAL_WORLD_SIZE", size), "fsdp": env.fsdp_active()}
+            "local_world_size": num("LOCAL_WORLD_SIZE", size), "fsdp": env.fsdp_active(),
+            "offload": env.fsdp_active() and os.environ.get(
+                "FSDP_OFFLOAD_PARAMS", "false").strip().lower() in ("1", "true", "yes")}
 
 
 def is_main_process() -> bool:

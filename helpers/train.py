@@ -195,6 +195,8 @@ def default_estimate_fn(cfg, model):
     does not know the model's architecture."""
     from helpers import memory
 
+    from helpers import losses
+
     try:
         shape = memory.shape_from_config(getattr(model, "config", model))
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -205,7 +207,7 @@ def default_estimate_fn(cfg, model):
                 "compute_dtype": dtype, "double_quant": cfg.double_quant,
                 "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
                 "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout,
-                "chunked_loss": cfg.chunked_loss and _chunked_loss_applies(model)}
+                "chunked_loss": cfg.chunked_loss and losses.supports(model)}
     try:
         memory.estimate(shape, seq_len=8, micro_batch=1, **settings)
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
@@ -215,10 +217,7 @@ def default_estimate_fn(cfg, model):
 
     launch = distributed.world()
     mode = "fsdp" if launch["fsdp"] else "ddp"
-    # accelerate launch passes the config's fsdp_offload_params as FSDP_OFFLOAD_PARAMS
-    offload = {"offload": launch["fsdp"] and os.environ.get(
-        "FSDP_OFFLOAD_PARAMS", "false").strip().lower() in ("1", "true", "yes")} \
-        if mode == "fsdp" else {}
+    offload = {"offload": launch["offload"]} if launch["fsdp"] else {}
 
     def estimate_fn(micro_batch: int, seq_len: int) -> int:
         if launch["world_size"] > 1:  # what each GPU of the launch holds
@@ -262,12 +261,6 @@ def _vocab_size(model) -> int:
     if not size:
         size = model.get_input_embeddings().weight.shape[0]
     return int(size)
-
-
-def _chunked_loss_applies(model) -> bool:
-    from helpers import losses
-
-    return losses.supports(model)
 
 
 def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None,
@@ -594,8 +587,9 @@ def _process_count() -> int:
 
 
 def _across_processes(values, op: str = "sum") -> list:
-    """``values`` summed (or their maximum, ``op="max"``) over the processes of a launch; the
-    values themselves in a single process. Every process must call it at the same point."""
+    """``values`` summed (or their maximum / minimum, ``op="max"`` / ``"min"``) over the processes
+    of a launch; the values themselves in a single process. Every process must call it at the same
+    point."""
     import torch.distributed as dist
 
     if _process_count() == 1:
@@ -604,7 +598,8 @@ def _across_processes(values, op: str = "sum") -> list:
     device = torch.device("cuda", torch.cuda.current_device()) \
         if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu")
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    dist.all_reduce(t, op=ops[op])
     return t.cpu().tolist()
 
 
@@ -990,8 +985,9 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     short example's tokens more), and ``exp(loss)``.
 
     Runs without gradients in eval mode (dropout off) and restores the mode. On a GPU it runs
-    the way training does (autocast for float16 only, :func:`helpers.env.uses_autocast`); on CPU the 4-bit layers are first made safe for
-    a no-grad forward (see :func:`helpers.models.cpu_safe`). Introduced in notebook 05.
+    the way training does (autocast for float16 only, :func:`helpers.env.uses_autocast`); on CPU
+    the 4-bit layers are first made safe for a no-grad forward (see
+    :func:`helpers.models.cpu_safe`). Introduced in notebook 05.
     """
     if eval_dataset is None or len(eval_dataset) == 0:
         raise ValueError("no eval examples: set EVAL_FRACTION > 0 (notebook 04) to hold some out")
@@ -1417,7 +1413,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     # every process's GPU peak: the largest is what the card must hold; the smallest shows the
     # spread (equal under DDP, near-equal shards under FSDP)
     peak_max = int(_across_processes([memory_cb.peak_gpu_bytes], "max")[0])
-    peak_min = -int(_across_processes([-memory_cb.peak_gpu_bytes], "max")[0])
+    peak_min = int(_across_processes([memory_cb.peak_gpu_bytes], "min")[0])
     metrics = {
         "eval_loss_before": eval_loss_before, "eval_loss_after": eval_loss_after,
         "perplexity_before": ppl_before, "perplexity_after": ppl_after,
@@ -1527,7 +1523,6 @@ def main(argv=None) -> int:
     Exit status: 0 trained; 2 refused before starting (the message says what to change);
     1 failed while running (the manifest's ``train.error`` says how)."""
     import argparse
-    import os
     import sys
 
     from helpers import config as config_mod
