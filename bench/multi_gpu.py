@@ -99,6 +99,7 @@ def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 60
         from safetensors.torch import load_file
 
         weights = load_file(str(adapter))
+        record["adapter_tensors"] = len(weights)
         record["lora_B_abs_max"] = max((float(t.abs().max()) for k, t in weights.items()
                                         if "lora_B" in k), default=0.0)
     if rc != 0:

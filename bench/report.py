@@ -4,6 +4,7 @@ bench/RESULTS.md: python bench/report.py bench/results/h200_suite.jsonl"""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 GB = 1e9
@@ -89,6 +90,16 @@ def main(path):
     print("\n".join(out))
 
 
+def loss(value) -> str:
+    """A held-out loss for a table: 4 decimals, or "not measured" (FSDP measures none before
+    training)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "not measured"
+    return "not measured" if math.isnan(value) else f"{value:.4f}"
+
+
 def multi_gpu(path):
     """The table of bench/multi_gpu.py's JSON lines."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
@@ -107,9 +118,14 @@ def multi_gpu(path):
             out.append(f"| {r['part']} | {r['gpus']} | {launch} | {r['params'].get('MICRO_BATCH', 'auto')} x {r['gpus']} | | | | "
                        f"failed: {r.get('error', '')[:160]} |")
             continue
+        result = "ok"
+        if "adapter_tensors" in r:
+            result += f"; adapter {r['adapter_tensors']} tensors, max abs lora_B {r['lora_B_abs_max']:.1e}"
+        if r.get("note"):
+            result += f"; {r['note']}"
         out.append(f"| {r['part']} | {r['gpus']} | {launch} | {r['micro_batch']} x {r['num_processes']} | "
-                   f"{r['eval_loss_before']:.4f} -> {r['eval_loss_after']:.4f} | {r['tokens_per_second']:,.0f} | "
-                   f"{r['peak_gpu_bytes_train_max_process'] / GB:.2f} / {r['peak_gpu_bytes_train_min_process'] / GB:.2f} GB | ok |")
+                   f"{loss(r['eval_loss_before'])} -> {loss(r['eval_loss_after'])} | {r['tokens_per_second']:,.0f} | "
+                   f"{r['peak_gpu_bytes_train_max_process'] / GB:.2f} / {r['peak_gpu_bytes_train_min_process'] / GB:.2f} GB | {result} |")
     print("\n".join(out))
 
 

@@ -1136,18 +1136,30 @@ def latest_checkpoint(run_dir) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def checkpoint_files(checkpoint) -> dict:
-    """Which of the files an exact resume needs a checkpoint holds: the adapter as safetensors,
-    its config, optimizer, scheduler, RNG and trainer state (name -> present)."""
+def checkpoint_files(checkpoint, processes: int = 1, fsdp: bool = False) -> dict:
+    """Which of the files an exact resume needs a checkpoint holds (name -> present): the adapter
+    as safetensors and its config, optimizer, scheduler, RNG and trainer state. A launch of
+    several processes keeps one RNG state per process (``rng_state_<i>.pth``); under FSDP the
+    adapter and the optimizer state are sharded checkpoints (``pytorch_model_fsdp_0/``,
+    ``optimizer_0/``), as the Trainer writes them."""
     folder = Path(checkpoint)
-    names = ("adapter_model.safetensors", "adapter_config.json") + RESUME_FILES
-    return {n: (folder / n).is_file() for n in names}
+    if fsdp:
+        found = {d: (folder / d).is_dir() and any((folder / d).iterdir())
+                 for d in ("pytorch_model_fsdp_0", "optimizer_0")}
+    else:
+        found = {n: (folder / n).is_file()
+                 for n in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt")}
+    rng = ["rng_state.pth"] if processes <= 1 else [f"rng_state_{i}.pth" for i in range(processes)]
+    for n in ["scheduler.pt", *rng, "trainer_state.json"]:
+        found[n] = (folder / n).is_file()
+    return found
 
 
-def check_resume(cfg, signature: dict) -> Path | None:
+def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -> Path | None:
     """The checkpoint to resume from when RESUME=True (None: start from step 0), after checking
     that it belongs to this run; raises :class:`ResumeError` naming what differs, or what is
-    missing. Introduced in notebook 05."""
+    missing (for a launch of ``processes`` processes, sharded under ``fsdp``: see
+    :func:`checkpoint_files`). Introduced in notebook 05."""
     last = latest_checkpoint(cfg.run_dir)
     if last is None:
         return None
@@ -1166,7 +1178,7 @@ def check_resume(cfg, signature: dict) -> Path | None:
                           + "\n  ".join(diffs)
                           + "\nUse the same parameters as that run, choose another RUN_DIR, or set "
                             "RESUME = False to start over (its checkpoints are replaced).")
-    missing = [n for n, ok in checkpoint_files(last).items() if not ok]
+    missing = [n for n, ok in checkpoint_files(last, processes, fsdp).items() if not ok]
     if missing:
         raise ResumeError(f"{where} lacks {', '.join(missing)}: it cannot be resumed exactly. "
                           "Resume from an earlier checkpoint (delete this folder) or set RESUME = "
@@ -1185,12 +1197,21 @@ def _clear_checkpoints(run_dir) -> list:
 def save_adapter(model, folder, card: dict, saved: bool = False) -> Path:
     """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a short model
     card (README.md: base model, dataset, steps, losses, date) in ``folder``; ``saved``: the
-    adapter files are already there (FSDP gathers them through the Trainer), add the card."""
+    adapter files are already there (under FSDP, :func:`helpers.distributed.save_sharded_adapter`),
+    add the card. A file without weights is an error, not an adapter."""
     folder = Path(folder)
     if not saved:
         model.save_pretrained(str(folder), safe_serialization=True)
-    if not (folder / "adapter_model.safetensors").is_file():
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
         raise RuntimeError(f"the adapter was not saved as safetensors in {folder}")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        if not list(f.keys()):  # an adapter that would load as the untrained one
+            raise RuntimeError(f"the adapter saved in {folder} holds no weights: the LoRA "
+                               "layers were not found under their names (see "
+                               "helpers.distributed.save_sharded_adapter)")
     (folder / "README.md").write_text(model_card(card))
     return folder
 
@@ -1332,6 +1353,10 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     notes: list[str] = []
     verbose = verbose and _is_main_process()  # one process prints, one writes
     fsdp = env.fsdp_active() and torch.cuda.is_available()
+    if fsdp:  # the Trainer's sharded checkpoints then hold the adapter, and resuming restores it
+        from helpers import distributed
+
+        distributed.match_peft_names_under_fsdp()
     if not cfg.learning_rate:
         cfg = dataclasses.replace(cfg, learning_rate=auto_learning_rate(model))
         notes.append(f"LEARNING_RATE=0: {cfg.learning_rate:.2g} for this model's width "
@@ -1348,7 +1373,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     notes += fit_notes
     signature = run_signature(cfg, model, train_dataset, micro)
     if cfg.resume:
-        resume_from = check_resume(cfg, signature)
+        resume_from = check_resume(cfg, signature, _process_count(), fsdp)
         if resume_from is None:
             notes.append("RESUME = True, but no checkpoint yet: starting from step 0")
         else:
@@ -1433,9 +1458,11 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
         "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else 0,
     }
     adapter_dir = curve_path = None
-    if fsdp:  # gathering the adapter from the shards is a step every process takes
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(run_dir / ADAPTER))
+    if fsdp:  # every process takes part in gathering the LoRA weights from the shards
+        gathered = distributed.gather_trainable(trainer.model_wrapped)
+        if trainer.args.should_save:
+            distributed.save_sharded_adapter(model, run_dir / ADAPTER, gathered)
+        del gathered
     if trainer.args.should_save:
         curve_path = curve.save()
         lora_id = _lora_identity(model)

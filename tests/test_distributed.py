@@ -227,6 +227,59 @@ def test_two_processes_trained_one_adapter(ddp_run):
     assert state["num_input_tokens_seen"] == m["train_tokens_seen"]
 
 
+def test_two_processes_resume_exactly(ddp_run, tmp_path):
+    """A launch of two processes keeps one RNG state per process; resuming the run from its
+    step-3 checkpoint on two processes ends with the adapter of the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from helpers import train as T
+
+    run_dir, _, _, environ = ddp_run
+    last = run_dir / "checkpoints" / "checkpoint-6"
+    assert all(T.checkpoint_files(last, processes=2).values())
+    assert not T.checkpoint_files(last, processes=1)["rng_state.pth"]
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(copy / "adapter")
+    launch = D.write_launch_config(make_config(RUN_DIR=str(copy), MAX_STEPS=6, SAVE_STEPS=3,
+                                               WARMUP_STEPS=1), 2, cuda_devices=0,
+                                   port=_free_port())
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch.command[2:],
+               "--resume"]
+    proc = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    m = manifest.load(copy)["train"]["metrics"]
+    assert m["resumed_from_step"] == 3 and m["train_steps"] == 6
+    whole = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(copy / "adapter" / "adapter_model.safetensors"))
+    assert sorted(whole) == sorted(resumed)
+    for k in whole:
+        assert torch.allclose(whole[k], resumed[k], rtol=0, atol=1e-6), k
+
+
+def test_fsdp_checkpoint_layout_is_what_resume_asks_for(tmp_path):
+    """Under FSDP the Trainer writes the adapter and optimizer as sharded folders and one RNG
+    state per process; the resume check asks for those, and names what is missing."""
+    from helpers import train as T
+
+    ckpt = tmp_path / "checkpoint-2"
+    for d in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (ckpt / d).mkdir(parents=True)
+        (ckpt / d / "__0_0.distcp").write_bytes(b"x")
+    for f in ("scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"):
+        (ckpt / f).write_bytes(b"x")
+    assert all(T.checkpoint_files(ckpt, processes=2, fsdp=True).values())
+    single = T.checkpoint_files(ckpt)
+    assert not single["adapter_model.safetensors"] and not single["optimizer.pt"]
+    (ckpt / "rng_state_1.pth").unlink()
+    assert [n for n, ok in T.checkpoint_files(ckpt, 2, True).items() if not ok] == [
+        "rng_state_1.pth"]
+
+
 @pytest.mark.notebook
 def test_notebook_06_uses_the_adapter_of_two_processes(ddp_run):
     run_dir, _, _, environ = ddp_run
@@ -241,9 +294,12 @@ def test_notebook_06_uses_the_adapter_of_two_processes(ddp_run):
     assert m["merge_top1_agreement"] == 1.0 and m["merged_generation_matches"] == 1
 
 
-def test_fsdp_qlora_wrapping_gives_lora_gradients_on_every_process(tmp_path):
+def test_fsdp_qlora_gradients_adapter_and_checkpoint_on_every_process(tmp_path):
     """The FSDP-QLoRA wrapping (peft's auto-wrap policy, flat parameters, 4-bit weights stored in
-    a float dtype) on 2 CPU processes: every process's LoRA shards receive gradients."""
+    a float dtype) on 2 CPU processes: every process's LoRA shards receive gradients; the adapter
+    saved from the shards is the one ``save_pretrained`` writes for the unwrapped model (same
+    keys, same tensors, same config); a sharded checkpoint as the Trainer writes it holds the
+    adapter, and loading it restores every LoRA tensor that was zeroed."""
     out = tmp_path / "fsdp"
     worker = Path(__file__).with_name("_fsdp_cpu_worker.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -256,3 +312,16 @@ def test_fsdp_qlora_wrapping_gives_lora_gradients_on_every_process(tmp_path):
         assert math.isfinite(seen["loss"]) and seen["trainable_flat"] > 0
         assert seen["with_grad"] == seen["trainable_flat"]
         assert seen["frozen_4bit_flat"] > 0
+        n = seen["gathered"]
+        assert n == 2 * 8  # lora_A and lora_B of 2 layers x 4 linear layers of tiny-neox
+        assert seen["zeroed"] == n and seen["restored"] == n
+    from safetensors.torch import load_file
+
+    plain = load_file(f"{out}.plain/adapter_model.safetensors")
+    sharded = load_file(f"{out}.fsdp/adapter_model.safetensors")
+    assert len(plain) == 16 and sorted(plain) == sorted(sharded)
+    assert all(torch.equal(plain[k], sharded[k]) for k in plain)
+    assert json.loads(Path(f"{out}.plain/adapter_config.json").read_text()) == json.loads(
+        Path(f"{out}.fsdp/adapter_config.json").read_text())
+    checkpoint = out.parent / (out.name + ".ckpt")
+    assert any(checkpoint.rglob("*.distcp"))
