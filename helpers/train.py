@@ -975,6 +975,24 @@ class SignatureCallback(TrainerCallback):
                 write_signature(folder, self.signature)
 
 
+class ScheduleRealign(TrainerCallback):
+    """For a run resumed with a different MAX_STEPS: the optimizer state restored from the
+    checkpoint carries the learning rate of the old schedule (0 at its end), and the scheduler
+    sets the new one only after the next step, so the first resumed step would run at the old
+    rate. At the start of training this puts the new schedule's rate for the current step into
+    the optimizer (for the Trainer's schedules, which are LambdaLR)."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
+            return
+        step = lr_scheduler.last_epoch
+        rates = [base * fn(step) for base, fn in zip(lr_scheduler.base_lrs,
+                                                     lr_scheduler.lr_lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        lr_scheduler._last_lr = rates
+
+
 # ============================================================================ 4. evaluation
 
 
@@ -1383,6 +1401,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
             if saved.get("max_steps", cfg.max_steps) != cfg.max_steps:
                 notes.append(f"MAX_STEPS changed from {saved['max_steps']} to {cfg.max_steps}: "
                              "the learning-rate schedule now ends at the new last step")
+                callbacks = (*callbacks, ScheduleRealign())
     elif latest_checkpoint(run_dir) is not None and _is_main_process():
         removed = _clear_checkpoints(run_dir)
         notes.append(f"RESUME = False: starting over; removed the earlier run's "

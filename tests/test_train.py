@@ -425,6 +425,25 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny, optimizer, rank):
         assert quant["state1"].dtype == torch.uint8
 
 
+def test_resume_with_more_steps_trains_at_the_new_schedule(tmp_path, tiny):
+    """A finished 4-step run resumed with MAX_STEPS 8: every resumed step runs at the 8-step
+    schedule's learning rate - the first one too, although the optimizer state saved at the end
+    of the 4-step schedule carries its final rate - and the adapter moves on."""
+    cfg = config(tmp_path / "r", max_steps=4, save_steps=4, warmup_steps=1)
+    first, _ = run(tiny, cfg)
+    before = {k: v.clone() for k, v in adapter_weights(first.adapter_dir).items()}
+    more, _ = run(tiny, dataclasses.replace(cfg, resume=True, max_steps=8))
+    assert more.metrics["resumed_from_step"] == 4 and more.metrics["train_steps"] == 8
+    assert any("MAX_STEPS changed from 4 to 8" in n for n in more.notes)
+    straight, _ = run(tiny, config(tmp_path / "s", max_steps=8, save_steps=4, warmup_steps=1))
+    rates = {e["step"]: e["learning_rate"] for e in straight.history}
+    resumed = {e["step"]: e["learning_rate"] for e in more.history}
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[k] == pytest.approx(rates[k]) and resumed[k] > 0 for k in resumed)
+    after = adapter_weights(more.adapter_dir)
+    assert all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny):
     cfg = config(tmp_path, max_steps=4, save_steps=2)
     run(tiny, cfg, callbacks=[T.StopAfterStep(2)])
