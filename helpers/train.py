@@ -56,7 +56,6 @@ UNPROBED_HEADROOM = 0.85  # share of the budget an unprobed (FSDP) micro-batch m
 IGNORE_INDEX = -100
 GB = 1e9
 # The checkpoint files that make a resume exact (besides the adapter weights).
-RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 
 
 class TrainingStopped(RuntimeError):
