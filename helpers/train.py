@@ -55,7 +55,6 @@ AUTO_MICRO_BATCH_LIMIT = 16  # the automatic choice stops here (see choose_micro
 UNPROBED_HEADROOM = 0.85  # share of the budget an unprobed (FSDP) micro-batch may be predicted to use
 IGNORE_INDEX = -100
 GB = 1e9
-# The checkpoint files that make a resume exact (besides the adapter weights).
 
 
 class TrainingStopped(RuntimeError):
@@ -1211,13 +1210,18 @@ def _clear_checkpoints(run_dir) -> list:
     return [p.name for p in old]
 
 
-def save_adapter(model, folder, card: dict, saved: bool = False) -> Path:
+def save_adapter(model, folder, card: dict, tensors: dict | None = None) -> Path:
     """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a short model
-    card (README.md: base model, dataset, steps, losses, date) in ``folder``; ``saved``: the
-    adapter files are already there (under FSDP, :func:`helpers.distributed.save_sharded_adapter`),
-    add the card. A file without weights is an error, not an adapter."""
+    card (README.md: base model, dataset, steps, losses, date) in ``folder``. ``tensors``: the
+    LoRA weights gathered from FSDP's shards (:func:`helpers.distributed.gather_trainable`),
+    written by :func:`helpers.distributed.save_sharded_adapter`. A file without weights is an
+    error, not an adapter."""
     folder = Path(folder)
-    if not saved:
+    if tensors is not None:
+        from helpers import distributed
+
+        distributed.save_sharded_adapter(model, folder, tensors)
+    else:
         model.save_pretrained(str(folder), safe_serialization=True)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
@@ -1476,11 +1480,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
         "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else 0,
     }
     adapter_dir = curve_path = None
-    if fsdp:  # every process takes part in gathering the LoRA weights from the shards
-        gathered = distributed.gather_trainable(trainer.model_wrapped)
-        if trainer.args.should_save:
-            distributed.save_sharded_adapter(model, run_dir / ADAPTER, gathered)
-        del gathered
+    # under FSDP every process takes part in gathering the LoRA weights from the shards
+    gathered = distributed.gather_trainable(trainer.model_wrapped) if fsdp else None
     if trainer.args.should_save:
         curve_path = curve.save()
         lora_id = _lora_identity(model)
@@ -1492,7 +1493,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
             "optimizer": cfg.optimizer, "learning_rate": f"{cfg.learning_rate:g} ({cfg.lr_schedule})",
             "lora": f"r={lora_id.get('r')}, alpha={lora_id.get('alpha')}, "
                     f"targets {lora_id.get('targets')}",
-            "max_length": cfg.max_length}, saved=fsdp)
+            "max_length": cfg.max_length}, tensors=gathered)
     return TrainResult(metrics=metrics, history=history, adapter_dir=adapter_dir,
                        loss_curve=curve_path, checkpoints=ckpt_dir, notes=notes,
                        resumed_from=resume_from, trainer=trainer)
