@@ -1383,11 +1383,26 @@ def fits(est: Estimate, budget_bytes: float) -> Verdict:
 _BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
+# the settings an estimate of one GPU of several (estimate_per_gpu) adds to estimate's
+_PER_GPU_SETTINGS = ("n_gpus", "mode", "prefetch", "offload")
+
+
+def _estimate_as(shape, **settings) -> Estimate:
+    """:func:`estimate`, or :func:`estimate_per_gpu` when ``settings`` are an estimate of one GPU
+    of several (an :class:`Estimate`'s ``settings`` are either)."""
+    if "n_gpus" not in settings:
+        return estimate(shape, **settings)
+    per_gpu = {k: settings.pop(k) for k in _PER_GPU_SETTINGS}
+    return estimate_per_gpu(shape, per_gpu.pop("n_gpus"), per_gpu.pop("mode"), **per_gpu,
+                            **settings)
+
+
 def largest_fit(shape, budget_bytes: float, **settings) -> dict:
     """The largest micro-batch (1, 2, 4, ... 64) at the given ``seq_len``, and the largest
     sequence length (multiples of 128, or of 64 below 256) up to the model's context at
     micro-batch 1, that fit in ``budget_bytes``. 0 where nothing fits. Other settings as for
-    :func:`estimate`. A larger budget never fits less.
+    :func:`estimate` (or an :class:`Estimate`'s ``settings``, per-GPU ones included: each GPU
+    of several is then sized). A larger budget never fits less.
     """
     shape = as_shape(shape)
     if "seq_len" not in settings:
@@ -1396,13 +1411,13 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
     settings.pop("micro_batch", None)
     best_batch = 0
     for b in _BATCHES:
-        if fits(estimate(shape, micro_batch=b, **settings), budget_bytes):
+        if fits(_estimate_as(shape, micro_batch=b, **settings), budget_bytes):
             best_batch = b
     seq_settings = {k: v for k, v in settings.items() if k != "seq_len"}
     step = 64 if shape.context < 256 else 128
     best_seq = 0
     for s in range(step, shape.context + 1, step):
-        if fits(estimate(shape, seq_len=s, micro_batch=1, **seq_settings), budget_bytes):
+        if fits(_estimate_as(shape, seq_len=s, micro_batch=1, **seq_settings), budget_bytes):
             best_seq = s
         else:
             break  # estimates grow with seq_len: nothing longer fits either
@@ -1421,15 +1436,11 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
     if v.fits:
         return f"fits: predicted {fmt_bytes(v.needed)} of {card_gb}"
     s = dict(est.settings)
+    lf = largest_fit(est.shape, budget_bytes, **s)
     alt = []
-    if s["micro_batch"] > 1:
-        lf = largest_fit(est.shape, budget_bytes,
-                         **{k: v for k, v in s.items() if k != "micro_batch"})
-        if lf["micro_batch"]:
-            alt.append(f"micro-batch {lf['micro_batch']} at {s['seq_len']} tokens would fit")
+    if s["micro_batch"] > 1 and lf["micro_batch"]:
+        alt.append(f"micro-batch {lf['micro_batch']} at {s['seq_len']} tokens would fit")
     if not alt:
-        lf = largest_fit(est.shape, budget_bytes,
-                         **{k: v for k, v in s.items() if k != "micro_batch"})
         if lf["seq_len"]:
             alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
         elif not s["gradient_checkpointing"]:

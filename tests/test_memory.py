@@ -612,6 +612,23 @@ def test_verdicts():
     assert not v and v.headroom < 0
 
 
+def test_verdict_of_one_gpu_of_several_sizes_that_gpu():
+    """A per-GPU estimate that does not fit gets the same kind of advice, sized per GPU: the
+    micro-batch it names fits each GPU of the same launch."""
+    shape = M.shape_from_config(gptj6b())
+    big = M.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512, micro_batch=64)
+    text = M.verdict_text(big, 12e9)
+    assert text.startswith("does not fit: needs") and "would fit" in text
+    lf = M.largest_fit(shape, 12e9, **big.settings)
+    assert lf["micro_batch"] >= 1
+    fitted = M.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512,
+                                micro_batch=lf["micro_batch"])
+    assert M.fits(fitted, 12e9)
+    assert not M.fits(M.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512,
+                                         micro_batch=2 * lf["micro_batch"]), 12e9)
+    assert f"micro-batch {lf['micro_batch']} at 512 tokens" in text
+
+
 # ----------------------------------------------------------------------------- chart, widget
 
 
