@@ -1451,21 +1451,28 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
             + ", or ".join(alt))
 
 
-def estimate_for_config(cfg, shape=None) -> Estimate:
-    """The estimate for the series' :class:`helpers.config.Config` (its LoRA, checkpointing,
-    dtype and optimizer parameters) at ``cfg.max_length`` tokens and its micro-batch (1 when it
-    is chosen automatically). ``shape`` defaults to the preset named like ``cfg.model``."""
+def config_settings(cfg) -> dict:
+    """:func:`estimate`'s settings for the series' :class:`helpers.config.Config` (LoRA,
+    checkpointing, dtype, optimizer; autocast as training decides it,
+    :func:`helpers.env.uses_autocast`), without ``seq_len`` and ``micro_batch``."""
     from helpers import env
 
-    shape = as_shape(shape if shape is not None else cfg.model)
     dtype = env.compute_dtype(cfg.compute_dtype)
+    return {"gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
+            "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
+            "compute_dtype": dtype, "double_quant": cfg.double_quant,
+            "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
+            "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout,
+            "chunked_loss": cfg.chunked_loss}
+
+
+def estimate_for_config(cfg, shape=None) -> Estimate:
+    """The estimate for the series' :class:`helpers.config.Config` (:func:`config_settings`) at
+    ``cfg.max_length`` tokens and its micro-batch (1 when it is chosen automatically). ``shape``
+    defaults to the preset named like ``cfg.model``."""
+    shape = as_shape(shape if shape is not None else cfg.model)
     return estimate(shape, seq_len=cfg.max_length, micro_batch=max(cfg.micro_batch, 1),
-                    gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r,
-                    lora_targets=cfg.lora_targets, optimizer=cfg.optimizer,
-                    compute_dtype=dtype, double_quant=cfg.double_quant,
-                    cuda_context=torch.cuda.is_available(),
-                    upcast_fp32=cfg.upcast_norms_and_head, lora_dropout=cfg.lora_dropout,
-                    chunked_loss=cfg.chunked_loss)
+                    **config_settings(cfg))
 
 
 

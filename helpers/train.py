@@ -191,28 +191,18 @@ def default_estimate_fn(cfg, model):
     """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
     with the Config's settings, from :func:`helpers.memory.estimate`; None where the estimator
     does not know the model's architecture."""
-    from helpers import memory
-
-    from helpers import losses
+    from helpers import distributed, losses, memory
 
     try:
         shape = memory.shape_from_config(getattr(model, "config", model))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # an architecture the estimator does not describe: the probe decides
-    dtype = env.compute_dtype(cfg.compute_dtype)
-    settings = {"gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
-                "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
-                "compute_dtype": dtype, "double_quant": cfg.double_quant,
-                "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
-                "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout,
+    settings = {**memory.config_settings(cfg),
                 "chunked_loss": cfg.chunked_loss and losses.supports(model)}
     try:
         memory.estimate(shape, seq_len=8, micro_batch=1, **settings)
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
         settings["lora_targets"] = "all-linear"
-
-    from helpers import distributed
-
     launch = distributed.world()
     mode = "fsdp" if launch["fsdp"] else "ddp"
     offload = {"offload": launch["offload"]} if launch["fsdp"] else {}
