@@ -442,18 +442,24 @@ def _row_token_count(feature) -> int:
 
 
 class CountingCollator:
-    """Wraps a collator and adds ``num_real_tokens`` to each batch: the tokens of its rows before
-    padding (the sum of their attention masks, or their lengths). :class:`SeriesTrainer` takes it
-    out before the model sees the batch. Counting rows, not the padded batch, also counts packed
-    rows correctly, whose batches carry no attention mask."""
+    """Wraps a collator and adds two counts to each batch, as plain ints counted on the CPU (a
+    count read back from the GPU would make every step wait for the one before):
+    ``num_real_tokens``, the tokens of its rows before padding (the sum of their attention
+    masks, or their lengths: this also counts packed rows, whose batches carry no attention
+    mask), and ``num_loss_tokens``, the label tokens the loss is computed on.
+    :class:`SeriesTrainer` takes them out before the model sees the batch."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, features):
         batch = self.collator(features)
-        batch["num_real_tokens"] = torch.tensor(sum(_row_token_count(f) for f in features))
+        batch["num_real_tokens"] = sum(_row_token_count(f) for f in features)
+        batch["num_loss_tokens"] = _batch_loss_tokens(batch)
         return batch
+
+
+COUNT_KEYS = ("num_real_tokens", "num_loss_tokens")  # what CountingCollator adds to a batch
 
 
 class TokenCounter:
@@ -483,6 +489,9 @@ def _batch_real_tokens(inputs) -> int:
 
 
 def _batch_loss_tokens(inputs) -> int:
+    n = inputs.pop("num_loss_tokens", None)
+    if n is not None:
+        return int(n)
     labels = inputs.get("labels")
     if labels is None:
         return 0
@@ -540,7 +549,8 @@ class SeriesTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop("num_real_tokens", None)
+        for key in COUNT_KEYS:
+            inputs.pop(key, None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
 
@@ -1015,7 +1025,8 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
                 rows = [eval_dataset[i] for i in range(start, min(start + batch_size,
                                                                   len(eval_dataset)))]
                 batch = collator(rows)
-                batch.pop("num_real_tokens", None)
+                for key in COUNT_KEYS:
+                    batch.pop(key, None)
                 labels = batch.pop("labels").to(device)
                 inputs = {k: (v.to(device) if torch.is_tensor(v) else v)
                           for k, v in batch.items()}

@@ -256,7 +256,13 @@ def test_counting_collator_counts_unpadded_rows():
     collate = T.CountingCollator(lambda feats: {"input_ids": torch.zeros(len(feats), 9)})
     batch = collate([{"input_ids": [1, 2, 3]}, {"input_ids": [1] * 7},
                      {"input_ids": [4] * 9, "attention_mask": [1] * 5 + [0] * 4}])
-    assert int(batch["num_real_tokens"]) == 3 + 7 + 5
+    assert batch["num_real_tokens"] == 3 + 7 + 5 and batch["num_loss_tokens"] == 0
+    # counted on the CPU, as ints (nothing to read back from the GPU at each step)
+    labels = torch.tensor([[5, 6, -100, -100], [-100, 7, 8, 9]])
+    collate = T.CountingCollator(lambda feats: {"input_ids": torch.zeros(2, 4), "labels": labels})
+    batch = collate([{"input_ids": [1] * 4}, {"input_ids": [1] * 4}])
+    assert type(batch["num_loss_tokens"]) is int and type(batch["num_real_tokens"]) is int
+    assert batch["num_loss_tokens"] == 1 + 3  # the first position is never a target
 
 
 # --------------------------------------------------------------------------- it learns
