@@ -493,11 +493,13 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
                          r"lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
     bad_layers = []
+    lora_layers = set()
     for key, shape in shapes:
         m = pattern.match(key)
         if not m:
             continue
         layer, part = m.group(1), m.group(2)
+        lora_layers.add(layer)
         module = modules.get(layer)
         if module is None:
             problems.append(f"the adapter has LoRA weights for layer {layer}, which this base "
@@ -526,8 +528,7 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
             "MODEL as in notebook 05), or train an adapter for this one.")
     return {"r": settings.get("r"), "lora_alpha": settings.get("lora_alpha"),
             "base_model_name_or_path": theirs, "target_modules": targets,
-            "lora_layers": len({pattern.match(k).group(1) for k, _ in shapes
-                                if pattern.match(k)})}
+            "lora_layers": len(lora_layers)}
 
 
 def _is_peft(model) -> bool:
@@ -545,7 +546,7 @@ def load_adapter(base_model, adapter_path, *, check_base_name: bool = True,
     """
     from peft import PeftModel
 
-    if _is_peft(base_model) or hasattr(base_model, "peft_config"):
+    if hasattr(base_model, "peft_config"):
         raise ValueError("this model already carries an adapter; pass the plain base model "
                          "(e.g. a fresh helpers.models.load_model(...)) to load_adapter")
     check_adapter(base_model, adapter_path, check_base_name=check_base_name)
@@ -597,16 +598,6 @@ def _plain_name(name: str) -> str | None:
     return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
-def _dtype_key() -> str:
-    """transformers calls the dtype argument and config field ``dtype`` from 4.56 on,
-    ``torch_dtype`` before."""
-    import transformers
-    from packaging.version import Version
-
-    new = Version(transformers.__version__.split("+")[0]) >= Version("4.56")
-    return "dtype" if new else "torch_dtype"
-
-
 def compute_dtype_of(model) -> torch.dtype:
     """The dtype a 4-bit model computes in (its layers' ``compute_dtype``), else its parameters'
     floating dtype."""
@@ -656,7 +647,10 @@ def dequantize_model(model, dtype: torch.dtype | None = None, device=None):
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    setattr(config, _dtype_key(), dtype)
+    from helpers import models
+
+    for key, value in models._dtype_kwarg(dtype).items():
+        setattr(config, key, value)
     with init_empty_weights(include_buffers=False):
         plain_model = type(inner)(config)
     result = plain_model.load_state_dict(state, strict=False, assign=True)
@@ -861,7 +855,7 @@ def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_di
     """
     from transformers import AutoModelForCausalLM
 
-    from helpers import memory
+    from helpers import memory, models
 
     log = memory.MemoryLog()
     notes: list[str] = []
@@ -965,8 +959,8 @@ def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_di
         _free()
         with log.track("reload merged"):
             reloaded = AutoModelForCausalLM.from_pretrained(
-                out, device_map={"": device_used.index if device_used.type == "cuda"
-                                 else device_used.type}, **{_dtype_key(): merge_dtype})
+                out, device_map=models._device_map(device_used),
+                **models._dtype_kwarg(merge_dtype))
         reload_diff = compare_logit_sets(merged_logits,
                                          logits_for(reloaded, tokenizer, texts))["max_abs_diff"]
         merged_text = generate(reloaded, tokenizer, prompts, max_new_tokens=max_new_tokens)
@@ -1014,9 +1008,6 @@ def merge_metrics(result: MergeResult) -> dict:
 def template_pattern(template: str):
     """A regular expression for text written in a template's form: each ``{column}`` becomes
     "some text", the literal parts stay (``"{quote} ({author})"`` -> ``.+ \\(.+\\)``)."""
-    import re
-    import string
-
     parts = []
     for literal, field_name, _spec, _conv in string.Formatter().parse(template):
         parts.append(re.escape(literal))
