@@ -74,10 +74,10 @@ def world() -> dict:
             return default
 
     size = num("WORLD_SIZE", 1)
+    fsdp = env.fsdp_active()
     return {"rank": num("RANK", 0), "local_rank": num("LOCAL_RANK", 0), "world_size": size,
-            "local_world_size": num("LOCAL_WORLD_SIZE", size), "fsdp": env.fsdp_active(),
-            "offload": env.fsdp_active() and os.environ.get(
-                "FSDP_OFFLOAD_PARAMS", "false").strip().lower() in ("1", "true", "yes")}
+            "local_world_size": num("LOCAL_WORLD_SIZE", size), "fsdp": fsdp,
+            "offload": fsdp and env.flag("FSDP_OFFLOAD_PARAMS")}
 
 
 def is_main_process() -> bool:

@@ -56,10 +56,16 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float16
 
 
+def flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to a true value (1, true, yes, on, in
+    any case), as accelerate and huggingface_hub read their switches."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def fsdp_active() -> bool:
     """True inside a process that ``accelerate launch`` started with an FSDP config (it sets
     ``ACCELERATE_USE_FSDP``); the 4-bit weights must then be stored in a dtype FSDP can shard."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+    return flag("ACCELERATE_USE_FSDP")
 
 
 def quant_storage_dtype(requested: str = "auto", compute: torch.dtype | None = None) -> torch.dtype:

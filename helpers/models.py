@@ -44,7 +44,7 @@ from torch import nn
 
 from helpers import env
 from helpers.config import ConfigError
-from helpers.memory import logical_numel
+from helpers.memory import BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ, logical_numel
 
 KINDS = ("embedded", "local", "hub", "rehearsal")
 REHEARSAL_PREFIX = "rehearsal:"
@@ -637,14 +637,10 @@ def _hub_failure(source: ModelSource, err: Exception, reachable: bool) -> ModelU
     elif reachable:
         why = f"loading '{source.hub_id}' from the Hugging Face Hub failed"
     else:
-        offline = (" (HF_HUB_OFFLINE is set)" if _env_flag("HF_HUB_OFFLINE")
+        offline = (" (HF_HUB_OFFLINE is set)" if env.flag("HF_HUB_OFFLINE")
                    else " (no network) and it is not in the local Hub cache")
         why = f"cannot reach the Hugging Face Hub for '{source.hub_id}'{offline}"
     return ModelUnavailableError(f"{why} [{reason}]; choose {list_choices()}")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -657,7 +653,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
+    if env.flag("HF_HUB_OFFLINE") or env.flag("TRANSFORMERS_OFFLINE"):
         return False
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
@@ -819,7 +815,9 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
     # kept in CPU RAM (a 70B model in minutes of CPU time otherwise)
     build_on = None
     if fsdp and source.kind == "rehearsal" and torch.cuda.is_available():
-        build_on = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        from helpers import distributed
+
+        build_on = torch.device("cuda", distributed.world()["local_rank"])
     dtype = _compute_dtype(compute_dtype)
     storage = _quant_storage(quant_storage, dtype)
     if source.kind == "rehearsal":
@@ -833,9 +831,9 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
         loaded = _from_pretrained(AutoModelForCausalLM, source, quantization_config=qc,
                                   low_cpu_mem_usage=True, **placement,
                                   **_dtype_kwarg(load_dtype))
+        if dev.type == "cpu":  # build_rehearsal does it for a rehearsal
+            cpu_safe(loaded)
     fit_embeddings(loaded, tokenizer if tokenizer is not None else load_tokenizer(source))
-    if dev.type == "cpu":
-        cpu_safe(loaded)
     return loaded
 
 
@@ -964,7 +962,7 @@ def _free_bytes(dev: torch.device) -> int:
 
 def _check_room(model, name: str, dev: torch.device, double_quant: bool) -> None:
     """Refuse, before anything is made, a rehearsal that cannot fit where it is to be built."""
-    bits = 4 + 32 / 64 if not double_quant else 4 + 8 / 64 + 32 / (64 * 256)
+    bits = BITS_PER_PARAM_DQ if double_quant else BITS_PER_PARAM_NO_DQ
     need = largest = 0
     for param in model.parameters():
         if type(param).__name__ == "Params4bit":
