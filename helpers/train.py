@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from helpers import env
+from helpers import distributed, env
+from helpers.data import IGNORE_INDEX
 
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints: the Trainer's checkpoint-N folders
 ADAPTER = "adapter"  # RUN_DIR/adapter: the final adapter, its config and model card
@@ -53,7 +54,6 @@ SIGNATURE = "run_signature.json"
 CPU_MICRO_BATCH = 8  # MICRO_BATCH=0 on CPU: no memory budget to size it by
 AUTO_MICRO_BATCH_LIMIT = 16  # the automatic choice stops here (see choose_micro_batch)
 UNPROBED_HEADROOM = 0.85  # share of the budget an unprobed (FSDP) micro-batch may be predicted to use
-IGNORE_INDEX = -100
 GB = 1e9
 
 
@@ -191,7 +191,7 @@ def default_estimate_fn(cfg, model):
     """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
     with the Config's settings, from :func:`helpers.memory.estimate`; None where the estimator
     does not know the model's architecture."""
-    from helpers import distributed, losses, memory
+    from helpers import losses, memory
 
     try:
         shape = memory.shape_from_config(getattr(model, "config", model))
@@ -637,22 +637,14 @@ class ThroughputCallback(TrainerCallback):
                            "local_tokens": local})
 
     @property
-    def last(self) -> dict:
-        return self.steps[-1] if self.steps else {}
-
-    @property
     def tokens_per_second(self) -> float:
         timed = self.steps[1:] if len(self.steps) > 1 else self.steps
         seconds = sum(s["seconds"] for s in timed)
         return sum(s["tokens"] for s in timed) / seconds if seconds > 0 else 0.0
 
     @property
-    def tokens(self) -> int:
-        return sum(s["tokens"] for s in self.steps)
-
-    @property
     def local_tokens(self) -> int:
-        return sum(s.get("local_tokens", s["tokens"]) for s in self.steps)
+        return sum(s["local_tokens"] for s in self.steps)
 
 
 class MemoryCallback(TrainerCallback):
@@ -1219,8 +1211,6 @@ def save_adapter(model, folder, card: dict, tensors: dict | None = None) -> Path
     error, not an adapter."""
     folder = Path(folder)
     if tensors is not None:
-        from helpers import distributed
-
         distributed.save_sharded_adapter(model, folder, tensors)
     else:
         model.save_pretrained(str(folder), safe_serialization=True)
@@ -1307,13 +1297,6 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def _is_main_process() -> bool:
-    """False in the other processes of a multi-GPU launch (``accelerate launch`` sets RANK)."""
-    from helpers import distributed
-
-    return distributed.is_main_process()
-
-
 def _merge_history(logged: list, *per_step: list) -> list:
     by_step = {}
     for rows in per_step:
@@ -1373,11 +1356,9 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
     notes: list[str] = []
-    verbose = verbose and _is_main_process()  # one process prints, one writes
+    verbose = verbose and distributed.is_main_process()  # one process prints, one writes
     fsdp = env.fsdp_active() and torch.cuda.is_available()
     if fsdp:  # the Trainer's sharded checkpoints then hold the adapter, and resuming restores it
-        from helpers import distributed
-
         distributed.match_peft_names_under_fsdp()
     if not cfg.learning_rate:
         cfg = dataclasses.replace(cfg, learning_rate=auto_learning_rate(model))
@@ -1406,11 +1387,11 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
                 notes.append(f"MAX_STEPS changed from {saved['max_steps']} to {cfg.max_steps}: "
                              "the learning-rate schedule now ends at the new last step")
                 callbacks = (*callbacks, ScheduleRealign())
-    elif latest_checkpoint(run_dir) is not None and _is_main_process():
+    elif latest_checkpoint(run_dir) is not None and distributed.is_main_process():
         removed = _clear_checkpoints(run_dir)
         notes.append(f"RESUME = False: starting over; removed the earlier run's "
                      f"{', '.join(removed)} (RESUME = True would have continued from them)")
-    if _is_main_process():
+    if distributed.is_main_process():
         write_signature(ckpt_dir, signature)
     eval_set = eval_dataset
     if eval_set is None or len(eval_set) == 0:
@@ -1511,7 +1492,7 @@ def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = T
     In a launch of several processes every process loads its own model (DDP: whole, on its
     GPU; FSDP: see :func:`helpers.models.load_model`); the main process prepares the dataset
     first and the others then read it, so no two processes write RUN_DIR at once."""
-    from helpers import data, distributed, lora, models
+    from helpers import data, lora, models
 
     main = distributed.is_main_process()
     tokenizer = models.load_tokenizer(cfg.model)
@@ -1530,8 +1511,6 @@ def _main_process_first():
     """A context in which the main process of a launch runs first and the others wait for it
     (a no-op in a single process)."""
     import contextlib
-
-    from helpers import distributed
 
     if distributed.world()["world_size"] == 1:
         return contextlib.nullcontext()
@@ -1573,7 +1552,7 @@ def main(argv=None) -> int:
     import sys
 
     from helpers import config as config_mod
-    from helpers import distributed, manifest
+    from helpers import manifest
 
     ap = argparse.ArgumentParser(prog="python -m helpers.train", description=main.__doc__)
     ap.add_argument("run_dir")
