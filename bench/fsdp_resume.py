@@ -21,7 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from torch.optim import optimizer as optimizer_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import config, data, lora, memory, models, train  # noqa: E402
+from helpers import config, data, env, lora, memory, models, train  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "runs/gpu-suite"))
 WORK = Path(os.environ.get("SUITE_WORK", "runs/gpu-suite-work"))  # checkpoints and adapters
@@ -127,7 +127,7 @@ def build(name: str):
     return model, shape
 
 
-def timed_trainer_run(trainer, seq_tokens_per_step=None):
+def timed_trainer_run(trainer):
     clock = []
 
     class Clock(train.TrainerCallback):
@@ -172,8 +172,7 @@ def measure_lora(model, shape, name, tokenizer, steps, rate):
                   "trainable_params": rep["trainable"], "lora_target_count":
                   rep["lora_target_count"], "upcast_bytes_avoided": prep["upcast_bytes_avoided"],
                   "predicted_peak_bytes": est.total_allocated, **r,
-                  "mfu": round(6 * shape_params(shape) * r.get("tokens_per_second", 0) / rate, 3)
-                  if rate else None})
+                  "mfu": mfu(shape, r.get("tokens_per_second"), rate)})
             del trainer
             model = peft_model.unload()
             free()
@@ -182,6 +181,11 @@ def measure_lora(model, shape, name, tokenizer, steps, rate):
 
 def shape_params(shape) -> int:
     return shape.n_linear_params() + shape.n_16bit_params()
+
+
+def mfu(shape, tokens_per_second, rate):
+    """Model FLOPs utilization: 6 x parameters x tokens/s over the measured matmul ``rate``."""
+    return round(6 * shape_params(shape) * (tokens_per_second or 0) / rate, 3) if rate else None
 
 
 KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
@@ -214,8 +218,8 @@ class ProfileSteps(train.TrainerCallback):
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
-        kernels = [e for e in self.prof.key_averages()
-                   if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        averages = self.prof.key_averages()
+        kernels = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
 
         def t(e):
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
@@ -234,11 +238,11 @@ class ProfileSteps(train.TrainerCallback):
                        "groups_seconds": {g: round(v, 3) for g, v in groups.items()},
                        "top_kernels": [(e.key[:90], round(t(e) / 1e6, 4), e.count) for e in top]}
         with open(OUT / f"profile_{self.label}.txt", "w") as f:
-            f.write(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
+            f.write(averages.table(sort_by="self_cuda_time_total", row_limit=60))
 
 
 def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label, optimizer=None,
-             keep_adapter=False, targets=None, params=None, profile=False):
+             targets=None, params=None, profile=False):
     """notebook 05's train() with its defaults under a budget (``params``: other parameters)."""
     free()
     extra = {"OPTIMIZER": optimizer} if optimizer else {}
@@ -250,18 +254,11 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
                              MEMORY_BUDGET_GB=budget_gb, **extra)
     lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
     peft_model = lora.attach(model, cfg)
-    clock = []
-
-    class Clock(train.TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
-            clock.append(time.perf_counter())
-
     prof = ProfileSteps(f"{name}-{label}") if profile and torch.cuda.is_available() else None
     try:
         res = train.train(cfg, peft_model, tokenizer, rows, None,
                           data.CompletionCollator(tokenizer),
-                          callbacks=[Clock()] + ([prof] if prof else []), live=False,
+                          callbacks=[prof] if prof else [], live=False,
                           verbose=True)
         m = res.metrics
         out = {k: m[k] for k in ("tokens_per_second", "peak_gpu_bytes_train", "micro_batch",
@@ -272,7 +269,7 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               optimizer=cfg.optimizer)
         out["predicted_peak_bytes"] = est.total_allocated
-        out["mfu"] = round(6 * shape_params(shape) * m["tokens_per_second"] / rate, 3) if rate else None
+        out["mfu"] = mfu(shape, m["tokens_per_second"], rate)
         adapter = res.adapter_dir
         if prof is not None:
             out["profile"] = prof.result
@@ -323,8 +320,7 @@ def original(model, shape, name, tokenizer, steps, rate, rows, label):
                           compute_dtype=torch.bfloat16, autocast=True, chunked_loss=False)
     emit({"kind": "original", "model": name, "rows": label, "predicted_peak_bytes":
           est.total_allocated, **r,
-          "mfu": round(6 * shape_params(shape) * r.get("tokens_per_second", 0) / rate, 3)
-          if rate else None})
+          "mfu": mfu(shape, r.get("tokens_per_second"), rate)})
     return peft_model
 
 
@@ -394,7 +390,7 @@ def main() -> int:
     rate = matmul_rate()
     emit({"kind": "card", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
           else "cpu", "bf16_matmul_flops": rate, "torch": torch.__version__,
-          "versions": __import__("helpers.env", fromlist=["versions"]).versions()})
+          "versions": env.versions()})
     tokenizer = models.load_tokenizer("embedded")
     for name in args.models:
         try:
@@ -406,73 +402,70 @@ def main() -> int:
 
 
 def run_model(name, parts, tokenizer, rate, steps):
-    if True:
-        model, shape = build(name)
-        budget = BUDGETS.get(name, 16)
-        vocab = shape.vocab
-        if "train" in parts:
-            model = measure_lora(model, shape, name, tokenizer, steps, rate)
-        rows512 = random_rows(vocab, 64 * (steps + 1), 512, seed=1)
-        quotes_packed = quote_rows(config.make_config(), tokenizer, True)
-        quotes_plain = quote_rows(config.make_config(), tokenizer, False)
-        adapter = None
-        if "defaults" in parts:
-            model, adapter = defaults(model, shape, name, tokenizer, steps, rate, budget,
-                                      rows512, "random-512", keep_adapter=True)
-            model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget,
-                                quotes_packed, "quotes-packed")
-            if name != "gpt-neox-20b":
-                model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, rows512,
-                                    "random-512-nonpaged", optimizer="adamw_8bit")
-            if name == "gpt-neox-20b":
-                model, _ = defaults(model, shape, name, tokenizer, steps, rate, 16, rows512,
-                                    "random-512-16GB")
-        if "merge" in parts and adapter is not None and name == "gpt-j-6b":
-            free()
-            from helpers import generate
-
-            log = memory.MemoryLog()
-            try:
-                res = generate.merge_adapter(
-                    lambda: models.load_16bit(f"rehearsal:{name}"), adapter, tokenizer=tokenizer,
-                    prompts=["The only", "Love is"], out_dir=None, quantized_model=model,
-                    max_new_tokens=8, check_base_name=False)
-                emit({"kind": "merge", "model": name, **generate.merge_metrics(res),
-                      "source": res.source})
-            except Exception as err:
-                emit({"kind": "merge", "model": name, "error": f"{type(err).__name__}: {err}"[:400]})
-            del log
-            free()
-        if "fit16" in parts and name == "gpt-neox-20b":  # all-linear under 16 GB: refused?
+    model, shape = build(name)
+    budget = BUDGETS.get(name, 16)
+    vocab = shape.vocab
+    if "train" in parts:
+        model = measure_lora(model, shape, name, tokenizer, steps, rate)
+    rows512 = random_rows(vocab, 64 * (steps + 1), 512, seed=1)
+    adapter = None
+    if "defaults" in parts:
+        model, adapter = defaults(model, shape, name, tokenizer, steps, rate, budget,
+                                  rows512, "random-512")
+        model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget,
+                            quote_rows(config.make_config(), tokenizer, True),
+                            "quotes-packed")
+        if name != "gpt-neox-20b":
+            model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, rows512,
+                                "random-512-nonpaged", optimizer="adamw_8bit")
+        else:
             model, _ = defaults(model, shape, name, tokenizer, steps, rate, 16, rows512,
                                 "random-512-16GB")
-        if "profile" in parts:  # where a step's GPU time goes, defaults under the budget
-            model, _ = defaults(model, shape, name, tokenizer, 7, rate, budget, rows512,
-                                "random-512-profile", profile=True)
-        for variant in sorted(p for p in parts if p.startswith("var:")):
-            # var:NAME=VALUE;NAME=VALUE - the defaults with some parameters changed
-            params = dict(kv.split("=", 1) for kv in variant[4:].split(";"))
-            model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, rows512,
-                                "random-512-" + variant[4:].replace("=", "-").replace(";", "-"),
-                                params=params)
-        if "long" in parts:  # a few hundred steps under the smallest card the article names
-            long_steps, budget_small, targets = {"gpt-j-6b": (150, 12, None),
-                                                 "gpt-neox-20b": (300, 16, "attention")}[name]
-            rows_long = random_rows(vocab, 16 * (long_steps + 1), 512, seed=2)
-            model, _ = defaults(model, shape, name, tokenizer, long_steps, rate, budget_small,
-                                rows_long, f"random-512-{long_steps}-steps", targets=targets)
-        if "longest" in parts:
-            model = longest(model, shape, name, tokenizer, budget, "defaults")
-            model = longest(model, shape, name, tokenizer, budget, "original")
-        if "original" in parts:
-            rows_plain = random_rows(vocab, 4 * (steps + 1), 512, seed=1)
-            peft_model = original(model, shape, name, tokenizer, steps, rate, rows_plain,
-                                  "random-512")
-            peft_model = original(peft_model.unload(), shape, name, tokenizer, steps, rate,
-                                  quotes_plain, "quotes-plain")
-            model = peft_model
-        del model
+    if "merge" in parts and adapter is not None and name == "gpt-j-6b":
         free()
+        from helpers import generate
+
+        try:
+            res = generate.merge_adapter(
+                lambda: models.load_16bit(f"rehearsal:{name}"), adapter, tokenizer=tokenizer,
+                prompts=["The only", "Love is"], out_dir=None, quantized_model=model,
+                max_new_tokens=8, check_base_name=False)
+            emit({"kind": "merge", "model": name, **generate.merge_metrics(res),
+                  "source": res.source})
+        except Exception as err:
+            emit({"kind": "merge", "model": name, "error": f"{type(err).__name__}: {err}"[:400]})
+        free()
+    if "fit16" in parts and name == "gpt-neox-20b":  # all-linear under 16 GB: refused?
+        model, _ = defaults(model, shape, name, tokenizer, steps, rate, 16, rows512,
+                            "random-512-16GB")
+    if "profile" in parts:  # where a step's GPU time goes, defaults under the budget
+        model, _ = defaults(model, shape, name, tokenizer, 7, rate, budget, rows512,
+                            "random-512-profile", profile=True)
+    for variant in sorted(p for p in parts if p.startswith("var:")):
+        # var:NAME=VALUE;NAME=VALUE - the defaults with some parameters changed
+        params = dict(kv.split("=", 1) for kv in variant[4:].split(";"))
+        model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, rows512,
+                            "random-512-" + variant[4:].replace("=", "-").replace(";", "-"),
+                            params=params)
+    if "long" in parts:  # a few hundred steps under the smallest card the article names
+        long_steps, budget_small, targets = {"gpt-j-6b": (150, 12, None),
+                                             "gpt-neox-20b": (300, 16, "attention")}[name]
+        rows_long = random_rows(vocab, 16 * (long_steps + 1), 512, seed=2)
+        model, _ = defaults(model, shape, name, tokenizer, long_steps, rate, budget_small,
+                            rows_long, f"random-512-{long_steps}-steps", targets=targets)
+    if "longest" in parts:
+        model = longest(model, shape, name, tokenizer, budget, "defaults")
+        model = longest(model, shape, name, tokenizer, budget, "original")
+    if "original" in parts:
+        rows_plain = random_rows(vocab, 4 * (steps + 1), 512, seed=1)
+        peft_model = original(model, shape, name, tokenizer, steps, rate, rows_plain,
+                              "random-512")
+        peft_model = original(peft_model.unload(), shape, name, tokenizer, steps, rate,
+                              quote_rows(config.make_config(), tokenizer, False),
+                              "quotes-plain")
+        model = peft_model
+    del model
+    free()
 
 
 if __name__ == "__main__":

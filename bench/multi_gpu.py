@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import config, distributed, manifest, models  # noqa: E402
+from helpers import config, distributed, env, manifest, models  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "runs/multi-gpu"))
 WORK = Path(os.environ.get("SUITE_WORK", "runs/multi-gpu-work")).resolve()
@@ -72,11 +72,11 @@ def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 60
     """Train with ``params`` on ``gpus`` GPUs (``mode`` ddp or fsdp) and return its figures."""
     run_dir = WORK / f"{part}-{gpus}"
     cfg = config.make_config(RUN_DIR=str(run_dir), **params)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    environ = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpus == 1 and mode == "ddp":
         manifest.update(run_dir, lambda d: d.update(parameters=cfg.as_parameters()))
         command = [sys.executable, "-m", "helpers.train", str(run_dir)]
-        env["CUDA_VISIBLE_DEVICES"] = "0"
+        environ["CUDA_VISIBLE_DEVICES"] = "0"
     else:
         launch = distributed.write_launch_config(cfg, gpus, mode, offload=offload)
         command = launch.command
@@ -84,7 +84,7 @@ def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 60
     log = OUT / f"{part}-{gpus}.log"
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env,
+            rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=environ,
                                 timeout=timeout, cwd=ROOT).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -122,7 +122,7 @@ def main() -> int:
     n = args.gpus
     emit({"kind": "card", "gpus": [torch.cuda.get_device_name(i)
                                    for i in range(torch.cuda.device_count())],
-          "versions": __import__("helpers.env", fromlist=["versions"]).versions()})
+          "versions": env.versions()})
     parts = args.parts.split(",")
     if "ddp-embedded" in parts:
         for gpus, micro in ((1, 16), (n, 16 // n)):
