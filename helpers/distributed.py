@@ -129,9 +129,8 @@ def check_plan(cfg, num_processes: int, mode: str = "ddp", *, cuda_devices: int 
                 "the run would silently train unsharded copies. On this machine use mode='ddp' "
                 "(gloo processes) to test the launch; run FSDP on a machine with GPUs")
         compute = env.compute_dtype(cfg.compute_dtype)
-        try:  # "auto" is the compute dtype under FSDP
-            storage = compute if cfg.quant_storage == "auto" else \
-                env.quant_storage_dtype(cfg.quant_storage)
+        try:  # as the launched processes will decide it
+            storage = env.quant_storage_dtype(cfg.quant_storage, compute, fsdp=True)
         except ValueError as err:
             raise LaunchError(str(err)) from None
         if not storage.is_floating_point:
@@ -211,8 +210,7 @@ def write_launch_config(cfg, num_processes: int, mode: str = "ddp", *, offload: 
     target = run_dir / f"accelerate_{name}"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(_config_text(name, int(num_processes), offload=offload, port=port))
-    manifest.update(run_dir, lambda d: d.setdefault("parameters", {}).update(
-        cfg.as_parameters()))
+    manifest.record_parameters(run_dir, cfg.as_parameters())
     command = ["accelerate", "launch", "--config_file", str(target), "-m", "helpers.train",
                str(run_dir)]
     return Launch(mode=mode, num_processes=int(num_processes), config_file=target,
@@ -270,8 +268,7 @@ def notebook_launch(cfg, num_processes: int, *, cuda_devices: int | None = None,
         raise LaunchError("RUN_DIR is empty: helpers.config.start(...) sets it")
     from helpers import manifest
 
-    manifest.update(cfg.run_dir, lambda d: d.setdefault("parameters", {}).update(
-        cfg.as_parameters()))
+    manifest.record_parameters(cfg.run_dir, cfg.as_parameters())
     kwargs = {"args": (str(cfg.run_dir),), "num_processes": int(num_processes)}
     if dry_run:
         return {"function": _notebook_worker, **kwargs, "notes": notes}

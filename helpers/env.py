@@ -68,14 +68,16 @@ def fsdp_active() -> bool:
     return flag("ACCELERATE_USE_FSDP")
 
 
-def quant_storage_dtype(requested: str = "auto", compute: torch.dtype | None = None) -> torch.dtype:
+def quant_storage_dtype(requested: str = "auto", compute: torch.dtype | None = None, *,
+                        fsdp: bool | None = None) -> torch.dtype:
     """The dtype bitsandbytes packs 4-bit weights into (``bnb_4bit_quant_storage``).
 
     auto: ``uint8`` (two 4-bit values per byte, bitsandbytes' default) in a single process or
-    under DDP; under FSDP (:func:`fsdp_active`) the compute dtype, because FSDP flattens every
-    parameter of a wrapped layer into one tensor of one dtype, and it shards floating-point
-    tensors only. The packed bytes are the same either way: a bfloat16 element holds four 4-bit
-    values. Introduced with scaling out (notebook 05).
+    under DDP; under FSDP the compute dtype, because FSDP flattens every parameter of a wrapped
+    layer into one tensor of one dtype, and it shards floating-point tensors only. The packed
+    bytes are the same either way: a bfloat16 element holds four 4-bit values. ``fsdp``: whether
+    the run is sharded (default: this process's launch, :func:`fsdp_active`; a plan checked
+    before launching says it). Introduced with scaling out (notebook 05).
     """
     names = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "float32": torch.float32}
@@ -85,7 +87,7 @@ def quant_storage_dtype(requested: str = "auto", compute: torch.dtype | None = N
         except KeyError:
             raise ValueError(f"QUANT_STORAGE={requested!r}: use auto, uint8, bfloat16, float16 "
                              "or float32") from None
-    if fsdp_active():
+    if (fsdp_active() if fsdp is None else fsdp):
         return compute if compute is not None else compute_dtype("auto")
     return torch.uint8
 

@@ -54,6 +54,12 @@ def _entry(data: dict, notebook: str) -> dict:
     return data.setdefault("notebooks", {}).setdefault(notebook, {"metrics": {}})
 
 
+def record_parameters(run_dir, parameters: dict) -> None:
+    """Merge ``parameters`` into the run's ``parameters`` (what ``python -m helpers.train
+    RUN_DIR`` trains with)."""
+    update(run_dir, lambda data: data.setdefault("parameters", {}).update(parameters))
+
+
 def begin_notebook(run_dir, notebook: str, parameters: dict) -> None:
     """Record that a notebook started, with its parameters (no secrets are ever parameters)."""
 
