@@ -1277,29 +1277,38 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         items.append(Item("kv_cache", "key/value cache", kv_cache, on(kv_cache, at_fwd),
                           "built in training while config.use_cache is True; set it False"))
     total_allocated = sum(i.at_peak for i in items)
-    transient = sum(i.at_peak for i in items if i.key in (
-        "block_recompute", "dequant_temp", "head_copy", "logits", "kv_cache"))
-    slack = int(total_allocated * allocator_slack + transient * TRANSIENT_SLACK) \
-        if cuda_context else 0
-    ctx = context_bytes if cuda_context else 0
-    items += [
-        Item("optimizer_paged", "paged optimizer state", opt_paged, opt_paged,
-             "in unified memory, outside torch's allocator; evicted to CPU RAM under pressure",
-             allocator=False),
-        Item("allocator_slack", "allocator slack", slack, slack,
-             f"caching allocator's reserved-but-unused memory ({allocator_slack:.0%} of the "
-             f"allocated + {TRANSIENT_SLACK:.0%} of short-lived buffers)",
-             allocator=False),
-        Item("cuda_context", "CUDA context", ctx, ctx,
-             "driver context and kernels; not in max_memory_allocated", allocator=False),
-    ]
-    total_device = total_allocated + opt_paged + slack + ctx
+    items += [Item("optimizer_paged", "paged optimizer state", opt_paged, opt_paged,
+                   "in unified memory, outside torch's allocator; evicted to CPU RAM under "
+                   "pressure", allocator=False)]
+    items += _outside_allocator(items, total_allocated, cuda_context, allocator_slack,
+                                context_bytes,
+                                "driver context and kernels; not in max_memory_allocated")
+    total_device = sum(i.at_peak for i in items)
     footprint = packed + (n_emb + n_head + n_small) * load_b + shape.buffer_bytes
     detail = {"per_token_per_block": per_tok, "stream_bytes": hb, "tokens": T,
               "phases": phases}
     return Estimate(shape=shape, settings=settings, items=items,
                     total_allocated=int(total_allocated), total_device=int(total_device),
                     footprint=int(footprint), peak_phase=peak_phase, activation_detail=detail)
+
+
+# items that live only for part of a step (the allocator's slack grows with them)
+_TRANSIENT_KEYS = ("block_recompute", "dequant_temp", "head_copy", "logits", "kv_cache")
+
+
+def _outside_allocator(items, allocated: int, cuda_context: bool, slack_frac: float,
+                       context_bytes: int, context_note: str) -> list:
+    """The card's memory beside torch's allocated bytes: the caching allocator's slack (a share
+    of the allocated plus a share of the short-lived buffers among ``items``) and the CUDA
+    context; both zero without a CUDA context."""
+    transient = sum(i.at_peak for i in items if i.key in _TRANSIENT_KEYS)
+    slack = int(allocated * slack_frac + transient * TRANSIENT_SLACK) if cuda_context else 0
+    ctx = context_bytes if cuda_context else 0
+    return [Item("allocator_slack", "allocator slack", slack, slack,
+                 f"caching allocator's reserved-but-unused memory ({slack_frac:.0%} of the "
+                 f"allocated + {TRANSIENT_SLACK:.0%} of short-lived buffers)", allocator=False),
+            Item("cuda_context", "CUDA context", ctx, ctx,
+                 context_note, allocator=False)]
 
 
 _OUT_PROJ = {"dense", "out_proj", "o_proj", "c_proj"}
@@ -1552,19 +1561,10 @@ def estimate_per_gpu(shape, n_gpus: int, mode: str = "ddp", *, prefetch: bool = 
                  "the one computing" + (" and the one prefetched" if gathered > block else "")),
         ]
     allocated = sum(i.at_peak for i in items if i.allocator)
-    transient = sum(i.at_peak for i in items if i.key in (
-        "block_recompute", "dequant_temp", "head_copy", "logits", "kv_cache"))
     cuda = one.settings["cuda_context"]
-    slack_frac = one.settings["allocator_slack"]
-    slack = int(allocated * slack_frac + transient * TRANSIENT_SLACK) if cuda else 0
-    ctx = one.settings["context_bytes"] if cuda else 0
-    items += [
-        Item("allocator_slack", "allocator slack", slack, slack,
-             f"caching allocator's reserved-but-unused memory ({slack_frac:.0%} of the "
-             f"allocated + {TRANSIENT_SLACK:.0%} of short-lived buffers)", allocator=False),
-        Item("cuda_context", "CUDA context", ctx, ctx,
-             "driver context and kernels, on every GPU", allocator=False),
-    ]
+    items += _outside_allocator(items, allocated, cuda, one.settings["allocator_slack"],
+                                one.settings["context_bytes"],
+                                "driver context and kernels, on every GPU")
     if cuda and n > 1:
         items.append(Item("nccl", "NCCL communicators", NCCL_BYTES, NCCL_BYTES,
                           "the process group's buffers and kernels, outside torch's allocator",
