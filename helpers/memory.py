@@ -1389,7 +1389,26 @@ def fits(est: Estimate, budget_bytes: float) -> Verdict:
                    headroom=budget - est.total_device)
 
 
-_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+def largest_power_of_two(fits_at, limit: int = 64) -> int:
+    """The largest power of two ``n <= limit`` for which ``fits_at(n)`` holds, trying 1, 2, 4,
+    ... and stopping at the first that does not fit (memory grows with ``n``); 0 when not even
+    1 fits."""
+    best, n = 0, 1
+    while n <= limit and fits_at(n):
+        best, n = n, n * 2
+    return best
+
+
+def longest_fitting(fits_at, candidates) -> int:
+    """The last of the increasing ``candidates`` before the first for which ``fits_at`` fails
+    (memory grows with them); 0 when the first already fails."""
+    best = 0
+    for c in candidates:
+        if not fits_at(c):
+            break
+        best = c
+    return best
+
 
 
 # the settings an estimate of one GPU of several (estimate_per_gpu) adds to estimate's
@@ -1418,18 +1437,13 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
         raise ValueError("largest_fit needs seq_len= (the sequence length to size the "
                          "micro-batch for)")
     settings.pop("micro_batch", None)
-    best_batch = 0
-    for b in _BATCHES:
-        if fits(_estimate_as(shape, micro_batch=b, **settings), budget_bytes):
-            best_batch = b
+    best_batch = largest_power_of_two(lambda b: bool(fits(
+        _estimate_as(shape, micro_batch=b, **settings), budget_bytes)))
     seq_settings = {k: v for k, v in settings.items() if k != "seq_len"}
     step = 64 if shape.context < 256 else 128
-    best_seq = 0
-    for s in range(step, shape.context + 1, step):
-        if fits(_estimate_as(shape, seq_len=s, micro_batch=1, **seq_settings), budget_bytes):
-            best_seq = s
-        else:
-            break  # estimates grow with seq_len: nothing longer fits either
+    best_seq = longest_fitting(lambda s: bool(fits(
+        _estimate_as(shape, seq_len=s, micro_batch=1, **seq_settings), budget_bytes)),
+        range(step, shape.context + 1, step))
     return {"micro_batch": best_batch, "seq_len": best_seq,
             "at_seq_len": settings["seq_len"], "budget_bytes": int(budget_bytes)}
 

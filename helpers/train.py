@@ -221,22 +221,18 @@ def default_estimate_fn(cfg, model):
 def largest_micro_batch(estimate_fn, budget: int, seq_len: int, limit: int = 64) -> int:
     """The largest power-of-two micro-batch up to ``limit`` whose estimate fits ``budget``
     (0 when not even 1 fits)."""
-    best, b = 0, 1
-    while b <= limit and estimate_fn(b, seq_len) <= budget:
-        best, b = b, b * 2
-    return best
+    from helpers import memory
+
+    return memory.largest_power_of_two(lambda b: estimate_fn(b, seq_len) <= budget, limit)
 
 
 def largest_seq_len(estimate_fn, budget: int, upto: int) -> int:
     """The longest sequence (a multiple of 64, or of 8 below 64) up to ``upto`` whose estimate at
     micro-batch 1 fits ``budget``; 0 when none does."""
+    from helpers import memory
+
     candidates = list(range(64, upto + 1, 64)) or list(range(8, upto + 1, 8))
-    best = 0
-    for s in candidates:
-        if estimate_fn(1, s) > budget:
-            break
-        best = s
-    return best
+    return memory.longest_fitting(lambda s: estimate_fn(1, s) <= budget, candidates)
 
 
 def _model_device(model) -> torch.device:
