@@ -391,7 +391,7 @@ def footprint_breakdown(model) -> list[dict]:
         mtype = type(module).__name__ if module is not None else ""
         if _is_params4bit(p):
             qs = p.quant_state
-            add("4-bit linear weights", _nbytes(p), int(math.prod(qs.shape)), p.dtype, True,
+            add("4-bit linear weights", _nbytes(p), logical_numel(p), p.dtype, True,
                 "two 4-bit values packed per byte")
             groups = _quant_state_tensors(qs)
             nested = getattr(qs, "nested", False)
@@ -475,7 +475,7 @@ def _param_counts(model) -> tuple[int, int]:
         if "lora_" in name:
             continue
         if _is_params4bit(p):
-            n4 += int(math.prod(p.quant_state.shape))
+            n4 += logical_numel(p)
         else:
             n16 += p.nelement()
     return n4, n16
@@ -522,21 +522,17 @@ def alt_quant_sizes(model) -> dict:
     value table differs). get_memory_footprint would report the same figure for NF4 with and
     without double quantization, since it skips the constants: these are what memory holds.
     """
-    sizes = []
-    for name, p in model.named_parameters():
-        if "lora_" in name or not _is_params4bit(p):
-            continue
-        sizes.append(int(math.prod(p.quant_state.shape)))
-    _, n16 = _param_counts(model)
-    bufs = sum(_nbytes(b) for b in model.buffers())
-    rest = 2 * n16 + bufs
+    sizes = [logical_numel(p) for name, p in model.named_parameters()
+             if "lora_" not in name and _is_params4bit(p)]
+    sixteen = footprint_16bit(model)
+    rest = sixteen - 2 * sum(sizes)  # what stays 16-bit, and the buffers
 
     def total(dq):
         return rest + sum(sum(quantized_weight_bytes(n, double_quant=dq).values()) for n in sizes)
 
     with_dq, without = total(True), total(False)
     return {"nf4_dq": with_dq, "nf4": without, "fp4_dq": with_dq, "fp4": without,
-            "16bit": rest + 2 * sum(sizes)}
+            "16bit": sixteen}
 
 
 _ATTN_PAT = re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|"
@@ -691,12 +687,6 @@ class ModelShape:
 
     def linear_names(self) -> list[str]:
         return [s.name for s in self.linears]
-
-    def describe(self) -> str:
-        return (f"{self.name}: {self.n_params() / 1e9:.2f}B parameters ({self.family}), "
-                f"{self.layers} layers, hidden {self.hidden}, {self.heads} heads"
-                f"{f' ({self.kv_heads} key/value)' if self.kv_heads != self.heads else ''}, "
-                f"MLP {self.intermediate}, vocab {self.vocab}, context {self.context}")
 
 
 def _cfg_get(cfg, *names, default=None):
