@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from helpers.memory import SCALING_MODES as MODES  # ddp, fsdp: the estimator's two ways
+
 LAUNCH_DIR = Path(__file__).resolve().parent / "launch"
-MODES = ("ddp", "fsdp")
 CONFIG_FILES = {"ddp": "ddp.yaml", "ddp_cpu": "ddp_cpu.yaml", "fsdp": "fsdp_qlora.yaml"}
 # Optimizers whose state FSDP can shard and save: bitsandbytes' 8-bit states are blockwise
 # quantized tensors of their own shapes, which FSDP1's optimizer state dict cannot gather
