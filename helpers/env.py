@@ -104,9 +104,7 @@ def precision_flags(dtype: torch.dtype) -> dict:
     (:func:`helpers.lora.attach`), so their gradients and optimizer stay float32, as under
     autocast. float32 (CPU): no flag.
     """
-    if dtype == torch.float32 or not torch.cuda.is_available():
-        return {"bf16": False, "fp16": False}
-    return {"bf16": False, "fp16": dtype == torch.float16}
+    return {"bf16": False, "fp16": dtype == torch.float16 and torch.cuda.is_available()}
 
 
 def uses_autocast(dtype: torch.dtype) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import html
 import json
 import re
@@ -809,13 +808,6 @@ class MergeResult:
     __str__ = text
 
 
-def _free() -> None:
-    """Return freed memory: Python objects now, and the GPU allocator's cache."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_dir=None,
                   quantized_model=None, dtype: torch.dtype | None = None, device=None,
                   max_new_tokens: int = 20, rtol: float | None = None,
@@ -930,7 +922,7 @@ def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_di
     if vs_same["max_rel_diff"] > tol["rtol"] or vs_same["top1_agreement"] < tol["min_top1"]:
         figures = {**vs_same, "adapter_effect": adapter_effect}
         del merged  # an exception kept in a notebook must not keep the model alive
-        _free()
+        memory.free()
         raise MergeMismatch(
             f"the merged model does not reproduce the adapter on the same {merge_dtype} base: "
             f"max |logit diff| {vs_same['max_abs_diff']:.3g}, relative "
@@ -956,7 +948,7 @@ def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_di
         size = _folder_bytes(out)
         result_model = None
         del merged
-        _free()
+        memory.free()
         with log.track("reload merged"):
             reloaded = AutoModelForCausalLM.from_pretrained(
                 out, device_map=models._device_map(device_used),
@@ -973,7 +965,7 @@ def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_di
             result_model = reloaded
         else:
             del reloaded
-            _free()
+            memory.free()
     return MergeResult(
         source=source, dtype=str(merge_dtype).replace("torch.", ""),
         device=str(device_used),

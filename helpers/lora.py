@@ -346,7 +346,7 @@ def compute_lora_in_stream_dtype(peft_model) -> int:
     :func:`helpers.env.precision_flags`) this keeps the whole forward in bfloat16."""
     changed = 0
     for module in peft_model.modules():
-        if not (_is_adapter_wrapper(module) and hasattr(module, "lora_A")):
+        if not _is_adapter_wrapper(module):
             continue
         for holder in (module.lora_A, module.lora_B):
             for linear in holder.values():

@@ -74,6 +74,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # =============================================================================== readouts
 
 
+def free() -> None:
+    """Return freed memory: Python objects now, and the GPU allocator's cache."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def fmt_bytes(n: float | None) -> str:
     """Bytes as text in decimal units (1 GB = 1e9 bytes): ``11.21 GB``, ``350.2 MB``, ``12.0 kB``.
     Introduced in notebook 01."""

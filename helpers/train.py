@@ -399,7 +399,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     if not probe:
         return micro, notes
 
-    import gc
+    from helpers import memory
 
     dtype = env.compute_dtype(cfg.compute_dtype)
     while True:
@@ -409,8 +409,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
         if out_of_memory:  # outside the except block, so the failed step's tensors can go
-            gc.collect()
-            torch.cuda.empty_cache()
+            memory.free()
             if micro == 1:
                 ways = ["lower MAX_LENGTH", "adapt fewer layers (LORA_TARGETS='attention')"]
                 if not cfg.gradient_checkpointing:
@@ -1518,17 +1517,15 @@ def _main_process_first():
 def ensure_adapter(cfg) -> Path:
     """``RUN_DIR/adapter`` when notebook 05 saved one there; otherwise train it now with these
     parameters (so notebook 06 runs alone). Introduced in notebook 06."""
-    folder = Path(cfg.run_dir) / "adapter"
+    folder = Path(cfg.run_dir) / ADAPTER
     if (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists():
         return folder
     print(f"no adapter in {folder}: training one first, as notebook 05 would")
     result = train_from_config(cfg)
     del result.trainer
-    import gc
+    from helpers import memory
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    memory.free()
     return Path(result.adapter_dir)
 
 
