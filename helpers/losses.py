@@ -60,9 +60,7 @@ def chunk_tokens(vocab: int) -> int:
 def unwrap(model):
     """The transformers causal LM inside ``model``: through DistributedDataParallel / DataParallel
     (``.module``) and a peft model (``get_base_model()``)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
+    for _ in range(8):  # wrappers in wrappers, a few deep at most
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
@@ -222,15 +220,13 @@ class ChunkedLossModel:
     chunked loss, so the Trainer's own handling of the loss - gradient-accumulation scaling,
     averaging across devices - stays exactly as for the model's own loss."""
 
-    def __init__(self, model, chunk_size: int | None = None):
+    def __init__(self, model):
         self.model = model
-        self.chunk_size = chunk_size
 
     def __call__(self, **inputs):
         labels = inputs.pop("labels")
         num_items = inputs.pop("num_items_in_batch", None)
-        return causal_lm_loss(self.model, inputs, labels, num_items_in_batch=num_items,
-                              chunk_size=self.chunk_size)
+        return causal_lm_loss(self.model, inputs, labels, num_items_in_batch=num_items)
 
     def __getattr__(self, name):  # anything else the Trainer asks of the model
         return getattr(self.model, name)
