@@ -678,9 +678,13 @@ class ModelShape:
             return bias
         return self.vocab * (self.embed_dim or self.hidden) + bias
 
+    @property
+    def params_per_norm(self) -> int:
+        """A LayerNorm has a weight and a bias; an RMSNorm a weight only."""
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
+
     def n_norm_params(self) -> int:
-        per_norm = self.hidden * (2 if self.norm == "layernorm" else 1)
-        return (self.layers * self.norms_per_block + 1) * per_norm
+        return (self.layers * self.norms_per_block + 1) * self.params_per_norm
 
     def n_bias_params(self) -> int:
         return self.layers * sum(s.d_out for s in self.linears if s.bias) + \
@@ -1506,14 +1510,20 @@ _SHARDED = ("weights_4bit", "quant_constants", "embeddings", "lm_head", "norms_b
 SCALING_MODES = ("ddp", "fsdp")
 
 
+def _small_weight_bytes(settings: dict) -> int:
+    """Bytes per element of the weights that stay unquantized (norms, biases, embeddings):
+    float32 when upcast, else the compute dtype's."""
+    return 4 if settings["upcast_fp32"] else _dtype_bytes(settings["compute_dtype"])
+
+
 def _block_bytes(shape: ModelShape, settings: dict) -> int:
     """Bytes of one transformer block's parameters as FSDP gathers them: its 4-bit linears with
     their constants, norms and biases in the 16-bit dtype, and its LoRA weights (float32)."""
-    wb = 4 if settings["upcast_fp32"] else _dtype_bytes(settings["compute_dtype"])
+    wb = _small_weight_bytes(settings)
     quant = sum(sum(quantized_weight_bytes(s.params, double_quant=settings["double_quant"])
                     .values()) for s in shape.linears)
-    per_norm = shape.hidden * (2 if shape.norm == "layernorm" else 1)
-    small = shape.norms_per_block * per_norm + sum(s.d_out for s in shape.linears if s.bias)
+    small = shape.norms_per_block * shape.params_per_norm + \
+        sum(s.d_out for s in shape.linears if s.bias)
     r = settings["lora_r"]
     lora = sum(r * (s.d_in + s.d_out) for s in _lora_specs(shape, settings["lora_targets"]))
     return quant + small * wb + lora * 4
@@ -1562,8 +1572,7 @@ def estimate_per_gpu(shape, n_gpus: int, mode: str = "ddp", *, prefetch: bool = 
                                  f"1/{n} of {fmt_bytes(i.bytes)} ({i.explanation})")
         sh = one.shape
         root = by_key["embeddings"].bytes + by_key["lm_head"].bytes + \
-            (4 if one.settings["upcast_fp32"] else _dtype_bytes(one.settings["compute_dtype"])) \
-            * sh.hidden * (2 if sh.norm == "layernorm" else 1)
+            _small_weight_bytes(one.settings) * sh.params_per_norm  # the final norm
         block = _block_bytes(sh, one.settings)
         gathered = block * (2 if prefetch and sh.layers > 1 else 1)
         items += [
