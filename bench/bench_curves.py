@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import config, data, env, lora, models, plots, train  # noqa: E402
+from helpers import budget, callbacks, config, data, env, loading, lora, plots, train  # noqa: E402
 
 
 class EvalEvery(train.TrainerCallback):
@@ -46,13 +46,13 @@ class EvalEvery(train.TrainerCallback):
 def run_defaults(tokens, every, run_dir):
     cfg = config.make_config(RUN_DIR=str(run_dir / "defaults"), MAX_STEPS=100000, SAVE_STEPS=0)
     config.seed_everything(cfg.seed)
-    tok = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, tokenizer=tok)
+    tok = loading.load_tokenizer(cfg.model)
+    model = loading.load_model(cfg.model, tokenizer=tok)
     lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
     model = lora.attach(model, cfg)
     prepared = data.prepare(cfg, tok)
     collator = data.CompletionCollator(tok)
-    micro, _ = train.choose_micro_batch(cfg, model, probe=False)
+    micro, _ = budget.choose_micro_batch(cfg, model, probe=False)
     cfg = dataclasses.replace(cfg, learning_rate=train.auto_learning_rate(model))
     points = [(0, train.evaluate_loss(model, prepared.eval, collator, batch_size=16)[0])]
     trainer = train.make_trainer(cfg, model, tok, prepared.train, collator, micro)
@@ -67,8 +67,8 @@ def run_original(tokens, every, run_dir):
 
     cfg = config.make_config(RUN_DIR=str(run_dir / "original"), PACKING=False)
     config.seed_everything(cfg.seed)
-    tok = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, tokenizer=tok)
+    tok = loading.load_tokenizer(cfg.model)
+    model = loading.load_model(cfg.model, tokenizer=tok)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
@@ -84,7 +84,7 @@ def run_original(tokens, every, run_dir):
                              use_cpu=not env.torch.cuda.is_available(),
                              fp16=flags["bf16"] or flags["fp16"], seed=cfg.seed)
     trainer = train.SeriesTrainer(model=model, args=args, train_dataset=prepared.train,
-                                  data_collator=train.CountingCollator(collator))
+                                  data_collator=callbacks.CountingCollator(collator))
     points = [(0, train.evaluate_loss(model, prepared.eval, collator, batch_size=16)[0])]
     trainer.add_callback(EvalEvery(model, prepared.eval, collator, every, tokens, points))
     trainer.train()

@@ -48,9 +48,9 @@ def synthetic_rows(quotes: list, n: int, seed: int = 0) -> list:
 def bench_tokenizer(quotes: list):
     """The embedded model's tokenizer when built, else a byte-level BPE trained on the quotes."""
     try:
-        from helpers import models
+        from helpers import embedded
 
-        path = Path(models.embedded_path())
+        path = Path(embedded.embedded_path())
         if path.exists():
             from transformers import AutoTokenizer
 
@@ -126,11 +126,11 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
 
-    from helpers import data
+    from helpers import data, formats
     from helpers.config import make_config
 
     datasets.disable_progress_bars()
-    quotes = [json.loads(line) for line in data.EMBEDDED_QUOTES.read_text().splitlines() if line]
+    quotes = [json.loads(line) for line in formats.EMBEDDED_QUOTES.read_text().splitlines() if line]
     tokenizer, tokenizer_name = bench_tokenizer(quotes)
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "synthetic_quotes.jsonl"

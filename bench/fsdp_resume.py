@@ -34,11 +34,11 @@ def value(text: str):
 
 
 def prep(run_dir: str, offload: bool, overrides: list) -> None:
-    from helpers import config, distributed
+    from helpers import config, scaling
 
     params = {**DEFAULTS, **{k: value(v) for k, v in (a.split("=", 1) for a in overrides)}}
     cfg = config.make_config(RUN_DIR=run_dir, **params)
-    print(distributed.write_launch_config(cfg, 2, "fsdp", offload=offload).config_file)
+    print(scaling.write_launch_config(cfg, 2, "fsdp", offload=offload).config_file)
 
 
 def summary(opt, grads: bool) -> dict:

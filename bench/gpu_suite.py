@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import config, data, env, lora, memory, models, train  # noqa: E402
+from helpers import callbacks, config, data, env, estimator, footprint, loading, lora, shapes, train  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "runs/gpu-suite"))
 WORK = Path(os.environ.get("SUITE_WORK", "runs/gpu-suite-work"))  # checkpoints and adapters
@@ -103,20 +103,20 @@ def quote_rows(cfg, tokenizer, packing: bool):
 
 def build(name: str):
     free()
-    log = memory.MemoryLog()
+    log = footprint.MemoryLog()
     with log.track("build"):
         t = time.perf_counter()
-        model = models.load_model(f"rehearsal:{name}")
+        model = loading.load_model(f"rehearsal:{name}")
         secs = time.perf_counter() - t
     rec = log.records[-1]
-    shape = memory.shape_from_config(model.config)
-    est = memory.estimate(shape, seq_len=512, micro_batch=1)
+    shape = shapes.shape_from_config(model.config)
+    est = estimator.estimate(shape, seq_len=512, micro_batch=1)
     largest = max(s.d_in * s.d_out for s in shape.linears)
     per_block = sum(s.d_in * s.d_out for s in shape.linears)
     emit({"kind": "build", "model": name, "seconds": round(secs, 1),
           "params": shape_params(shape),
           "footprint_bytes": model.get_memory_footprint(),
-          "resident_bytes": memory.footprint_totals(memory.footprint_breakdown(model))["resident"],
+          "resident_bytes": footprint.footprint_totals(footprint.footprint_breakdown(model))["resident"],
           "predicted_footprint_bytes": est.footprint,
           "gpu_allocated_before_build": rec.gpu_allocated_before,
           "peak_gpu_bytes_build": rec.gpu_peak_allocated,
@@ -166,7 +166,7 @@ def measure_lora(model, shape, name, tokenizer, steps, rate):
                 r = timed_trainer_run(trainer)
             except Exception as err:  # record, go on
                 r = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-            est = memory.estimate(shape, seq_len=512, micro_batch=mb, lora_r=16,
+            est = estimator.estimate(shape, seq_len=512, micro_batch=mb, lora_r=16,
                                   lora_targets=scope, gradient_checkpointing=True)
             emit({"kind": "train", "model": name, "scope": scope, "micro_batch": mb,
                   "trainable_params": rep["trainable"], "lora_target_count":
@@ -265,7 +265,7 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
                                  "train_loss_first", "train_loss_final", "train_steps")}
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
         out["notes"] = res.notes
-        est = memory.estimate(shape, seq_len=512, micro_batch=m["micro_batch"], lora_r=cfg.lora_r,
+        est = estimator.estimate(shape, seq_len=512, micro_batch=m["micro_batch"], lora_r=cfg.lora_r,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               optimizer=cfg.optimizer)
         out["predicted_peak_bytes"] = est.total_allocated
@@ -306,16 +306,16 @@ def original(model, shape, name, tokenizer, steps, rate, rows, label):
                              learning_rate=2e-4, logging_steps=1, optim="paged_adamw_8bit",
                              report_to=[], save_strategy="no", use_cpu=not cuda,
                              fp16=cuda, remove_unused_columns=False)
-    counter = train.TokenCounter()
+    counter = callbacks.TokenCounter()
     trainer = train.SeriesTrainer(model=peft_model, args=args, train_dataset=rows,
-                                  data_collator=train.CountingCollator(
+                                  data_collator=callbacks.CountingCollator(
                                       data.CompletionCollator(tokenizer)),
                                   token_counter=counter, chunked_loss=False)  # the model's loss
     try:
         r = timed_trainer_run(trainer)
     except Exception as err:
         r = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-    est = memory.estimate(shape, seq_len=512, micro_batch=1, lora_r=8,
+    est = estimator.estimate(shape, seq_len=512, micro_batch=1, lora_r=8,
                           lora_targets=ORIGINAL_TARGETS[name], upcast_fp32=True,
                           compute_dtype=torch.bfloat16, autocast=True, chunked_loss=False)
     emit({"kind": "original", "model": name, "rows": label, "predicted_peak_bytes":
@@ -346,7 +346,7 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
         peft_model = lora.attach(model, cfg)
         settings = dict(lora_r=cfg.lora_r, chunked_loss=cfg.chunked_loss)
         dtype = None
-    lf = memory.largest_fit(shape, budget, seq_len=512, **settings)
+    lf = budget.largest_fit(shape, budget, seq_len=512, **settings)
     predicted = lf["seq_len"]
     torch.cuda.set_per_process_memory_fraction(
         min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
@@ -354,7 +354,7 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
     step = 512
     for _ in range(10):
         try:
-            train.probe_step(peft_model, 1, seq, dtype,
+            budget.probe_step(peft_model, 1, seq, dtype,
                              chunked_loss=settings["chunked_loss"])
             ok = max(ok, seq)
             tried.append((seq, "ok"))
@@ -391,7 +391,7 @@ def main() -> int:
     emit({"kind": "card", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
           else "cpu", "bf16_matmul_flops": rate, "torch": torch.__version__,
           "versions": env.versions()})
-    tokenizer = models.load_tokenizer("embedded")
+    tokenizer = loading.load_tokenizer("embedded")
     for name in args.models:
         try:
             run_model(name, parts, tokenizer, rate, args.steps)
@@ -423,14 +423,14 @@ def run_model(name, parts, tokenizer, rate, steps):
                                 "random-512-16GB")
     if "merge" in parts and adapter is not None and name == "gpt-j-6b":
         free()
-        from helpers import generate
+        from helpers import merge
 
         try:
-            res = generate.merge_adapter(
-                lambda: models.load_16bit(f"rehearsal:{name}"), adapter, tokenizer=tokenizer,
+            res = merge.merge_adapter(
+                lambda: loading.load_16bit(f"rehearsal:{name}"), adapter, tokenizer=tokenizer,
                 prompts=["The only", "Love is"], out_dir=None, quantized_model=model,
                 max_new_tokens=8, check_base_name=False)
-            emit({"kind": "merge", "model": name, **generate.merge_metrics(res),
+            emit({"kind": "merge", "model": name, **merge.merge_metrics(res),
                   "source": res.source})
         except Exception as err:
             emit({"kind": "merge", "model": name, "error": f"{type(err).__name__}: {err}"[:400]})

@@ -4,7 +4,7 @@ single-GPU run beside it on the same machine.
     python bench/multi_gpu.py [--parts ddp-embedded,gpt-j,fsdp-70b] [--gpus 2]
 
 Every run is ``python -m helpers.train RUN_DIR`` (one GPU) or the command
-:func:`helpers.distributed.write_launch_config` prints (``accelerate launch --config_file
+:func:`helpers.scaling.write_launch_config` prints (``accelerate launch --config_file
 RUN_DIR/accelerate_<mode>.yaml -m helpers.train RUN_DIR``), exactly as notebook 05's "Scaling
 out" section tells a user; the figures are the ``train`` entry each run writes into its
 manifest. Results go to ``OUT/multi_gpu.jsonl`` (one line per run, appended as soon as it
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import config, distributed, env, manifest, models  # noqa: E402
+from helpers import config, scaling, env, manifest, loading  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "runs/multi-gpu"))
 WORK = Path(os.environ.get("SUITE_WORK", "runs/multi-gpu-work")).resolve()
@@ -51,7 +51,7 @@ def random_text_file(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
 
     if path.is_file():
         return path
-    tok = models.load_tokenizer("embedded")
+    tok = loading.load_tokenizer("embedded")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, len(tok) - 10, (rows, tokens), generator=g).tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def run(part: str, params: dict, gpus: int, mode: str = "ddp", timeout: int = 60
         command = [sys.executable, "-m", "helpers.train", str(run_dir)]
         environ["CUDA_VISIBLE_DEVICES"] = "0"
     else:
-        launch = distributed.write_launch_config(cfg, gpus, mode, offload=offload)
+        launch = scaling.write_launch_config(cfg, gpus, mode, offload=offload)
         command = launch.command
     started = time.perf_counter()
     log = OUT / f"{part}-{gpus}.log"

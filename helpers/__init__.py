@@ -21,8 +21,10 @@ NOTEBOOKS = (
     "06_inference_and_merge",
 )
 
-_MODULES = ("config", "manifest", "env", "memory", "models", "lora", "data", "train", "losses",
-            "distributed", "generate", "plots", "widgets", "nbtools", "run")
+_MODULES = ("units", "tokens", "env", "config", "manifest", "footprint", "shapes", "estimator",
+            "scaling", "budget", "embedded", "models", "rehearsal", "loading", "lora", "formats",
+            "data", "losses", "plots", "callbacks", "checkpoints", "fsdp", "train", "generate",
+            "adapters", "merge", "widgets", "nbtools", "run")
 
 
 def __getattr__(name):

@@ -17,6 +17,25 @@ from pathlib import Path
 
 import torch
 
+
+def has_frontend() -> bool:
+    """True only inside an IPython kernel that a live front end (Jupyter, Colab) is attached to.
+
+    ``QLORA_SERIES_STATIC=1`` forces the static twins (papermill runs set it).
+    """
+    if os.environ.get("QLORA_SERIES_STATIC") == "1":
+        return False
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    if ip is None or not hasattr(ip, "kernel"):
+        return False
+    return "PAPERMILL_EXECUTION" not in os.environ and "papermill" not in sys.modules
+
 KEY_PACKAGES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets",
                 "ipywidgets", "matplotlib", "papermill")
 
@@ -377,3 +396,27 @@ def show(rep: dict) -> str:
         lines.append(f"{r['package']:14} {str(r['installed']):14} {r['tested']:22} "
                      + ("yes" if r["ok"] else "NO"))
     return "\n".join(lines)
+
+def world() -> dict:
+    """This process's place in a launch, from the variables torchrun/accelerate set: ``rank``,
+    ``local_rank``, ``world_size``, ``local_world_size`` (1 process: 0, 0, 1, 1), ``fsdp`` and
+    ``offload`` (the FSDP config's ``fsdp_offload_params``, which accelerate launch passes as
+    ``FSDP_OFFLOAD_PARAMS``)."""
+    from helpers import env
+
+    def num(name, default):
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    size = num("WORLD_SIZE", 1)
+    fsdp = env.fsdp_active()
+    return {"rank": num("RANK", 0), "local_rank": num("LOCAL_RANK", 0), "world_size": size,
+            "local_world_size": num("LOCAL_WORLD_SIZE", size), "fsdp": fsdp,
+            "offload": fsdp and env.flag("FSDP_OFFLOAD_PARAMS")}
+
+
+def is_main_process() -> bool:
+    """True in a single process and in rank 0 of a launch: the one that writes files."""
+    return world()["rank"] == 0

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from helpers.config import ConfigError
-from helpers.memory import footprint_breakdown, footprint_totals, logical_numel
+from helpers.footprint import footprint_breakdown, footprint_totals
+from helpers.units import logical_numel
 
 SCOPES = ("all-linear", "attention")
 ADAPTER = "default"
@@ -195,7 +196,7 @@ def param_bytes(model) -> int:
     """Bytes the model's weights take: parameters (each shared tensor once, 4-bit weights as
     their packed storage), buffers, and the 4-bit quantization constants (absmax, nested
     absmax, code tables) that live beside each packed weight: the "resident" total of
-    :func:`helpers.memory.footprint_breakdown`."""
+    :func:`helpers.footprint.footprint_breakdown`."""
     return footprint_totals(footprint_breakdown(model))["resident"]
 
 

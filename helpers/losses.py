@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from helpers.data import IGNORE_INDEX
+from helpers.tokens import IGNORE_INDEX
 
 # One chunk's float32 logits take about this many bytes: 512 tokens of a 128,256-token vocabulary
 # (Llama 3), 1,024 of a 50,000-token one, the whole sequence of a small model.

@@ -75,7 +75,7 @@ MEMORY_SEGMENTS = (
 
 def memory_bars(estimates: dict, budget_bytes: float | None = None,
                 title: str = "Predicted GPU memory of a training step"):
-    """One stacked bar per estimate (label -> :class:`helpers.memory.Estimate`), in GB
+    """One stacked bar per estimate (label -> :class:`helpers.estimator.Estimate`), in GB
     (1 GB = 1e9 bytes), with the card's memory as a dashed line when ``budget_bytes`` is given.
 
     Segments group the estimate's items as held at the predicted peak (see MEMORY_SEGMENTS).
@@ -113,12 +113,12 @@ def memory_bars(estimates: dict, budget_bytes: float | None = None,
 
 
 def footprint_bars(rows: list, title: str = "What the loaded model weighs, part by part"):
-    """Horizontal bars of :func:`helpers.memory.footprint_breakdown` rows; hatched bars are the
+    """Horizontal bars of :func:`helpers.footprint.footprint_breakdown` rows; hatched bars are the
     quantization constants that ``get_memory_footprint()`` leaves out. Introduced in notebook 02.
     """
     from matplotlib.figure import Figure
 
-    from helpers.memory import fmt_bytes
+    from helpers.units import fmt_bytes
 
     rows = list(rows)
     fig = Figure(figsize=(7.5, 0.38 * len(rows) + 1.2))
@@ -145,7 +145,7 @@ def footprint_bars(rows: list, title: str = "What the loaded model weighs, part 
 
 def loss_curve(history, eval_points=None, title: str = "Training"):
     """Loss per optimizer step (with a moving average), and below it the learning rate and the
-    gradient norm, from the logged steps of :class:`helpers.train.LossCurveCallback`.
+    gradient norm, from the logged steps of :class:`helpers.callbacks.LossCurveCallback`.
 
     ``history``: dicts with ``step``, ``loss`` and, where logged, ``learning_rate`` and
     ``grad_norm``. ``eval_points``: ``(step, loss, label)`` markers, e.g. the held-out loss

@@ -4,27 +4,7 @@ Python process) every control renders a static table or figure instead.
 
 from __future__ import annotations
 
-import os
-import sys
-
-
-def has_frontend() -> bool:
-    """True only inside an IPython kernel that a live front end (Jupyter, Colab) is attached to.
-
-    ``QLORA_SERIES_STATIC=1`` forces the static twins (papermill runs set it).
-    """
-    if os.environ.get("QLORA_SERIES_STATIC") == "1":
-        return False
-    if "google.colab" in sys.modules:
-        return True
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    ip = get_ipython()
-    if ip is None or not hasattr(ip, "kernel"):
-        return False
-    return "PAPERMILL_EXECUTION" not in os.environ and "papermill" not in sys.modules
+from helpers import env
 
 
 def _show(*objs) -> None:
@@ -58,9 +38,9 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
     LoRA rank and checkpointing; a stacked bar chart of the predicted memory and a one-line
     verdict follow every change.
 
-    ``presets``: name -> ModelShape / config / config dict (default: ``helpers.memory.PRESETS``,
+    ``presets``: name -> ModelShape / config / config dict (default: ``helpers.shapes.PRESETS``,
     the JSON configs in ``helpers/configs/``). ``gpu_gb``: default this machine's GPU, else 16
-    (a T4). Other ``settings`` go to :func:`helpers.memory.estimate` (optimizer, upcast_fp32...).
+    (a T4). Other ``settings`` go to :func:`helpers.estimator.estimate` (optimizer, upcast_fp32...).
     Without a front end (papermill, CI, a plain process) it shows the verdict, the item table
     and the chart for the given settings, and returns them as a dict (``estimate``,
     ``verdict``, ``figure``); with one it returns the widget. Introduced in notebook 01.
@@ -69,10 +49,10 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
 
     import torch
 
-    from helpers import memory, plots
+    from helpers import budget, estimator, shapes, plots
 
-    source = memory.PRESETS if presets is None else presets
-    shapes = {name: dataclasses.replace(memory.as_shape(cfg), name=name)
+    source = shapes.PRESETS if presets is None else presets
+    shapes = {name: dataclasses.replace(shapes.as_shape(cfg), name=name)
               for name, cfg in dict(source).items()}
     if not shapes:
         raise ValueError("no model presets to choose from: pass presets={'name': config, ...} "
@@ -85,14 +65,14 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
             if torch.cuda.is_available() else 16.0
 
     def compute(name, gb, seq, mb, r, gc):
-        est = memory.estimate(shapes[name], seq_len=seq, micro_batch=mb, lora_r=r,
+        est = estimator.estimate(shapes[name], seq_len=seq, micro_batch=mb, lora_r=r,
                               gradient_checkpointing=gc, **settings)
-        verdict = memory.verdict_text(est, gb * 1e9)
+        verdict = budget.verdict_text(est, gb * 1e9)
         fig = plots.memory_bars({f"{name}\n{seq} x {mb}": est}, budget_bytes=gb * 1e9,
                                 title=verdict)
         return est, verdict, fig
 
-    if not has_frontend():
+    if not env.has_frontend():
         est, verdict, fig = compute(model, gpu_gb, seq_len, micro_batch, lora_r,
                                     gradient_checkpointing)
         _show(f"Will it fit? {verdict}", est, fig)

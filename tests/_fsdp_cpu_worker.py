@@ -3,7 +3,7 @@ wrapping that accelerate's FSDP config applies (peft's auto-wrap policy, use_ori
 4-bit weights stored in the compute dtype) on a tiny 4-bit rehearsal with the series' LoRA layers.
 
 One forward and backward; then the adapter as training saves it under FSDP
-(:func:`helpers.distributed.gather_trainable` + ``save_sharded_adapter``, into ``OUT.fsdp``,
+(:func:`helpers.fsdp.gather_trainable` + ``save_sharded_adapter``, into ``OUT.fsdp``,
 beside ``OUT.plain``: ``save_pretrained`` of the same model before wrapping), and a sharded
 checkpoint as the Trainer writes one (accelerate's ``save_fsdp_model``, adapter only), loaded
 back into zeroed LoRA shards. Writes what each process saw to ``OUT.rank<N>.json``."""
@@ -21,13 +21,13 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import (ShardedOptimStateDictConfig, ShardedStateDictConfig,
                                     StateDictType)
 
-from helpers import config, distributed, lora, models
+from helpers import config, fsdp, lora, rehearsal
 
 out = sys.argv[1]
 dist.init_process_group("gloo")
 PartialState(cpu=True)  # accelerate's checkpoint functions log through it
 rank = dist.get_rank()
-model = models.build_rehearsal("tiny-neox", device="cpu", compute_dtype="float32",
+model = rehearsal.build_rehearsal("tiny-neox", device="cpu", compute_dtype="float32",
                                quant_storage=torch.float32)
 cfg = config.make_config(RUN_DIR=out + ".run", MODEL="rehearsal:tiny-neox", LORA_DROPOUT=0.0)
 lora.prepare_for_training(model, True, False)
@@ -51,13 +51,13 @@ report = {"loss": float(loss), "trainable_flat": len(trainable),
           "frozen_4bit_flat": sum(1 for p in wrapped.parameters() if not p.requires_grad)}
 
 # the final adapter
-before = distributed.gather_trainable(wrapped)
+before = fsdp.gather_trainable(wrapped)
 report["gathered"] = len(before)
 if rank == 0:
-    distributed.save_sharded_adapter(peft_model, out + ".fsdp", before)
+    fsdp.save_sharded_adapter(peft_model, out + ".fsdp", before)
 
 # a checkpoint as the Trainer writes one, and resuming from it
-report["patched"] = distributed.match_peft_names_under_fsdp()
+report["patched"] = fsdp.match_peft_names_under_fsdp()
 plugin = SimpleNamespace(state_dict_type=StateDictType.SHARDED_STATE_DICT, fsdp_version=1,
                          state_dict_config=ShardedStateDictConfig(),
                          optim_state_dict_config=ShardedOptimStateDictConfig())
@@ -67,10 +67,10 @@ save_fsdp_model(plugin, accel, wrapped, out + ".ckpt", adapter_only=True)
 with torch.no_grad():
     for p in trainable:
         p.zero_()
-zeroed = distributed.gather_trainable(wrapped)
+zeroed = fsdp.gather_trainable(wrapped)
 report["zeroed"] = sum(1 for k in before if not torch.equal(before[k], zeroed[k]))
 load_fsdp_model(plugin, accel, wrapped, out + ".ckpt", adapter_only=True)
-after = distributed.gather_trainable(wrapped)
+after = fsdp.gather_trainable(wrapped)
 report["restored"] = sum(1 for k in before if torch.equal(before[k], after[k]))
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(report, f)

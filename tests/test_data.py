@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import data
+from helpers import data, formats
 from helpers.config import make_config
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -56,7 +56,7 @@ def _train_tokenizer(chat_template=CHAT_TEMPLATE, pad=PAD):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [f"{q['quote']} ({q['author']})" for q in QUOTES] * 20
-    corpus += [data.instruction_prompt(r["instruction"], r["input"] or "") + r["output"]
+    corpus += [formats.instruction_prompt(r["instruction"], r["input"] or "") + r["output"]
                for r in INSTRUCTIONS] * 20
     corpus += ["The quick brown fox jumps over the lazy dog."] * 20
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[EOS, PAD, "<|im_start|>",
@@ -100,7 +100,7 @@ def test_each_file_type_loads_and_prepares(tmp_path, tokenizer, ext):
      "json": lambda: path.write_text(json.dumps(frame.to_dict("records"))),
      "csv": lambda: frame.to_csv(path, index=False),
      "parquet": lambda: frame.to_parquet(path)}[ext]()
-    source = data.load_source(_cfg(tmp_path, path))
+    source = formats.load_source(_cfg(tmp_path, path))
     assert len(source["train"]) == len(QUOTES)
     assert {"quote", "author"} <= set(source["train"].column_names)
     prepared = data.prepare(_cfg(tmp_path, path), tokenizer)
@@ -112,7 +112,7 @@ def test_each_file_type_loads_and_prepares(tmp_path, tokenizer, ext):
 def test_txt_is_one_example_per_line(tmp_path, tokenizer):
     path = tmp_path / "lines.txt"
     path.write_text("First line of text.\n\nSecond line here.\nThird one.\n")
-    source = data.load_source(_cfg(tmp_path, path))
+    source = formats.load_source(_cfg(tmp_path, path))
     assert source["train"]["text"] == ["First line of text.", "Second line here.", "Third one."]
     cfg = _cfg(tmp_path, path, DATA_FORMAT="text", TEXT_COLUMN="text", EVAL_FRACTION=0)
     prepared = data.prepare(cfg, tokenizer)
@@ -126,29 +126,29 @@ def test_local_folder_in_hub_layout_uses_its_own_test_split(tmp_path, tokenizer)
     _jsonl(folder / "data" / "train.jsonl", QUOTES[:8])
     _jsonl(folder / "data" / "test.jsonl", QUOTES[8:])
     cfg = _cfg(tmp_path, folder)
-    source = data.load_source(cfg)
+    source = formats.load_source(cfg)
     assert set(source) == {"train", "test"}
     prepared = data.prepare(cfg, tokenizer)
     assert prepared.metrics()["train_examples"] == 8
     assert prepared.metrics()["eval_examples"] == 2
     assert prepared.stats["eval_from"] == "source split"
-    with pytest.raises(data.DatasetError, match="DATASET_SPLIT"):
-        data.load_source(_cfg(tmp_path, folder, DATASET_SPLIT="nope"))
+    with pytest.raises(formats.DatasetError, match="DATASET_SPLIT"):
+        formats.load_source(_cfg(tmp_path, folder, DATASET_SPLIT="nope"))
 
 
 def test_unreachable_hub_says_what_to_do(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(data.DatasetError) as err:
-        data.load_source(_cfg(tmp_path, "someone/some_quotes"))
+    with pytest.raises(formats.DatasetError) as err:
+        formats.load_source(_cfg(tmp_path, "someone/some_quotes"))
     assert "Hub" in str(err.value) and 'DATASET="embedded"' in str(err.value)
 
 
 def test_embedded_quotes_load(tmp_path, tokenizer):
-    if not data.EMBEDDED_QUOTES.exists():
+    if not formats.EMBEDDED_QUOTES.exists():
         pytest.skip("the embedded quotes file is not there yet")
-    source = data.load_source(_cfg(tmp_path, "embedded"))
+    source = formats.load_source(_cfg(tmp_path, "embedded"))
     train = source["train"]
     assert len(train) >= 400
     assert {"quote", "author", "tags"} <= set(train.column_names)
@@ -188,14 +188,14 @@ def test_instruction_response_only_masks_the_prompt(tmp_path, tokenizer):
     prepared = data.prepare(cfg, tokenizer)
     eos = tokenizer.eos_token_id
     for src, row in zip(INSTRUCTIONS, prepared.train):
-        prompt = data.instruction_prompt(src["instruction"], src["input"] or "")
+        prompt = formats.instruction_prompt(src["instruction"], src["input"] or "")
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(src["output"], add_special_tokens=False)["input_ids"]
         ids, labels = row["input_ids"], row["labels"]
         assert ids == prompt_ids + response_ids + [eos]  # prompt tokens as at generation time
         assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)  # no prompt token counts
         assert labels[len(prompt_ids):] == response_ids + [eos]  # every response token and EOS
-    assert "### Input:" not in data.instruction_prompt("x", None or "")
+    assert "### Input:" not in formats.instruction_prompt("x", None or "")
     cfg_all = _cfg(tmp_path, path, DATA_FORMAT="instruction", EVAL_FRACTION=0,
                    RESPONSE_ONLY=False)
     for row in data.prepare(cfg_all, tokenizer).train:
@@ -247,7 +247,7 @@ def test_chat_ending_with_a_user_turn_does_not_teach_a_stop_there(tokenizer):
     from datasets import Dataset
 
     messages = CHATS[1]["messages"][:3]  # user, assistant, user
-    pieces, trained = data.chat_pieces(messages, tokenizer)
+    pieces, trained = formats.chat_pieces(messages, tokenizer)
     assert trained == [False, True, False] and "".join(pieces).endswith("And time?<|im_end|>\n")
     row = data.tokenize_examples(Dataset.from_dict({"pieces": [pieces], "trained": [trained]}),
                                  tokenizer, max_length=128, add_leading_special=False)[0]
@@ -372,43 +372,43 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path, tokenizer):
 
 def test_missing_column_names_the_available_ones(tmp_path, tokenizer):
     path = _jsonl(tmp_path / "q.jsonl", QUOTES)
-    with pytest.raises(data.DatasetError) as err:
+    with pytest.raises(formats.DatasetError) as err:
         data.prepare(_cfg(tmp_path, path, DATA_FORMAT="text", TEXT_COLUMN="body"), tokenizer)
     assert "'body'" in str(err.value) and "quote, author, tags" in str(err.value)
     assert "TEXT_COLUMN" in str(err.value)
-    with pytest.raises(data.DatasetError, match="instruction / input"):
+    with pytest.raises(formats.DatasetError, match="instruction / input"):
         data.prepare(_cfg(tmp_path, path, DATA_FORMAT="instruction"), tokenizer)
 
 
 def test_template_placeholder_must_be_a_column(tmp_path, tokenizer):
     path = _jsonl(tmp_path / "q.jsonl", QUOTES)
-    with pytest.raises(data.DatasetError) as err:
+    with pytest.raises(formats.DatasetError) as err:
         data.prepare(_cfg(tmp_path, path, TEMPLATE="{quote} by {writer}"), tokenizer)
     assert "'writer'" in str(err.value) and "quote, author, tags" in str(err.value)
-    with pytest.raises(data.DatasetError, match="names no column"):
+    with pytest.raises(formats.DatasetError, match="names no column"):
         data.prepare(_cfg(tmp_path, path, TEMPLATE="no placeholders"), tokenizer)
 
 
 def test_empty_dataset(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(data.DatasetError, match="empty"):
+    with pytest.raises(formats.DatasetError, match="empty"):
         data.prepare(_cfg(tmp_path, empty), tokenizer)
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n  \n")
-    with pytest.raises(data.DatasetError, match="no rows"):
+    with pytest.raises(formats.DatasetError, match="no rows"):
         data.prepare(_cfg(tmp_path, blank, DATA_FORMAT="text", TEXT_COLUMN="text"), tokenizer)
 
 
 def test_missing_file_and_unsupported_extension(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="embedded"):
-        data.load_source(_cfg(tmp_path, tmp_path / "nowhere.jsonl"))
+        formats.load_source(_cfg(tmp_path, tmp_path / "nowhere.jsonl"))
     with pytest.raises(FileNotFoundError, match="no such file"):
-        data.load_source(_cfg(tmp_path, "quotes.xlsx"))  # a file name, not a Hub id
+        formats.load_source(_cfg(tmp_path, "quotes.xlsx"))  # a file name, not a Hub id
     odd = tmp_path / "quotes.xlsx"
     odd.write_text("x")
-    with pytest.raises(data.DatasetError) as err:
-        data.load_source(_cfg(tmp_path, odd))
+    with pytest.raises(formats.DatasetError) as err:
+        formats.load_source(_cfg(tmp_path, odd))
     for ext in (".jsonl", ".json", ".csv", ".parquet", ".txt"):
         assert ext in str(err.value)
 
@@ -418,7 +418,7 @@ def test_rows_with_missing_fields_are_named(tmp_path, tokenizer):
     for i in (2, 5, 7, 11, 13, 17):
         rows[i] = {**rows[i], "author": None}
     path = _jsonl(tmp_path / "q.jsonl", rows)
-    with pytest.raises(data.DatasetError) as err:
+    with pytest.raises(formats.DatasetError) as err:
         data.prepare(_cfg(tmp_path, path), tokenizer)
     msg = str(err.value)
     assert "6 row(s)" in msg and "'author'" in msg and "2, 5, 7, 11, 13, ..." in msg
@@ -429,7 +429,7 @@ def test_unknown_chat_role_names_the_allowed_ones(tmp_path, tokenizer):
     bad = CHATS + [{"messages": [{"role": "human", "content": "hi"},
                                  {"role": "gpt", "content": "hello"}]}]
     path = _jsonl(tmp_path / "chat.jsonl", bad)
-    with pytest.raises(data.DatasetError) as err:
+    with pytest.raises(formats.DatasetError) as err:
         data.prepare(_cfg(tmp_path, path, DATA_FORMAT="chat"), tokenizer)
     msg = str(err.value)
     assert "system, user, assistant" in msg and "2 ('human')" in msg

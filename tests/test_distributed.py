@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from helpers import distributed as D
+from helpers import loading, scaling
 from helpers import env, manifest, models
-from helpers import train as T
+from helpers import train as T, checkpoints
 from helpers.config import PARAMETERS, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def cfg_of(tmp_path, **parameters):
 
 def test_writer_fills_in_the_processes_and_returns_the_command(tmp_path):
     cfg = cfg_of(tmp_path, MAX_STEPS=7)
-    launch = D.write_launch_config(cfg, 4, cuda_devices=0, port=29999)
+    launch = scaling.write_launch_config(cfg, 4, cuda_devices=0, port=29999)
     assert launch.config_file == Path(cfg.run_dir) / "accelerate_ddp_cpu.yaml"
     written = yaml.safe_load(launch.config_file.read_text())
     assert written["num_processes"] == 4 and written["use_cpu"] is True
@@ -53,7 +53,7 @@ def test_writer_fills_in_the_processes_and_returns_the_command(tmp_path):
     # the entry point reads the parameters from the manifest
     assert manifest.load(cfg.run_dir)["parameters"]["MAX_STEPS"] == 7
 
-    gpu = D.write_launch_config(cfg, 2, cuda_devices=8)
+    gpu = scaling.write_launch_config(cfg, 2, cuda_devices=8)
     assert gpu.config_file.name == "accelerate_ddp.yaml"
     written = yaml.safe_load(gpu.config_file.read_text())
     assert written["num_processes"] == 2 and written["use_cpu"] is False
@@ -62,7 +62,7 @@ def test_writer_fills_in_the_processes_and_returns_the_command(tmp_path):
 
 def test_fsdp_config_carries_the_qlora_settings(tmp_path):
     cfg = cfg_of(tmp_path, OPTIMIZER="adamw_torch", COMPUTE_DTYPE="bfloat16")
-    launch = D.write_launch_config(cfg, 2, "fsdp", cuda_devices=2, offload=True)
+    launch = scaling.write_launch_config(cfg, 2, "fsdp", cuda_devices=2, offload=True)
     written = yaml.safe_load(launch.config_file.read_text())
     assert launch.config_file.name == "accelerate_fsdp_qlora.yaml"
     assert written["distributed_type"] == "FSDP" and written["num_processes"] == 2
@@ -72,14 +72,14 @@ def test_fsdp_config_carries_the_qlora_settings(tmp_path):
     assert fsdp["fsdp_sync_module_states"] is True
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp["fsdp_offload_params"] is True
-    no_offload = D.write_launch_config(cfg, 2, "fsdp", cuda_devices=2)
+    no_offload = scaling.write_launch_config(cfg, 2, "fsdp", cuda_devices=2)
     assert yaml.safe_load(no_offload.config_file.read_text())["fsdp_config"][
         "fsdp_offload_params"] is False
 
 
 def test_shipped_configs_are_package_data():
-    for name in D.CONFIG_FILES.values():
-        assert yaml.safe_load((D.LAUNCH_DIR / name).read_text())["num_processes"] >= 1
+    for name in scaling.CONFIG_FILES.values():
+        assert yaml.safe_load((scaling.LAUNCH_DIR / name).read_text())["num_processes"] >= 1
     assert "launch/*.yaml" in (ROOT / "pyproject.toml").read_text()
 
 
@@ -88,32 +88,32 @@ def test_shipped_configs_are_package_data():
 
 @pytest.mark.parametrize("n", [0, -1, 1.5, True])
 def test_a_process_count_below_one_is_refused(tmp_path, n):
-    with pytest.raises(D.LaunchError, match="at least 1"):
-        D.check_plan(cfg_of(tmp_path), n, cuda_devices=0)
+    with pytest.raises(scaling.LaunchError, match="at least 1"):
+        scaling.check_plan(cfg_of(tmp_path), n, cuda_devices=0)
 
 
 def test_more_processes_than_gpus_is_refused_but_cpu_processes_are_allowed(tmp_path):
-    with pytest.raises(D.LaunchError, match="2 GPU.*num_processes = 2"):
-        D.check_plan(cfg_of(tmp_path), 4, cuda_devices=2)
-    assert D.check_plan(cfg_of(tmp_path), 2, cuda_devices=2) == []
-    assert any("gloo" in n for n in D.check_plan(cfg_of(tmp_path), 4, cuda_devices=0))
+    with pytest.raises(scaling.LaunchError, match="2 GPU.*num_processes = 2"):
+        scaling.check_plan(cfg_of(tmp_path), 4, cuda_devices=2)
+    assert scaling.check_plan(cfg_of(tmp_path), 2, cuda_devices=2) == []
+    assert any("gloo" in n for n in scaling.check_plan(cfg_of(tmp_path), 4, cuda_devices=0))
 
 
 def test_fsdp_refusals_say_what_to_do(tmp_path):
     ok = {"OPTIMIZER": "adamw_torch", "COMPUTE_DTYPE": "bfloat16"}
-    with pytest.raises(D.LaunchError, match="FSDP needs CUDA GPUs.*ddp"):
-        D.check_plan(cfg_of(tmp_path, **ok), 2, "fsdp", cuda_devices=0)
-    with pytest.raises(D.LaunchError, match="floating-point.*'auto'"):
-        D.check_plan(cfg_of(tmp_path, QUANT_STORAGE="uint8", **ok), 2, "fsdp", cuda_devices=2)
-    with pytest.raises(D.LaunchError, match="one dtype"):
-        D.check_plan(cfg_of(tmp_path, QUANT_STORAGE="float16", **ok), 2, "fsdp",
+    with pytest.raises(scaling.LaunchError, match="FSDP needs CUDA GPUs.*ddp"):
+        scaling.check_plan(cfg_of(tmp_path, **ok), 2, "fsdp", cuda_devices=0)
+    with pytest.raises(scaling.LaunchError, match="floating-point.*'auto'"):
+        scaling.check_plan(cfg_of(tmp_path, QUANT_STORAGE="uint8", **ok), 2, "fsdp", cuda_devices=2)
+    with pytest.raises(scaling.LaunchError, match="one dtype"):
+        scaling.check_plan(cfg_of(tmp_path, QUANT_STORAGE="float16", **ok), 2, "fsdp",
                      cuda_devices=2)
-    with pytest.raises(D.LaunchError, match="8-bit.*adamw_torch"):
-        D.check_plan(cfg_of(tmp_path, COMPUTE_DTYPE="bfloat16"), 2, "fsdp", cuda_devices=2)
-    with pytest.raises(D.LaunchError, match="'ddp'"):
-        D.check_plan(cfg_of(tmp_path), 2, "zero3", cuda_devices=2)
+    with pytest.raises(scaling.LaunchError, match="8-bit.*adamw_torch"):
+        scaling.check_plan(cfg_of(tmp_path, COMPUTE_DTYPE="bfloat16"), 2, "fsdp", cuda_devices=2)
+    with pytest.raises(scaling.LaunchError, match="'ddp'"):
+        scaling.check_plan(cfg_of(tmp_path), 2, "zero3", cuda_devices=2)
     # LoRA dropout and a 32-bit paged optimizer are fine
-    notes = D.check_plan(cfg_of(tmp_path, LORA_DROPOUT=0.1, OPTIMIZER="paged_adamw_32bit",
+    notes = scaling.check_plan(cfg_of(tmp_path, LORA_DROPOUT=0.1, OPTIMIZER="paged_adamw_32bit",
                                 COMPUTE_DTYPE="bfloat16"), 2, "fsdp", cuda_devices=2)
     assert notes == []
 
@@ -124,7 +124,7 @@ def test_the_entry_point_refuses_before_loading(tmp_path, monkeypatch, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     run_dir.mkdir()
     manifest.update(run_dir, lambda d: d.update(parameters=dict(PARAMETERS)))
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     # four processes on a machine with two GPUs
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -138,28 +138,6 @@ def test_the_entry_point_refuses_before_loading(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert T.main([str(run_dir)]) == 2
     assert "FSDP needs CUDA GPUs" in capsys.readouterr().err
-
-
-def test_notebook_launch_checks_its_arguments(tmp_path, monkeypatch):
-    cfg = cfg_of(tmp_path)
-    with pytest.raises(D.LaunchError, match="at least 1"):
-        D.notebook_launch(cfg, 0, cuda_devices=0, dry_run=True)
-    with pytest.raises(D.LaunchError, match="2 GPU"):
-        D.notebook_launch(cfg, 3, cuda_devices=2, dry_run=True)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", object())
-    with pytest.raises(D.LaunchError, match="bitsandbytes is already imported"):
-        D.notebook_launch(cfg, 2, cuda_devices=0, dry_run=True)
-    monkeypatch.delitem(sys.modules, "bitsandbytes")
-    monkeypatch.setattr(D, "_accelerate_state_exists", lambda: True)
-    with pytest.raises(D.LaunchError, match="Trainer or Accelerator"):
-        D.notebook_launch(cfg, 2, cuda_devices=0, dry_run=True)
-    monkeypatch.setattr(D, "_accelerate_state_exists", lambda: False)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    with pytest.raises(D.LaunchError, match="Restart the kernel"):
-        D.notebook_launch(cfg, 2, cuda_devices=2, dry_run=True)
-    planned = D.notebook_launch(cfg, 2, cuda_devices=0, dry_run=True)  # CPU: forked gloo
-    assert planned["num_processes"] == 2 and planned["args"] == (cfg.run_dir,)
-    assert manifest.load(cfg.run_dir)["parameters"]["RUN_DIR"] == cfg.run_dir
 
 
 # ----------------------------------------------------------------------------- quant storage
@@ -192,7 +170,7 @@ def ddp_run(tmp_path_factory):
     ``accelerate launch`` with the written config; yields (run_dir, manifest, output)."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     cfg = make_config(RUN_DIR=str(run_dir), MAX_STEPS=6, SAVE_STEPS=3, WARMUP_STEPS=1)
-    launch = D.write_launch_config(cfg, 2, cuda_devices=0, port=_free_port())
+    launch = scaling.write_launch_config(cfg, 2, cuda_devices=0, port=_free_port())
     assert launch.command[:2] == ["accelerate", "launch"]
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch.command[2:]]
     clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
@@ -234,17 +212,16 @@ def test_two_processes_resume_exactly(ddp_run, tmp_path):
 
     from safetensors.torch import load_file
 
-    from helpers import train as T
 
     run_dir, _, _, environ = ddp_run
     last = run_dir / "checkpoints" / "checkpoint-6"
-    assert all(T.checkpoint_files(last, processes=2).values())
-    assert not T.checkpoint_files(last, processes=1)["rng_state.pth"]
+    assert all(checkpoints.checkpoint_files(last, processes=2).values())
+    assert not checkpoints.checkpoint_files(last, processes=1)["rng_state.pth"]
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "checkpoints" / "checkpoint-6")
     shutil.rmtree(copy / "adapter")
-    launch = D.write_launch_config(make_config(RUN_DIR=str(copy), MAX_STEPS=6, SAVE_STEPS=3,
+    launch = scaling.write_launch_config(make_config(RUN_DIR=str(copy), MAX_STEPS=6, SAVE_STEPS=3,
                                                WARMUP_STEPS=1), 2, cuda_devices=0,
                                    port=_free_port())
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch.command[2:],
@@ -264,7 +241,6 @@ def test_two_processes_resume_exactly(ddp_run, tmp_path):
 def test_fsdp_checkpoint_layout_is_what_resume_asks_for(tmp_path):
     """Under FSDP the Trainer writes the adapter and optimizer as sharded folders and one RNG
     state per process; the resume check asks for those, and names what is missing."""
-    from helpers import train as T
 
     ckpt = tmp_path / "checkpoint-2"
     for d in ("pytorch_model_fsdp_0", "optimizer_0"):
@@ -272,11 +248,11 @@ def test_fsdp_checkpoint_layout_is_what_resume_asks_for(tmp_path):
         (ckpt / d / "__0_0.distcp").write_bytes(b"x")
     for f in ("scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"):
         (ckpt / f).write_bytes(b"x")
-    assert all(T.checkpoint_files(ckpt, processes=2, fsdp=True).values())
-    single = T.checkpoint_files(ckpt)
+    assert all(checkpoints.checkpoint_files(ckpt, processes=2, fsdp=True).values())
+    single = checkpoints.checkpoint_files(ckpt)
     assert not single["adapter_model.safetensors"] and not single["optimizer.pt"]
     (ckpt / "rng_state_1.pth").unlink()
-    assert [n for n, ok in T.checkpoint_files(ckpt, 2, True).items() if not ok] == [
+    assert [n for n, ok in checkpoints.checkpoint_files(ckpt, 2, True).items() if not ok] == [
         "rng_state_1.pth"]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPTNeoXConfig
 
-from helpers import generate as gen
+from helpers import generate as gen, adapters, merge
 from helpers import models
 from helpers.config import Config
 
@@ -98,7 +98,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(tiny):
     """The adapter loaded on the 4-bit base (as notebook 06 does)."""
-    return gen.load_adapter(load_4bit(tiny["paths"]["base"]), tiny["paths"]["adapter"])
+    return adapters.load_adapter(load_4bit(tiny["paths"]["base"]), tiny["paths"]["adapter"])
 
 
 def eos_chain_model(tok, prompts, chain):
@@ -216,32 +216,32 @@ def test_missing_adapter_names_the_files(tiny, tmp_path):
     base = load_16bit(tiny["paths"]["base"])
     with pytest.raises(FileNotFoundError, match="adapter_config.json and "
                                                 "adapter_model.safetensors"):
-        gen.load_adapter(base, tmp_path / "nowhere")
+        adapters.load_adapter(base, tmp_path / "nowhere")
     half = tmp_path / "half"
     half.mkdir()
     (half / "adapter_config.json").write_text(
         (tiny["paths"]["adapter"] / "adapter_config.json").read_text())
     with pytest.raises(FileNotFoundError, match="missing adapter_model.safetensors"):
-        gen.load_adapter(base, half)
+        adapters.load_adapter(base, half)
 
 
 def test_adapter_for_another_base_is_refused_with_the_reason(tiny):
     paths = tiny["paths"]
     # hidden 96 vs 64: the shapes say so, even with the name check off
-    with pytest.raises(gen.AdapterMismatch) as err:
-        gen.load_adapter(load_4bit(paths["base"]), paths["other_adapter"], check_base_name=False)
+    with pytest.raises(adapters.AdapterMismatch) as err:
+        adapters.load_adapter(load_4bit(paths["base"]), paths["other_adapter"], check_base_name=False)
     msg = str(err.value)
     assert "gpt_neox.layers.0.attention.query_key_value" in msg
     assert "4 x 96" in msg and "Linear4bit 64 -> 192" in msg
     # another vocabulary with the same layer shapes: the recorded base name says so
-    with pytest.raises(gen.AdapterMismatch, match="trained on base"):
-        gen.load_adapter(load_16bit(paths["wide_vocab"]), paths["adapter"])
+    with pytest.raises(adapters.AdapterMismatch, match="trained on base"):
+        adapters.load_adapter(load_16bit(paths["wide_vocab"]), paths["adapter"])
     # the same base in 16-bit (name and shapes agree) loads
-    loaded = gen.load_adapter(load_16bit(paths["base"]), paths["adapter"])
-    assert gen.check_adapter(load_16bit(paths["base"]), paths["adapter"])["lora_layers"] == 8
+    loaded = adapters.load_adapter(load_16bit(paths["base"]), paths["adapter"])
+    assert adapters.check_adapter(load_16bit(paths["base"]), paths["adapter"])["lora_layers"] == 8
     assert not loaded.training
     with pytest.raises(ValueError, match="already carries an adapter"):
-        gen.load_adapter(loaded, paths["adapter"])
+        adapters.load_adapter(loaded, paths["adapter"])
 
 
 def test_adapter_target_missing_from_the_base(tiny, tmp_path):
@@ -252,8 +252,8 @@ def test_adapter_target_missing_from_the_base(tiny, tmp_path):
     cfg = json.loads((bad / "adapter_config.json").read_text())
     cfg["target_modules"] = ["q_proj", "v_proj"]
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(gen.AdapterMismatch, match="no layer named q_proj, v_proj"):
-        gen.load_adapter(load_16bit(tiny["paths"]["base"]), bad)
+    with pytest.raises(adapters.AdapterMismatch, match="no layer named q_proj, v_proj"):
+        adapters.load_adapter(load_16bit(tiny["paths"]["base"]), bad)
 
 
 # --------------------------------------------------------------------------- merging
@@ -262,11 +262,11 @@ def test_adapter_target_missing_from_the_base(tiny, tmp_path):
 def test_merge_into_reloaded_base_agrees_and_reloads(tiny, tuned, tmp_path):
     paths, tok = tiny["paths"], tiny["tokenizer"]
     out = tmp_path / "merged"
-    result = gen.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"],
+    result = merge.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"],
                                tokenizer=tok, prompts=PROMPTS, out_dir=out,
                                quantized_model=tuned, max_new_tokens=12)
     print(result)
-    assert result.source == gen.SOURCE_RELOADED and result.dtype == "float32"
+    assert result.source == merge.SOURCE_RELOADED and result.dtype == "float32"
     a = result.vs_same_base
     assert a["max_abs_diff"] < 1e-4 and a["top1_agreement"] == 1.0
     assert result.adapter_effect > 100 * a["max_abs_diff"]  # the adapter matters; merge error not
@@ -277,7 +277,7 @@ def test_merge_into_reloaded_base_agrees_and_reloads(tiny, tuned, tmp_path):
     assert not (out / "adapter_config.json").exists()
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert not list(tmp_path.glob("*.partial"))
-    figures = gen.merge_metrics(result)
+    figures = merge.merge_metrics(result)
     for key in ("merge_max_abs_logit_diff", "merge_top1_agreement",
                 "merge_max_abs_logit_diff_vs_4bit", "merge_top1_agreement_vs_4bit",
                 "merged_generation_matches", "merged_size_bytes"):
@@ -294,17 +294,17 @@ def test_merge_into_reloaded_base_agrees_and_reloads(tiny, tuned, tmp_path):
 
 def test_merge_in_bfloat16_is_checked_against_bfloat16_rounding(tiny):
     paths, tok = tiny["paths"], tiny["tokenizer"]
-    result = gen.merge_adapter(
+    result = merge.merge_adapter(
         lambda: AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16),
         paths["adapter"], tokenizer=tok, prompts=PROMPTS, max_new_tokens=8)
     print(result)
-    assert result.dtype == "bfloat16" and result.tolerance == gen.MERGE_TOLERANCE[torch.bfloat16]
+    assert result.dtype == "bfloat16" and result.tolerance == merge.MERGE_TOLERANCE[torch.bfloat16]
     assert 0 < result.vs_same_base["max_rel_diff"] < result.tolerance["rtol"]
 
 
 def test_a_corrupted_merge_is_refused_and_nothing_is_saved(tiny, tmp_path, monkeypatch):
     paths, tok = tiny["paths"], tiny["tokenizer"]
-    real = gen.merge_into_base
+    real = merge.merge_into_base
 
     def noisy(peft_model):
         merged = real(peft_model)
@@ -313,10 +313,10 @@ def test_a_corrupted_merge_is_refused_and_nothing_is_saved(tiny, tmp_path, monke
             w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
         return merged
 
-    monkeypatch.setattr(gen, "merge_into_base", noisy)
+    monkeypatch.setattr(merge, "merge_into_base", noisy)
     out = tmp_path / "merged"
-    with pytest.raises(gen.MergeMismatch, match="Nothing was saved") as err:
-        gen.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"], tokenizer=tok,
+    with pytest.raises(merge.MergeMismatch, match="Nothing was saved") as err:
+        merge.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"], tokenizer=tok,
                           prompts=PROMPTS, out_dir=out, max_new_tokens=8)
     assert err.value.figures["max_rel_diff"] > err.value.tolerance["rtol"]
     print("corrupted merge:", err.value.figures)
@@ -326,34 +326,34 @@ def test_a_corrupted_merge_is_refused_and_nothing_is_saved(tiny, tmp_path, monke
 def test_dequantized_path_when_only_the_4bit_model_exists(tiny, tmp_path):
     paths, tok = tiny["paths"], tiny["tokenizer"]
     q4 = load_4bit(paths["base"])
-    plain = gen.dequantize_model(q4)
+    plain = merge.dequantize_model(q4)
     assert not any(type(m).__name__ == "Linear4bit" for m in plain.modules())
     assert plain.gpt_neox.layers[0].attention.query_key_value.weight.dtype == torch.float32
     # the dequantized weights are what the 4-bit layers compute with
-    same = gen.compare_logits(q4, plain, tok, PROMPTS)
+    same = merge.compare_logits(q4, plain, tok, PROMPTS)
     assert same["max_abs_diff"] < 1e-4 and same["top1_agreement"] == 1.0
 
     def no_weights():
         raise FileNotFoundError("no 16-bit weights for this model")
 
-    result = gen.merge_adapter(no_weights, paths["adapter"], tokenizer=tok, prompts=PROMPTS,
+    result = merge.merge_adapter(no_weights, paths["adapter"], tokenizer=tok, prompts=PROMPTS,
                                out_dir=tmp_path / "merged", quantized_model=q4,
                                max_new_tokens=10)
     print(result)
-    assert result.source == gen.SOURCE_DEQUANTIZED == "dequantized from 4-bit"
+    assert result.source == merge.SOURCE_DEQUANTIZED == "dequantized from 4-bit"
     assert any("dequantized the 4-bit model instead" in n for n in result.notes)
     assert result.vs_same_base["max_abs_diff"] < 1e-4
     assert result.vs_same_base["top1_agreement"] == 1.0
     # merged from the dequantized base, it matches the adapter on the 4-bit base too
     assert result.vs_4bit["max_abs_diff"] < 1e-3 and result.vs_4bit["top1_agreement"] == 1.0
     assert result.generation_matches
-    assert gen.merge_metrics(result)["merge_dequantized"] == 1
+    assert merge.merge_metrics(result)["merge_dequantized"] == 1
     # with no loader at all, the same
-    again = gen.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS[:1],
+    again = merge.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS[:1],
                               quantized_model=q4, max_new_tokens=4)
-    assert again.source == gen.SOURCE_DEQUANTIZED and again.out_dir is None
+    assert again.source == merge.SOURCE_DEQUANTIZED and again.out_dir is None
     with pytest.raises(ValueError, match="no 16-bit base"):
-        gen.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS)
+        merge.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS)
 
 
 def test_dequantize_a_weight_repacked_for_cpu_inference(tiny):
@@ -368,12 +368,12 @@ def test_dequantize_a_weight_repacked_for_cpu_inference(tiny):
                                                bnb_4bit_use_double_quant=True,
                                                bnb_4bit_compute_dtype=torch.float32))
     layer = q4.gpt_neox.layers[0].attention.query_key_value
-    before = gen.dequantize_weight(layer.weight)
+    before = merge.dequantize_weight(layer.weight)
     q4.eval()
     with torch.no_grad():  # the trap: an eval forward without grad repacks (no cpu_safe here)
         q4(**tok("Time", return_tensors="pt"))
     assert layer.weight.quant_state.packing_format_for_cpu
-    after = gen.dequantize_weight(layer.weight)
+    after = merge.dequantize_weight(layer.weight)
     assert layer.weight.quant_state.packing_format_for_cpu  # the layer keeps its own layout
     # the same weights, up to the bf16 rounding of the block scales the repacking does
     assert torch.allclose(before, after, rtol=1e-2, atol=1e-6)
@@ -387,14 +387,14 @@ def test_merge_on_the_gpu_in_bfloat16(tiny, tmp_path):
                                bnb_4bit_compute_dtype=torch.bfloat16)
     q4 = AutoModelForCausalLM.from_pretrained(paths["base"], quantization_config=quant,
                                               device_map={"": 0}, dtype=torch.bfloat16)
-    tuned_gpu = gen.load_adapter(q4, paths["adapter"])
+    tuned_gpu = adapters.load_adapter(q4, paths["adapter"])
     first = gen.generate(tuned_gpu, tok, PROMPTS, max_new_tokens=10)
     assert first == gen.generate(tuned_gpu, tok, PROMPTS, max_new_tokens=10)
-    result = gen.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS,
+    result = merge.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS,
                                out_dir=tmp_path / "merged", quantized_model=tuned_gpu,
                                max_new_tokens=10)
     print(result)
-    assert result.source == gen.SOURCE_DEQUANTIZED and result.dtype == "bfloat16"
+    assert result.source == merge.SOURCE_DEQUANTIZED and result.dtype == "bfloat16"
     assert result.device.startswith("cuda")
     assert result.vs_same_base["max_rel_diff"] < result.tolerance["rtol"]
     assert result.reload_max_abs_diff < 0.05  # the same bf16 weights (kernels may differ)

@@ -296,9 +296,9 @@ def test_checkpointing_is_non_reentrant(saved):
 def test_lora_computes_in_the_stream_dtype_with_float32_master_weights(tmp_path):
     """bf16 activations stay bf16 through the adapters (no float32 copy of the input), while the
     LoRA weights, and so their gradients, stay float32; in float32 nothing changes."""
-    from helpers import config as C, lora, models
+    from helpers import config as C, lora, loading
 
-    model = models.load_model("rehearsal:tiny-neox", compute_dtype="bfloat16")
+    model = loading.load_model("rehearsal:tiny-neox", compute_dtype="bfloat16")
     cfg = C.make_config(RUN_DIR=str(tmp_path), MODEL="rehearsal:tiny-neox", LORA_DROPOUT=0.0)
     lora.prepare_for_training(model, False, False)
     peft_model = lora.attach(model, cfg)

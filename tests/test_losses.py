@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTJConfig, LlamaConfig, OPTConfig
 
-from helpers import losses, lora, models
-from helpers import train as T
+from helpers import losses, lora, loading
+from helpers import budget
 from helpers.config import Config
 
 torch.set_num_threads(1)
@@ -40,7 +40,7 @@ def with_lora(model, seed=0):
 
 def tiny_neox():
     """The tiny-neox rehearsal in 4-bit on CPU (float32 compute)."""
-    return models.load_model("rehearsal:tiny-neox", compute_dtype="float32", device="cpu")
+    return loading.load_model("rehearsal:tiny-neox", compute_dtype="float32", device="cpu")
 
 
 def tiny_llama():
@@ -189,11 +189,11 @@ def test_probe_step_uses_the_chunked_loss(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(losses, "causal_lm_loss", counting)
-    assert T.probe_step(model, 2, 16) == 0  # 32 positions: one chunk, the model's own loss
+    assert budget.probe_step(model, 2, 16) == 0  # 32 positions: one chunk, the model's own loss
     assert calls == []
     monkeypatch.setattr(losses, "chunk_tokens", lambda vocab: 8)
-    assert T.probe_step(model, 2, 16) == 0  # CPU: no GPU peak to report
+    assert budget.probe_step(model, 2, 16) == 0  # CPU: no GPU peak to report
     assert calls == [1]
-    T.probe_step(model, 2, 16, chunked_loss=False)
+    budget.probe_step(model, 2, 16, chunked_loss=False)
     assert calls == [1]
     assert all(p.grad is None for p in model.parameters())

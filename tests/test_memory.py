@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from helpers import memory as M
+from helpers import budget, estimator, footprint, scaling, shapes, units
 
 torch.set_num_threads(1)
 
@@ -92,30 +92,30 @@ def tiny_4bit(tiny_dir):
 
 
 def test_fmt_bytes_uses_decimal_units():
-    assert M.fmt_bytes(11_210_000_000) == "11.21 GB"
-    assert M.fmt_bytes(350_200_000) == "350.2 MB"
-    assert M.fmt_bytes(12_000) == "12.0 kB"
-    assert M.fmt_bytes(512) == "512 B"
-    assert M.fmt_bytes(-2e9) == "-2.00 GB"
-    assert M.fmt_bytes(None) == "n/a"
+    assert units.fmt_bytes(11_210_000_000) == "11.21 GB"
+    assert units.fmt_bytes(350_200_000) == "350.2 MB"
+    assert units.fmt_bytes(12_000) == "12.0 kB"
+    assert units.fmt_bytes(512) == "512 B"
+    assert units.fmt_bytes(-2e9) == "-2.00 GB"
+    assert units.fmt_bytes(None) == "n/a"
 
 
 def test_snapshots_on_this_machine():
-    snap = M.gpu_snapshot()
+    snap = footprint.gpu_snapshot()
     assert set(snap) >= {"allocated", "reserved", "peak_allocated", "peak_reserved", "free",
                          "total"}
     if not torch.cuda.is_available():
         assert snap["allocated"] == snap["peak_reserved"] == 0 and snap["total"] is None
-    assert M.cpu_rss() > 10_000_000
-    maxrss = M.cpu_maxrss()
-    assert maxrss is None or maxrss >= M.cpu_rss() * 0.5
+    assert footprint.cpu_rss() > 10_000_000
+    maxrss = footprint.cpu_maxrss()
+    assert maxrss is None or maxrss >= footprint.cpu_rss() * 0.5
 
 
 def test_track_records_the_cpu_peak_of_a_200_mb_tensor():
-    log = M.MemoryLog()
+    log = footprint.MemoryLog()
     with log.track("allocate"):
         t = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, touched
-        rss_with_tensor = M.cpu_rss()
+        rss_with_tensor = footprint.cpu_rss()
         time.sleep(0.1)
         del t
     rec = log.records[0]
@@ -132,10 +132,10 @@ def test_track_records_the_cpu_peak_of_a_200_mb_tensor():
 
 
 def test_module_track_adds_to_the_given_log():
-    log = M.MemoryLog()
-    with M.track("Load model", log=log):
+    log = footprint.MemoryLog()
+    with footprint.track("Load model", log=log):
         pass
-    with M.track("Load model", log=log):
+    with footprint.track("Load model", log=log):
         pass
     assert len(log.records) == 2
     assert "peak_cpu_rss_bytes_load_model" in log.as_metrics()
@@ -145,7 +145,7 @@ def test_module_track_adds_to_the_given_log():
 
 
 def test_breakdown_sums_to_get_memory_footprint(tiny_4bit):
-    rows = M.footprint_breakdown(tiny_4bit)
+    rows = footprint.footprint_breakdown(tiny_4bit)
     measured = tiny_4bit.get_memory_footprint()
     counted = sum(r["bytes"] for r in rows if r["in_footprint"])
     assert counted == measured
@@ -157,30 +157,30 @@ def test_breakdown_sums_to_get_memory_footprint(tiny_4bit):
     # the quantization constants are resident but outside get_memory_footprint
     consts = [r for r in rows if r["part"].startswith("quantization constants")]
     assert consts and not any(r["in_footprint"] for r in consts)
-    assert "get_memory_footprint" in M.footprint_text(rows)
+    assert "get_memory_footprint" in footprint.footprint_text(rows)
 
 
 def test_quantization_constants_match_the_formula(tiny_4bit):
-    rows = M.footprint_breakdown(tiny_4bit)
+    rows = footprint.footprint_breakdown(tiny_4bit)
     const = sum(r["bytes"] for r in rows if r["part"].startswith("quantization constants"))
     sizes = [math.prod(p.quant_state.shape) for p in tiny_4bit.parameters()
              if type(p).__name__ == "Params4bit"]
-    assert const == sum(M.quantized_weight_bytes(n)["constants"] for n in sizes)
+    assert const == sum(units.quantized_weight_bytes(n)["constants"] for n in sizes)
     packed = sum(r["bytes"] for r in rows if r["part"] == "4-bit linear weights")
-    assert packed == sum(M.quantized_weight_bytes(n)["packed"] for n in sizes)
+    assert packed == sum(units.quantized_weight_bytes(n)["packed"] for n in sizes)
 
 
 def test_breakdown_without_double_quant(tiny_dir):
     model = _load_4bit(tiny_dir, double_quant=False)
-    rows = M.footprint_breakdown(model)
+    rows = footprint.footprint_breakdown(model)
     assert any(r["part"] == "quantization constants: absmax (float32)" for r in rows)
     assert sum(r["bytes"] for r in rows if r["in_footprint"]) == model.get_memory_footprint()
     sizes = [math.prod(p.quant_state.shape) for p in model.parameters()
              if type(p).__name__ == "Params4bit"]
-    tot = M.footprint_totals(rows)
-    assert tot["resident"] == M.alt_quant_sizes(model)["nf4"]
+    tot = footprint.footprint_totals(rows)
+    assert tot["resident"] == footprint.alt_quant_sizes(model)["nf4"]
     assert tot["resident"] - tot["footprint"] == sum(
-        M.quantized_weight_bytes(n, double_quant=False)["constants"] for n in sizes)
+        units.quantized_weight_bytes(n, double_quant=False)["constants"] for n in sizes)
 
 
 def test_breakdown_counts_lora_in_float32(tiny_dir):
@@ -192,12 +192,12 @@ def test_breakdown_counts_lora_in_float32(tiny_dir):
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     # the estimator's assumption: peft 0.21 makes adapters float32 on a bf16 4-bit base
     assert {p.dtype for p in lora} == {torch.float32}
-    rows = M.footprint_breakdown(model)
+    rows = footprint.footprint_breakdown(model)
     part = {r["part"]: r for r in rows}["LoRA adapters"]
     assert part["params"] == 2 * 8 * (128 + 384)  # r * (d_in + d_out) per layer, 2 layers
     assert part["bytes"] == 4 * part["params"]
     assert sum(r["bytes"] for r in rows if r["in_footprint"]) == model.get_memory_footprint()
-    est = M.estimate(tiny_neox_config(), seq_len=64, lora_r=8,
+    est = estimator.estimate(tiny_neox_config(), seq_len=64, lora_r=8,
                      lora_targets=["query_key_value"], cuda_context=False)
     assert est.breakdown()["lora_params"] == part["bytes"]
 
@@ -206,18 +206,18 @@ def test_footprint_16bit_and_the_estimator_ratio(tiny_dir, tiny_4bit):
     from transformers import AutoModelForCausalLM
 
     full = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
-    assert M.footprint_16bit(tiny_4bit) == full.get_memory_footprint()
-    shape = M.shape_from_config(tiny_4bit.config)
-    assert M.footprint_16bit(shape) == pytest.approx(full.get_memory_footprint(), rel=0.001)
-    measured = tiny_4bit.get_memory_footprint() / M.footprint_16bit(tiny_4bit)
-    est = M.estimate(shape, seq_len=64, compute_dtype=torch.bfloat16, cuda_context=False)
-    predicted = est.footprint / M.footprint_16bit(shape)
+    assert footprint.footprint_16bit(tiny_4bit) == full.get_memory_footprint()
+    shape = shapes.shape_from_config(tiny_4bit.config)
+    assert footprint.footprint_16bit(shape) == pytest.approx(full.get_memory_footprint(), rel=0.001)
+    measured = tiny_4bit.get_memory_footprint() / footprint.footprint_16bit(tiny_4bit)
+    est = estimator.estimate(shape, seq_len=64, compute_dtype=torch.bfloat16, cuda_context=False)
+    predicted = est.footprint / footprint.footprint_16bit(shape)
     assert predicted == pytest.approx(measured, rel=0.05)
     assert est.footprint == pytest.approx(tiny_4bit.get_memory_footprint(), rel=0.01)
 
 
 def test_shape_counts_match_the_loaded_model(tiny_4bit):
-    shape = M.shape_from_config(tiny_4bit.config)
+    shape = shapes.shape_from_config(tiny_4bit.config)
     n4 = sum(math.prod(p.quant_state.shape) for p in tiny_4bit.parameters()
              if type(p).__name__ == "Params4bit")
     n16 = sum(p.numel() for p in tiny_4bit.parameters() if type(p).__name__ != "Params4bit")
@@ -226,19 +226,19 @@ def test_shape_counts_match_the_loaded_model(tiny_4bit):
 
 
 def test_alt_quant_sizes(tiny_4bit):
-    sizes = M.alt_quant_sizes(tiny_4bit)
-    rows = M.footprint_breakdown(tiny_4bit)
-    assert sizes["nf4_dq"] == M.footprint_totals(rows)["resident"]
+    sizes = footprint.alt_quant_sizes(tiny_4bit)
+    rows = footprint.footprint_breakdown(tiny_4bit)
+    assert sizes["nf4_dq"] == footprint.footprint_totals(rows)["resident"]
     assert sizes["nf4_dq"] < sizes["nf4"] < sizes["16bit"]
     assert sizes["fp4"] == sizes["nf4"] and sizes["fp4_dq"] == sizes["nf4_dq"]
-    assert sizes["16bit"] == M.footprint_16bit(tiny_4bit)
+    assert sizes["16bit"] == footprint.footprint_16bit(tiny_4bit)
 
 
 def test_quantization_error_by_layer_type(tiny_dir, tiny_4bit):
     from transformers import AutoModelForCausalLM
 
     full = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
-    rows = M.quantization_error(full)
+    rows = footprint.quantization_error(full)
     groups = {(r["group"], r["quant_type"]): r for r in rows}
     assert set(groups) == {("attention", "nf4"), ("attention", "fp4"), ("MLP", "nf4"),
                            ("MLP", "fp4")}
@@ -247,11 +247,11 @@ def test_quantization_error_by_layer_type(tiny_dir, tiny_4bit):
     # NF4 is built for normally distributed weights: less error than FP4 on them
     assert groups[("MLP", "nf4")]["relative_error"] < groups[("MLP", "fp4")]["relative_error"]
     assert groups[("attention", "nf4")]["weights"] == 4  # 2 layers x (query_key_value, dense)
-    from_dict = M.quantization_error({n: p for n, p in full.state_dict().items()
+    from_dict = footprint.quantization_error({n: p for n, p in full.state_dict().items()
                                       if n.endswith("weight")}, quant_types=("nf4",))
     assert {r["group"] for r in from_dict} == {"attention", "MLP"}
     with pytest.raises(ValueError, match="already 4-bit"):
-        M.quantization_error(tiny_4bit)
+        footprint.quantization_error(tiny_4bit)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -286,73 +286,73 @@ def test_shape_parameter_count_matches_the_real_model(family):
 
     cfg = _tiny_models()[family]
     model = AutoModelForCausalLM.from_config(cfg)
-    shape = M.shape_from_config(cfg)
+    shape = shapes.shape_from_config(cfg)
     assert shape.n_params() == sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings())
     assert shape.n_linear_params() == linear
     assert shape.buffer_bytes == sum(b.numel() * b.element_size() for b in model.buffers())
-    from_dict = M.shape_from_config(cfg.to_dict())
+    from_dict = shapes.shape_from_config(cfg.to_dict())
     assert from_dict.n_params() == shape.n_params()
 
 
 def test_shape_layers_per_family():
-    neox = M.shape_from_config(neox20b())
+    neox = shapes.shape_from_config(neox20b())
     assert [(s.name, s.d_in, s.d_out) for s in neox.linears] == [
         ("query_key_value", 6144, 3 * 6144), ("dense", 6144, 6144),
         ("dense_h_to_4h", 6144, 24576), ("dense_4h_to_h", 24576, 6144)]
     assert neox.n_params() == pytest.approx(20.55e9, rel=0.005)
-    llama = M.shape_from_config(llama8b())
+    llama = shapes.shape_from_config(llama8b())
     assert {s.name: s.d_out for s in llama.linears}["k_proj"] == 8 * 128  # grouped key/value
     assert llama.n_params() == pytest.approx(8.03e9, rel=0.005)
-    assert M.shape_from_config(gptj6b()).n_params() == pytest.approx(6.05e9, rel=0.005)
-    generic = M.shape_from_config({"model_type": "somelm", "hidden_size": 64,
+    assert shapes.shape_from_config(gptj6b()).n_params() == pytest.approx(6.05e9, rel=0.005)
+    generic = shapes.shape_from_config({"model_type": "somelm", "hidden_size": 64,
                                    "num_hidden_layers": 3, "num_attention_heads": 4,
                                    "vocab_size": 100, "hidden_act": "gelu"})
     assert generic.family == "generic" and generic.intermediate == 256
 
 
 def test_presets_load_lazily_from_a_folder(tmp_path):
-    presets = M._Presets(tmp_path / "missing")
+    presets = shapes._Presets(tmp_path / "missing")
     assert len(presets) == 0
     (tmp_path / "tiny-neox.json").write_text(json.dumps(tiny_neox_config().to_dict()))
-    presets = M._Presets(tmp_path)
+    presets = shapes._Presets(tmp_path)
     assert list(presets) == ["tiny-neox"]
     assert presets["tiny-neox"].name == "tiny-neox"
-    assert presets["tiny-neox"].n_params() == M.shape_from_config(tiny_neox_config()).n_params()
+    assert presets["tiny-neox"].n_params() == shapes.shape_from_config(tiny_neox_config()).n_params()
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ValueError, match="broken.json"):
-        len(M._Presets(tmp_path))
+        len(shapes._Presets(tmp_path))
 
 
-@pytest.mark.parametrize("name", sorted(M.CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("name", sorted(shapes.CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
 def test_every_shipped_preset_gives_a_shape(name):
-    shape = M.PRESETS[name.stem]
+    shape = shapes.PRESETS[name.stem]
     assert shape.n_params() > 0 and shape.layers > 0
-    assert M.estimate(shape, seq_len=128).total_device > shape.n_linear_params() / 2
+    assert estimator.estimate(shape, seq_len=128).total_device > shape.n_linear_params() / 2
 
 
 # ----------------------------------------------------------------------------- the estimator
 
 
 def hand_shape(layers=2):
-    specs = (M.LinearSpec("q", 256, 256, False, "attention"),
-             M.LinearSpec("o", 256, 256, False, "attention"),
-             M.LinearSpec("up", 256, 1024, False, "mlp"),
-             M.LinearSpec("down", 1024, 256, False, "mlp"))
-    return M.ModelShape(name="hand", family="generic", vocab=1000, hidden=256, layers=layers,
+    specs = (shapes.LinearSpec("q", 256, 256, False, "attention"),
+             shapes.LinearSpec("o", 256, 256, False, "attention"),
+             shapes.LinearSpec("up", 256, 1024, False, "mlp"),
+             shapes.LinearSpec("down", 1024, 256, False, "mlp"))
+    return shapes.ModelShape(name="hand", family="generic", vocab=1000, hidden=256, layers=layers,
                         heads=4, kv_heads=4, head_dim=64, intermediate=1024, context=512,
                         tied_embeddings=False, linears=specs)
 
 
 def test_bits_per_parameter():
-    assert M.BITS_PER_PARAM_DQ == pytest.approx(4.127, abs=0.0005)
-    assert M.BITS_PER_PARAM_NO_DQ == 4.5
+    assert units.BITS_PER_PARAM_DQ == pytest.approx(4.127, abs=0.0005)
+    assert units.BITS_PER_PARAM_NO_DQ == 4.5
     n = 4096 * 4096
-    dq = M.quantized_weight_bytes(n)
+    dq = units.quantized_weight_bytes(n)
     assert dq["packed"] == n // 2
     assert dq["constants"] == n // 64 + 4 * (n // 64 // 256) + 4 * 256 + 4 + 4 * 16
-    no = M.quantized_weight_bytes(n, double_quant=False)
+    no = units.quantized_weight_bytes(n, double_quant=False)
     assert no["constants"] == 4 * (n // 64) + 4 * 16
     assert 8 * sum(dq.values()) / n == pytest.approx(4.127, abs=0.001)
     assert 8 * sum(no.values()) / n == pytest.approx(4.5, abs=0.001)
@@ -360,7 +360,7 @@ def test_bits_per_parameter():
 
 def test_estimator_arithmetic_on_a_hand_built_shape():
     shape = hand_shape()
-    est = M.estimate(shape, seq_len=128, micro_batch=2, lora_r=8, lora_targets="all-linear",
+    est = estimator.estimate(shape, seq_len=128, micro_batch=2, lora_r=8, lora_targets="all-linear",
                      optimizer="adamw_torch", compute_dtype=torch.bfloat16, cuda_context=False)
     b = est.breakdown()
     per_layer = 256 * 256 * 2 + 2 * 256 * 1024
@@ -369,18 +369,18 @@ def test_estimator_arithmetic_on_a_hand_built_shape():
     assert b["lora_params"] == 4 * n_lora and b["lora_grads"] == 4 * n_lora
     assert b["optimizer"] == 8 * n_lora  # two float32 states
     assert b["embeddings"] == 2 * 1000 * 256 and b["lm_head"] == 2 * 1000 * 256
-    attention_only = M.estimate(shape, seq_len=128, lora_r=8, lora_targets="attention",
+    attention_only = estimator.estimate(shape, seq_len=128, lora_r=8, lora_targets="attention",
                                 cuda_context=False)
     assert attention_only.breakdown()["lora_params"] == 4 * 2 * 8 * (256 + 256) * 2
-    named = M.estimate(shape, seq_len=128, lora_r=8, lora_targets=["q"], cuda_context=False)
+    named = estimator.estimate(shape, seq_len=128, lora_r=8, lora_targets=["q"], cuda_context=False)
     assert named.breakdown()["lora_params"] == 4 * 2 * 8 * 512
     with pytest.raises(ValueError, match="not linear layers"):
-        M.estimate(shape, seq_len=128, lora_targets=["query_key_value"])
+        estimator.estimate(shape, seq_len=128, lora_targets=["query_key_value"])
 
 
 def test_8bit_optimizer_state_and_paging():
-    shape = M.shape_from_config(neox20b())
-    est = M.estimate(shape, seq_len=512, lora_r=8, lora_targets=["query_key_value"],
+    shape = shapes.shape_from_config(neox20b())
+    est = estimator.estimate(shape, seq_len=512, lora_r=8, lora_targets=["query_key_value"],
                      optimizer="paged_adamw_8bit")
     b = est.breakdown()
     a_numel, b_numel = 8 * 6144, 3 * 6144 * 8  # lora_A < 1e5 values stays in torch's allocator
@@ -390,14 +390,14 @@ def test_8bit_optimizer_state_and_paging():
 
     assert b["optimizer"] == 44 * (2 * a_numel + absmax(a_numel) + absmax(b_numel))
     assert b["optimizer_paged"] == 44 * 2 * b_numel
-    plain = M.estimate(shape, seq_len=512, lora_r=8, lora_targets=["query_key_value"],
+    plain = estimator.estimate(shape, seq_len=512, lora_r=8, lora_targets=["query_key_value"],
                        optimizer="adamw_8bit").breakdown()
     assert plain["optimizer"] == b["optimizer"] + b["optimizer_paged"]
 
 
 def test_rows_sum_to_the_totals():
     for gc in (True, False):
-        est = M.estimate(neox20b(), seq_len=512, micro_batch=4, gradient_checkpointing=gc,
+        est = estimator.estimate(neox20b(), seq_len=512, micro_batch=4, gradient_checkpointing=gc,
                          use_cache=True)
         allocated = sum(i.at_peak for i in est.items if i.allocator)
         assert allocated == est.total_allocated
@@ -406,13 +406,13 @@ def test_rows_sum_to_the_totals():
         assert est.peak_phase in est.activation_detail["phases"]
         json.dumps(est.as_metrics())
     assert "card memory needed" in est.text() and est._repr_html_().startswith("<table>")
-    cpu = M.estimate(neox20b(), seq_len=512, cuda_context=False)
+    cpu = estimator.estimate(neox20b(), seq_len=512, cuda_context=False)
     assert cpu.total_device == cpu.total_allocated + cpu.breakdown()["optimizer_paged"]
 
 
 def test_checkpointing_batch_and_length_move_the_estimate_the_right_way():
     def e(**kw):
-        return M.estimate(gptj6b(), **{"seq_len": 512, **kw}).total_allocated
+        return estimator.estimate(gptj6b(), **{"seq_len": 512, **kw}).total_allocated
 
     assert e(gradient_checkpointing=False) > e()
     assert e(micro_batch=4) > e(micro_batch=2) > e()
@@ -426,12 +426,12 @@ def test_chunked_loss_holds_one_chunk_of_logits():
     """Llama-3.1-8B at 8,192 tokens: the standard loss holds 8,192 x 128,256 logits at 12 bytes
     (12.6 GB); the chunked loss one chunk of 512 positions (0.79 GB) plus the gathered final
     hidden states, their gradient and index_select's (3 x 8,192 x 4,096 x 2 bytes)."""
-    shape = M.shape_from_config(llama8b())
+    shape = shapes.shape_from_config(llama8b())
     T, V, h = 8192, 128256, 4096
     final_norm = T * (4 * h + 8)  # RMSNorm saves a float32 copy of its input
 
     def logits_item(**kw):
-        est = M.estimate(shape, seq_len=T, micro_batch=1, **kw)
+        est = estimator.estimate(shape, seq_len=T, micro_batch=1, **kw)
         return next(i for i in est.items if i.key == "logits").bytes, est
 
     full, std = logits_item(chunked_loss=False)
@@ -442,12 +442,12 @@ def test_chunked_loss_holds_one_chunk_of_logits():
     assert std.total_allocated - est.total_allocated > 9e9
     assert est.settings["chunked_loss"] and "chunk" in est.text()
     # up to one chunk (512 positions here) training keeps the model's own loss
-    assert M.estimate(shape, seq_len=512, chunked_loss=True).total_device == \
-        M.estimate(shape, seq_len=512, chunked_loss=False).total_device
-    assert M.estimate(shape, seq_len=256, micro_batch=4, chunked_loss=True).total_device < \
-        M.estimate(shape, seq_len=256, micro_batch=4, chunked_loss=False).total_device
+    assert estimator.estimate(shape, seq_len=512, chunked_loss=True).total_device == \
+        estimator.estimate(shape, seq_len=512, chunked_loss=False).total_device
+    assert estimator.estimate(shape, seq_len=256, micro_batch=4, chunked_loss=True).total_device < \
+        estimator.estimate(shape, seq_len=256, micro_batch=4, chunked_loss=False).total_device
     # under 16 GB at micro-batch 1, the longest sequence more than doubles
-    longest = {c: M.largest_fit(shape, 16e9, seq_len=512, chunked_loss=c)["seq_len"]
+    longest = {c: budget.largest_fit(shape, 16e9, seq_len=512, chunked_loss=c)["seq_len"]
                for c in (False, True)}
     assert longest[True] >= 2 * longest[False]
 
@@ -476,7 +476,7 @@ def test_estimate_reproduces_the_recorded_recipe_runs(case, model, batch, gc, fo
                                                       peak_gb):
     cfg = neox20b("gelu") if model == "neox" else gptj6b()
     targets = ["query_key_value"] if model == "neox" else ["q_proj", "k_proj", "v_proj"]
-    est = M.estimate(cfg, seq_len=512, micro_batch=batch, gradient_checkpointing=gc, lora_r=8,
+    est = estimator.estimate(cfg, seq_len=512, micro_batch=batch, gradient_checkpointing=gc, lora_r=8,
                      lora_targets=targets, optimizer="paged_adamw_8bit",
                      compute_dtype=torch.bfloat16, upcast_fp32=True, autocast=True,
                      chunked_loss=False)
@@ -517,7 +517,7 @@ def test_estimate_matches_h200_rehearsals(row):
     model, act, batch, _amp, gc, recipe, allocated_gb, reserved_gb = row
     cfg = {"neox": lambda: neox20b(act), "gptj": gptj6b, "llama": llama8b}[model]()
     targets = {"neox": ["query_key_value"], "gptj": ["q_proj", "k_proj", "v_proj"]}.get(model)
-    est = M.estimate(cfg, seq_len=512, micro_batch=batch, gradient_checkpointing=gc,
+    est = estimator.estimate(cfg, seq_len=512, micro_batch=batch, gradient_checkpointing=gc,
                      lora_r=8 if recipe else 16,
                      lora_targets=targets if recipe else "all-linear",
                      compute_dtype=torch.bfloat16, upcast_fp32=recipe, autocast=True,
@@ -574,7 +574,7 @@ def test_activation_model_matches_what_autograd_saves(family, act, tmp_path):
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
     got = _saved_bytes_of_block(model, ids, ".layers.1." if family != "gptj" else ".h.1.")
-    est = M.estimate(cfg, seq_len=32, micro_batch=2, lora_r=8, lora_targets="all-linear",
+    est = estimator.estimate(cfg, seq_len=32, micro_batch=2, lora_r=8, lora_targets="all-linear",
                      compute_dtype=torch.float32, lora_dropout=0.0, cuda_context=False)
     predicted = sum(est.activation_detail["per_token_per_block"].values()) * 64
     # within 10%: the estimator counts the attention output that LoRA on the output projection
@@ -587,44 +587,44 @@ def test_activation_model_matches_what_autograd_saves(family, act, tmp_path):
 
 
 def test_largest_fit_is_monotone_in_the_budget():
-    shape = M.shape_from_config(gptj6b())
+    shape = shapes.shape_from_config(gptj6b())
     previous = {"micro_batch": 0, "seq_len": 0}
     for gb in (4, 6, 8, 12, 16, 24, 40, 80):
-        lf = M.largest_fit(shape, gb * 1e9, seq_len=512, lora_r=16)
+        lf = budget.largest_fit(shape, gb * 1e9, seq_len=512, lora_r=16)
         assert lf["micro_batch"] >= previous["micro_batch"]
         assert lf["seq_len"] >= previous["seq_len"]
         previous = lf
     assert previous["micro_batch"] == 64 and previous["seq_len"] == 2048
-    lf = M.largest_fit(shape, 12e9, seq_len=512)
-    assert M.fits(M.estimate(shape, seq_len=512, micro_batch=lf["micro_batch"]), 12e9)
-    assert not M.fits(M.estimate(shape, seq_len=512, micro_batch=2 * lf["micro_batch"]), 12e9)
+    lf = budget.largest_fit(shape, 12e9, seq_len=512)
+    assert budget.fits(estimator.estimate(shape, seq_len=512, micro_batch=lf["micro_batch"]), 12e9)
+    assert not budget.fits(estimator.estimate(shape, seq_len=512, micro_batch=2 * lf["micro_batch"]), 12e9)
 
 
 def test_verdicts():
-    est = M.estimate(gptj6b(), seq_len=512, micro_batch=1)
-    ok = M.verdict_text(est, 12e9)
+    est = estimator.estimate(gptj6b(), seq_len=512, micro_batch=1)
+    ok = budget.verdict_text(est, 12e9)
     assert ok.startswith("fits: predicted") and "of 12 GB" in ok
-    big = M.estimate(gptj6b(), seq_len=512, micro_batch=64)
-    text = M.verdict_text(big, 12e9)
+    big = estimator.estimate(gptj6b(), seq_len=512, micro_batch=64)
+    text = budget.verdict_text(big, 12e9)
     assert text.startswith("does not fit: needs")
     assert "would fit" in text and "GB card" in text
-    v = M.fits(big, 12e9)
+    v = budget.fits(big, 12e9)
     assert not v and v.headroom < 0
 
 
 def test_verdict_of_one_gpu_of_several_sizes_that_gpu():
     """A per-GPU estimate that does not fit gets the same kind of advice, sized per GPU: the
     micro-batch it names fits each GPU of the same launch."""
-    shape = M.shape_from_config(gptj6b())
-    big = M.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512, micro_batch=64)
-    text = M.verdict_text(big, 12e9)
+    shape = shapes.shape_from_config(gptj6b())
+    big = scaling.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512, micro_batch=64)
+    text = budget.verdict_text(big, 12e9)
     assert text.startswith("does not fit: needs") and "would fit" in text
-    lf = M.largest_fit(shape, 12e9, **big.settings)
+    lf = budget.largest_fit(shape, 12e9, **big.settings)
     assert lf["micro_batch"] >= 1
-    fitted = M.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512,
+    fitted = scaling.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512,
                                 micro_batch=lf["micro_batch"])
-    assert M.fits(fitted, 12e9)
-    assert not M.fits(M.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512,
+    assert budget.fits(fitted, 12e9)
+    assert not budget.fits(scaling.estimate_per_gpu(shape, 2, "fsdp", offload=True, seq_len=512,
                                          micro_batch=2 * lf["micro_batch"]), 12e9)
     assert f"micro-batch {lf['micro_batch']} at 512 tokens" in text
 
@@ -637,20 +637,20 @@ def test_memory_bars_and_footprint_bars(tiny_4bit):
 
     from helpers import plots
 
-    ests = {"checkpointing": M.estimate(gptj6b(), seq_len=512),
-            "no checkpointing": M.estimate(gptj6b(), seq_len=512, gradient_checkpointing=False)}
+    ests = {"checkpointing": estimator.estimate(gptj6b(), seq_len=512),
+            "no checkpointing": estimator.estimate(gptj6b(), seq_len=512, gradient_checkpointing=False)}
     fig = plots.memory_bars(ests, budget_bytes=16e9)
     assert isinstance(fig, Figure)
     assert len(fig.axes[0].patches) >= 2 * 5  # stacked segments of two bars
-    fig = plots.footprint_bars(M.footprint_breakdown(tiny_4bit))
+    fig = plots.footprint_bars(footprint.footprint_breakdown(tiny_4bit))
     assert isinstance(fig, Figure) and fig.axes[0].patches
 
 
 def test_memory_calculator_static_twin(monkeypatch, capsys):
-    from helpers import widgets
+    from helpers import env, widgets
 
     monkeypatch.setenv("QLORA_SERIES_STATIC", "1")
-    assert not widgets.has_frontend()
+    assert not env.has_frontend()
     out = widgets.memory_calculator({"gpt-j-6b": gptj6b(), "tiny": tiny_neox_config()},
                                     gpu_gb=12, seq_len=512, micro_batch=2)
     assert out["verdict"].startswith("fits")
@@ -663,9 +663,9 @@ def test_memory_calculator_static_twin(monkeypatch, capsys):
 
 
 def test_memory_calculator_controls_redraw(monkeypatch):
-    from helpers import widgets
+    from helpers import env, widgets
 
-    monkeypatch.setattr(widgets, "has_frontend", lambda: True)
+    monkeypatch.setattr(env, "has_frontend", lambda: True)
     box = widgets.memory_calculator({"gpt-j-6b": gptj6b()}, gpu_gb=12)
     batch = box.children[1].children[1]
     assert batch.description == "micro-batch"
@@ -677,11 +677,11 @@ def test_estimate_for_the_series_config():
 
     cfg = make_config(MAX_LENGTH=256, LORA_R=8, MICRO_BATCH=2, GRADIENT_CHECKPOINTING=False,
                       COMPUTE_DTYPE="bfloat16")
-    est = M.estimate_for_config(cfg, shape=gptj6b())
+    est = budget.estimate_for_config(cfg, shape=gptj6b())
     assert est.settings["seq_len"] == 256 and est.settings["micro_batch"] == 2
     assert est.settings["lora_r"] == 8 and not est.settings["gradient_checkpointing"]
     with pytest.raises(ValueError, match="no model preset"):
-        M.estimate_for_config(make_config(MODEL="no-such-model"))
+        budget.estimate_for_config(make_config(MODEL="no-such-model"))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -689,13 +689,13 @@ def test_estimate_for_the_series_config():
 
 @pytest.mark.gpu
 def test_track_sees_gpu_allocations():
-    log = M.MemoryLog()
+    log = footprint.MemoryLog()
     with log.track("alloc"):
         x = torch.empty(100_000_000, dtype=torch.uint8, device="cuda")
         del x
     rec = log.records[0]
     assert rec.gpu_peak_allocated - rec.gpu_allocated_before >= 100_000_000
-    assert M.gpu_snapshot()["total"] > 0
+    assert footprint.gpu_snapshot()["total"] > 0
 
 
 @pytest.mark.gpu
@@ -738,7 +738,7 @@ def test_estimate_matches_a_measured_training_step(tmp_path):
         opt.step()
         opt.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated()
-    est = M.estimate(cfg, seq_len=512, micro_batch=4, lora_r=16, lora_targets="all-linear",
+    est = estimator.estimate(cfg, seq_len=512, micro_batch=4, lora_r=16, lora_targets="all-linear",
                      compute_dtype=dtype, upcast_fp32=False, chunked_loss=False)
     print(f"measured {peak / 1e9:.3f} GB, predicted {est.total_allocated / 1e9:.3f} GB")
     assert est.total_allocated == pytest.approx(peak, rel=0.10), (peak, est.text())
@@ -749,9 +749,9 @@ def test_estimate_matches_a_measured_training_step(tmp_path):
 
 def _toy_shape():
     """Two blocks of four linears, hidden 64, vocab 100, untied head, LayerNorm."""
-    lin = (M.LinearSpec("qkv", 64, 192), M.LinearSpec("out", 64, 64),
-           M.LinearSpec("up", 64, 256, group="mlp"), M.LinearSpec("down", 256, 64, group="mlp"))
-    return M.ModelShape(name="toy", family="generic", vocab=100, hidden=64, layers=2, heads=4,
+    lin = (shapes.LinearSpec("qkv", 64, 192), shapes.LinearSpec("out", 64, 64),
+           shapes.LinearSpec("up", 64, 256, group="mlp"), shapes.LinearSpec("down", 256, 64, group="mlp"))
+    return shapes.ModelShape(name="toy", family="generic", vocab=100, hidden=64, layers=2, heads=4,
                         kv_heads=4, head_dim=16, intermediate=256, context=128,
                         tied_embeddings=False, linears=lin)
 
@@ -761,15 +761,15 @@ TOY = {"seq_len": 32, "micro_batch": 2, "lora_r": 4, "optimizer": "adamw_torch",
 
 
 def test_per_gpu_estimate_by_hand():
-    one = M.estimate(_toy_shape(), **TOY)
+    one = estimator.estimate(_toy_shape(), **TOY)
     b = one.breakdown()
     # DDP: one GPU's need plus a float32 copy of the LoRA gradients (the all-reduce buckets).
     # LoRA r=4 per block: 4 x ((64+192) + (64+64) + (64+256) + (256+64)) = 4096 parameters.
     lora_grads = 2 * 4096 * 4
     assert b["lora_grads"] == lora_grads
-    ddp = M.estimate_per_gpu(_toy_shape(), 2, "ddp", **TOY)
+    ddp = scaling.estimate_per_gpu(_toy_shape(), 2, "ddp", **TOY)
     assert ddp.total_device == one.total_device + lora_grads
-    assert M.estimate_per_gpu(_toy_shape(), 1, "ddp", **TOY).total_device == one.total_device
+    assert scaling.estimate_per_gpu(_toy_shape(), 1, "ddp", **TOY).total_device == one.total_device
     # FSDP on 2 GPUs: the persistent items halved, plus the gathered units.
     # One block, gathered: 4-bit packed + constants (double quantization: one byte per block of
     # 64, four per 256 of those, a 1,092-byte table) of each linear,
@@ -784,28 +784,28 @@ def test_per_gpu_estimate_by_hand():
                "lora_params", "lora_grads", "optimizer", "optimizer_paged")
     expected = sum(math.ceil(b[k] / 2) for k in sharded) + \
         sum(v for k, v in b.items() if k not in sharded) + 2 * block + root
-    fsdp = M.estimate_per_gpu(_toy_shape(), 2, "fsdp", **TOY)
+    fsdp = scaling.estimate_per_gpu(_toy_shape(), 2, "fsdp", **TOY)
     assert fsdp.total_device == expected
     assert fsdp.breakdown()["fsdp_gathered_blocks"] == 2 * block
     assert fsdp.breakdown()["fsdp_root"] == root
-    no_prefetch = M.estimate_per_gpu(_toy_shape(), 2, "fsdp", prefetch=False, **TOY)
+    no_prefetch = scaling.estimate_per_gpu(_toy_shape(), 2, "fsdp", prefetch=False, **TOY)
     assert fsdp.total_device - no_prefetch.total_device == block
     # activations are per GPU: unchanged
     assert fsdp.breakdown()["activations"] == b["activations"]
     # offloaded: no shard on the card at all
-    off = M.estimate_per_gpu(_toy_shape(), 2, "fsdp", offload=True, **TOY)
+    off = scaling.estimate_per_gpu(_toy_shape(), 2, "fsdp", offload=True, **TOY)
     assert off.total_device == expected - sum(math.ceil(b[k] / 2) for k in sharded)
 
 
 def test_fsdp_halves_a_70b_model_and_refuses_bad_arguments():
     from helpers import models
 
-    shape = M.shape_from_config(models.load_config("rehearsal:llama-2-70b"))
+    shape = shapes.shape_from_config(models.load_config("rehearsal:llama-2-70b"))
     kw = {"seq_len": 512, "lora_r": 8, "lora_targets": "attention", "optimizer": "adamw_torch"}
-    one = M.estimate(shape, **kw).total_device
-    two = M.estimate_per_gpu(shape, 2, "fsdp", **kw)
-    offloaded = M.estimate_per_gpu(shape, 2, "fsdp", offload=True, **kw).total_device
-    four = M.estimate_per_gpu(shape, 4, "fsdp", **kw).total_device
+    one = estimator.estimate(shape, **kw).total_device
+    two = scaling.estimate_per_gpu(shape, 2, "fsdp", **kw)
+    offloaded = scaling.estimate_per_gpu(shape, 2, "fsdp", offload=True, **kw).total_device
+    four = scaling.estimate_per_gpu(shape, 4, "fsdp", **kw).total_device
     # 70B in 4-bit: one 24 GB card is far too small; two hold the shards (about 22 GB allocated)
     # but not with NCCL's buffers on top (measured: 2.49 GB outside torch per process), so two
     # need CPU offload, or four GPUs
@@ -813,6 +813,6 @@ def test_fsdp_halves_a_70b_model_and_refuses_bad_arguments():
     assert offloaded < 10e9 and four < 24e9
     assert any(i.key == "nccl" for i in two.items)
     with pytest.raises(ValueError, match="ddp"):
-        M.estimate_per_gpu(shape, 2, "zero3", **kw)
+        scaling.estimate_per_gpu(shape, 2, "zero3", **kw)
     with pytest.raises(ValueError, match="at least 1"):
-        M.estimate_per_gpu(shape, 0, "ddp", **kw)
+        scaling.estimate_per_gpu(shape, 0, "ddp", **kw)

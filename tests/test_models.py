@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import data, models
+from helpers import embedded as embedded_model, formats, loading, models, rehearsal, tokens
 from helpers.config import ConfigError
 
 ENGLISH = "Return the number of bytes read, or None if the stream is closed.\n  Two spaces: é."
@@ -30,24 +30,24 @@ def _linear4bit():
 @pytest.fixture(scope="module")
 def embedded():
     """The embedded model's folder (built on first use, then cached)."""
-    return models.embedded_path()
+    return embedded_model.embedded_path()
 
 
 # ------------------------------------------------------------------------- the embedded model
 
 
 def test_embedded_tokenizer_has_a_real_pad_token(embedded):
-    tok = models.load_tokenizer("embedded")
-    assert tok.pad_token == models.PAD_TOKEN and tok.eos_token == models.EOS_TOKEN
+    tok = loading.load_tokenizer("embedded")
+    assert tok.pad_token == tokens.PAD_TOKEN and tok.eos_token == tokens.EOS_TOKEN
     assert tok.pad_token_id != tok.eos_token_id
     assert {tok.pad_token, tok.eos_token} <= set(tok.all_special_tokens)
     assert tok.padding_side == "right"
-    assert tok.model_max_length == models.EMBEDDED_RECIPE["context"]
-    assert len(tok) == models.EMBEDDED_RECIPE["vocab_size"]
+    assert tok.model_max_length == embedded_model.EMBEDDED_RECIPE["context"]
+    assert len(tok) == embedded_model.EMBEDDED_RECIPE["vocab_size"]
 
 
 def test_embedded_tokenizer_round_trips_english(embedded):
-    tok = models.load_tokenizer("embedded")
+    tok = loading.load_tokenizer("embedded")
     ids = tok(ENGLISH, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == ENGLISH
     assert len(ENGLISH) / len(ids) > 2.0  # real merges, not bytes
@@ -55,7 +55,7 @@ def test_embedded_tokenizer_round_trips_english(embedded):
 
 
 def test_embedded_chat_template_renders_turns(embedded):
-    tok = models.load_tokenizer("embedded")
+    tok = loading.load_tokenizer("embedded")
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}]
     text = tok.apply_chat_template(chat, tokenize=False)
@@ -64,14 +64,14 @@ def test_embedded_chat_template_renders_turns(embedded):
     prompt = tok.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("### Assistant:\n") and text.startswith(prompt)
     # helpers.data finds the assistant turn with it, for response-only loss
-    pieces, trained = data.chat_pieces(chat, tok)
+    pieces, trained = formats.chat_pieces(chat, tok)
     assert trained == [False, True] and pieces[1] == "Hello." + tok.eos_token
 
 
 def test_embedded_build_report_shows_learning(embedded):
-    report = models.build_report(embedded)
-    vocab = models.EMBEDDED_RECIPE["vocab_size"]
-    assert report["version"] == models.EMBEDDED_VERSION and report["seed"] == 0
+    report = embedded_model.build_report(embedded)
+    vocab = embedded_model.EMBEDDED_RECIPE["vocab_size"]
+    assert report["version"] == embedded_model.EMBEDDED_VERSION and report["seed"] == 0
     assert report["initial_loss"] == pytest.approx(math.log(vocab), abs=0.3)  # uniform at start
     assert report["final_loss"] < math.log(vocab) - 2.5
     assert report["eval_loss_after"] < math.log(vocab) - 2.5
@@ -97,27 +97,27 @@ def test_embedded_layout_is_a_hub_layout(embedded):
 
 
 def test_built_files_load_in_transformers_4_and_5(tmp_path):
-    folder = models.build_embedded(tmp_path / "m", seed=0, _steps=1)
+    folder = embedded_model.build_embedded(tmp_path / "m", seed=0, _steps=1)
     values = json.loads((folder / "tokenizer_config.json").read_text())
     assert values["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in folder.iterdir())  # shared cache
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(str(folder)).pad_token == models.PAD_TOKEN
+    assert AutoTokenizer.from_pretrained(str(folder)).pad_token == tokens.PAD_TOKEN
 
 
 def test_embedded_loads_in_4bit_and_generates(embedded):
-    tok = models.load_tokenizer("embedded")
-    model = models.load_model("embedded", device="cpu")
+    tok = loading.load_tokenizer("embedded")
+    model = loading.load_model("embedded", device="cpu")
     linear4bit = _linear4bit()
     quantized = [m for m in model.modules() if isinstance(m, linear4bit)]
-    assert len(quantized) == 4 * models.EMBEDDED_RECIPE["num_layers"]
+    assert len(quantized) == 4 * embedded_model.EMBEDDED_RECIPE["num_layers"]
     assert all(m.weight.dtype == torch.uint8 for m in quantized)
     assert not isinstance(model.get_output_embeddings(), linear4bit)
     assert all(m.support_avx512bf16_for_cpu is False for m in quantized)  # cpu_safe applied
-    info = models.describe(model)
+    info = loading.describe(model)
     assert info["architecture"] == "GPTNeoXForCausalLM" and info["quant_type"] == "nf4"
-    assert info["parameters"] == models.build_report(embedded)["parameters"]
+    assert info["parameters"] == embedded_model.build_report(embedded)["parameters"]
     prompt = tok("Return the", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False,
                          pad_token_id=tok.pad_token_id)
@@ -129,20 +129,20 @@ def test_embedded_loads_in_4bit_and_generates(embedded):
 def test_embedded_is_reused_not_rebuilt(embedded):
     stamp = (embedded / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
-    again = models.embedded_path()
+    again = embedded_model.embedded_path()
     assert time.perf_counter() - start < 1.0
     assert again == embedded
     assert (embedded / "model.safetensors").stat().st_mtime_ns == stamp
-    assert models.build_embedded(embedded) == embedded  # complete: reused
+    assert embedded_model.build_embedded(embedded) == embedded  # complete: reused
     assert (embedded / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):
     caller_state = torch.get_rng_state()
-    a = models.build_embedded(tmp_path / "a", seed=3, _steps=3)
+    a = embedded_model.build_embedded(tmp_path / "a", seed=3, _steps=3)
     assert torch.equal(torch.get_rng_state(), caller_state)  # the caller's seed is untouched
-    b = models.build_embedded(tmp_path / "b", seed=3, _steps=3)
-    c = models.build_embedded(tmp_path / "c", seed=4, _steps=3)
+    b = embedded_model.build_embedded(tmp_path / "b", seed=3, _steps=3)
+    c = embedded_model.build_embedded(tmp_path / "c", seed=4, _steps=3)
     wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -150,10 +150,10 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
     assert not list(tmp_path.glob(".*building*"))  # nothing half-built left behind
     stamp = (a / "model.safetensors").stat().st_mtime_ns
-    assert models.build_embedded(a, seed=3, _steps=3) == a  # the same build: reused
+    assert embedded_model.build_embedded(a, seed=3, _steps=3) == a  # the same build: reused
     assert (a / "model.safetensors").stat().st_mtime_ns == stamp
-    models.build_embedded(a, seed=3, _steps=4)  # another recipe in the folder: replaced
-    assert models.build_report(a)["steps"] == 4
+    embedded_model.build_embedded(a, seed=3, _steps=4)  # another recipe in the folder: replaced
+    assert embedded_model.build_report(a)["steps"] == 4
     assert not list(tmp_path.glob(".*old*"))
 
 
@@ -162,7 +162,7 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
 
 def test_resolve_each_kind(tmp_path, embedded):
     assert models.resolve("embedded") == models.ModelSource(
-        "embedded", models.EMBEDDED_VERSION, path=embedded)
+        "embedded", embedded_model.EMBEDDED_VERSION, path=embedded)
     (tmp_path / "config.json").write_text("{}")
     local = models.resolve(str(tmp_path))
     assert local.kind == "local" and local.path == tmp_path.resolve()
@@ -191,12 +191,12 @@ def test_hub_id_offline_says_what_to_choose(monkeypatch):
     assert not models.hub_reachable()
     start = time.perf_counter()
     with pytest.raises(models.ModelUnavailableError) as err:
-        models.load_tokenizer("EleutherAI/this-model-is-not-cached")
+        loading.load_tokenizer("EleutherAI/this-model-is-not-cached")
     message = str(err.value)
     assert "cannot reach the Hugging Face Hub" in message and "HF_HUB_OFFLINE" in message
     assert "MODEL='embedded'" in message and "rehearsal:gpt-neox-20b" in message
     with pytest.raises(ConfigError, match="rehearsal:tiny-neox"):
-        models.load_model("EleutherAI/this-model-is-not-cached", device="cpu",
+        loading.load_model("EleutherAI/this-model-is-not-cached", device="cpu",
                           tokenizer=_FakeTokenizer(vocab=300))
     assert time.perf_counter() - start < 30  # no waiting through the Hub client's retries
 
@@ -206,7 +206,7 @@ def test_hub_id_without_network_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(models.ModelUnavailableError, match="not in the local Hub cache"):
-        models.load_model("EleutherAI/this-model-is-not-cached", device="cpu",
+        loading.load_model("EleutherAI/this-model-is-not-cached", device="cpu",
                           tokenizer=_FakeTokenizer(vocab=300))
 
 
@@ -250,23 +250,23 @@ def _tiny_local(folder, with_pad: bool):
 
 def test_local_folder_loads_in_4bit(tmp_path):
     _tiny_local(tmp_path, with_pad=True)
-    model = models.load_model(str(tmp_path), device="cpu")
+    model = loading.load_model(str(tmp_path), device="cpu")
     linear4bit = _linear4bit()
     assert sum(isinstance(m, linear4bit) for m in model.modules()) == 8
     assert model.is_loaded_in_4bit
     x = torch.tensor([[0, 5, 9, 12]])
     assert torch.isfinite(model(input_ids=x).logits).all()
-    m16 = models.load_16bit(str(tmp_path))
+    m16 = loading.load_16bit(str(tmp_path))
     assert not any(isinstance(m, linear4bit) for m in m16.modules())
     assert m16.get_input_embeddings().weight.dtype == torch.float32
 
 
 def test_local_tokenizer_without_pad_gets_one_and_the_model_grows(tmp_path):
     rows = _tiny_local(tmp_path, with_pad=False)
-    tok = models.load_tokenizer(str(tmp_path))
-    assert tok.pad_token == models.PAD_TOKEN and tok.pad_token_id != tok.eos_token_id
+    tok = loading.load_tokenizer(str(tmp_path))
+    assert tok.pad_token == tokens.PAD_TOKEN and tok.pad_token_id != tok.eos_token_id
     assert len(tok) == rows + 1
-    model = models.load_model(str(tmp_path), device="cpu", tokenizer=tok)
+    model = loading.load_model(str(tmp_path), device="cpu", tokenizer=tok)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
     assert model.config.pad_token_id == tok.pad_token_id
@@ -278,7 +278,7 @@ def test_cpu_safe_keeps_training_possible_after_eval(tmp_path):
     import peft
 
     _tiny_local(tmp_path, with_pad=True)
-    model = models.load_model(str(tmp_path), device="cpu")
+    model = loading.load_model(str(tmp_path), device="cpu")
     x = torch.tensor([[0, 5, 9, 12, 3]])
     model.eval()
     with torch.no_grad():
@@ -303,7 +303,7 @@ def test_cpu_safe_keeps_training_possible_after_eval(tmp_path):
 def test_rehearsal_tiny_is_4bit_and_trains_with_lora():
     import peft
 
-    model = models.build_rehearsal("tiny-neox", device="cpu", seed=1)
+    model = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=1)
     linear4bit = _linear4bit()
     head = model.get_output_embeddings()
     linears = [(n, m) for n, m in model.named_modules()
@@ -319,7 +319,7 @@ def test_rehearsal_tiny_is_4bit_and_trains_with_lora():
     assert model.config.quantization_config.bnb_4bit_quant_type == "nf4"
     assert model.hf_quantizer.is_trainable
     assert not [n for n, t in model.named_parameters() if t.is_meta]
-    info = models.describe(model)
+    info = loading.describe(model)
     assert info["parameters"] == 362_240 and info["linear_4bit_layers"] == 8
 
     model = peft.prepare_model_for_kbit_training(model)
@@ -332,21 +332,21 @@ def test_rehearsal_tiny_is_4bit_and_trains_with_lora():
     loss.backward()
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
     assert len(with_grad) == 16 and all("lora_" in n for n in with_grad)
-    wrapped = models.describe(model)  # a peft model is described by its base
+    wrapped = loading.describe(model)  # a peft model is described by its base
     assert wrapped["architecture"] == "GPTNeoXForCausalLM" and wrapped["linear_4bit_layers"] == 8
 
 
 def test_rehearsal_weights_are_seeded_and_match_their_16bit_twin():
-    a = models.build_rehearsal("tiny-neox", device="cpu", seed=5)
-    b = models.build_rehearsal("tiny-neox", device="cpu", seed=5)
-    c = models.build_rehearsal("tiny-neox", device="cpu", seed=6)
+    a = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=5)
+    b = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=5)
+    c = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=6)
     name = "gpt_neox.layers.0.attention.query_key_value.weight"
     wa, wb, wc = (dict(m.named_parameters())[name] for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     # the quantized weight is the 4-bit form of the unquantized rehearsal's weight
     import bitsandbytes.functional as bf
 
-    full = dict(models.build_rehearsal("tiny-neox", device="cpu", seed=5,
+    full = dict(rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=5,
                                        quantize=False).named_parameters())[name]
     deq = bf.dequantize_4bit(wa.data, wa.quant_state)
     assert deq.shape == full.shape
@@ -391,9 +391,9 @@ def test_rehearsal_list_matches_the_shipped_files():
 
 
 def test_rehearsal_loads_through_load_model():
-    model = models.load_model("rehearsal:tiny-neox", device="cpu",
+    model = loading.load_model("rehearsal:tiny-neox", device="cpu",
                               tokenizer=_FakeTokenizer(vocab=2048))
-    assert models.describe(model)["name"] == "rehearsal:tiny-neox"
+    assert loading.describe(model)["name"] == "rehearsal:tiny-neox"
     assert model.config.pad_token_id == 1
 
 
@@ -408,16 +408,16 @@ class _FakeTokenizer:
 
 
 def test_rehearsal_too_big_is_refused_before_anything_is_made(monkeypatch):
-    monkeypatch.setattr(models, "_free_bytes", lambda dev: 4 * 2**30)
+    monkeypatch.setattr(rehearsal, "_free_bytes", lambda dev: 4 * 2**30)
     with pytest.raises(models.ModelUnavailableError) as err:
-        models.build_rehearsal("gpt-neox-20b", device="cpu", compute_dtype="bfloat16")
+        rehearsal.build_rehearsal("gpt-neox-20b", device="cpu", compute_dtype="bfloat16")
     # NF4 with double quantization: 4.127 bits per linear weight, 16-bit embeddings and head
     assert "needs about 11.0 GiB" in str(err.value) and "rehearsal:gpt-j-6b" in str(err.value)
 
 
 @pytest.mark.gpu
 def test_rehearsal_builds_on_the_gpu():
-    model = models.build_rehearsal("tiny-neox", device="cuda", compute_dtype="bfloat16")
+    model = rehearsal.build_rehearsal("tiny-neox", device="cuda", compute_dtype="bfloat16")
     assert next(model.parameters()).device.type == "cuda"
     x = torch.randint(0, 2048, (1, 8), device="cuda")
     assert torch.isfinite(model(input_ids=x).logits.float()).all()
@@ -425,7 +425,7 @@ def test_rehearsal_builds_on_the_gpu():
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QLORA_SERIES_CACHE", str(tmp_path))
-    assert models.embedded_path(build=False) == tmp_path / models.EMBEDDED_VERSION
+    assert embedded_model.embedded_path(build=False) == tmp_path / embedded_model.EMBEDDED_VERSION
     monkeypatch.delenv("QLORA_SERIES_CACHE")
-    assert str(models.cache_root()) == os.path.expanduser(os.path.join("~", ".cache",
+    assert str(embedded_model.cache_root()) == os.path.expanduser(os.path.join("~", ".cache",
                                                                        "qlora-series"))

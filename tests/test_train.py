@@ -11,7 +11,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import (
+from transformers import (TrainerCallback, 
     AutoModelForCausalLM,
     BitsAndBytesConfig,
     GPTNeoXConfig,
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from helpers import env, lora
-from helpers import train as T
+from helpers import train as T, budget, callbacks, checkpoints
 from helpers.config import Config
 
 SUBJECTS = ["sky", "grass", "sun", "night", "sea", "fire", "ice", "stone", "rain", "snow",
@@ -188,37 +188,37 @@ def test_budget_too_small_is_refused_before_training(tmp_path, tiny):
     def estimate(micro_batch, seq_len):  # a pretend 7B model: 5 GB + 30 MB per token
         return int(5e9 + 3e7 * micro_batch * seq_len)
 
-    with pytest.raises(T.BudgetError) as err:
-        T.choose_micro_batch(cfg, model, estimate_fn=estimate)
+    with pytest.raises(budget.BudgetError) as err:
+        budget.choose_micro_batch(cfg, model, estimate_fn=estimate)
     msg = str(err.value)
     assert "MEMORY_BUDGET_GB=12.00 is too small" in msg and "20.36 GB" in msg
     assert "MAX_LENGTH = 192 would fit" in msg  # (12e9 - 5e9) / 3e7 = 233 -> 192
     assert "at least 20.4 GB" in msg
     # train() refuses it the same way, before anything is trained
     tokenizer = tokenizer_of(tiny)
-    with pytest.raises(T.BudgetError):
+    with pytest.raises(budget.BudgetError):
         T.train(cfg, model, tokenizer, rows(tokenizer, TEXTS), None, collator_for(tokenizer),
                 estimate_fn=estimate, live=False)
-    assert T.latest_checkpoint(cfg.run_dir) is None
+    assert checkpoints.latest_checkpoint(cfg.run_dir) is None
 
 
 def test_budget_from_the_real_estimator(tmp_path, tiny):
     cfg = config(tmp_path, memory_budget_gb=0.0001, micro_batch=0)  # 100 kB: not even weights
     model = peft_model(tiny, cfg)
-    with pytest.raises(T.BudgetError, match="too small"):
-        T.choose_micro_batch(cfg, model)
+    with pytest.raises(budget.BudgetError, match="too small"):
+        budget.choose_micro_batch(cfg, model)
     roomy = config(tmp_path, memory_budget_gb=1.0, micro_batch=0)
-    micro, notes = T.choose_micro_batch(roomy, model)
-    assert micro == T.CPU_MICRO_BATCH and any("CPU" in n for n in notes)
+    micro, notes = budget.choose_micro_batch(roomy, model)
+    assert micro == budget.CPU_MICRO_BATCH and any("CPU" in n for n in notes)
 
 
 def test_micro_batch_search_helpers():
     def est(b, s):
         return 1000 + 10 * b * s
 
-    assert T.largest_micro_batch(est, 1000 + 10 * 4 * 100, 100) == 4
-    assert T.largest_micro_batch(est, 999, 100) == 0
-    assert T.largest_seq_len(est, 1000 + 10 * 200, 512) == 192
+    assert budget.largest_micro_batch(est, 1000 + 10 * 4 * 100, 100) == 4
+    assert budget.largest_micro_batch(est, 999, 100) == 0
+    assert budget.largest_seq_len(est, 1000 + 10 * 200, 512) == 192
 
 
 # --------------------------------------------------------------------------- tokens per second
@@ -253,13 +253,13 @@ def test_tokens_per_second_counts_only_real_tokens(tmp_path, tiny):
 
 
 def test_counting_collator_counts_unpadded_rows():
-    collate = T.CountingCollator(lambda feats: {"input_ids": torch.zeros(len(feats), 9)})
+    collate = callbacks.CountingCollator(lambda feats: {"input_ids": torch.zeros(len(feats), 9)})
     batch = collate([{"input_ids": [1, 2, 3]}, {"input_ids": [1] * 7},
                      {"input_ids": [4] * 9, "attention_mask": [1] * 5 + [0] * 4}])
     assert batch["num_real_tokens"] == 3 + 7 + 5 and batch["num_loss_tokens"] == 0
     # counted on the CPU, as ints (nothing to read back from the GPU at each step)
     labels = torch.tensor([[5, 6, -100, -100], [-100, 7, 8, 9]])
-    collate = T.CountingCollator(lambda feats: {"input_ids": torch.zeros(2, 4), "labels": labels})
+    collate = callbacks.CountingCollator(lambda feats: {"input_ids": torch.zeros(2, 4), "labels": labels})
     batch = collate([{"input_ids": [1] * 4}, {"input_ids": [1] * 4}])
     assert type(batch["num_loss_tokens"]) is int and type(batch["num_real_tokens"]) is int
     assert batch["num_loss_tokens"] == 1 + 3  # the first position is never a target
@@ -290,9 +290,9 @@ def test_eval_loss_falls_on_a_memorizable_dataset(tmp_path, tiny):
     assert "tiny-neox" in card and "eval loss after" in card
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
     for step in (8, 16, 24):
-        files = T.checkpoint_files(run_dir / "checkpoints" / f"checkpoint-{step}")
+        files = checkpoints.checkpoint_files(run_dir / "checkpoints" / f"checkpoint-{step}")
         assert all(files.values()), files
-        assert (run_dir / "checkpoints" / f"checkpoint-{step}" / T.SIGNATURE).is_file()
+        assert (run_dir / "checkpoints" / f"checkpoint-{step}" / checkpoints.SIGNATURE).is_file()
     assert not list((run_dir / "checkpoints").glob("*/adapter_model.bin"))
     # history: one entry per step with loss, learning rate, grad norm, tokens and memory
     h = result.history
@@ -374,20 +374,20 @@ def test_chunked_loss_trains_like_the_standard_loss(tmp_path, tiny, monkeypatch,
 
 
 def test_the_estimate_follows_chunked_loss(tmp_path, tiny, monkeypatch):
-    from helpers import memory
+    from helpers import estimator
 
     seen = []
-    estimate = memory.estimate
+    estimate = estimator.estimate
 
     def recording(*args, **kwargs):
         seen.append(kwargs["chunked_loss"])
         return estimate(*args, **kwargs)
 
-    monkeypatch.setattr(memory, "estimate", recording)
+    monkeypatch.setattr(budget, "estimate", recording)
     model = peft_model(tiny, config(tmp_path))
     for on in (True, False):
         seen.clear()
-        T.default_estimate_fn(config(tmp_path, chunked_loss=on), model)(1, 32)
+        budget.default_estimate_fn(config(tmp_path, chunked_loss=on), model)(1, 32)
         assert seen and set(seen) == {on}
 
 
@@ -405,9 +405,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny, optimizer, rank):
     straight, _ = run(tiny, config(tmp_path / "a", **common))
 
     cfg = config(tmp_path / "b", **common)
-    first, _ = run(tiny, cfg, callbacks=[T.StopAfterStep(5)])
+    first, _ = run(tiny, cfg, callbacks=[callbacks.StopAfterStep(5)])
     assert first.metrics["train_steps"] == 5
-    assert T.latest_checkpoint(cfg.run_dir).name == "checkpoint-4"
+    assert checkpoints.latest_checkpoint(cfg.run_dir).name == "checkpoint-4"
     resumed, _ = run(tiny, dataclasses.replace(cfg, resume=True), seed=123)  # other LoRA init
     assert resumed.resumed_from.name == "checkpoint-4"
     assert resumed.metrics["train_steps"] == 8 and resumed.metrics["resumed_from_step"] == 4
@@ -426,7 +426,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny, optimizer, rank):
     assert all(e["learning_rate"] == pytest.approx(lr_a[e["step"]]) for e in resumed.history)
     assert resumed.metrics["train_tokens_seen"] == straight.metrics["train_tokens_seen"]
     if optimizer == "paged_adamw_8bit":  # the 8-bit states were really used and restored
-        state = torch.load(T.latest_checkpoint(cfg.run_dir) / "optimizer.pt", weights_only=True)
+        state = torch.load(checkpoints.latest_checkpoint(cfg.run_dir) / "optimizer.pt", weights_only=True)
         quant = state["state"][0]["__bnb_optimizer_quant_state__"]
         assert quant["state1"].dtype == torch.uint8
 
@@ -452,21 +452,21 @@ def test_resume_with_more_steps_trains_at_the_new_schedule(tmp_path, tiny):
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny):
     cfg = config(tmp_path, max_steps=4, save_steps=2)
-    run(tiny, cfg, callbacks=[T.StopAfterStep(2)])
+    run(tiny, cfg, callbacks=[callbacks.StopAfterStep(2)])
     for change, field in [({"lora_r": 4, "lora_alpha": 8}, "lora.r"),
                           ({"max_length": 16}, "max_length"),
                           ({"learning_rate": 1e-3}, "learning_rate")]:
         other = dataclasses.replace(cfg, resume=True, **change)
-        with pytest.raises(T.ResumeError) as err:
+        with pytest.raises(checkpoints.ResumeError) as err:
             run(tiny, other)
         assert field in str(err.value) and "checkpoint-2" in str(err.value)
     # other data
-    with pytest.raises(T.ResumeError, match="data.fingerprint"):
+    with pytest.raises(checkpoints.ResumeError, match="data.fingerprint"):
         run(tiny, dataclasses.replace(cfg, resume=True), train_texts=TEXTS[::-1])
     # a checkpoint without a signature is not trusted either
-    (tmp_path / "run" / "checkpoints" / "checkpoint-2" / T.SIGNATURE).unlink()
-    (tmp_path / "run" / "checkpoints" / T.SIGNATURE).unlink()
-    with pytest.raises(T.ResumeError, match="no run_signature.json"):
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2" / checkpoints.SIGNATURE).unlink()
+    (tmp_path / "run" / "checkpoints" / checkpoints.SIGNATURE).unlink()
+    with pytest.raises(checkpoints.ResumeError, match="no run_signature.json"):
         run(tiny, dataclasses.replace(cfg, resume=True))
 
 
@@ -475,7 +475,7 @@ def test_signature_differences_lists_fields():
          "max_steps": 10}
     b = {"model": {"model": "y", "layers": 2}, "lora": {"r": 8}, "optimizer": "adamw_torch",
          "max_steps": 20}
-    assert T.signature_differences(a, b) == ["model.model: checkpoint 'x', now 'y'"]
+    assert checkpoints.signature_differences(a, b) == ["model.model: checkpoint 'x', now 'y'"]
 
 
 # --------------------------------------------------------------------------- the guard
@@ -484,7 +484,7 @@ def test_signature_differences_lists_fields():
 def test_nan_guard_stops_and_explains(tmp_path, tiny):
     cfg = config(tmp_path, learning_rate=1e30, max_steps=6, save_steps=1, warmup_steps=0,
                  lr_schedule="constant", max_grad_norm=0.0)
-    with pytest.raises(T.TrainingStopped) as err:
+    with pytest.raises(callbacks.TrainingStopped) as err:
         run(tiny, cfg)
     stop = err.value
     assert stop.kind == "nan" and 1 <= stop.step < 6
@@ -492,7 +492,7 @@ def test_nan_guard_stops_and_explains(tmp_path, tiny):
     assert "Training stopped at step" in text and "LEARNING_RATE = 1e+30" in text
     assert "use 2e-4" in text
     # no checkpoint was written at the broken step, and the curve shows what happened
-    last = T.latest_checkpoint(cfg.run_dir)
+    last = checkpoints.latest_checkpoint(cfg.run_dir)
     assert last is None or int(last.name.split("-")[1]) < stop.step
     assert (tmp_path / "run" / "loss_curve.png").is_file()
     assert not math.isfinite(stop.history[-1]["loss"]) or \
@@ -501,12 +501,12 @@ def test_nan_guard_stops_and_explains(tmp_path, tiny):
 
 def test_nan_guard_names_fp16_and_empty_batches():
     args = types.SimpleNamespace(fp16=True, learning_rate=2e-4, max_grad_norm=1.0)
-    text = T.explain_nan(args, 3, float("nan"), 0.0, {"step": 2, "loss": 2.5}, 0)
+    text = callbacks.explain_nan(args, 3, float("nan"), 0.0, {"step": 2, "loss": 2.5}, 0)
     assert "no label tokens" in text and "fp16 overflow" in text and "bfloat16" in text
     assert "last finite loss was 2.5 at step 2" in text
 
 
-class ZeroLoss(T.TrainerCallback):
+class ZeroLoss(TrainerCallback):
     """Multiplies the model's loss by 0 from step ``at`` on (a forward hook)."""
 
     def __init__(self, model, at):
@@ -526,7 +526,7 @@ def test_zero_loss_guard_stops_and_explains(tmp_path, tiny):
     cfg = config(tmp_path, max_steps=6, save_steps=0, chunked_loss=False)
     tokenizer = tokenizer_of(tiny)
     model = peft_model(tiny, cfg)
-    with pytest.raises(T.TrainingStopped) as err:
+    with pytest.raises(callbacks.TrainingStopped) as err:
         T.train(cfg, model, tokenizer, rows(tokenizer, TEXTS), None, collator_for(tokenizer),
                 callbacks=[ZeroLoss(model, at=3)], live=False)
     assert err.value.kind == "zero" and err.value.step == 3
@@ -573,7 +573,7 @@ def test_live_curve_redraws_one_display(tmp_path, monkeypatch):
     import IPython.display
 
     monkeypatch.setattr(IPython.display, "display", display)
-    curve = T.LossCurveCallback(tmp_path / "loss_curve.png", live=True, min_interval=0.0)
+    curve = callbacks.LossCurveCallback(tmp_path / "loss_curve.png", live=True, min_interval=0.0)
     args = types.SimpleNamespace(should_save=True)
     for step in range(1, 4):
         state = types.SimpleNamespace(global_step=step)
@@ -587,7 +587,7 @@ def test_live_curve_redraws_one_display(tmp_path, monkeypatch):
 
 def test_starting_over_replaces_the_earlier_checkpoints(tmp_path, tiny):
     cfg = config(tmp_path, max_steps=4, save_steps=2)
-    run(tiny, cfg, callbacks=[T.StopAfterStep(4)])
+    run(tiny, cfg, callbacks=[callbacks.StopAfterStep(4)])
     again, _ = run(tiny, dataclasses.replace(cfg, max_steps=2, save_steps=1))
     assert any("removed" in n and "checkpoint-4" in n for n in again.notes)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
@@ -599,7 +599,7 @@ def test_guard_lets_the_fp16_scaler_find_its_scale():
     from transformers import TrainerControl
 
     def feed(fp16, grads):
-        guard, control = T.TrainingGuard(fp16_patience=3), TrainerControl()
+        guard, control = callbacks.TrainingGuard(fp16_patience=3), TrainerControl()
         args = types.SimpleNamespace(fp16=fp16, learning_rate=2e-4, max_grad_norm=1.0)
         for step, grad in enumerate(grads, start=1):
             guard.on_log(args, types.SimpleNamespace(global_step=step), control,
@@ -623,10 +623,10 @@ def test_unprobed_micro_batch_keeps_headroom(tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "fsdp_active", lambda: True)
     monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(T, "_enforce_budget", lambda budget, notes: None)
+    monkeypatch.setattr(budget, "_enforce_budget", lambda budget, notes: None)
     cfg = config(tmp_path, memory_budget_gb=24.0, max_length=512, micro_batch=0)
     per_row = 1.4e9  # a fake estimate: 1.4 GB per row of 512 tokens
     model = T.torch.nn.Linear(2, 2)
-    micro, notes = T.choose_micro_batch(cfg, model, estimate_fn=lambda mb, seq: mb * per_row)
+    micro, notes = budget.choose_micro_batch(cfg, model, estimate_fn=lambda mb, seq: mb * per_row)
     assert micro == 8, notes  # 16 rows (22.4 GB) would fit 24 GB, but not 85% of it
     assert any("headroom" in n for n in notes)

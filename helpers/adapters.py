@@ -1,0 +1,198 @@
+"""A saved LoRA adapter checked against a base model before it is loaded: base model name, target
+modules, shapes (:func:`check_adapter`), then loaded with peft (:func:`load_adapter`).
+Introduced in notebook 06.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+import torch
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterMismatch(ValueError):
+    """The adapter was saved for a different base model; the message says how they differ."""
+
+
+# ====================================================================== loading an adapter (06)
+
+
+def _adapter_files(adapter_path) -> tuple[Path, Path]:
+    """The adapter's config and weights files, or a FileNotFoundError naming what is missing."""
+    path = Path(adapter_path)
+    wanted = f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no adapter folder at {path}: expected a folder holding {wanted} (notebook 05 saves "
+            "them to RUN_DIR/adapter); run notebook 05 first, or give the folder it saved")
+    config, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    missing = [p.name for p in (config, weights) if not p.is_file()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir())[:12]
+        hint = ""
+        if (path / "adapter" / ADAPTER_CONFIG).is_file():
+            hint = f"; {path / 'adapter'} holds one: pass that folder"
+        elif (path / "adapter_model.bin").is_file():
+            hint = ("; it holds adapter_model.bin (a pickle), which this series does not load: "
+                    "re-save the adapter with save_pretrained(...) to get safetensors")
+        raise FileNotFoundError(
+            f"{path} is not a saved adapter: looked for {wanted}, missing {', '.join(missing)} "
+            f"(the folder holds: {', '.join(present) or 'nothing'}){hint}")
+    return config, weights
+
+
+def _canonical_name(name: str) -> str:
+    """A base model's name or path in a comparable form: Hub cache folders become their id,
+    existing folders their resolved path."""
+    name = str(name).strip().rstrip("/\\")
+    m = re.search(r"models--([^/\\]+?)--([^/\\]+)", name)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    p = Path(name)
+    if p.exists():
+        return str(p.resolve())
+    return name
+
+
+def same_base_name(a: str, b: str) -> bool:
+    """Whether two base names/paths mean the same model: equal, the same folder, or a folder
+    whose path ends with the other's Hub id (``.../EleutherAI/gpt-neox-20b``)."""
+    ca, cb = _canonical_name(a), _canonical_name(b)
+    if ca == cb:
+        return True
+    for x, y in ((ca, cb), (cb, ca)):
+        if "/" in y and x.replace("\\", "/").endswith("/" + y):
+            return True
+    return False
+
+
+def _features(module) -> tuple[int, int] | None:
+    """(inputs, outputs) of a linear-like layer; (rows, width) of an embedding; None otherwise."""
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2 style
+        return int(module.weight.shape[0]), int(module.nf)
+    return None
+
+
+def _shape_text(shape) -> str:
+    return " x ".join(str(int(s)) for s in shape)
+
+
+def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> dict:
+    """Refuse an adapter that was saved for a different base, saying why; return its settings.
+
+    Checks, without loading the adapter's weights: the base model's name or path recorded in
+    adapter_config.json against the base's own (when both are known; ``check_base_name=False``
+    skips this, e.g. for the same weights moved to another folder), the architecture class, that
+    every target module exists in the base, and that every LoRA A/B matrix fits the layer it
+    adapts (A: r x inputs, B: outputs x r). Raises :class:`AdapterMismatch`. Introduced in
+    notebook 06.
+    """
+    from safetensors import safe_open
+
+    config_file, weights_file = _adapter_files(adapter_path)
+    try:
+        settings = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterMismatch(
+            f"{config_file} is not valid JSON ({err}); re-save the adapter") from None
+    problems = []
+    ours = getattr(base_model, "name_or_path", None) or getattr(
+        getattr(base_model, "config", None), "_name_or_path", None)
+    theirs = settings.get("base_model_name_or_path")
+    if check_base_name and ours and theirs and not same_base_name(ours, theirs):
+        problems.append(f"it was trained on base {theirs!r}, this base is {ours!r} (if they are "
+                        "the same weights in another place, pass check_base_name=False)")
+    made_for = (settings.get("auto_mapping") or {}).get("base_model_class")
+    if made_for and made_for != type(base_model).__name__:
+        problems.append(f"it was made for a {made_for}, this base is a {type(base_model).__name__}")
+
+    modules = dict(base_model.named_modules())
+    targets = settings.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        if not any(re.fullmatch(targets, n) for n in modules):
+            problems.append(f"its target pattern {targets!r} matches no layer of this base")
+    elif isinstance(targets, (list, tuple)):
+        short = {n.rsplit(".", 1)[-1] for n in modules}
+        absent = [t for t in targets if t not in modules and t not in short
+                  and not any(n.endswith("." + t) for n in modules)]
+        if absent:
+            problems.append(f"this base has no layer named {', '.join(sorted(absent)[:5])} "
+                            "(the adapter's target modules)")
+
+    shapes = []
+    with safe_open(str(weights_file), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            shapes.append((key, tuple(f.get_slice(key).get_shape())))
+    pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
+                         r"lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+    bad_layers = []
+    lora_layers = set()
+    for key, shape in shapes:
+        m = pattern.match(key)
+        if not m:
+            continue
+        layer, part = m.group(1), m.group(2)
+        lora_layers.add(layer)
+        module = modules.get(layer)
+        if module is None:
+            problems.append(f"the adapter has LoRA weights for layer {layer}, which this base "
+                            "does not have")
+            continue
+        feats = _features(module)
+        if feats is None:
+            continue
+        d_in, d_out = feats
+        if part in ("lora_A", "lora_embedding_A"):
+            ok, want = shape[-1] == d_in, f"r x {d_in}"
+        else:
+            ok, want = shape[0] == d_out, f"{d_out} x r"
+        if not ok:
+            kind = type(module).__name__
+            bad_layers.append(f"{layer}: the adapter's {part} is {_shape_text(shape)}, but the "
+                              f"base layer is {kind} {d_in} -> {d_out} (needs {want})")
+    if bad_layers:
+        more = f" (and {len(bad_layers) - 5} more)" if len(bad_layers) > 5 else ""
+        problems.append("its LoRA shapes do not fit this base: " + "; ".join(bad_layers[:5])
+                        + more)
+    if problems:
+        raise AdapterMismatch(
+            f"the adapter in {Path(adapter_path)} does not fit this base model: "
+            + "; ".join(problems) + ". Load the base model the adapter was trained on (the same "
+            "MODEL as in notebook 05), or train an adapter for this one.")
+    return {"r": settings.get("r"), "lora_alpha": settings.get("lora_alpha"),
+            "base_model_name_or_path": theirs, "target_modules": targets,
+            "lora_layers": len(lora_layers)}
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def load_adapter(base_model, adapter_path, *, check_base_name: bool = True,
+                 is_trainable: bool = False):
+    """The saved adapter on ``base_model`` (a ``peft.PeftModel``), checked first.
+
+    ``adapter_path`` is the folder notebook 05 saved (RUN_DIR/adapter) with adapter_config.json
+    and adapter_model.safetensors; a missing folder or file is named in the error, and an
+    adapter saved for a different base is refused with the reason (:func:`check_adapter`). The
+    base model is modified in place (LoRA layers are inserted into it). Introduced in notebook 06.
+    """
+    from peft import PeftModel
+
+    if hasattr(base_model, "peft_config"):
+        raise ValueError("this model already carries an adapter; pass the plain base model "
+                         "(e.g. a fresh helpers.loading.load_model(...)) to load_adapter")
+    check_adapter(base_model, adapter_path, check_base_name=check_base_name)
+    model = PeftModel.from_pretrained(base_model, str(adapter_path), is_trainable=is_trainable)
+    if not is_trainable:
+        model.eval()
+    return model

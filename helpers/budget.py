@@ -1,0 +1,430 @@
+"""Fitting a run to the memory budget: whether an estimate fits (:func:`fits`, :func:`verdict_text`,
+:func:`require_fit`), the largest micro-batch and sequence that fit (:func:`largest_fit`), and the
+training's micro-batch for MEMORY_BUDGET_GB (:func:`choose_micro_batch`: predicted by the
+estimator, confirmed on the GPU by one forward and backward, halved on out-of-memory).
+Introduced in notebook 02, used by notebook 05.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+from helpers import env
+from helpers.estimator import Estimate, estimate
+from helpers.scaling import estimate_per_gpu
+from helpers.shapes import as_shape
+from helpers.units import GB, fmt_bytes
+
+
+# ============================================================================ will it fit?
+
+
+@dataclass
+class Verdict:
+    fits: bool
+    needed: int  # total_device of the estimate
+    budget: int
+    headroom: int  # budget - needed (negative when it does not fit)
+
+    def __bool__(self):
+        return self.fits
+
+
+def fits(est: Estimate, budget_bytes: float) -> Verdict:
+    """Does the estimate's card memory (``total_device``) fit in ``budget_bytes``?"""
+    budget = int(budget_bytes)
+    return Verdict(fits=est.total_device <= budget, needed=est.total_device, budget=budget,
+                   headroom=budget - est.total_device)
+
+
+def largest_power_of_two(fits_at, limit: int = 64) -> int:
+    """The largest power of two ``n <= limit`` for which ``fits_at(n)`` holds, trying 1, 2, 4,
+    ... and stopping at the first that does not fit (memory grows with ``n``); 0 when not even
+    1 fits."""
+    best, n = 0, 1
+    while n <= limit and fits_at(n):
+        best, n = n, n * 2
+    return best
+
+
+def longest_fitting(fits_at, candidates) -> int:
+    """The last of the increasing ``candidates`` before the first for which ``fits_at`` fails
+    (memory grows with them); 0 when the first already fails."""
+    best = 0
+    for c in candidates:
+        if not fits_at(c):
+            break
+        best = c
+    return best
+
+
+
+# the settings an estimate of one GPU of several (estimate_per_gpu) adds to estimate's
+_PER_GPU_SETTINGS = ("n_gpus", "mode", "prefetch", "offload")
+
+
+def _estimate_as(shape, **settings) -> Estimate:
+    """:func:`estimate`, or :func:`estimate_per_gpu` when ``settings`` are an estimate of one GPU
+    of several (an :class:`Estimate`'s ``settings`` are either)."""
+    if "n_gpus" not in settings:
+        return estimate(shape, **settings)
+    per_gpu = {k: settings.pop(k) for k in _PER_GPU_SETTINGS}
+    return estimate_per_gpu(shape, per_gpu.pop("n_gpus"), per_gpu.pop("mode"), **per_gpu,
+                            **settings)
+
+
+def largest_fit(shape, budget_bytes: float, **settings) -> dict:
+    """The largest micro-batch (1, 2, 4, ... 64) at the given ``seq_len``, and the largest
+    sequence length (multiples of 128, or of 64 below 256) up to the model's context at
+    micro-batch 1, that fit in ``budget_bytes``. 0 where nothing fits. Other settings as for
+    :func:`estimate` (or an :class:`Estimate`'s ``settings``, per-GPU ones included: each GPU
+    of several is then sized). A larger budget never fits less.
+    """
+    shape = as_shape(shape)
+    if "seq_len" not in settings:
+        raise ValueError("largest_fit needs seq_len= (the sequence length to size the "
+                         "micro-batch for)")
+    settings.pop("micro_batch", None)
+    best_batch = largest_power_of_two(lambda b: bool(fits(
+        _estimate_as(shape, micro_batch=b, **settings), budget_bytes)))
+    seq_settings = {k: v for k, v in settings.items() if k != "seq_len"}
+    step = 64 if shape.context < 256 else 128
+    best_seq = longest_fitting(lambda s: bool(fits(
+        _estimate_as(shape, seq_len=s, micro_batch=1, **seq_settings), budget_bytes)),
+        range(step, shape.context + 1, step))
+    return {"micro_batch": best_batch, "seq_len": best_seq,
+            "at_seq_len": settings["seq_len"], "budget_bytes": int(budget_bytes)}
+
+
+_CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141)
+
+
+def verdict_text(est: Estimate, budget_bytes: float) -> str:
+    """One sentence: "fits: predicted 9.8 GB of 12 GB" or "does not fit: needs 14.1 GB of 12 GB;
+    micro-batch 1 at 512 tokens would fit, or a 16 GB card"."""
+    v = fits(est, budget_bytes)
+    card_gb = f"{v.budget / GB:.3g} GB"
+    if v.fits:
+        return f"fits: predicted {fmt_bytes(v.needed)} of {card_gb}"
+    s = dict(est.settings)
+    lf = largest_fit(est.shape, budget_bytes, **s)
+    alt = []
+    if s["micro_batch"] > 1 and lf["micro_batch"]:
+        alt.append(f"micro-batch {lf['micro_batch']} at {s['seq_len']} tokens would fit")
+    if not alt:
+        if lf["seq_len"]:
+            alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
+        elif not s["gradient_checkpointing"]:
+            alt.append("gradient checkpointing might make it fit")
+    card = next((c for c in _CARDS_GB if v.needed <= c * GB * 0.97), None)
+    alt.append(f"a {card} GB card" if card else "several GPUs")
+    return (f"does not fit: needs {fmt_bytes(v.needed)} of {card_gb}; "
+            + ", or ".join(alt))
+
+
+def config_settings(cfg) -> dict:
+    """:func:`estimate`'s settings for the series' :class:`helpers.config.Config` (LoRA,
+    checkpointing, dtype, optimizer; autocast as training decides it,
+    :func:`helpers.env.uses_autocast`), without ``seq_len`` and ``micro_batch``."""
+    from helpers import env
+
+    dtype = env.compute_dtype(cfg.compute_dtype)
+    return {"gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
+            "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
+            "compute_dtype": dtype, "double_quant": cfg.double_quant,
+            "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
+            "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout,
+            "chunked_loss": cfg.chunked_loss}
+
+
+def estimate_for_config(cfg, shape=None) -> Estimate:
+    """The estimate for the series' :class:`helpers.config.Config` (:func:`config_settings`) at
+    ``cfg.max_length`` tokens and its micro-batch (1 when it is chosen automatically). ``shape``
+    defaults to the preset named like ``cfg.model``."""
+    shape = as_shape(shape if shape is not None else cfg.model)
+    return estimate(shape, seq_len=cfg.max_length, micro_batch=max(cfg.micro_batch, 1),
+                    **config_settings(cfg))
+
+
+
+class MemoryBudgetError(ValueError):
+    """A run that cannot fit the memory budget, refused before anything is loaded."""
+
+
+def require_fit(est: Estimate, budget_bytes: float | None) -> str:
+    """The verdict sentence when the estimate fits ``budget_bytes`` (None: no budget, CPU);
+    otherwise :class:`MemoryBudgetError` with what would fit. Introduced in notebook 02."""
+    if not budget_bytes:
+        return (f"no GPU budget on this machine; predicted GPU need "
+                f"{fmt_bytes(est.total_device)}")
+    sentence = verdict_text(est, budget_bytes)
+    if not fits(est, budget_bytes):
+        raise MemoryBudgetError(sentence + " (refused before loading: change MAX_LENGTH, "
+                                "MICRO_BATCH or MEMORY_BUDGET_GB, or pick a smaller MODEL)")
+    return sentence
+CPU_MICRO_BATCH = 8  # MICRO_BATCH=0 on CPU: no memory budget to size it by
+AUTO_MICRO_BATCH_LIMIT = 16  # the automatic choice stops here (see choose_micro_batch)
+UNPROBED_HEADROOM = 0.85  # share of the budget an unprobed (FSDP) micro-batch may be predicted to use
+
+
+class BudgetError(ValueError):
+    """MEMORY_BUDGET_GB cannot hold even micro-batch 1 at MAX_LENGTH; the message says what would."""
+
+
+# ============================================================================ 2. fit the card
+
+
+def _gpu() -> int:
+    """The GPU this process trains on (its LOCAL_RANK's under a multi-GPU launch)."""
+    return torch.cuda.current_device()
+
+
+def budget_bytes(cfg) -> int | None:
+    """MEMORY_BUDGET_GB in bytes: 0 means the whole card; None on CPU without a budget."""
+    if cfg.memory_budget_gb > 0:
+        return int(cfg.memory_budget_gb * GB)
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(_gpu()).total_memory)
+    return None
+
+
+def default_estimate_fn(cfg, model):
+    """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
+    with the Config's settings, from :func:`helpers.estimator.estimate`; None where the estimator
+    does not know the model's architecture."""
+    from helpers import losses, budget, estimator, scaling, shapes
+
+    try:
+        shape = shapes.shape_from_config(getattr(model, "config", model))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # an architecture the estimator does not describe: the probe decides
+    settings = {**budget.config_settings(cfg),
+                "chunked_loss": cfg.chunked_loss and losses.supports(model)}
+    try:
+        estimator.estimate(shape, seq_len=8, micro_batch=1, **settings)
+    except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
+        settings["lora_targets"] = "all-linear"
+    launch = env.world()
+    mode = "fsdp" if launch["fsdp"] else "ddp"
+    offload = {"offload": launch["offload"]} if launch["fsdp"] else {}
+
+    def estimate_fn(micro_batch: int, seq_len: int) -> int:
+        if launch["world_size"] > 1:  # what each GPU of the launch holds
+            return scaling.estimate_per_gpu(shape, launch["world_size"], mode, seq_len=seq_len,
+                                           micro_batch=micro_batch, **offload,
+                                           **settings).total_device
+        return estimator.estimate(shape, seq_len=seq_len, micro_batch=micro_batch,
+                               **settings).total_device
+
+    return estimate_fn
+
+
+def largest_micro_batch(estimate_fn, budget: int, seq_len: int, limit: int = 64) -> int:
+    """The largest power-of-two micro-batch up to ``limit`` whose estimate fits ``budget``
+    (0 when not even 1 fits)."""
+    from helpers import budget
+
+    return budget.largest_power_of_two(lambda b: estimate_fn(b, seq_len) <= budget, limit)
+
+
+def largest_seq_len(estimate_fn, budget: int, upto: int) -> int:
+    """The longest sequence (a multiple of 64, or of 8 below 64) up to ``upto`` whose estimate at
+    micro-batch 1 fits ``budget``; 0 when none does."""
+    from helpers import budget
+
+    candidates = list(range(64, upto + 1, 64)) or list(range(8, upto + 1, 8))
+    return budget.longest_fitting(lambda s: estimate_fn(1, s) <= budget, candidates)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _vocab_size(model) -> int:
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if not size:
+        size = model.get_input_embeddings().weight.shape[0]
+    return int(size)
+
+
+def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None,
+               chunked_loss: bool = True) -> int:
+    """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
+    all of them labelled: the largest activations a training step at this size can have. Returns
+    the peak GPU bytes allocated during it (0 on CPU); raises ``torch.cuda.OutOfMemoryError`` when
+    it does not fit. The random numbers come from their own generator and the global RNG state is
+    restored, so the run that follows is not shifted by the probe. ``chunked_loss``: the loss of
+    :mod:`helpers.losses`, as :class:`SeriesTrainer` computes it (CHUNKED_LOSS; models it does
+    not apply to keep their own loss), so the probe measures what training will hold.
+    Introduced in notebook 05.
+    """
+    from helpers import losses
+
+    device = _model_device(model)
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, _vocab_size(model), (micro_batch, seq_len), generator=gen).to(device)
+    was_training = model.training
+    devices = [device.index or 0] if cuda else []
+    use_autocast = cuda and dtype is not None and env.uses_autocast(dtype)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            model.train()
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+            with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
+                if chunked_loss and losses.supports(model) and \
+                        losses.more_than_one_chunk(model, ids.numel()):
+                    out = losses.causal_lm_loss(model, inputs, ids)
+                else:
+                    out = model(**inputs, labels=ids)
+            out.loss.backward()
+            del out
+            peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        del ids
+        if cuda:
+            torch.cuda.empty_cache()
+    return int(peak)
+
+
+def _enforce_budget(budget: int, notes: list) -> None:
+    """Cap torch's allocator so that the process uses at most ``budget`` bytes of the card,
+    counting what is already held outside the allocator (CUDA context, libraries)."""
+    free, total = torch.cuda.mem_get_info(_gpu())
+    outside = max(0, (total - free) - torch.cuda.memory_reserved(_gpu()))
+    if budget >= total:
+        notes.append(f"MEMORY_BUDGET_GB={budget / GB:.1f} is not below the card's "
+                     f"{total / GB:.1f} GB: nothing to enforce")
+        return
+    fraction = max(0.01, (budget - outside) / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, _gpu())
+    notes.append(f"budget enforced: torch may allocate {fraction * total / GB:.2f} GB of this "
+                 f"{total / GB:.1f} GB card ({budget / GB:.1f} GB budget less "
+                 f"{outside / GB:.2f} GB of CUDA context), as on a {budget / GB:.0f} GB card")
+
+
+def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:
+    seq = largest_seq_len(estimate_fn, budget, cfg.max_length)
+    ways = []
+    if seq:
+        ways.append(f"MAX_LENGTH = {seq} would fit at micro-batch 1")
+    if not cfg.gradient_checkpointing:
+        ways.append("GRADIENT_CHECKPOINTING = True saves activation memory")
+    ways.append(f"a budget of at least {math.ceil(needed_1 / GB * 10) / 10:.1f} GB "
+                "(MEMORY_BUDGET_GB, or a larger card)")
+    return (f"MEMORY_BUDGET_GB={budget / GB:.2f} is too small: one training step at micro-batch 1 "
+            f"and MAX_LENGTH={cfg.max_length} needs about {needed_1 / GB:.2f} GB (predicted by "
+            "helpers.estimator.estimate). "
+            f"What would fit: {'; or '.join(ways)}.")
+
+
+def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
+                       limit: int = AUTO_MICRO_BATCH_LIMIT) -> tuple:
+    """The micro-batch for this card and budget, and the notes explaining it: ``(n, [lines])``.
+
+    - The budget is MEMORY_BUDGET_GB (0: the whole card). On a card larger than the budget it is
+      enforced with ``torch.cuda.set_per_process_memory_fraction``, so the run behaves as it would
+      on a card of that size.
+    - ``estimate_fn(micro_batch, seq_len) -> bytes`` predicts a training step's need (default:
+      :func:`default_estimate_fn`, from :mod:`helpers.estimator`). If micro-batch 1 at MAX_LENGTH does
+      not fit, :class:`BudgetError` is raised before anything is trained, naming the MAX_LENGTH
+      or the budget that would fit.
+    - MICRO_BATCH > 0 is taken as given; MICRO_BATCH = 0 takes the largest power of two that the
+      estimate fits, up to ``limit`` (16: beyond it a larger micro-batch mostly changes the
+      optimization - fewer, larger steps - rather than the speed; set MICRO_BATCH for more).
+    - On the GPU a probe (:func:`probe_step`: forward and backward at that micro-batch and
+      MAX_LENGTH on the real model) confirms it, halving on out-of-memory until it fits.
+    - On CPU there is no out-of-memory to probe and no card to budget: MICRO_BATCH or 8. A
+      MEMORY_BUDGET_GB given on CPU is still checked against the estimate (would the run fit a
+      card of that size?), so a plan can be refused here before it fails on the card.
+
+    Introduced in notebook 05.
+    """
+    notes: list[str] = []
+    cuda = torch.cuda.is_available() and _model_device(model).type == "cuda"
+    if env.fsdp_active() and torch.cuda.is_available():
+        # FSDP places the shards when training starts: no probe on the unsharded model
+        cuda, probe = True, False
+    budget = budget_bytes(cfg)
+    if budget is not None:
+        if estimate_fn is None:
+            estimate_fn = default_estimate_fn(cfg, model)
+        if estimate_fn is None:
+            notes.append("the estimator does not know this architecture: the probe decides")
+        else:
+            needed_1 = estimate_fn(1, cfg.max_length)
+            if needed_1 > budget:
+                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1))
+            notes.append(f"estimate at micro-batch 1 x {cfg.max_length} tokens: "
+                         f"{needed_1 / GB:.2f} GB of a {budget / GB:.2f} GB budget")
+    if not cuda:
+        micro = cfg.micro_batch or CPU_MICRO_BATCH
+        how = "MICRO_BATCH" if cfg.micro_batch else "the CPU default (no GPU memory to size by)"
+        notes.append(f"CPU: micro-batch {micro} from {how}; no out-of-memory probe on CPU")
+        return micro, notes
+
+    if cfg.memory_budget_gb > 0:
+        _enforce_budget(budget, notes)
+    else:
+        torch.cuda.set_per_process_memory_fraction(1.0, _gpu())  # undo an earlier budget
+    if cfg.micro_batch:
+        micro = cfg.micro_batch
+        if estimate_fn is not None and estimate_fn(micro, cfg.max_length) > budget:
+            notes.append(f"MICRO_BATCH={micro} is predicted not to fit "
+                         f"({estimate_fn(micro, cfg.max_length) / GB:.2f} GB): the probe checks")
+        else:
+            notes.append(f"micro-batch {micro} from MICRO_BATCH")
+    elif estimate_fn is not None and not probe:
+        # nothing will confirm it before training (FSDP shards only when training starts): keep
+        # headroom for the estimator's error (an FSDP run with CPU offload at micro-batch 16,
+        # predicted 22.9 of 24 GB, ran out of memory on 2 H200s)
+        room = int(budget * UNPROBED_HEADROOM)
+        micro = max(1, largest_micro_batch(estimate_fn, room, cfg.max_length, limit))
+        notes.append(f"micro-batch {micro}: the largest power of two up to {limit} that the "
+                     f"estimate fits with {1 - UNPROBED_HEADROOM:.0%} headroom "
+                     f"({estimate_fn(micro, cfg.max_length) / GB:.2f} GB; no probe can confirm it "
+                     "before training)")
+    elif estimate_fn is not None:
+        micro = max(1, largest_micro_batch(estimate_fn, budget, cfg.max_length, limit))
+        notes.append(f"micro-batch {micro}: the largest power of two up to {limit} that the "
+                     f"estimate fits ({estimate_fn(micro, cfg.max_length) / GB:.2f} GB)")
+    else:
+        micro = limit
+        notes.append(f"micro-batch {micro} to start the probe from")
+    if not probe:
+        return micro, notes
+
+    from helpers import budget, units
+
+    dtype = env.compute_dtype(cfg.compute_dtype)
+    while True:
+        out_of_memory = False
+        try:
+            peak = probe_step(model, micro, cfg.max_length, dtype, chunked_loss=cfg.chunked_loss)
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # outside the except block, so the failed step's tensors can go
+            units.free()
+            if micro == 1:
+                ways = ["lower MAX_LENGTH", "adapt fewer layers (LORA_TARGETS='attention')"]
+                if not cfg.gradient_checkpointing:
+                    ways.insert(1, "turn GRADIENT_CHECKPOINTING on")
+                raise BudgetError(
+                    f"out of GPU memory at micro-batch 1 and MAX_LENGTH={cfg.max_length} within "
+                    f"a {budget / GB:.2f} GB budget (the estimate said it would fit; the probe "
+                    f"step says otherwise): {', '.join(ways)}, or raise MEMORY_BUDGET_GB")
+            msg = f"out of memory at micro-batch {micro}: trying {micro // 2}"
+            print(msg)
+            notes.append(msg)
+            micro //= 2
+            continue
+        notes.append(f"probe: micro-batch {micro} x {cfg.max_length} tokens ran, peak "
+                     f"{peak / GB:.2f} GB allocated (optimizer state comes on top)")
+        return micro, notes

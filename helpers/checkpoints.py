@@ -1,0 +1,228 @@
+"""Checkpoints, resume and the saved adapter (notebook 05): a run signature that refuses to resume
+another run's checkpoints, the check before resuming, and the final adapter with its model card
+in ``RUN_DIR/adapter``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from helpers import fsdp, env
+
+
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints: the Trainer's checkpoint-N folders
+ADAPTER = "adapter"  # RUN_DIR/adapter: the final adapter, its config and model card
+SIGNATURE = "run_signature.json"
+
+
+class ResumeError(ValueError):
+    """RESUME=True found checkpoints of another run; the message names the differences."""
+
+
+# ============================================================================ 5. checkpoints
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A hash of a dataset's token content (input_ids, labels, position_ids, attention_mask) and
+    row count: equal for the same rows in the same order, however they were prepared."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    cols = [c for c in ("input_ids", "labels", "position_ids", "attention_mask")
+            if c in dataset.column_names]
+    h = hashlib.sha256(json.dumps([len(dataset), cols]).encode())
+    arrow = dataset.select_columns(cols).with_format("arrow")
+    for table in arrow.iter(batch_size=4096):
+        for c in cols:
+            arr = table.column(c).combine_chunks()
+            h.update(np.asarray(pc.list_value_length(arr), dtype=np.int64).tobytes())
+            h.update(np.asarray(arr.flatten(), dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _lora_identity(model) -> dict:
+    configs = getattr(model, "peft_config", None) or {}
+    if not configs:
+        return {}
+    c = next(iter(configs.values()))
+    targets = c.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    return {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout, "targets": targets}
+
+
+def _model_identity(cfg, model) -> dict:
+    config = getattr(model, "config", None)
+    name_or_path = str(getattr(config, "_name_or_path", "") or "")
+    return {"model": cfg.model, "name": Path(name_or_path).name if name_or_path else "",
+            "type": getattr(config, "model_type", type(model).__name__),
+            "hidden": getattr(config, "hidden_size", None),
+            "layers": getattr(config, "num_hidden_layers", None),
+            "vocab": getattr(config, "vocab_size", None),
+            "quant_type": cfg.quant_type, "double_quant": cfg.double_quant}
+
+
+# fields that must agree to resume; the rest of a signature is informative
+_MUST_MATCH = ("model", "lora", "max_length", "data", "micro_batch", "grad_accum", "optimizer",
+               "learning_rate", "lr_schedule", "warmup_steps")
+
+
+def run_signature(cfg, model, train_dataset, micro_batch: int) -> dict:
+    """What a checkpoint must share with this run to be resumed: the model, the LoRA config, the
+    data (a fingerprint of its tokens), MAX_LENGTH, micro-batch, gradient accumulation, optimizer
+    and schedule; plus informative fields (max_steps, seed, compute dtype, versions)."""
+    return {
+        "model": _model_identity(cfg, model),
+        "lora": _lora_identity(model),
+        "max_length": cfg.max_length,
+        "data": {"rows": len(train_dataset), "fingerprint": dataset_fingerprint(train_dataset)},
+        "micro_batch": micro_batch,
+        "grad_accum": cfg.grad_accum,
+        "optimizer": cfg.optimizer,
+        "learning_rate": cfg.learning_rate,
+        "lr_schedule": cfg.lr_schedule,
+        "warmup_steps": cfg.warmup_steps,
+        "max_steps": cfg.max_steps,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "compute_dtype": str(env.compute_dtype(cfg.compute_dtype)).replace("torch.", ""),
+        "versions": {k: v for k, v in env.versions().items()
+                     if k in ("torch", "transformers", "peft", "bitsandbytes")},
+    }
+
+
+def write_signature(folder, signature: dict) -> Path:
+    path = Path(folder) / SIGNATURE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(signature, indent=1, default=str) + "\n")
+    return path
+
+
+def signature_differences(saved: dict, current: dict) -> list:
+    """The fields that must match to resume and do not, as readable lines."""
+    out = []
+    for key in _MUST_MATCH:
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    out.append(f"{key}.{sub}: checkpoint {a.get(sub)!r}, now {b.get(sub)!r}")
+        else:
+            out.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The ``checkpoint-N`` folder with the highest N in ``RUN_DIR/checkpoints``, or None."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir()
+             and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def checkpoint_files(checkpoint, processes: int = 1, fsdp: bool = False) -> dict:
+    """Which of the files an exact resume needs a checkpoint holds (name -> present): the adapter
+    as safetensors and its config, optimizer, scheduler, RNG and trainer state. A launch of
+    several processes keeps one RNG state per process (``rng_state_<i>.pth``); under FSDP the
+    adapter and the optimizer state are sharded checkpoints (``pytorch_model_fsdp_0/``,
+    ``optimizer_0/``), as the Trainer writes them."""
+    folder = Path(checkpoint)
+    if fsdp:
+        found = {d: (folder / d).is_dir() and any((folder / d).iterdir())
+                 for d in ("pytorch_model_fsdp_0", "optimizer_0")}
+    else:
+        found = {n: (folder / n).is_file()
+                 for n in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt")}
+    rng = ["rng_state.pth"] if processes <= 1 else [f"rng_state_{i}.pth" for i in range(processes)]
+    for n in ["scheduler.pt", *rng, "trainer_state.json"]:
+        found[n] = (folder / n).is_file()
+    return found
+
+
+def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -> Path | None:
+    """The checkpoint to resume from when RESUME=True (None: start from step 0), after checking
+    that it belongs to this run; raises :class:`ResumeError` naming what differs, or what is
+    missing (for a launch of ``processes`` processes, sharded under ``fsdp``: see
+    :func:`checkpoint_files`). Introduced in notebook 05."""
+    last = latest_checkpoint(cfg.run_dir)
+    if last is None:
+        return None
+    saved_path = last / SIGNATURE
+    if not saved_path.is_file():
+        saved_path = Path(cfg.run_dir) / CHECKPOINTS / SIGNATURE
+    where = f"{Path(cfg.run_dir).name}/{CHECKPOINTS}/{last.name}"
+    if not saved_path.is_file():
+        raise ResumeError(f"{where} has no {SIGNATURE}, so nothing shows that it belongs to this "
+                          "model, data and settings. Resume only checkpoints this series wrote; "
+                          "or set RESUME = False to start over (its checkpoints are replaced).")
+    saved = json.loads(saved_path.read_text())
+    diffs = signature_differences(saved, signature)
+    if diffs:
+        raise ResumeError(f"cannot resume from {where}: it was written by a different run.\n  "
+                          + "\n  ".join(diffs)
+                          + "\nUse the same parameters as that run, choose another RUN_DIR, or set "
+                            "RESUME = False to start over (its checkpoints are replaced).")
+    missing = [n for n, ok in checkpoint_files(last, processes, fsdp).items() if not ok]
+    if missing:
+        raise ResumeError(f"{where} lacks {', '.join(missing)}: it cannot be resumed exactly. "
+                          "Resume from an earlier checkpoint (delete this folder) or set RESUME = "
+                          "False.")
+    return last
+
+
+def _clear_checkpoints(run_dir) -> list:
+    folder = Path(run_dir) / CHECKPOINTS
+    old = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
+    for p in old:
+        shutil.rmtree(p)
+    return [p.name for p in old]
+
+
+def save_adapter(model, folder, card: dict, tensors: dict | None = None) -> Path:
+    """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a short model
+    card (README.md: base model, dataset, steps, losses, date) in ``folder``. ``tensors``: the
+    LoRA weights gathered from FSDP's shards (:func:`helpers.fsdp.gather_trainable`),
+    written by :func:`helpers.fsdp.save_sharded_adapter`. A file without weights is an
+    error, not an adapter."""
+    folder = Path(folder)
+    if tensors is not None:
+        fsdp.save_sharded_adapter(model, folder, tensors)
+    else:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise RuntimeError(f"the adapter was not saved as safetensors in {folder}")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        if not list(f.keys()):  # an adapter that would load as the untrained one
+            raise RuntimeError(f"the adapter saved in {folder} holds no weights: the LoRA "
+                               "layers were not found under their names (see "
+                               "helpers.fsdp.save_sharded_adapter)")
+    (folder / "README.md").write_text(model_card(card))
+    return folder
+
+
+def model_card(card: dict) -> str:
+    """A short model card in Markdown from ``card`` (base_model, dataset, steps, losses, ...)."""
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = [f"# LoRA adapter for {card.get('base_model', 'a base model')}", "",
+             ("A QLoRA adapter: the base model loaded in 4-bit, these low-rank weights trained on "
+              "top of it. Load the base model, then this folder with "
+              "`peft.PeftModel.from_pretrained(base, path)`."), ""]
+    rows = [("base model", "base_model"), ("dataset", "dataset"), ("trained", "date"),
+            ("optimizer steps", "train_steps"), ("micro-batch x accumulation", "batch"),
+            ("optimizer", "optimizer"), ("learning rate", "learning_rate"),
+            ("LoRA", "lora"), ("MAX_LENGTH", "max_length"),
+            ("eval loss before", "eval_loss_before"), ("eval loss after", "eval_loss_after"),
+            ("eval perplexity before", "perplexity_before"),
+            ("eval perplexity after", "perplexity_after"),
+            ("final train loss", "train_loss_final"), ("tokens trained on", "train_tokens_seen")]
+    lines += ["| | |", "|---|---|"]
+    lines += [f"| {label} | {fmt(card[key])} |" for label, key in rows if key in card]
+    return "\n".join(lines) + "\n"

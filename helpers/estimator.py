@@ -1,0 +1,494 @@
+"""The estimator: the peak GPU memory of a QLoRA training step, item by item, from the model's
+shape (:mod:`helpers.shapes`) and the run's settings, before anything is loaded (notebooks 01,
+02 and 05; checked against the measured runs in ``bench/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+from dataclasses import dataclass, field
+import torch
+from helpers.shapes import LinearSpec, ModelShape, as_shape
+from helpers.units import BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ, fmt_bytes, quantized_weight_bytes
+
+
+# What the card holds outside torch's allocator: the CUDA context with the kernels torch and
+# bitsandbytes load. Measured 0.80 GB on an H200 (torch 2.11, CUDA 13) as total - free -
+# reserved; older stacks (Colab's T4) use about 0.3-0.5 GB, so this errs on the safe side.
+CUDA_CONTEXT_BYTES = 800_000_000
+# torch's caching allocator reserves more than it hands out. Measured on an H200 (13 training
+# runs): reserved exceeded max_memory_allocated by 1-18%, about 3% of what is allocated plus a
+# third of the large short-lived buffers (logits and their gradient, a recomputed block).
+ALLOCATOR_SLACK = 0.03
+TRANSIENT_SLACK = 0.35
+# cuBLAS and cuBLASLt workspaces, which torch allocates through its caching allocator at the
+# first matmul (so they are in max_memory_allocated): 64 MB measured on an H200 (4 MiB x 8 each).
+CUBLAS_WORKSPACE_BYTES = 64_000_000
+
+
+# ============================================================================== the estimator
+
+_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch",
+               "adamw_torch_fused", "sgd")
+
+# Tensors an activation function saves for backward, per element of the MLP's hidden width.
+# torch's fused kernels (gelu, relu, silu, gelu with tanh) save one tensor; the formulas that
+# transformers writes out in Python save each intermediate that a later multiply or tanh needs:
+# gelu_new (GPT-J's) 4 of them, gelu_fast 7, quick_gelu 2 (checked with saved-tensor hooks).
+_ACT_SAVES = {"gelu": 1, "relu": 1, "silu": 1, "swish": 1, "gelu_pytorch_tanh": 1,
+              "gelu_new": 4, "gelu_fast": 7, "quick_gelu": 2, "gelu_python": 1}
+
+
+def _dtype_bytes(dtype) -> int:
+    if isinstance(dtype, str):
+        key = dtype.replace("torch.", "").lower()
+        dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                 "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+                 "fp32": torch.float32, "float": torch.float32}.get(key)
+        if dtype is None:
+            raise ValueError("compute_dtype must be bfloat16, float16 or float32")
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def _lora_specs(shape: ModelShape, targets) -> list[LinearSpec]:
+    """The block linears that get a LoRA adapter."""
+    if targets in (None, "", "none"):
+        return []
+    if isinstance(targets, str) and targets == "all-linear":
+        return list(shape.linears)
+    if isinstance(targets, str) and targets == "attention":
+        return [s for s in shape.linears if s.group == "attention"]
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)
+             if t.strip()]
+    known = shape.linear_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"LoRA target(s) {', '.join(unknown)} are not linear layers of "
+                         f"{shape.name} ({shape.family}); its layers are: {', '.join(known)} "
+                         "(or use 'all-linear' / 'attention')")
+    return [s for s in shape.linears if s.name in names]
+
+
+@dataclass
+class Item:
+    """One line of an estimate: its size, how much of it is held at the predicted peak, and why."""
+
+    key: str
+    label: str
+    bytes: int  # size of this item when it exists
+    at_peak: int  # the part of it held at the moment of the predicted peak
+    explanation: str
+    allocator: bool = True  # True: counted by torch.cuda.max_memory_allocated
+
+
+@dataclass
+class Estimate:
+    """Predicted GPU memory of one QLoRA training step (bytes), item by item.
+
+    ``total_allocated`` is comparable with ``torch.cuda.max_memory_allocated()``; it is the sum
+    of the allocator items' ``at_peak``. ``total_device`` adds what the card must hold besides:
+    the CUDA context, the caching allocator's slack, and the optimizer state that paged
+    optimizers keep in unified memory (outside torch's allocator). ``footprint`` is what
+    ``get_memory_footprint()`` reports right after loading.
+    """
+
+    shape: ModelShape
+    settings: dict
+    items: list
+    total_allocated: int
+    total_device: int
+    footprint: int
+    peak_phase: str
+    activation_detail: dict = field(default_factory=dict)
+
+    def breakdown(self) -> dict:
+        """key -> bytes held at the peak (every item, device-only ones included)."""
+        return {i.key: i.at_peak for i in self.items}
+
+    def rows(self) -> list[dict]:
+        return [dataclasses.asdict(i) for i in self.items]
+
+    def text(self) -> str:
+        w = max(len(i.label) for i in self.items)
+        s = self.settings
+        head = (f"{self.shape.name}: seq {s['seq_len']} x micro-batch {s['micro_batch']}, "
+                f"LoRA r={s['lora_r']}, checkpointing "
+                f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}")
+        lines = [head]
+        for i in self.items:
+            held = fmt_bytes(i.at_peak) if i.at_peak == i.bytes else \
+                f"{fmt_bytes(i.at_peak)} (of {fmt_bytes(i.bytes)})"
+            lines.append(f"  {i.label:{w}}  {held:>22}  {i.explanation}")
+        lines.append(f"  {'peak allocated (max_memory_allocated)':{w}}  "
+                     f"{fmt_bytes(self.total_allocated):>22}  at: {self.peak_phase}")
+        lines.append(f"  {'card memory needed':{w}}  {fmt_bytes(self.total_device):>22}")
+        return "\n".join(lines)
+
+    __str__ = text
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{html.escape(i.label)}</td><td style='text-align:right'>"
+            f"{fmt_bytes(i.at_peak)}</td><td>{html.escape(i.explanation)}</td></tr>"
+            for i in self.items)
+        return (f"<table><thead><tr><th>item</th><th>at peak</th><th>why</th></tr></thead>"
+                f"<tbody>{rows}<tr><th>peak allocated</th><th>{fmt_bytes(self.total_allocated)}"
+                f"</th><td>{html.escape(self.peak_phase)}</td></tr><tr><th>card memory needed"
+                f"</th><th>{fmt_bytes(self.total_device)}</th><td></td></tr></tbody></table>")
+
+    def as_metrics(self, prefix: str = "") -> dict:
+        out = {f"{prefix}predicted_{i.key}_bytes": i.at_peak for i in self.items}
+        out[f"{prefix}predicted_peak_allocated_bytes"] = self.total_allocated
+        out[f"{prefix}predicted_device_bytes"] = self.total_device
+        out[f"{prefix}predicted_footprint_bytes"] = self.footprint
+        return out
+
+
+def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointing: bool = True,
+             lora_r: int = 16, lora_targets="all-linear", optimizer: str = "paged_adamw_8bit",
+             compute_dtype=torch.bfloat16, double_quant: bool = True, cuda_context: bool = True,
+             upcast_fp32: bool = False, autocast: bool | None = None,
+             lora_dropout: float = 0.05, attention: str = "sdpa", use_cache: bool = False,
+             chunked_loss: bool = True, context_bytes: int = CUDA_CONTEXT_BYTES,
+             allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
+    """Predict the peak GPU memory of a QLoRA training step, item by item.
+
+    ``shape``: a :class:`ModelShape` (or a config, preset name or model). Settings:
+    ``seq_len`` x ``micro_batch`` tokens per forward; ``gradient_checkpointing``; LoRA rank and
+    targets ("all-linear", "attention" or module names); the optimizer; ``compute_dtype`` of the
+    4-bit layers and of the 16-bit ones; ``upcast_fp32``: embeddings, head and norms cast to
+    float32 as ``prepare_model_for_kbit_training`` does (the original recipe; the series makes it
+    optional); ``autocast``: the Trainer's fp16/bf16 mixed-precision flag (default: on unless the
+    compute dtype is float32); ``use_cache``: the model's ``config.use_cache`` during training
+    (a key/value cache is then built in every forward without checkpointing: set it False, as the
+    recipe does); ``chunked_loss``: the loss of :mod:`helpers.losses` (the series' default,
+    CHUNKED_LOSS), whose logits exist one chunk of positions at a time, instead of the standard
+    loss over the whole sequence's logits (False: the original recipe, a plain Trainer);
+    ``cuda_context``: False on CPU.
+
+    The activation model follows what autograd really saves in transformers 5 with bitsandbytes
+    4-bit layers and peft LoRA (checked with saved-tensor hooks on each family); the module's
+    comments explain every term. Calibrated against GPU measurements (tests/test_memory.py).
+    Introduced in notebook 01.
+    """
+    shape = as_shape(shape)
+    if seq_len <= 0 or micro_batch <= 0:
+        raise ValueError("seq_len and micro_batch must be positive")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(_OPTIMIZERS)}")
+    if attention not in ("sdpa", "eager"):
+        raise ValueError("attention must be 'sdpa' (default in transformers 5) or 'eager'")
+    cb = _dtype_bytes(compute_dtype)  # bytes of the compute dtype (2 or 4)
+    fp32 = cb == 4
+    if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)
+        autocast = compute_dtype == torch.float16
+    settings = {"seq_len": seq_len, "micro_batch": micro_batch,
+                "gradient_checkpointing": gradient_checkpointing, "lora_r": lora_r,
+                "lora_targets": lora_targets, "optimizer": optimizer,
+                "compute_dtype": str(compute_dtype).replace("torch.", ""),
+                "double_quant": double_quant, "cuda_context": cuda_context,
+                "upcast_fp32": upcast_fp32, "autocast": autocast, "lora_dropout": lora_dropout,
+                "attention": attention, "use_cache": use_cache, "chunked_loss": chunked_loss,
+                "context_bytes": context_bytes,
+                "allocator_slack": allocator_slack}
+    h, V, L, ff = shape.hidden, shape.vocab, shape.layers, shape.intermediate
+    T = seq_len * micro_batch  # tokens per forward pass
+
+    # ---------------------------------------------------------------- weights (persistent)
+    # 4-bit linears: packed values plus constants, per weight (exact bitsandbytes layout).
+    specs = [s for s in shape.linears for _ in range(shape.layers)] + list(shape.extra_linears)
+    packed = const = 0
+    for s in specs:
+        q = quantized_weight_bytes(s.params, double_quant=double_quant)
+        packed += q["packed"]
+        const += q["constants"]
+    # Non-quantized layers load in the compute dtype (2 bytes; 4 in float32) and, with
+    # upcast_fp32, prepare_model_for_kbit_training casts them to float32 (4 bytes).
+    load_b = cb
+    wb = 4 if upcast_fp32 else cb
+    n_emb, n_head = shape.n_embedding_params(), shape.n_head_params()
+    n_small = shape.n_norm_params() + shape.n_bias_params()
+
+    # ---------------------------------------------------------------- LoRA and the optimizer
+    lora = _lora_specs(shape, lora_targets)
+    lora_mats = []  # numel of every LoRA matrix (A: r x d_in, B: d_out x r)
+    for s in lora:
+        lora_mats += [lora_r * s.d_in, s.d_out * lora_r] * shape.layers
+    n_lora = sum(lora_mats)
+    lora_b = 4  # peft 0.21 creates LoRA weights in float32 (autocast_adapter_dtype=True)
+    opt_alloc = opt_paged = 0
+    for n in lora_mats:
+        if optimizer in ("paged_adamw_8bit", "adamw_8bit"):
+            # bitsandbytes keeps two uint8 states plus one float32 absmax per 256 values for
+            # tensors of >= 4096 values (min_8bit_size); smaller ones get two float32 states.
+            if n >= 4096:
+                state, absmax = 2 * n, 2 * 4 * math.ceil(n / 256)
+            else:
+                state, absmax = 8 * n, 0
+        elif optimizer == "sgd":
+            state, absmax = 0, 0
+        else:  # adamw_torch / paged_adamw_32bit: exp_avg and exp_avg_sq in float32
+            state, absmax = 8 * n, 0
+        # paged optimizers put a state in unified memory (outside torch's allocator) only for
+        # tensors of >= 1e5 values; smaller ones are ordinary device tensors.
+        if optimizer.startswith("paged") and n >= 1e5:
+            opt_paged += state
+            opt_alloc += absmax
+        else:
+            opt_alloc += state + absmax
+
+    # ---------------------------------------------------------------- activations
+    # dtypes of what autograd saves (bytes per element):
+    # - hb: the residual stream between blocks. Under autocast LayerNorm runs in float32, and a
+    #   bitsandbytes Linear4bit returns its input's dtype, so GPT-NeoX/GPT-J/OPT blocks carry a
+    #   float32 stream; Llama's RMSNorm returns the stream's own dtype, float32 only when the
+    #   embeddings were upcast. Without autocast the stream has the weights' dtype.
+    # - c16: q, k, v and the attention output as sdpa saves them: 16-bit under autocast.
+    # - li: LoRA A's saved input: 16-bit under autocast; without autocast the series computes
+    #   LoRA in the stream's dtype (helpers.lora.attach), so the stream's own tensor.
+    if shape.norm == "layernorm":
+        hb = 4 if (autocast or upcast_fp32 or fp32) else 2
+    else:
+        hb = 4 if (upcast_fp32 or fp32) else 2
+    c16 = 2 if autocast else hb
+    li = 2 if autocast else hb
+    norm_save = 4 if (autocast or hb == 4 or shape.norm == "rmsnorm") else hb
+    q_dim = shape.heads * shape.head_dim
+
+    # Without checkpointing every block keeps, per token, the sum of the parts below. For
+    # comparison, Korthikanti et al. (2022) count s*b*h*(34 + 5*a*s/h) bytes per block for
+    # 16-bit full fine-tuning with eager attention and dropout; here the 4-bit linears keep no
+    # inputs (no weight gradient), sdpa keeps no s x s scores, and what is kept is often float32:
+    # GPT-NeoX-20B with the recipe's settings keeps 31*h bytes per token (GELU), 127*h with
+    # gelu_fast, whose Python formula keeps 7 tensors of the MLP width.
+    per_tok = {}  # bytes saved per token in one block, by part
+    # Norms save their input (a float32 copy under autocast or for RMSNorm) plus per-token
+    # statistics; blocks with a parallel residual feed both norms the same input: one copy.
+    n_norm_inputs = 1 if shape.parallel_residual else shape.norms_per_block
+    per_tok["norms"] = n_norm_inputs * (norm_save * h + 8)
+    # 4-bit linears save nothing but their (already resident) packed weight: bitsandbytes
+    # computes no weight gradient, so the input is not kept. LoRA adapters do keep activations
+    # (see _lora_saved_per_token): A's input, a dropout mask, and B's r-wide input.
+    per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, lora_dropout, li,
+                                            norm_out=4 if (shape.norm == "layernorm"
+                                                           and autocast) else hb,
+                                            attn_out=c16, mlp_out=hb)
+    # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
+    # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
+    # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
+    if attention == "sdpa":
+        per_tok["attention"] = 4 * q_dim * c16 + 4 * shape.heads
+    else:
+        # eager: q and k (float32 in GPT-J's upcast), v, and per head the softmax output
+        # (float32) and its 16-bit copy for the matmul with v: the 5*a*s/h-like term of
+        # Korthikanti et al. (2022), here 4 + 2 bytes per score.
+        per_tok["attention"] = 2 * q_dim * 4 + q_dim * c16 + \
+            shape.heads * seq_len * (4 + c16 + (1 if shape.attn_dropout > 0 else 0))
+    # MLP: the activation function saves its input (and a written-out formula its
+    # intermediates); a gated MLP also keeps act(gate) and up for their product.
+    saves = _ACT_SAVES.get(shape.activation, 1)
+    per_tok["mlp"] = (saves + (2 if shape.gated_mlp else 0)) * ff * hb
+    # Dropout on the residual branches keeps a 1-byte mask each (OPT's 0.1; 0 in most LLMs).
+    per_tok["dropout"] = (2 * h if shape.resid_dropout > 0 else 0)
+    layer_saved = T * sum(per_tok.values())
+    # Each float32 LoRA weight is cast to the 16-bit compute dtype once per forward (by autocast,
+    # or by the series' LoRA layers without it) and the copy is kept for backward.
+    lora_casts = 2 * n_lora if (autocast or hb == 2) else 0
+
+    checkpoints = L * T * h * hb  # with checkpointing: each block's input hidden state
+    acts_all = L * layer_saved
+    held_acts = (checkpoints if gradient_checkpointing else acts_all) + lora_casts
+
+    # Head and loss. A float32 head under autocast is cast to 16-bit for its matmul and the
+    # copy is saved for backward (V*h*2 bytes). transformers computes the loss on
+    # logits.float(): at the end of the forward the 16-bit logits, their float32 copy and
+    # log_softmax's saved output coexist (2 + 4 + 4 bytes per logit); at the start of backward
+    # log_softmax's output, the loss gradient and log_softmax's input gradient (4 + 4 + 4).
+    # With the chunked loss (helpers.losses) the same happens to one chunk of positions at a
+    # time (its logits are recomputed in backward), and the labelled positions' final hidden
+    # states are gathered once, with their gradient (and index_select's) in backward. A
+    # micro-batch of at most one chunk keeps the model's own loss.
+    head_copy = V * h * 2 if (upcast_fp32 and autocast) else 0
+    final_norm = T * (norm_save * h + 8)
+    from helpers.losses import chunk_tokens
+
+    chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
+    if chunked_loss:
+        logit_tokens = chunk_tokens(V)
+        head_in = 4 if (autocast and shape.norm == "layernorm") or hb == 4 else 2
+        gathered = 3 * T * h * head_in
+    else:
+        logit_tokens, gathered = T, 0
+    logits_fwd = 10 * logit_tokens * V + gathered // 3
+    logits = 12 * logit_tokens * V + gathered
+    # A key/value cache (config.use_cache=True, no checkpointing): every block's keys and values
+    # in the stream dtype, alive until the model's output is dropped, just before backward.
+    kv_cache = L * T * 2 * shape.kv_heads * shape.head_dim * hb \
+        if (use_cache and not gradient_checkpointing) else 0
+
+    # Backward through one block: with checkpointing it is recomputed (its saved tensors come
+    # back), and the gradients in flight add a few stream-wide and MLP-wide tensors; the largest
+    # 4-bit weight is dequantized to the compute dtype for the input-gradient matmul.
+    grads_in_flight = 2 * T * h * 4 + 2 * T * ff * hb
+    dequant = max(s.params for s in specs) * cb if specs else 0
+
+    workspace = CUBLAS_WORKSPACE_BYTES if cuda_context else 0
+    static = packed + const + n_emb * wb + n_head * wb + n_small * wb + shape.buffer_bytes + \
+        n_lora * lora_b * 2 + opt_alloc + workspace
+    phases = {
+        "end of the forward (logits, loss, key/value cache)":
+            static + held_acts + head_copy + final_norm + logits_fwd + kv_cache,
+        "start of backward (logits and their gradient)":
+            static + held_acts + head_copy + final_norm + logits,
+        "backward through one block" + (" (recomputed)" if gradient_checkpointing else ""):
+            static + held_acts + (layer_saved if gradient_checkpointing else 0)
+            + grads_in_flight + dequant,
+    }
+    peak_phase = max(phases, key=phases.get)
+    at_fwd, _at_loss, at_block = (peak_phase == p for p in phases)
+
+    def on(x, when):
+        return x if when else 0
+
+    items = [
+        Item("weights_4bit", "4-bit weights", packed, packed,
+             f"{shape.n_linear_params() / 1e9:.2f}B linear weights, 2 per byte"),
+        Item("quant_constants", "quantization constants", const, const,
+             ("absmax in 8 bits + float32 per 256 blocks (double quantization): "
+              f"{BITS_PER_PARAM_DQ:.3f} bits/weight in all") if double_quant else
+             f"float32 absmax per block of 64: {BITS_PER_PARAM_NO_DQ} bits/weight in all"),
+        Item("embeddings", "embeddings", n_emb * wb, n_emb * wb,
+             f"{n_emb / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+        Item("lm_head", "output head", n_head * wb, n_head * wb,
+             "tied to the embeddings" if shape.tied_embeddings and not shape.head_bias else
+             f"{n_head / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+        Item("norms_biases", "norms, biases, buffers", n_small * wb + shape.buffer_bytes,
+             n_small * wb + shape.buffer_bytes,
+             f"{n_small / 1e6:.2f}M parameters x {wb} bytes, rotary tables"),
+        Item("lora_params", "LoRA parameters", n_lora * lora_b, n_lora * lora_b,
+             f"{n_lora / 1e6:.2f}M trainable parameters in float32 (peft's default)"),
+        Item("lora_grads", "LoRA gradients", n_lora * lora_b, n_lora * lora_b,
+             "float32, kept across gradient accumulation"),
+        Item("optimizer", "optimizer state", opt_alloc, opt_alloc,
+             _optimizer_note(optimizer)),
+        Item("cublas_workspace", "cuBLAS workspaces", workspace, workspace,
+             "matmul scratch space torch keeps per stream (GPU only)"),
+        Item("activations", "saved activations",
+             held_acts, held_acts,
+             (f"{L} block inputs of {T} tokens x {h} x {hb} bytes (checkpointing)"
+              + (", LoRA's 16-bit weight copies" if lora_casts else "")
+              if gradient_checkpointing else
+              f"{L} blocks x {T} tokens x {sum(per_tok.values()) / h:.1f}h bytes saved for "
+              "backward (no checkpointing)")),
+        Item("block_recompute", "one block in backward",
+             (layer_saved if gradient_checkpointing else 0) + grads_in_flight,
+             on((layer_saved if gradient_checkpointing else 0) + grads_in_flight, at_block),
+             "the recomputed block's saved tensors and the gradients in flight"
+             if gradient_checkpointing else "gradients in flight through one block"),
+        Item("dequant_temp", "4-bit dequantization buffer", dequant, on(dequant, at_block),
+             "the largest 4-bit weight dequantized for a matmul"),
+        Item("head_copy", "16-bit copy of the head", head_copy,
+             on(head_copy, not at_block), "autocast's copy of the float32 head, kept for backward"
+             if head_copy else "none: the head is already 16-bit"),
+        Item("logits", "logits and loss", logits + final_norm,
+             (logits_fwd if at_fwd else logits) + final_norm if not at_block else 0,
+             (f"one chunk of {logit_tokens} of {T} tokens x {V} vocab x 12 bytes (float32 "
+              "logits, log-softmax, gradients; chunked loss) and the gathered hidden states"
+              if chunked_loss else
+              f"{T} tokens x {V} vocab x 12 bytes (float32 logits, log-softmax, gradients)")),
+    ]
+    if use_cache and not gradient_checkpointing:
+        items.append(Item("kv_cache", "key/value cache", kv_cache, on(kv_cache, at_fwd),
+                          "built in training while config.use_cache is True; set it False"))
+    total_allocated = sum(i.at_peak for i in items)
+    items += [Item("optimizer_paged", "paged optimizer state", opt_paged, opt_paged,
+                   "in unified memory, outside torch's allocator; evicted to CPU RAM under "
+                   "pressure", allocator=False)]
+    items += _outside_allocator(items, total_allocated, cuda_context, allocator_slack,
+                                context_bytes,
+                                "driver context and kernels; not in max_memory_allocated")
+    total_device = sum(i.at_peak for i in items)
+    footprint = packed + (n_emb + n_head + n_small) * load_b + shape.buffer_bytes
+    detail = {"per_token_per_block": per_tok, "stream_bytes": hb, "tokens": T,
+              "phases": phases}
+    return Estimate(shape=shape, settings=settings, items=items,
+                    total_allocated=int(total_allocated), total_device=int(total_device),
+                    footprint=int(footprint), peak_phase=peak_phase, activation_detail=detail)
+
+
+# items that live only for part of a step (the allocator's slack grows with them)
+_TRANSIENT_KEYS = ("block_recompute", "dequant_temp", "head_copy", "logits", "kv_cache")
+
+
+def _outside_allocator(items, allocated: int, cuda_context: bool, slack_frac: float,
+                       context_bytes: int, context_note: str) -> list:
+    """The card's memory beside torch's allocated bytes: the caching allocator's slack (a share
+    of the allocated plus a share of the short-lived buffers among ``items``) and the CUDA
+    context; both zero without a CUDA context."""
+    transient = sum(i.at_peak for i in items if i.key in _TRANSIENT_KEYS)
+    slack = int(allocated * slack_frac + transient * TRANSIENT_SLACK) if cuda_context else 0
+    ctx = context_bytes if cuda_context else 0
+    return [Item("allocator_slack", "allocator slack", slack, slack,
+                 f"caching allocator's reserved-but-unused memory ({slack_frac:.0%} of the "
+                 f"allocated + {TRANSIENT_SLACK:.0%} of short-lived buffers)", allocator=False),
+            Item("cuda_context", "CUDA context", ctx, ctx,
+                 context_note, allocator=False)]
+
+
+_OUT_PROJ = {"dense", "out_proj", "o_proj", "c_proj"}
+_MLP_OUT = {"dense_4h_to_h", "fc_out", "fc2", "down_proj"}
+
+
+def _reads(shape: ModelShape, spec: LinearSpec) -> str:
+    """Which tensor a block linear reads: the attention input, the attention output, the MLP
+    input or the MLP's hidden activation. GPT-J feeds attention and MLP one norm's output."""
+    if spec.name in _OUT_PROJ:
+        return "attn_out"
+    if spec.name in _MLP_OUT:
+        return "mlp_out"
+    if shape.parallel_residual and shape.norms_per_block == 1:
+        return "block_in"
+    return "mlp_in" if spec.group == "mlp" else "attn_in"
+
+
+def _lora_saved_per_token(shape, lora, r, dropout, lc, *, norm_out, attn_out, mlp_out) -> int:
+    """Bytes per token that the LoRA adapters of one block save for backward.
+
+    lora_A keeps its input, lora_B its r-wide input (``lc`` bytes each: the 16-bit compute dtype
+    under autocast or in the series' LoRA layers, float32 when the stream is float32). With dropout each adapter has its own dropout output and a 1-byte
+    mask (CUDA; a float mask on CPU). Without dropout an input that needs a cast gets one copy
+    per adapter (autocast caches casts of weights, not of activations); one that already has
+    the right dtype is shared by every adapter reading it, and a ReLU's output (kept by ReLU
+    itself) costs nothing more.
+    """
+    in_bytes = {"attn_in": norm_out, "mlp_in": norm_out, "block_in": norm_out,
+                "attn_out": attn_out, "mlp_out": mlp_out}
+    total, shared = 0, set()
+    for s in lora:
+        group = _reads(shape, s)
+        total += lc * r
+        if dropout > 0:
+            total += s.d_in * (1 + lc)
+        elif in_bytes[group] != lc:
+            total += s.d_in * lc
+        elif group not in shared:
+            shared.add(group)
+            # ReLU keeps its output, which is fc2's input. The attention output may share
+            # storage with what sdpa keeps or be a fresh copy, depending on the kernel (a copy
+            # with GPT-NeoX's fused qkv on CPU): counted, to stay on the safe side.
+            kept = group == "mlp_out" and shape.activation == "relu" and not shape.gated_mlp
+            total += 0 if kept else s.d_in * lc
+    return total
+
+
+def _optimizer_note(optimizer: str) -> str:
+    return {
+        "paged_adamw_8bit": "2 states in 8 bits (+ absmax); large tensors paged (below)",
+        "adamw_8bit": "2 states in 8 bits + float32 absmax per 256 values",
+        "paged_adamw_32bit": "2 float32 states; large tensors paged (below)",
+        "adamw_torch": "2 float32 states: 8 bytes per trainable parameter",
+        "adamw_torch_fused": "2 float32 states: 8 bytes per trainable parameter",
+        "sgd": "no state",
+    }[optimizer]

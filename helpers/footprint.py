@@ -1,0 +1,508 @@
+"""What the GPU and the CPU hold now, and what a loaded model weighs part by part (notebook 02).
+
+- **Readouts**: :func:`gpu_snapshot`, :func:`cpu_rss` and the stage tracker
+  ``with track("load"):``, which records GPU memory before/after/peak and the CPU RAM peak
+  (sampled every 20 ms, and the process high-water mark) of each stage in a :class:`MemoryLog`.
+- **A loaded model, part by part**: :func:`footprint_breakdown` reads the 4-bit weights, their
+  quantization constants, embeddings, head, norms, biases, LoRA parameters and buffers from the
+  model itself; :func:`footprint_16bit`, :func:`alt_quant_sizes` and :func:`quantization_error`
+  compare formats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import html
+import math
+import re
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+import torch
+from helpers.shapes import as_shape
+from helpers.units import BLOCKSIZE, _is_params4bit, fmt_bytes, logical_numel, quantized_weight_bytes
+
+
+def gpu_snapshot(device: int = 0) -> dict:
+    """GPU memory now, in bytes: allocated, reserved, peak allocated, peak reserved, free, total.
+
+    allocated/peak come from torch's caching allocator (what tensors hold; the CUDA context is not
+    in them); free/total come from the driver (``cudaMemGetInfo``) and do include the context.
+    Without CUDA: zeros for the allocator figures and None for free/total. Introduced in
+    notebook 01.
+    """
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "allocated": 0, "reserved": 0, "peak_allocated": 0,
+                "peak_reserved": 0, "free": None, "total": None}
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "peak_allocated": torch.cuda.max_memory_allocated(device),
+        "peak_reserved": torch.cuda.max_memory_reserved(device),
+        "free": free,
+        "total": total,
+    }
+
+
+def cpu_rss() -> int:
+    """Resident memory (RSS) of this process now, in bytes (notebook 01: Colab's RAM limit)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def cpu_maxrss() -> int | None:
+    """The process's RSS high-water mark since it started (``ru_maxrss``), in bytes; None where
+    the platform has no ``resource`` module (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports kB
+
+
+class _RssSampler(threading.Thread):
+    """Samples this process's RSS every ``interval`` seconds and keeps the maximum."""
+
+    def __init__(self, interval: float = 0.02):
+        super().__init__(daemon=True, name="rss-sampler")
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop_event = threading.Event()
+        self.peak = self._proc.memory_info().rss
+
+    def run(self):
+        while not self._stop_event.is_set():
+            try:
+                self.peak = max(self.peak, self._proc.memory_info().rss)
+            except (OSError, RuntimeError):  # pragma: no cover - the process is going away
+                return
+            self._stop_event.wait(self._interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(timeout=1.0)
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return self.peak
+
+
+@dataclass
+class StageRecord:
+    """Memory of one tracked stage (bytes; seconds)."""
+
+    stage: str
+    seconds: float
+    gpu_allocated_before: int
+    gpu_allocated_after: int
+    gpu_reserved_before: int
+    gpu_reserved_after: int
+    gpu_peak_allocated: int
+    gpu_peak_reserved: int
+    cpu_rss_before: int
+    cpu_rss_after: int
+    cpu_rss_peak: int
+    cpu_maxrss: int | None  # the process's high-water mark at the end of the stage
+
+
+_COLUMNS = [  # (title, attribute) of the printed table
+    ("stage", "stage"), ("seconds", "seconds"),
+    ("GPU alloc before", "gpu_allocated_before"), ("GPU alloc after", "gpu_allocated_after"),
+    ("GPU peak alloc", "gpu_peak_allocated"), ("GPU peak reserved", "gpu_peak_reserved"),
+    ("CPU RSS before", "cpu_rss_before"), ("CPU RSS after", "cpu_rss_after"),
+    ("CPU RSS peak", "cpu_rss_peak"),
+]
+
+
+class MemoryLog:
+    """Every tracked stage of a notebook, in order. ``with log.track("load"): ...`` adds one.
+
+    :meth:`table` gives the rows, ``print(log)`` a text table, and in a notebook the log shows as
+    an HTML table; :meth:`as_metrics` flattens it for the run manifest. Introduced in notebook 02.
+    """
+
+    def __init__(self, sample_interval: float = 0.02):
+        self.records: list[StageRecord] = []
+        self.sample_interval = sample_interval
+
+    @contextlib.contextmanager
+    def track(self, stage: str, device: int = 0):
+        """Record GPU and CPU memory of the code inside the block as stage ``stage``.
+
+        GPU: allocated/reserved before and after, and the peak during the block (the allocator's
+        peak counters are reset on entry). CPU: RSS before/after and the peak during the block,
+        sampled every ~20 ms by a background thread; on Linux/macOS the process high-water mark
+        (``ru_maxrss``) also catches spikes shorter than the sampling interval when it rises
+        during the block.
+        """
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        before = gpu_snapshot(device)
+        maxrss_before = cpu_maxrss()
+        sampler = _RssSampler(self.sample_interval)
+        rss_before = sampler.peak
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            yield self
+        finally:
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            rss_peak = sampler.stop()
+            after = gpu_snapshot(device)
+            rss_after = cpu_rss()
+            maxrss_after = cpu_maxrss()
+            if maxrss_after is not None and maxrss_before is not None \
+                    and maxrss_after > maxrss_before:
+                # the lifetime high-water mark rose inside this stage, so the stage reached it
+                rss_peak = max(rss_peak, maxrss_after)
+            self.records.append(StageRecord(
+                stage=stage, seconds=round(seconds, 3),
+                gpu_allocated_before=before["allocated"], gpu_allocated_after=after["allocated"],
+                gpu_reserved_before=before["reserved"], gpu_reserved_after=after["reserved"],
+                gpu_peak_allocated=max(after["peak_allocated"], after["allocated"]),
+                gpu_peak_reserved=max(after["peak_reserved"], after["reserved"]),
+                cpu_rss_before=rss_before, cpu_rss_after=rss_after,
+                cpu_rss_peak=max(rss_peak, rss_before, rss_after),
+                cpu_maxrss=maxrss_after))
+
+    def table(self) -> list[dict]:
+        """One dict per stage (numbers in bytes and seconds)."""
+        return [dataclasses.asdict(r) for r in self.records]
+
+    def text(self) -> str:
+        """The log as a plain-text table with human units."""
+        head = [t for t, _ in _COLUMNS]
+        body = [[_cell(getattr(r, a), a) for _, a in _COLUMNS] for r in self.records]
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        lines = ["  ".join(x.ljust(w) if i == 0 else x.rjust(w)
+                           for i, (x, w) in enumerate(zip(row, widths)))
+                 for row in [head, *body]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    __str__ = text
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(t)}</th>" for t, _ in _COLUMNS)
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_cell(getattr(r, a), a))}</td>"
+                             for _, a in _COLUMNS) + "</tr>" for r in self.records)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+    def as_metrics(self, prefix: str = "") -> dict:
+        """Flat name -> number mapping for the manifest, e.g. ``peak_gpu_bytes_load`` and
+        ``peak_cpu_rss_bytes_load`` for stage "load" (a repeated stage keeps its last record)."""
+        out = {}
+        for r in self.records:
+            s = _slug(r.stage)
+            out.update({
+                f"{prefix}peak_gpu_bytes_{s}": r.gpu_peak_allocated,
+                f"{prefix}peak_gpu_reserved_bytes_{s}": r.gpu_peak_reserved,
+                f"{prefix}gpu_allocated_bytes_after_{s}": r.gpu_allocated_after,
+                f"{prefix}peak_cpu_rss_bytes_{s}": r.cpu_rss_peak,
+                f"{prefix}cpu_rss_bytes_after_{s}": r.cpu_rss_after,
+                f"{prefix}seconds_{s}": r.seconds,
+            })
+        return out
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+def _cell(value, attr: str) -> str:
+    if attr == "stage":
+        return str(value)
+    if attr == "seconds":
+        return f"{value:.1f}"
+    return fmt_bytes(value)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower() or "stage"
+
+
+LOG = MemoryLog()  # the notebook's log: ``track`` adds to it unless given another
+
+
+def track(stage: str, log: MemoryLog | None = None, device: int = 0):
+    """``with track("load"):`` records the block's memory as a stage of :data:`LOG` (or ``log``).
+
+    Introduced in notebook 02; every later notebook tracks its stages the same way.
+    """
+    return (log or LOG).track(stage, device=device)
+
+
+def _quant_state_tensors(qs) -> dict:
+    """The tensors a 4-bit weight's quant_state holds, grouped: absmax, second-level, tables."""
+    out = {"absmax": [], "second": [], "tables": []}
+    if qs is None:
+        return out
+    if getattr(qs, "absmax", None) is not None:
+        out["absmax"].append(qs.absmax)
+    for name in ("code", "offset"):
+        t = getattr(qs, name, None)
+        if torch.is_tensor(t):
+            out["tables"].append(t)
+    s2 = getattr(qs, "state2", None)
+    if s2 is not None:
+        if torch.is_tensor(getattr(s2, "absmax", None)):
+            out["second"].append(s2.absmax)
+        if torch.is_tensor(getattr(s2, "code", None)):
+            out["tables"].append(s2.code)
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.nelement() * t.element_size()
+
+
+def _module_of_param(model) -> dict:
+    """param name -> the module that owns it."""
+    owners = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owners[f"{mname}.{pname}" if mname else pname] = module
+    return owners
+
+
+def footprint_breakdown(model) -> list[dict]:
+    """What a loaded (4-bit) model weighs, part by part, read from the model itself.
+
+    Each row: ``part``, ``bytes``, ``params`` (weights it stands for; a packed 4-bit weight
+    stands for twice its bytes), ``dtypes``, ``in_footprint`` and ``note``.
+
+    transformers' ``model.get_memory_footprint()`` sums ``parameters()`` and ``buffers()`` only.
+    The quantization constants of each 4-bit weight live in ``weight.quant_state`` (absmax, with
+    double quantization the 8-bit absmax plus its float32 second-level constants, and the code
+    tables), which is neither: they occupy memory but get_memory_footprint does not count them.
+    Their rows are marked ``in_footprint=False``; the rows marked True sum exactly to
+    get_memory_footprint(), all rows together to what the weights really occupy.
+    Introduced in notebook 02.
+    """
+    owners = _module_of_param(model)
+    try:
+        out_emb = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        out_emb = None
+    head_ids = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
+
+    parts = {}  # part -> [bytes, params, set(dtypes), in_footprint, note]
+
+    def add(part, nbytes, nparams, dtype, in_fp, note):
+        row = parts.setdefault(part, [0, 0, set(), in_fp, note])
+        row[0] += nbytes
+        row[1] += nparams
+        row[2].add(str(dtype).replace("torch.", ""))
+
+    seen_q = set()
+    for name, p in model.named_parameters():  # shared (tied) parameters are listed once
+        module = owners.get(name)
+        mtype = type(module).__name__ if module is not None else ""
+        if _is_params4bit(p):
+            qs = p.quant_state
+            add("4-bit linear weights", _nbytes(p), logical_numel(p), p.dtype, True,
+                "two 4-bit values packed per byte")
+            groups = _quant_state_tensors(qs)
+            nested = getattr(qs, "nested", False)
+            constants = [
+                ("absmax", "quantization constants: absmax (8-bit)" if nested
+                 else "quantization constants: absmax (float32)",
+                 "one per block of 64 weights"),
+                ("second", "quantization constants: second level (float32)",
+                 "double quantization: one per 256 absmax values"),
+                ("tables", "quantization constants: code tables and offsets",
+                 "NF4/FP4 value table and the 8-bit absmax table per weight"),
+            ]
+            for group, part, why in constants:
+                for t in groups[group]:
+                    if t.data_ptr() in seen_q:
+                        continue
+                    seen_q.add(t.data_ptr())
+                    add(part, _nbytes(t), 0, t.dtype, False,
+                        f"{why}; not counted by get_memory_footprint")
+            continue
+        n = p.nelement()
+        if "lora_" in name:
+            part, note = "LoRA adapters", "trainable A and B matrices"
+        elif id(p) in head_ids:
+            part, note = "output head", "lm_head, never quantized"
+        elif isinstance(module, torch.nn.Embedding):
+            part, note = "embeddings", "token (and position) embeddings, never quantized"
+        elif "norm" in mtype.lower():
+            part, note = "norms", "LayerNorm/RMSNorm weights (and biases)"
+        elif name.endswith(".bias"):
+            part, note = "biases", "biases of the linear layers, never quantized"
+        else:
+            part, note = "other 16-bit parameters", "parameters of other layers"
+        add(part, _nbytes(p), n, p.dtype, True, note)
+
+    for _, b in model.named_buffers():
+        add("buffers", _nbytes(b), 0, b.dtype, True,
+            "non-trainable tensors such as rotary frequencies")
+
+    order = ["4-bit linear weights", "quantization constants: absmax (8-bit)",
+             "quantization constants: absmax (float32)",
+             "quantization constants: second level (float32)",
+             "quantization constants: code tables and offsets", "embeddings", "output head",
+             "norms", "biases", "other 16-bit parameters", "LoRA adapters", "buffers"]
+    rows = []
+    for part in sorted(parts, key=lambda k: order.index(k) if k in order else len(order)):
+        nbytes, nparams, dtypes, in_fp, note = parts[part]
+        rows.append({"part": part, "bytes": int(nbytes), "params": int(nparams),
+                     "dtypes": ", ".join(sorted(dtypes)), "in_footprint": in_fp, "note": note})
+    return rows
+
+
+def footprint_totals(rows: list[dict]) -> dict:
+    """``footprint`` (what get_memory_footprint counts) and ``resident`` (everything) of a
+    :func:`footprint_breakdown`."""
+    return {"footprint": sum(r["bytes"] for r in rows if r["in_footprint"]),
+            "resident": sum(r["bytes"] for r in rows)}
+
+
+def footprint_text(rows: list[dict]) -> str:
+    """A :func:`footprint_breakdown` as a text table with its two totals."""
+    tot = footprint_totals(rows)
+    w = max(len(r["part"]) for r in rows) if rows else 10
+    lines = [f"{'part':{w}}  {'bytes':>10}  {'share':>6}  {'params':>14}  dtype"]
+    for r in rows:
+        star = "" if r["in_footprint"] else " *"
+        share = r["bytes"] / tot["resident"] if tot["resident"] else 0
+        lines.append(f"{r['part']:{w}}  {fmt_bytes(r['bytes']):>10}  {share:6.1%}  "
+                     f"{r['params']:>14,}  {r['dtypes']}{star}")
+    lines.append(f"{'get_memory_footprint (parameters + buffers)':{w}}  "
+                 f"{fmt_bytes(tot['footprint']):>10}")
+    lines.append(f"{'resident (with the * quantization constants)':{w}}  "
+                 f"{fmt_bytes(tot['resident']):>10}")
+    return "\n".join(lines)
+
+
+def _param_counts(model) -> tuple[int, int]:
+    """(weights stored in 4-bit, other base-model weights), LoRA parameters excluded."""
+    n4 = n16 = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        if _is_params4bit(p):
+            n4 += logical_numel(p)
+        else:
+            n16 += p.nelement()
+    return n4, n16
+
+
+def footprint_16bit(model_or_config) -> int:
+    """What the same model weighs in 16-bit: 2 bytes for every parameter (LoRA excluded).
+
+    Given a loaded model, its 4-bit weights count with their original shapes and its buffers with
+    their actual size; given a config (or a :class:`ModelShape`), parameters only.
+    """
+    if isinstance(model_or_config, torch.nn.Module):
+        n4, n16 = _param_counts(model_or_config)
+        bufs = sum(_nbytes(b) for b in model_or_config.buffers())
+        return 2 * (n4 + n16) + bufs
+    shape = as_shape(model_or_config)
+    return 2 * shape.n_params()
+
+
+def alt_quant_sizes(model) -> dict:
+    """Predicted resident bytes of this model's weights in each format, from its own counts.
+
+    Keys ``nf4_dq``, ``nf4``, ``fp4_dq``, ``fp4``, ``16bit``. In the 4-bit formats the layers that
+    are never quantized (embeddings, head, norms, biases) count at 2 bytes per parameter and the
+    4-bit weights with their quantization constants (FP4 and NF4 have the same size; only the
+    value table differs). get_memory_footprint would report the same figure for NF4 with and
+    without double quantization, since it skips the constants: these are what memory holds.
+    """
+    sizes = [logical_numel(p) for name, p in model.named_parameters()
+             if "lora_" not in name and _is_params4bit(p)]
+    sixteen = footprint_16bit(model)
+    rest = sixteen - 2 * sum(sizes)  # what stays 16-bit, and the buffers
+
+    def total(dq):
+        return rest + sum(sum(quantized_weight_bytes(n, double_quant=dq).values()) for n in sizes)
+
+    with_dq, without = total(True), total(False)
+    return {"nf4_dq": with_dq, "nf4": without, "fp4_dq": with_dq, "fp4": without,
+            "16bit": sixteen}
+
+
+_ATTN_PAT = re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|"
+                       r"qkv|c_proj\b)")
+_MLP_PAT = re.compile(r"(mlp|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|dense_h_to_4h|"
+                      r"dense_4h_to_h|feed_forward|ffn|w1|w2|w3)")
+_SKIP_PAT = re.compile(r"(embed|wte|wpe|lm_head|embed_out|score)")
+
+
+def linear_group(name: str) -> str:
+    """"attention", "MLP" or "other linear" for a linear layer's module name."""
+    low = name.lower()
+    if _MLP_PAT.search(low):
+        return "MLP"
+    if _ATTN_PAT.search(low):
+        return "attention"
+    return "other linear"
+
+
+def quantization_error(model_or_state_dict_16bit, quant_types=("nf4", "fp4"),
+                       blocksize: int = BLOCKSIZE, double_quant: bool = False,
+                       max_weights: int | None = None) -> list[dict]:
+    """Relative error ||W - dequant(quant(W))|| / ||W|| of 4-bit quantization, by layer type.
+
+    Input: a 16-bit (or float32) model, or a dict name -> weight. Every 2-D linear weight is
+    quantized with ``bitsandbytes.functional.quantize_4bit`` and dequantized back (works on CPU);
+    embeddings and the head are skipped, since QLoRA keeps them 16-bit. The error of a group is
+    the Frobenius norm of all its weights' errors over the norm of all its weights.
+    ``max_weights`` caps how many weights are measured (quick looks at big models).
+    Introduced in notebook 02.
+    """
+    import bitsandbytes.functional as bnbf
+
+    if isinstance(model_or_state_dict_16bit, torch.nn.Module):
+        weights = {}
+        for mname, module in model_or_state_dict_16bit.named_modules():
+            if isinstance(module, torch.nn.Linear) and not _SKIP_PAT.search(mname):
+                if _is_params4bit(module.weight):
+                    raise ValueError(f"{mname} is already 4-bit: give quantization_error the "
+                                     "16-bit model (or its state dict), not the quantized one")
+                weights[mname] = module.weight
+    elif isinstance(model_or_state_dict_16bit, Mapping):
+        weights = {k: v for k, v in model_or_state_dict_16bit.items()
+                   if torch.is_tensor(v) and v.dim() == 2 and not _SKIP_PAT.search(k)}
+    else:
+        raise TypeError("quantization_error takes a torch model or a dict name -> weight tensor")
+    if not weights:
+        raise ValueError("no 2-D linear weights found to quantize")
+    items = list(weights.items())[: max_weights or None]
+    acc = {}  # (group, qtype) -> [err2, ref2, n_weights, n_params]
+    for name, w in items:
+        w = w.detach()
+        if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            w = w.float()
+        group = linear_group(name)
+        ref2 = w.float().pow(2).sum().item()
+        for qt in quant_types:
+            q, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                          quant_type=qt)
+            deq = bnbf.dequantize_4bit(q, state)
+            err2 = (w.float() - deq.float()).pow(2).sum().item()
+            a = acc.setdefault((group, qt), [0.0, 0.0, 0, 0])
+            a[0] += err2
+            a[1] += ref2
+            a[2] += 1
+            a[3] += w.nelement()
+    rows = []
+    for (group, qt), (err2, ref2, nw, npar) in sorted(acc.items()):
+        rows.append({"group": group, "quant_type": qt, "weights": nw, "params": npar,
+                     "relative_error": math.sqrt(err2 / ref2) if ref2 else 0.0})
+    return rows

@@ -1,0 +1,369 @@
+"""Dataset sources and formats (notebook 04): local files or Hub datasets, their splits, and the
+four formats (text, template, instruction, chat), checked column by column before anything is
+tokenized.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+_BATCH = 1000
+
+
+EMBEDDED_QUOTES = Path(__file__).parent / "data" / "quotes.jsonl"
+
+# file extension -> the `datasets` builder that reads it
+SUPPORTED_EXTENSIONS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+CHAT_ROLES = ("system", "user", "assistant")
+EVAL_SPLIT_NAMES = ("validation", "valid", "eval", "test")
+
+# Used when a tokenizer has no chat template of its own. Each assistant turn ends with EOS so that
+# the model learns to stop after its answer, not only at the end of the conversation.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "<|{{ m['role'] }}|>{{ '\\n' }}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
+)
+
+
+class DatasetError(ValueError):
+    """The data cannot be used as configured; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# 1. sources
+
+
+def load_source(cfg):
+    """The rows of ``cfg.dataset`` as a ``datasets.DatasetDict`` (its splits by name).
+
+    ``"embedded"``: the public-domain quotations shipped in ``helpers/data/quotes.jsonl``
+    (columns quote, author, tags). A local file: .jsonl/.json (records), .csv, .parquet, or .txt
+    (one example per line, column ``text``; blank lines skipped); a single file is one split.
+    A local folder or a Hub id: ``datasets.load_dataset(id, DATASET_CONFIG, split=DATASET_SPLIT)``
+    plus the source's own validation/test split when it has one. Introduced in notebook 04.
+    """
+    from datasets import DatasetDict
+
+    name = str(cfg.dataset).strip()
+    if name in ("", "embedded"):
+        if not EMBEDDED_QUOTES.exists():
+            raise FileNotFoundError(
+                f"the embedded sample {EMBEDDED_QUOTES.name} is missing from the helpers package; "
+                "reinstall it (pip install -e .) or set DATASET to a local file")
+        return DatasetDict({"train": _load_file(EMBEDDED_QUOTES)})
+    path = Path(name).expanduser()
+    if path.is_file():
+        return DatasetDict({"train": _load_file(path)})
+    if path.is_dir():
+        return _load_repository(str(path), cfg)
+    if _looks_like_a_path(name):
+        raise FileNotFoundError(
+            f"DATASET={name!r}: no such file or folder ({path.resolve()}); check the path "
+            '(relative paths start from the notebook\'s folder), or use DATASET="embedded"')
+    return _load_repository(name, cfg)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name that is meant as a file, not a Hub id (``owner/name``, or a bare ``name``)."""
+    suffix = Path(name).suffix.lower()
+    file_like = suffix in SUPPORTED_EXTENSIONS or suffix in (
+        ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".xml", ".html", ".md", ".yaml")
+    return (file_like or name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or "\\" in name or ("/" not in name and bool(suffix)))
+
+
+def _load_file(path: Path):
+    from datasets import load_dataset
+
+    builder = SUPPORTED_EXTENSIONS.get(path.suffix.lower())
+    if builder is None:
+        raise DatasetError(
+            f"{path.name}: files ending in {path.suffix or '(no extension)'} are not supported; "
+            f"use one of {', '.join(SUPPORTED_EXTENSIONS)} (.txt = one example per line)")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path.name} is empty: it has no examples to train on")
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # the builders' own errors name a line but not what to do
+        raise DatasetError(
+            f"could not read {path.name} as {path.suffix} ({type(err).__name__}: {err}); "
+            "check that it is valid, e.g. one JSON object per line for .jsonl") from err
+    if builder == "text":
+        ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True,
+                       keep_in_memory=True)
+    return ds
+
+
+def _load_repository(name: str, cfg):
+    """A Hub dataset id, or a local folder of data files in the same layout."""
+    from datasets import DatasetDict, get_dataset_split_names, load_dataset
+
+    config = cfg.dataset_config or None
+    split = cfg.dataset_split or "train"
+    local = Path(name).is_dir()
+    try:
+        available = get_dataset_split_names(name, config)
+        base = split.split("[")[0]  # "train[:1000]" reads the first 1000 rows of train
+        if base not in available:
+            raise DatasetError(
+                f"DATASET={name!r} has the splits {', '.join(available)}, not {base!r}; "
+                "set DATASET_SPLIT to one of them")
+        splits = {split: load_dataset(name, config, split=split)}
+        for other in EVAL_SPLIT_NAMES:
+            if other in available and other != base:
+                splits[other] = load_dataset(name, config, split=other)
+                break
+    except DatasetError:
+        raise
+    except ConnectionError as err:
+        raise DatasetError(
+            f"cannot reach the Hugging Face Hub to load {name!r} ({err}); without network use "
+            'DATASET="embedded" or a local file (.jsonl, .json, .csv, .parquet, .txt)') from err
+    except Exception as err:
+        where = "the folder" if local else "the Hub dataset"
+        hint = ("it should hold data files (e.g. train.jsonl, test.jsonl or "
+                "data/train-*.parquet)" if local else
+                "check the id (owner/name), DATASET_CONFIG and DATASET_SPLIT; a private or gated "
+                "dataset needs `huggingface-cli login`")
+        raise DatasetError(f"could not load {where} {name!r} ({type(err).__name__}: {err}); "
+                           f"{hint}") from err
+    return DatasetDict(splits)
+
+
+def pick_splits(source, cfg):
+    """(train, eval or None) from a loaded source, before any random split.
+
+    The train split is ``DATASET_SPLIT`` (or the only split); the eval split is the source's own
+    validation/test split when it has one. Both are capped at ``MAX_EXAMPLES`` rows when set.
+    """
+    from datasets import Dataset
+
+    if isinstance(source, Dataset):
+        train, evaluation = source, None
+    else:
+        names = list(source)
+        if cfg.dataset_split in source:
+            train_name = cfg.dataset_split
+        elif len(names) == 1:
+            train_name = names[0]
+        else:
+            raise DatasetError(f"the source has the splits {', '.join(names)}, not "
+                               f"{cfg.dataset_split!r}; set DATASET_SPLIT to one of them")
+        train = source[train_name]
+        evaluation = next((source[n] for n in EVAL_SPLIT_NAMES if n in source and n != train_name),
+                          None)
+    if cfg.max_examples:
+        train = train.select(range(min(cfg.max_examples, len(train))))
+        if evaluation is not None:
+            evaluation = evaluation.select(range(min(cfg.max_examples, len(evaluation))))
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------------------------
+# 2. formats
+
+
+def instruction_prompt(instruction: str, input: str = "") -> str:
+    """The fixed prompt layout of the ``instruction`` format (the response follows it).
+
+    Ends with a newline so that the response starts a new pre-token: generation (notebook 06)
+    uses this same function. Introduced in notebook 04.
+    """
+    text = f"### Instruction:\n{instruction.strip()}\n\n"
+    if input and input.strip():
+        text += f"### Input:\n{input.strip()}\n\n"
+    return text + "### Response:\n"
+
+
+def required_columns(cfg) -> list:
+    """The columns a format reads (``input`` of the instruction format is optional)."""
+    if cfg.data_format == "text":
+        return [cfg.text_column]
+    if cfg.data_format == "template":
+        return template_columns(cfg.template)
+    if cfg.data_format == "instruction":
+        return ["instruction", "output"]
+    if cfg.data_format == "chat":
+        return ["messages"]
+    raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or chat")
+
+
+def template_columns(template: str) -> list:
+    """The column names a TEMPLATE's ``{placeholders}`` refer to, in order."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise DatasetError(f"TEMPLATE={template!r} is not a valid template ({err}); write column "
+                           "names in braces, e.g. '{quote} ({author})', and double literal braces "
+                           "{{ }}") from None
+    for _, field_name, _, _ in parsed:
+        if field_name is None:
+            continue
+        base = field_name.split(".")[0].split("[")[0]
+        if not base or base.isdigit():
+            raise DatasetError(f"TEMPLATE={template!r} has a placeholder without a column name; "
+                               "name a column in each, e.g. {quote}")
+        if base not in names:
+            names.append(base)
+    if not names:
+        raise DatasetError(f"TEMPLATE={template!r} names no column; use {{column}} placeholders, "
+                           "e.g. '{quote} ({author})'")
+    return names
+
+
+def check_columns(ds, cfg, split: str = "train") -> None:
+    """Refuse an empty split, a missing column, or rows whose needed fields are missing."""
+    if len(ds) == 0:
+        raise DatasetError(f"the {split} split of DATASET={cfg.dataset!r} has no rows; choose a "
+                           "source with examples (or a larger MAX_EXAMPLES)")
+    columns = list(ds.column_names)
+    needed = required_columns(cfg)
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        what = {
+            "text": "set TEXT_COLUMN to one of them",
+            "template": "use only these names in TEMPLATE's {placeholders}",
+            "instruction": "rename your columns to instruction / input (optional) / output, or "
+                           "use DATA_FORMAT='template'",
+            "chat": "the chat format needs a 'messages' column of [{role, content}, ...]",
+        }[cfg.data_format]
+        raise DatasetError(f"column {', '.join(map(repr, missing))} not found; the data has the "
+                           f"columns {', '.join(columns)}: {what}")
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")
+    for column in needed:
+        values = table[column]
+        bad = []
+        if values.null_count:
+            bad = pc.indices_nonzero(pc.is_null(values)).to_pylist()
+        elif cfg.data_format in ("text", "instruction") and str(values.type) in ("string",
+                                                                                "large_string"):
+            empty = pc.equal(pc.utf8_trim_whitespace(values), "")
+            bad = pc.indices_nonzero(pc.fill_null(empty, False)).to_pylist()
+        if bad:
+            raise DatasetError(
+                f"{len(bad)} row(s) of the {split} split have no value in column {column!r} "
+                f"(rows {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}); "
+                f"remove them first, e.g. ds.filter(lambda r: r[{column!r}])")
+    if cfg.data_format == "chat":
+        _check_messages(ds["messages"], split)
+
+
+def _check_messages(conversations, split: str) -> None:
+    bad_role, bad_shape = [], []
+    for i, messages in enumerate(conversations):
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            bad_shape.append(i)
+        elif any(m.get("role") not in CHAT_ROLES for m in messages):
+            bad_role.append((i, next(m.get("role") for m in messages
+                                     if m.get("role") not in CHAT_ROLES)))
+    if bad_shape:
+        raise DatasetError(
+            f"{len(bad_shape)} row(s) of the {split} split are not a non-empty list of "
+            f"{{role, content}} messages with text content (rows "
+            f"{', '.join(map(str, bad_shape[:5]))}); fix or filter them")
+    if bad_role:
+        rows = ", ".join(f"{i} ({r!r})" for i, r in bad_role[:5])
+        raise DatasetError(
+            f"{len(bad_role)} row(s) of the {split} split have a message role other than "
+            f"{', '.join(CHAT_ROLES)}: rows {rows}; map roles to these (ShareGPT's human/gpt are "
+            "user/assistant) or filter the rows")
+
+
+def format_examples(ds, cfg, tokenizer=None, check: bool = True):
+    """Rows -> ``pieces`` (list of str) and ``trained`` (list of bool, one per piece).
+
+    text: the TEXT_COLUMN; template: TEMPLATE filled with the row; both trained whole.
+    instruction: :func:`instruction_prompt` (untrained when RESPONSE_ONLY) + output (trained).
+    chat: the tokenizer's chat template (:data:`DEFAULT_CHAT_TEMPLATE` if it has none); with
+    RESPONSE_ONLY only assistant turns (their text and end-of-turn marker) are trained.
+    Checks the columns first (:func:`check_columns`) unless ``check=False``. Introduced in
+    notebook 04.
+    """
+    if check:
+        check_columns(ds, cfg)
+    kind = cfg.data_format
+    if kind == "chat" and tokenizer is None:
+        raise DatasetError("the chat format needs the tokenizer (its chat template)")
+    if kind == "text":
+        col = cfg.text_column
+
+        def fn(batch):
+            return {"pieces": [[str(t)] for t in batch[col]], "trained": [[True]] * len(batch[col])}
+    elif kind == "template":
+        template, columns = cfg.template, template_columns(cfg.template)
+
+        def fn(batch):
+            n = len(batch[columns[0]])
+            rows = ({c: batch[c][i] for c in columns} for i in range(n))
+            return {"pieces": [[template.format_map(r)] for r in rows], "trained": [[True]] * n}
+    elif kind == "instruction":
+        only = cfg.response_only
+
+        def fn(batch):
+            inputs = batch.get("input") or [""] * len(batch["instruction"])
+            pieces = [[instruction_prompt(i, x or ""), str(o)]
+                      for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
+            return {"pieces": pieces, "trained": [[not only, True]] * len(pieces)}
+    else:
+        only = cfg.response_only
+
+        def fn(batch):
+            out = [chat_pieces(m, tokenizer, only) for m in batch["messages"]]
+            return {"pieces": [p for p, _ in out], "trained": [t for _, t in out]}
+
+    return ds.map(fn, batched=True, batch_size=_BATCH, remove_columns=ds.column_names,
+                  keep_in_memory=True, desc="format")
+
+
+def chat_pieces(messages, tokenizer, response_only: bool = True):
+    """A conversation rendered with the chat template, cut into (pieces, trained).
+
+    Each assistant turn is located by rendering the conversation up to it with the generation
+    prompt (the assistant header) and up to its end; the text between is that turn's trained
+    piece. Works for any template that renders a conversation's beginning the same way whether or
+    not more turns follow (the usual case); others are refused with a clear error.
+    """
+    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+
+    def render(msgs, generation=False):
+        if not msgs and not generation:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template,
+                                             add_generation_prompt=generation)
+
+    full = render(messages)
+    if not response_only:
+        return [full], [True]
+    pieces, trained, done = [], [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], generation=True), render(messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through) and len(before) >= done):
+            raise DatasetError(
+                "this tokenizer's chat template renders the start of a conversation differently "
+                "when more turns follow, so assistant turns cannot be located for response-only "
+                "loss; set RESPONSE_ONLY=False, or give the tokenizer a simpler chat_template")
+        if len(before) > done:
+            pieces.append(before[done:])
+            trained.append(False)
+        pieces.append(through[len(before):])
+        trained.append(True)
+        done = len(through)
+    if done < len(full):
+        pieces.append(full[done:])
+        trained.append(False)
+    return pieces, trained

@@ -1,0 +1,163 @@
+"""Rehearsal models: random weights of a real architecture built directly in 4-bit, layer by layer
+on the target device, so that the memory and speed of a 20B fine-tune can be measured before
+anything is downloaded (``MODEL=rehearsal:<name>``, notebook 02).
+"""
+
+from __future__ import annotations
+
+import zlib
+import torch
+from torch import nn
+from helpers.units import BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ
+from helpers.embedded import embedded_path
+from helpers.models import _device, _dtype_kwarg, _from_pretrained, cpu_safe
+from helpers.models import ModelSource, ModelUnavailableError, REHEARSALS, REHEARSAL_PREFIX, _compute_dtype, _quant_storage, quantization_config, rehearsal_config
+
+
+def _rehearsal_tokenizer(source: ModelSource):
+    """The real model's tokenizer when the Hub (or its local cache) has it, else the embedded
+    model's tokenizer, whose ids fit every shipped architecture's vocabulary."""
+    from transformers import AutoTokenizer
+
+    if source.hub_id:
+        try:
+            return _from_pretrained(AutoTokenizer, ModelSource("hub", source.hub_id,
+                                                               hub_id=source.hub_id))
+        except ModelUnavailableError as err:
+            print(f"note: no tokenizer of {source.hub_id} here ({str(err).split(' [')[0]}); "
+                  "the rehearsal uses the embedded model's tokenizer")
+    return AutoTokenizer.from_pretrained(str(embedded_path()))
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """A seed per parameter, from the build seed and the parameter's name (stable across runs)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _is_norm(module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def _free_bytes(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _check_room(model, name: str, dev: torch.device, double_quant: bool) -> None:
+    """Refuse, before anything is made, a rehearsal that cannot fit where it is to be built."""
+    bits = BITS_PER_PARAM_DQ if double_quant else BITS_PER_PARAM_NO_DQ
+    need = largest = 0
+    for param in model.parameters():
+        if type(param).__name__ == "Params4bit":
+            need += param.numel() * bits / 8
+            largest = max(largest, param.numel() * 2)  # its 16-bit form, briefly
+        else:
+            need += param.numel() * param.element_size()
+    need += largest
+    free = _free_bytes(dev)
+    if need > free:
+        others = ", ".join(f"'{REHEARSAL_PREFIX}{n}'" for n in REHEARSALS
+                           if f"{REHEARSAL_PREFIX}{n}" != name)
+        raise ModelUnavailableError(
+            f"{name} needs about {need / 2**30:.1f} GiB on {dev} and {free / 2**30:.1f} GiB are "
+            f"free; choose a smaller model ({others}) or a machine with more memory")
+
+
+def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype=None, device=None, seed: int = 0, quantize: bool = True,
+                    quant_storage="uint8", build_device=None):
+    """A real architecture with random weights, built directly in 4-bit (notebook 02).
+
+    The model's skeleton is made on the ``meta`` device (no memory); every linear layer but the
+    output head is replaced by a bitsandbytes ``Linear4bit``; then each layer in turn gets a
+    random 16-bit weight (normal, std = the config's ``initializer_range``) generated on the
+    target device, quantized there, and the 16-bit tensor is freed at once: the 16-bit model is
+    never held anywhere. Embeddings, norms and head are made in the compute dtype directly on the
+    device. The result looks to transformers, peft and the Trainer like a model loaded with
+    ``from_pretrained(quantization_config=...)``. On a GPU, GPT-NeoX-20B takes about 11 GB.
+
+    ``quantize=False`` builds the same random weights unquantized (what :func:`load_16bit` gives).
+    ``quant_storage``: the dtype the packed 4-bit values are stored in (``uint8``; the compute
+    dtype for FSDP; "auto" as in :func:`load_model`).
+    """
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = rehearsal_config(name)
+    dev = _device(device)
+    # where the random values are drawn and quantized (a GPU is hundreds of times faster than a
+    # CPU at it); each finished tensor then moves to ``dev``
+    make = torch.device(build_device) if build_device is not None else dev
+    dtype = _compute_dtype(compute_dtype)
+    storage = _quant_storage(quant_storage, dtype)
+    qc = quantization_config(quant_type, double_quant, dtype, storage) if quantize else None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+    head = model.get_output_embeddings()
+
+    if quantize:
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and child is not head:
+                    setattr(parent, child_name, bnb.nn.Linear4bit(
+                        child.in_features, child.out_features, bias=child.bias is not None,
+                        compute_dtype=dtype, compress_statistics=bool(double_quant),
+                        quant_type=quant_type, quant_storage=storage, device="meta"))
+
+    _check_room(model, config.name_or_path, dev, double_quant)
+    std = getattr(config, "initializer_range", 0.02)
+    generator = torch.Generator(device=make)
+    for module_name, module in model.named_modules():
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            generator.manual_seed(_tensor_seed(seed, full_name))
+            if param_name == "bias":
+                value = torch.zeros(param.shape, dtype=dtype, device=make)
+            elif _is_norm(module):
+                value = torch.ones(param.shape, dtype=dtype, device=make)
+            else:
+                value = torch.empty(param.shape, dtype=dtype, device=make)
+                value.normal_(0.0, std, generator=generator)
+            if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
+                # quantized on its way to the device; the 16-bit tensor is dropped right after
+                module.weight = bnb.nn.Params4bit(
+                    value, requires_grad=False, quant_type=quant_type,
+                    compress_statistics=bool(double_quant), quant_storage=storage,
+                    module=module).to(make)
+                if make != dev:  # quant_state moves with it, in place (the module shares it)
+                    module.weight = module.weight.to(dev)
+            else:
+                module._parameters[param_name] = nn.Parameter(
+                    value.to(dev), requires_grad=param.requires_grad)
+            del value
+        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != dev and not buffer.is_meta:
+                module._buffers[buffer_name] = buffer.to(dev)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta]
+    if left:
+        raise RuntimeError(f"rehearsal of {config.name_or_path}: tensors left unmade: {left[:5]}")
+
+    if quantize:
+        from transformers.quantizers import AutoHfQuantizer
+
+        # what from_pretrained(quantization_config=...) leaves on a 4-bit model
+        model.hf_quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+        model.is_quantized = True
+        model.is_loaded_in_4bit = True
+        model.quantization_method = qc.quant_method
+        model.config.quantization_config = qc
+        model.config._is_quantized = True
+    model.name_or_path = config.name_or_path
+    model.eval()
+    if dev.type == "cpu":
+        cpu_safe(model)
+    return model

@@ -1,0 +1,305 @@
+"""A model's shape from its config alone: what the estimator needs to know about an
+architecture (layers, widths, linear layers, vocabulary), read without loading any weights
+(notebooks 01 and 02).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+# ============================================================================ model shapes
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One linear layer of a transformer block: name, in/out features, bias, group."""
+
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool = False
+    group: str = "attention"  # attention | mlp
+
+    @property
+    def params(self) -> int:
+        return self.d_in * self.d_out
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimator needs to know about a causal LM, from its config alone."""
+
+    name: str
+    family: str  # gpt_neox | gptj | llama (also mistral, qwen2, ...) | opt | generic
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    context: int
+    tied_embeddings: bool
+    linears: tuple  # LinearSpec per block
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norms_per_block: int = 2
+    parallel_residual: bool = False  # attention and MLP read the same input (GPT-NeoX, GPT-J)
+    activation: str = "gelu"
+    gated_mlp: bool = False
+    head_bias: bool = False
+    position_embeddings: int = 0  # learned position rows (OPT); 0 with rotary embeddings
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    extra_linears: tuple = ()  # quantized linears outside the blocks (OPT's project_in/out)
+    embed_dim: int = 0  # width of the token embeddings and head when it differs from hidden
+    buffer_bytes: int = 0  # rotary tables (float32 buffers; get_memory_footprint counts them)
+
+    # ---- parameter counts
+    def n_linear_params(self) -> int:
+        """Weights of the linear layers that are stored in 4-bit (all blocks)."""
+        per_block = sum(s.params for s in self.linears)
+        return self.layers * per_block + sum(s.params for s in self.extra_linears)
+
+    def n_embedding_params(self) -> int:
+        return self.vocab * (self.embed_dim or self.hidden) + \
+            self.position_embeddings * self.hidden
+
+    def n_head_params(self) -> int:
+        bias = self.vocab if self.head_bias else 0
+        if self.tied_embeddings:
+            return bias
+        return self.vocab * (self.embed_dim or self.hidden) + bias
+
+    @property
+    def params_per_norm(self) -> int:
+        """A LayerNorm has a weight and a bias; an RMSNorm a weight only."""
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
+
+    def n_norm_params(self) -> int:
+        return (self.layers * self.norms_per_block + 1) * self.params_per_norm
+
+    def n_bias_params(self) -> int:
+        return self.layers * sum(s.d_out for s in self.linears if s.bias) + \
+            sum(s.d_out for s in self.extra_linears if s.bias)
+
+    def n_16bit_params(self) -> int:
+        """Parameters that stay 16-bit: embeddings, head, norms, biases."""
+        return (self.n_embedding_params() + self.n_head_params() + self.n_norm_params()
+                + self.n_bias_params())
+
+    def n_params(self) -> int:
+        return self.n_linear_params() + self.n_16bit_params()
+
+    def linear_names(self) -> list[str]:
+        return [s.name for s in self.linears]
+
+
+def _cfg_get(cfg, *names, default=None):
+    for n in names:
+        v = cfg.get(n) if isinstance(cfg, Mapping) else getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _as_config(config):
+    """A transformers config object from a config, a dict (with model_type) or a model."""
+    if hasattr(config, "config") and isinstance(config, torch.nn.Module):
+        return config.config
+    if isinstance(config, Mapping):
+        d = dict(config)
+        mt = d.get("model_type")
+        if mt:
+            try:
+                from transformers import AutoConfig
+
+                d.pop("model_type")
+                return AutoConfig.for_model(mt, **d)
+            except (ValueError, KeyError, TypeError):
+                d["model_type"] = mt
+        return d
+    return config
+
+
+_GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo",
+          "olmo2", "granite", "stablelm", "cohere", "internlm2", "yi", "deepseek"}
+
+
+def shape_from_config(config, name: str | None = None) -> ModelShape:
+    """The :class:`ModelShape` of a transformers config (object or dict) or of a loaded model.
+
+    Handles GPT-NeoX (fused query_key_value of width 3h, dense, dense_h_to_4h, dense_4h_to_h),
+    GPT-J (q_proj, k_proj, v_proj, out_proj, fc_in, fc_out), Llama/Mistral/Qwen2 and their kin
+    (q, k, v with grouped key/value heads, o, gate, up, down) and OPT (q, k, v, out_proj, fc1,
+    fc2); anything else is read from the usual config names as a Llama-like block when its
+    activation is SiLU, else as a GPT-like one.
+    """
+    cfg = _as_config(config)
+    mt = str(_cfg_get(cfg, "model_type", default="")).lower()
+    name = name or _cfg_get(cfg, "_name_or_path", "name_or_path", default="") or mt or "model"
+    h = int(_cfg_get(cfg, "hidden_size", "n_embd", "d_model", "dim"))
+    L = int(_cfg_get(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    a = int(_cfg_get(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads"))
+    kv = int(_cfg_get(cfg, "num_key_value_heads", "n_kv_heads", default=a) or a)
+    hd = int(_cfg_get(cfg, "head_dim", default=0) or h // a)
+    V = int(_cfg_get(cfg, "vocab_size"))
+    ctx = int(_cfg_get(cfg, "max_position_embeddings", "n_positions", "n_ctx",
+                       "max_sequence_length", "seq_length", default=2048))
+    tie_default = mt in ("opt", "gemma", "gemma2")
+    tied = bool(_cfg_get(cfg, "tie_word_embeddings", default=tie_default))
+
+    if mt == "gpt_neox":
+        ff = int(_cfg_get(cfg, "intermediate_size", default=4 * h))
+        bias = bool(_cfg_get(cfg, "attention_bias", default=True))
+        linears = (LinearSpec("query_key_value", h, 3 * h, bias, "attention"),
+                   LinearSpec("dense", h, h, bias, "attention"),
+                   LinearSpec("dense_h_to_4h", h, ff, True, "mlp"),
+                   LinearSpec("dense_4h_to_h", ff, h, True, "mlp"))
+        return ModelShape(
+            name=name, family="gpt_neox", vocab=V, hidden=h, layers=L, heads=a, kv_heads=a,
+            head_dim=h // a, intermediate=ff, context=ctx, tied_embeddings=tied,
+            linears=linears, norm="layernorm", norms_per_block=2,
+            parallel_residual=bool(_cfg_get(cfg, "use_parallel_residual", default=True)),
+            activation=str(_cfg_get(cfg, "hidden_act", default="gelu")),
+            resid_dropout=float(_cfg_get(cfg, "hidden_dropout", default=0.0)),
+            attn_dropout=float(_cfg_get(cfg, "attention_dropout", default=0.0)),
+            buffer_bytes=_inv_freq_bytes(cfg, h // a))
+    if mt == "gptj":
+        ff = int(_cfg_get(cfg, "n_inner", default=4 * h) or 4 * h)
+        linears = (LinearSpec("q_proj", h, h, False, "attention"),
+                   LinearSpec("k_proj", h, h, False, "attention"),
+                   LinearSpec("v_proj", h, h, False, "attention"),
+                   LinearSpec("out_proj", h, h, False, "attention"),
+                   LinearSpec("fc_in", h, ff, True, "mlp"),
+                   LinearSpec("fc_out", ff, h, True, "mlp"))
+        return ModelShape(
+            name=name, family="gptj", vocab=V, hidden=h, layers=L, heads=a, kv_heads=a,
+            head_dim=h // a, intermediate=ff, context=ctx, tied_embeddings=tied,
+            linears=linears, norm="layernorm", norms_per_block=1, parallel_residual=True,
+            activation=str(_cfg_get(cfg, "activation_function", default="gelu_new")),
+            head_bias=True, resid_dropout=float(_cfg_get(cfg, "resid_pdrop", default=0.0)),
+            attn_dropout=float(_cfg_get(cfg, "attn_pdrop", default=0.0)),
+            # one sin/cos table of context x rotary_dim float32 values
+            buffer_bytes=4 * ctx * int(_cfg_get(cfg, "rotary_dim", default=h // a) or h))
+    if mt == "opt":
+        ff = int(_cfg_get(cfg, "ffn_dim", default=4 * h))
+        bias = bool(_cfg_get(cfg, "enable_bias", default=True))
+        proj = int(_cfg_get(cfg, "word_embed_proj_dim", default=h) or h)
+        linears = (LinearSpec("q_proj", h, h, bias, "attention"),
+                   LinearSpec("k_proj", h, h, bias, "attention"),
+                   LinearSpec("v_proj", h, h, bias, "attention"),
+                   LinearSpec("out_proj", h, h, bias, "attention"),
+                   LinearSpec("fc1", h, ff, bias, "mlp"),
+                   LinearSpec("fc2", ff, h, bias, "mlp"))
+        extra = ()
+        if proj != h:
+            extra = (LinearSpec("project_in", proj, h, False, "other"),
+                     LinearSpec("project_out", h, proj, False, "other"))
+        shape = ModelShape(
+            name=name, family="opt", vocab=V, hidden=h, layers=L, heads=a, kv_heads=a,
+            head_dim=h // a, intermediate=ff, context=ctx, tied_embeddings=tied,
+            linears=linears, norm="layernorm", norms_per_block=2, parallel_residual=False,
+            activation=str(_cfg_get(cfg, "activation_function", default="relu")),
+            position_embeddings=ctx + 2,
+            resid_dropout=float(_cfg_get(cfg, "dropout", default=0.1)),
+            attn_dropout=float(_cfg_get(cfg, "attention_dropout", default=0.0)),
+            extra_linears=extra, embed_dim=proj)
+        return shape
+
+    act = str(_cfg_get(cfg, "hidden_act", "activation_function", default="gelu"))
+    ff = int(_cfg_get(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * h) or 4 * h)
+    gated = mt in _GATED or act in ("silu", "swiglu", "swish")
+    if gated:
+        qb = bool(_cfg_get(cfg, "attention_bias", default=mt == "qwen2"))
+        mb = bool(_cfg_get(cfg, "mlp_bias", default=False))
+        linears = (LinearSpec("q_proj", h, a * hd, qb, "attention"),
+                   LinearSpec("k_proj", h, kv * hd, qb, "attention"),
+                   LinearSpec("v_proj", h, kv * hd, qb, "attention"),
+                   LinearSpec("o_proj", a * hd, h, bool(_cfg_get(cfg, "attention_bias",
+                                                                 default=False)), "attention"),
+                   LinearSpec("gate_proj", h, ff, mb, "mlp"),
+                   LinearSpec("up_proj", h, ff, mb, "mlp"),
+                   LinearSpec("down_proj", ff, h, mb, "mlp"))
+        family = "llama" if mt in _GATED else "generic"
+        return ModelShape(
+            name=name, family=family, vocab=V, hidden=h, layers=L, heads=a, kv_heads=kv,
+            head_dim=hd, intermediate=ff, context=ctx, tied_embeddings=tied, linears=linears,
+            norm="rmsnorm", norms_per_block=2, parallel_residual=False, activation=act,
+            gated_mlp=True, attn_dropout=float(_cfg_get(cfg, "attention_dropout", default=0.0)),
+            buffer_bytes=_inv_freq_bytes(cfg, hd))
+    linears = (LinearSpec("q_proj", h, a * hd, True, "attention"),
+               LinearSpec("k_proj", h, kv * hd, True, "attention"),
+               LinearSpec("v_proj", h, kv * hd, True, "attention"),
+               LinearSpec("out_proj", a * hd, h, True, "attention"),
+               LinearSpec("fc_in", h, ff, True, "mlp"),
+               LinearSpec("fc_out", ff, h, True, "mlp"))
+    return ModelShape(
+        name=name, family="generic", vocab=V, hidden=h, layers=L, heads=a, kv_heads=kv,
+        head_dim=hd, intermediate=ff, context=ctx, tied_embeddings=tied, linears=linears,
+        norm="layernorm", norms_per_block=2, parallel_residual=False, activation=act)
+
+
+def _inv_freq_bytes(cfg, head_dim: int) -> int:
+    """Rotary inverse frequencies: two float32 vectors (inv_freq, original_inv_freq) of half the
+    rotary width."""
+    rope = _cfg_get(cfg, "rope_parameters", "rope_scaling", default=None) or {}
+    pct = float(_cfg_get(cfg, "rotary_pct", "partial_rotary_factor", default=None)
+                or (rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None)
+                or 1.0)
+    return 2 * 4 * (int(head_dim * pct) // 2)
+
+
+def as_shape(x) -> ModelShape:
+    """A ModelShape from a ModelShape, a preset name, a config, a config dict or a model."""
+    if isinstance(x, ModelShape):
+        return x
+    if isinstance(x, str):
+        if x in PRESETS:
+            return PRESETS[x]
+        raise ValueError(f"no model preset named {x!r}; presets: {', '.join(PRESETS) or 'none'} "
+                         f"(add a config JSON to {CONFIG_DIR.name}/ or pass a config)")
+    return shape_from_config(x)
+
+
+class _Presets(Mapping):
+    """Model presets, name -> ModelShape, read lazily from ``helpers/configs/*.json``."""
+
+    def __init__(self, folder: Path):
+        self._folder = folder
+        self._shapes: dict | None = None
+
+    def _load(self) -> dict:
+        if self._shapes is None:
+            shapes = {}
+            for p in sorted(self._folder.glob("*.json")) if self._folder.is_dir() else []:
+                try:
+                    shapes[p.stem] = shape_from_config(json.loads(p.read_text()), name=p.stem)
+                except (ValueError, KeyError, TypeError) as err:
+                    raise ValueError(f"model preset {p.name} is not a usable config ({err}); "
+                                     "it needs model_type, hidden_size, num_hidden_layers, "
+                                     "num_attention_heads and vocab_size") from None
+            self._shapes = shapes
+        return self._shapes
+
+    def reload(self) -> None:
+        self._shapes = None
+
+    def __getitem__(self, key):
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self):
+        return len(self._load())
+
+
+PRESETS: Mapping = _Presets(CONFIG_DIR)

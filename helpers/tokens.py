@@ -1,0 +1,11 @@
+"""Special tokens and the label the loss skips, shared by loading, data and the losses.
+Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+IGNORE_INDEX = -100  # a label the loss skips (PyTorch's cross-entropy default)

@@ -1,0 +1,85 @@
+"""Byte units and the sizes of 4-bit weights: the primitives every other module counts with.
+
+Bytes everywhere; text uses decimal units, **1 GB = 1e9 bytes** (the unit of bitsandbytes' and
+transformers' footprint figures). Introduced in notebook 02. Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+
+GB = 1e9  # decimal gigabyte, used for every figure this module prints
+
+# 4-bit storage per parameter (QLoRA paper, section 3): 4 bits for the value, plus the block's
+# scale ("absmax"). Without double quantization each block of 64 weights keeps a float32 absmax:
+# 4 + 32/64 = 4.5 bits. With double quantization the absmax values are themselves quantized to
+# 8 bits in blocks of 256, each of those blocks keeping one float32 constant:
+# 4 + 8/64 + 32/(64*256) = 4.127 bits.
+BLOCKSIZE = 64
+DQ_BLOCKSIZE = 256
+BITS_PER_PARAM_DQ = 4 + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * DQ_BLOCKSIZE)  # 4.127
+BITS_PER_PARAM_NO_DQ = 4 + 32 / BLOCKSIZE  # 4.5
+
+
+# =============================================================================== readouts
+
+
+def free() -> None:
+    """Return freed memory: Python objects now, and the GPU allocator's cache."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Bytes as text in decimal units (1 GB = 1e9 bytes): ``11.21 GB``, ``350.2 MB``, ``12.0 kB``.
+    Introduced in notebook 01."""
+    if n is None:
+        return "n/a"
+    sign = "-" if n < 0 else ""
+    n = abs(float(n))
+    if n >= 1e9:
+        return f"{sign}{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{sign}{n / 1e6:.1f} MB"
+    if n >= 1e3:
+        return f"{sign}{n / 1e3:.1f} kB"
+    return f"{sign}{n:.0f} B"
+
+
+# ===================================================================== a model, part by part
+
+
+def logical_numel(param) -> int:
+    """Elements a parameter stands for: a packed 4-bit weight holds two values per byte, so its
+    true count is the product of ``quant_state.shape``, not ``numel()`` of its storage."""
+    state = getattr(param, "quant_state", None)
+    if _is_params4bit(param) and getattr(state, "shape", None) is not None:
+        return math.prod(state.shape)
+    return param.numel()
+
+
+def _is_params4bit(p) -> bool:
+    return type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None
+
+
+def quantized_weight_bytes(n: int, *, double_quant: bool = True, blocksize: int = BLOCKSIZE,
+                           tables: bool = True) -> dict:
+    """Bytes of one weight of ``n`` values in bitsandbytes 4-bit (NF4 and FP4 alike).
+
+    ``packed``: ceil(n/2). ``constants``: without double quantization one float32 absmax per
+    block of ``blocksize``; with it one uint8 absmax per block, one float32 per 256 of those,
+    a 256-entry float32 table and a float32 offset; both add the 16-entry 4-bit value table.
+    """
+    blocks = math.ceil(n / blocksize)
+    if double_quant:
+        const = blocks + 4 * math.ceil(blocks / DQ_BLOCKSIZE)
+        table = 4 * 256 + 4 + 4 * 16
+    else:
+        const = 4 * blocks
+        table = 4 * 16
+    return {"packed": (n + 1) // 2, "constants": const + (table if tables else 0)}
