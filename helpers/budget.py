@@ -401,7 +401,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     if not probe:
         return micro, notes
 
-    from helpers import budget, units
+    from helpers import units
 
     dtype = env.compute_dtype(cfg.compute_dtype)
     while True:
