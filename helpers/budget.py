@@ -193,13 +193,13 @@ def default_estimate_fn(cfg, model):
     """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
     with the Config's settings, from :func:`helpers.estimator.estimate`; None where the estimator
     does not know the model's architecture."""
-    from helpers import losses, budget, estimator, scaling, shapes
+    from helpers import losses, estimator, scaling, shapes
 
     try:
         shape = shapes.shape_from_config(getattr(model, "config", model))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # an architecture the estimator does not describe: the probe decides
-    settings = {**budget.config_settings(cfg),
+    settings = {**config_settings(cfg),
                 "chunked_loss": cfg.chunked_loss and losses.supports(model)}
     try:
         estimator.estimate(shape, seq_len=8, micro_batch=1, **settings)
@@ -223,18 +223,14 @@ def default_estimate_fn(cfg, model):
 def largest_micro_batch(estimate_fn, budget: int, seq_len: int, limit: int = 64) -> int:
     """The largest power-of-two micro-batch up to ``limit`` whose estimate fits ``budget``
     (0 when not even 1 fits)."""
-    from helpers import budget
-
-    return budget.largest_power_of_two(lambda b: estimate_fn(b, seq_len) <= budget, limit)
+    return largest_power_of_two(lambda b: estimate_fn(b, seq_len) <= budget, limit)
 
 
 def largest_seq_len(estimate_fn, budget: int, upto: int) -> int:
     """The longest sequence (a multiple of 64, or of 8 below 64) up to ``upto`` whose estimate at
     micro-batch 1 fits ``budget``; 0 when none does."""
-    from helpers import budget
-
     candidates = list(range(64, upto + 1, 64)) or list(range(8, upto + 1, 8))
-    return budget.longest_fitting(lambda s: estimate_fn(1, s) <= budget, candidates)
+    return longest_fitting(lambda s: estimate_fn(1, s) <= budget, candidates)
 
 
 def _model_device(model) -> torch.device:

@@ -402,8 +402,6 @@ def world() -> dict:
     ``local_rank``, ``world_size``, ``local_world_size`` (1 process: 0, 0, 1, 1), ``fsdp`` and
     ``offload`` (the FSDP config's ``fsdp_offload_params``, which accelerate launch passes as
     ``FSDP_OFFLOAD_PARAMS``)."""
-    from helpers import env
-
     def num(name, default):
         try:
             return int(os.environ.get(name, default))
@@ -411,10 +409,10 @@ def world() -> dict:
             return default
 
     size = num("WORLD_SIZE", 1)
-    fsdp = env.fsdp_active()
+    fsdp = fsdp_active()
     return {"rank": num("RANK", 0), "local_rank": num("LOCAL_RANK", 0), "world_size": size,
             "local_world_size": num("LOCAL_WORLD_SIZE", size), "fsdp": fsdp,
-            "offload": fsdp and env.flag("FSDP_OFFLOAD_PARAMS")}
+            "offload": fsdp and flag("FSDP_OFFLOAD_PARAMS")}
 
 
 def is_main_process() -> bool:
