@@ -383,7 +383,7 @@ def test_the_estimate_follows_chunked_loss(tmp_path, tiny, monkeypatch):
         seen.append(kwargs["chunked_loss"])
         return estimate(*args, **kwargs)
 
-    monkeypatch.setattr(budget, "estimate", recording)
+    monkeypatch.setattr(estimator, "estimate", recording)
     model = peft_model(tiny, config(tmp_path))
     for on in (True, False):
         seen.clear()
