@@ -1,6 +1,10 @@
-"""A saved LoRA adapter checked against a base model before it is loaded: base model name, target
-modules, shapes (:func:`check_adapter`), then loaded with peft (:func:`load_adapter`).
-Introduced in notebook 06.
+"""A saved LoRA adapter checked against a base model before peft loads it: base model name, target
+modules, shapes (:func:`check_adapter`). Introduced in notebook 06.
+
+``peft.PeftModel.from_pretrained`` loads any adapter whose weight names match the base; one
+trained on another base of the same architecture either fails with a long list of size
+mismatches or, when the shapes agree (another vocabulary, another checkpoint), loads silently.
+The check says which base the adapter was made for and which layers do not fit.
 """
 
 from __future__ import annotations
@@ -89,15 +93,20 @@ def _shape_text(shape) -> str:
 def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> dict:
     """Refuse an adapter that was saved for a different base, saying why; return its settings.
 
-    Checks, without loading the adapter's weights: the base model's name or path recorded in
+    Checks, without loading the adapter's weights: that the base carries no adapter yet, the base
+    model's name or path recorded in
     adapter_config.json against the base's own (when both are known; ``check_base_name=False``
     skips this, e.g. for the same weights moved to another folder), the architecture class, that
     every target module exists in the base, and that every LoRA A/B matrix fits the layer it
     adapts (A: r x inputs, B: outputs x r). Raises :class:`AdapterMismatch`. Introduced in
     notebook 06.
     """
+    from peft import PeftModel
     from safetensors import safe_open
 
+    if isinstance(base_model, PeftModel):
+        raise ValueError("this model already carries an adapter; pass the plain base model "
+                         "(e.g. a fresh helpers.loading.load_model(...)) to load the adapter on")
     config_file, weights_file = _adapter_files(adapter_path)
     try:
         settings = json.loads(config_file.read_text())
@@ -171,28 +180,3 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
     return {"r": settings.get("r"), "lora_alpha": settings.get("lora_alpha"),
             "base_model_name_or_path": theirs, "target_modules": targets,
             "lora_layers": len(lora_layers)}
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def load_adapter(base_model, adapter_path, *, check_base_name: bool = True,
-                 is_trainable: bool = False):
-    """The saved adapter on ``base_model`` (a ``peft.PeftModel``), checked first.
-
-    ``adapter_path`` is the folder notebook 05 saved (RUN_DIR/adapter) with adapter_config.json
-    and adapter_model.safetensors; a missing folder or file is named in the error, and an
-    adapter saved for a different base is refused with the reason (:func:`check_adapter`). The
-    base model is modified in place (LoRA layers are inserted into it). Introduced in notebook 06.
-    """
-    from peft import PeftModel
-
-    if hasattr(base_model, "peft_config"):
-        raise ValueError("this model already carries an adapter; pass the plain base model "
-                         "(e.g. a fresh helpers.loading.load_model(...)) to load_adapter")
-    check_adapter(base_model, adapter_path, check_base_name=check_base_name)
-    model = PeftModel.from_pretrained(base_model, str(adapter_path), is_trainable=is_trainable)
-    if not is_trainable:
-        model.eval()
-    return model
