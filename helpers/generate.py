@@ -91,32 +91,6 @@ def _generation_mode(model, tokenizer):
             model.train()
 
 
-def _generation_options(model, tokenizer, max_new_tokens, do_sample, temperature, top_p,
-                        repetition_penalty) -> tuple[list[int], dict]:
-    """The stop ids and the keyword arguments for ``model.generate``, checked."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling (use "
-                         "do_sample=False for greedy decoding)")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1.0 = none)")
-    stop = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
-    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-               "repetition_penalty": repetition_penalty, "eos_token_id": stop,
-               "pad_token_id": pad if pad is not None else stop[0]}
-    if do_sample:
-        options.update(temperature=temperature, top_p=top_p, top_k=0)
-    return stop, options
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device.index or 0] if device.type == "cuda" else []
-
-
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 40, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.0,
              seed: int = 0, stream: bool = False, batch_size: int = 8) -> Generations:
@@ -130,20 +104,24 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 40, do_sample: 
     Each text ends at the first EOS; ``result.ends_with_eos`` says which ones stopped that way,
     the evidence that fine-tuning taught the model to stop. ``stream=True`` prints each text as
     it is produced (one prompt at a time). The model is put in eval mode (and back in train mode
-    afterwards if it was). Introduced in notebook 05.
+    afterwards if it was). transformers refuses values out of range (``temperature`` <= 0 when
+    sampling, ``max_new_tokens`` < 1, ...) with its own message. Introduced in notebook 05.
     """
     from transformers import TextStreamer
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    stop, options = _generation_options(model, tokenizer, max_new_tokens, do_sample, temperature,
-                                        top_p, repetition_penalty)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+               "repetition_penalty": repetition_penalty, "eos_token_id": stop,
+               "pad_token_id": pad if pad is not None else stop[0]}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p, top_k=0)
     device = model.device
     step = 1 if stream else max(1, int(batch_size))
     texts, ends, counts = [], [], []
-    with _generation_mode(model, tokenizer), \
-            torch.random.fork_rng(devices=_rng_devices(device)):
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with _generation_mode(model, tokenizer), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), step):
             chunk = prompts[start:start + step]

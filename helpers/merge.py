@@ -54,25 +54,9 @@ class MergeMismatch(RuntimeError):
         self.tolerance = tolerance
 
 
-# ============================================================================== merging (06)
-
-
-def compute_dtype_of(model) -> torch.dtype:
-    """The dtype a 4-bit model computes in (its layers' ``compute_dtype``), else its parameters'
-    floating dtype."""
-    for module in model.modules():
-        dt = getattr(module, "compute_dtype", None)
-        if isinstance(dt, torch.dtype):
-            return dt
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def dequantize_model(model, device=None):
     """A plain 16-bit copy of a 4-bit model (a peft model's base, without its adapter), in the
-    model's compute dtype, on ``device`` (default: beside the 4-bit model); the 4-bit model itself
+    model's dtype, on ``device`` (default: beside the 4-bit model); the 4-bit model itself
     is kept, since comparison (b) and further generation need it. transformers'
     ``model.dequantize()`` turns every ``bnb.nn.Linear4bit`` into an ``nn.Linear`` in place, so it
     runs on a copy, moved to ``device`` first. Used when the original 16-bit weights are not
@@ -137,13 +121,6 @@ def _replace_folder(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
-def _fits_on(device: torch.device, n_bytes: int) -> bool:
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return n_bytes * 1.2 < free
-
-
 class MergeCheck:
     """The verification around peft's merge, one step per method, and what it measured.
 
@@ -195,9 +172,9 @@ class MergeCheck:
         self.source = SOURCE_DEQUANTIZED
         inner = (quantized_model.get_base_model() if isinstance(quantized_model, PeftModel)
                  else quantized_model)
-        dtype, target = compute_dtype_of(inner), inner.device
-        n_bytes = sum(units.logical_numel(p) for p in inner.parameters()) * dtype.itemsize
-        if not _fits_on(target, n_bytes):
+        target = inner.device
+        n_bytes = sum(units.logical_numel(p) for p in inner.parameters()) * inner.dtype.itemsize
+        if target.type == "cuda" and n_bytes * 1.2 > torch.cuda.mem_get_info(target)[0]:
             self.notes.append(f"The 16-bit copy ({n_bytes / 1e9:.1f} GB) does not fit beside the "
                               f"4-bit model on {target}: built on the CPU.")
             target = torch.device("cpu")
@@ -230,7 +207,7 @@ class MergeCheck:
         raised (before anything is saved); (b) merged vs the 4-bit model is reported only."""
         if self.reference_text is None:
             raise RuntimeError("no reference yet: call reference(peft_model) before merging")
-        dtype = compute_dtype_of(merged)
+        dtype = merged.dtype
         self.dtype, self.device = str(dtype).replace("torch.", ""), str(merged.device)
         self.tolerance = tol = dict(MERGE_TOLERANCE.get(dtype, MERGE_TOLERANCE[torch.bfloat16]))
         self._merged = logits_for(merged, self.tokenizer, self._texts)
@@ -302,12 +279,8 @@ class MergeCheck:
              f"{self.adapter_effect:.3f}."),
         ]
         if b is not None:
-            why = ("the 16-bit base was dequantized from these 4-bit weights, so only rounding "
-                   "differs" if self.source == SOURCE_DEQUANTIZED else
-                   "the 4-bit quantization error; expected to be larger than (a)")
             lines.append(f"(b) merged vs adapter on the 4-bit training base: max |logit diff| "
-                         f"{b['max_abs_diff']:.2e}, top-1 agreement {b['top1_agreement']:.3f} "
-                         f"({why}).")
+                         f"{b['max_abs_diff']:.2e}, top-1 agreement {b['top1_agreement']:.3f}.")
         if self.merged_text is not None:
             lines.append(f"Saved {self.size_bytes / 1e6:.1f} MB of safetensors to {self.out_dir}; "
                          f"reloaded: logits equal to the merged model within "
