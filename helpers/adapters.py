@@ -86,10 +86,6 @@ def _features(module) -> tuple[int, int] | None:
     return None
 
 
-def _shape_text(shape) -> str:
-    return " x ".join(str(int(s)) for s in shape)
-
-
 def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> dict:
     """Refuse an adapter that was saved for a different base, saying why; return its settings.
 
@@ -154,7 +150,8 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
             ok, want = shape[0] == d_out, f"{d_out} x r"
         if not ok:
             kind = type(module).__name__
-            bad_layers.append(f"{layer}: the adapter's {part} is {_shape_text(shape)}, but the "
+            shape_text = " x ".join(str(int(n)) for n in shape)
+            bad_layers.append(f"{layer}: the adapter's {part} is {shape_text}, but the "
                               f"base layer is {kind} {d_in} -> {d_out} (needs {want})")
     if bad_layers:
         more = f" (and {len(bad_layers) - 5} more)" if len(bad_layers) > 5 else ""

@@ -54,14 +54,10 @@ class Generations(list):
 def _stop_ids(model, tokenizer) -> list[int]:
     """Token ids that end a generation: the tokenizer's EOS and any the model's generation config
     names (chat models often stop at an end-of-turn token too)."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    for i in ([extra] if isinstance(extra, int) else list(extra or [])):
-        if int(i) not in ids:
-            ids.append(int(i))
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    ids = [int(i) for i in [tokenizer.eos_token_id, *extra] if i is not None]
+    ids = list(dict.fromkeys(ids))  # each once, the tokenizer's first
     if not ids:
         raise ValueError("the tokenizer has no EOS token, so generation cannot stop by itself; "
                          "set tokenizer.eos_token (helpers.models gives every tokenizer one)")
@@ -232,13 +228,8 @@ def form_rate(cfg, generations) -> float:
     whole text matches it (a quotation followed by "(Author)" for the embedded default) and
     generation stopped by EOS; for other formats, a non-empty answer that stopped by EOS.
     Introduced in notebook 05."""
-    if not len(generations):
-        return 0.0
     pattern = template_pattern(cfg.template) if cfg.data_format == "template" else None
-    good = 0
-    for prompt, text, eos in zip(generations.prompts, generations, generations.ends_with_eos):
-        if pattern is not None:
-            good += bool(eos and pattern.fullmatch((prompt + text).strip()))
-        else:
-            good += bool(eos and text.strip())
-    return good / len(generations)
+    good = [eos and bool(pattern.fullmatch((prompt + text).strip()) if pattern else text.strip())
+            for prompt, text, eos in zip(generations.prompts, generations,
+                                         generations.ends_with_eos)]
+    return sum(good) / len(good) if good else 0.0
