@@ -1,6 +1,10 @@
-"""A saved LoRA adapter checked against a base model before it is loaded: base model name, target
-modules, shapes (:func:`check_adapter`), then loaded with peft (:func:`load_adapter`).
-Introduced in notebook 06.
+"""A saved LoRA adapter checked against a base model before peft loads it: base model name, target
+modules, shapes (:func:`check_adapter`). Introduced in notebook 06.
+
+``peft.PeftModel.from_pretrained`` loads any adapter whose weight names match the base; one
+trained on another base of the same architecture either fails with a long list of size
+mismatches or, when the shapes agree (another vocabulary, another checkpoint), loads silently.
+The check says which base the adapter was made for and which layers do not fit.
 """
 
 from __future__ import annotations
@@ -82,22 +86,23 @@ def _features(module) -> tuple[int, int] | None:
     return None
 
 
-def _shape_text(shape) -> str:
-    return " x ".join(str(int(s)) for s in shape)
-
-
 def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> dict:
     """Refuse an adapter that was saved for a different base, saying why; return its settings.
 
-    Checks, without loading the adapter's weights: the base model's name or path recorded in
-    adapter_config.json against the base's own (when both are known; ``check_base_name=False``
-    skips this, e.g. for the same weights moved to another folder), the architecture class, that
-    every target module exists in the base, and that every LoRA A/B matrix fits the layer it
-    adapts (A: r x inputs, B: outputs x r). Raises :class:`AdapterMismatch`. Introduced in
-    notebook 06.
+    Checks, without loading the adapter's weights: that the base carries no adapter yet, the base
+    model's name or path recorded in adapter_config.json against the base's own (when both are
+    known; ``check_base_name=False`` skips this, e.g. for the same weights moved to another
+    folder), the architecture class, and that every adapted layer exists in the base and every
+    LoRA A/B matrix fits it (A: r x inputs, B: outputs x r). Raises :class:`AdapterMismatch`.
+    Target modules missing from the base are peft's own error (``PeftModel.from_pretrained``
+    names them). Introduced in notebook 06.
     """
+    from peft import PeftModel
     from safetensors import safe_open
 
+    if isinstance(base_model, PeftModel):
+        raise ValueError("this model already carries an adapter; pass the plain base model "
+                         "(e.g. a fresh helpers.loading.load_model(...)) to load the adapter on")
     config_file, weights_file = _adapter_files(adapter_path)
     try:
         settings = json.loads(config_file.read_text())
@@ -116,18 +121,6 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
         problems.append(f"it was made for a {made_for}, this base is a {type(base_model).__name__}")
 
     modules = dict(base_model.named_modules())
-    targets = settings.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":
-        if not any(re.fullmatch(targets, n) for n in modules):
-            problems.append(f"its target pattern {targets!r} matches no layer of this base")
-    elif isinstance(targets, (list, tuple)):
-        short = {n.rsplit(".", 1)[-1] for n in modules}
-        absent = [t for t in targets if t not in modules and t not in short
-                  and not any(n.endswith("." + t) for n in modules)]
-        if absent:
-            problems.append(f"this base has no layer named {', '.join(sorted(absent)[:5])} "
-                            "(the adapter's target modules)")
-
     shapes = []
     with safe_open(str(weights_file), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
@@ -157,7 +150,8 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
             ok, want = shape[0] == d_out, f"{d_out} x r"
         if not ok:
             kind = type(module).__name__
-            bad_layers.append(f"{layer}: the adapter's {part} is {_shape_text(shape)}, but the "
+            shape_text = " x ".join(str(int(n)) for n in shape)
+            bad_layers.append(f"{layer}: the adapter's {part} is {shape_text}, but the "
                               f"base layer is {kind} {d_in} -> {d_out} (needs {want})")
     if bad_layers:
         more = f" (and {len(bad_layers) - 5} more)" if len(bad_layers) > 5 else ""
@@ -169,30 +163,5 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
             + "; ".join(problems) + ". Load the base model the adapter was trained on (the same "
             "MODEL as in notebook 05), or train an adapter for this one.")
     return {"r": settings.get("r"), "lora_alpha": settings.get("lora_alpha"),
-            "base_model_name_or_path": theirs, "target_modules": targets,
+            "base_model_name_or_path": theirs, "target_modules": settings.get("target_modules"),
             "lora_layers": len(lora_layers)}
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def load_adapter(base_model, adapter_path, *, check_base_name: bool = True,
-                 is_trainable: bool = False):
-    """The saved adapter on ``base_model`` (a ``peft.PeftModel``), checked first.
-
-    ``adapter_path`` is the folder notebook 05 saved (RUN_DIR/adapter) with adapter_config.json
-    and adapter_model.safetensors; a missing folder or file is named in the error, and an
-    adapter saved for a different base is refused with the reason (:func:`check_adapter`). The
-    base model is modified in place (LoRA layers are inserted into it). Introduced in notebook 06.
-    """
-    from peft import PeftModel
-
-    if hasattr(base_model, "peft_config"):
-        raise ValueError("this model already carries an adapter; pass the plain base model "
-                         "(e.g. a fresh helpers.loading.load_model(...)) to load_adapter")
-    check_adapter(base_model, adapter_path, check_base_name=check_base_name)
-    model = PeftModel.from_pretrained(base_model, str(adapter_path), is_trainable=is_trainable)
-    if not is_trainable:
-        model.eval()
-    return model

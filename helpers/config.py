@@ -218,7 +218,8 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
 
 
 def _display_options() -> None:
-    """Quiet, readable output: fewer library warnings, no progress-bar spam from loading."""
+    """Quiet, readable output: fewer library warnings, no progress-bar spam from loading, whole
+    texts in pandas tables."""
     import logging
     import warnings
 
@@ -239,3 +240,6 @@ def _display_options() -> None:
         matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
     except ImportError:  # pragma: no cover
         pass
+    import pandas  # installed with datasets
+
+    pandas.set_option("display.max_colwidth", None)  # tables show whole generated texts

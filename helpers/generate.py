@@ -1,23 +1,17 @@
-"""Generation, adapter loading and a verified merge.
+"""Generation (notebooks 02, 05 and 06).
 
 Notebook 05 shows what the model writes before and after training: :func:`generate` (greedy and
 deterministic by default, batched with left padding, stopping at EOS, and telling whether each
 text ended with EOS), :func:`default_prompts`, :func:`base_and_tuned` (the base's outputs come
-from the same peft model with its adapter switched off, so no second copy of the base is held)
-and :func:`side_by_side`.
-
-Notebook 06 loads the saved adapter for inference with :func:`load_adapter`, which refuses an
-adapter made for another base and says why, then merges it with :func:`merge_adapter`: into a
-16-bit copy of the base (reloaded from the original weights, or dequantized from the 4-bit
-model with :func:`dequantize_model`), checked by comparing logits (:func:`compare_logits`)
-before anything is saved, saved as safetensors, reloaded and checked again by generating.
-:func:`merge_metrics` turns the result into the manifest's figures.
+from the same peft model with its adapter switched off, so no second copy of the base is held),
+:func:`side_by_side` (a pandas table) and :func:`form_rate`. Notebook 06 generates with the loaded
+adapter (greedy, sampled, streamed); the adapter check is :mod:`helpers.adapters`, the verified
+merge :mod:`helpers.merge`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import html
 import re
 import string
 import torch
@@ -57,25 +51,13 @@ class Generations(list):
         return sum(self.ends_with_eos) / len(self) if len(self) else 0.0
 
 
-def model_device(model) -> torch.device:
-    """Where the model's first parameter lives (inputs go there)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - a model without parameters
-        return torch.device("cpu")
-
-
 def _stop_ids(model, tokenizer) -> list[int]:
     """Token ids that end a generation: the tokenizer's EOS and any the model's generation config
     names (chat models often stop at an end-of-turn token too)."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    for i in ([extra] if isinstance(extra, int) else list(extra or [])):
-        if int(i) not in ids:
-            ids.append(int(i))
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    ids = [int(i) for i in [tokenizer.eos_token_id, *extra] if i is not None]
+    ids = list(dict.fromkeys(ids))  # each once, the tokenizer's first
     if not ids:
         raise ValueError("the tokenizer has no EOS token, so generation cannot stop by itself; "
                          "set tokenizer.eos_token (helpers.models gives every tokenizer one)")
@@ -87,7 +69,7 @@ def _generation_mode(model, tokenizer):
     """Eval mode, CPU-safe 4-bit layers, left padding and a pad token; all restored afterwards."""
     was_training = model.training
     side, pad = tokenizer.padding_side, tokenizer.pad_token
-    if model_device(model).type == "cpu":
+    if model.device.type == "cpu":
         from helpers.models import cpu_safe
 
         cpu_safe(model)
@@ -105,32 +87,6 @@ def _generation_mode(model, tokenizer):
             model.train()
 
 
-def _generation_options(model, tokenizer, max_new_tokens, do_sample, temperature, top_p,
-                        repetition_penalty) -> tuple[list[int], dict]:
-    """The stop ids and the keyword arguments for ``model.generate``, checked."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling (use "
-                         "do_sample=False for greedy decoding)")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1.0 = none)")
-    stop = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
-    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-               "repetition_penalty": repetition_penalty, "eos_token_id": stop,
-               "pad_token_id": pad if pad is not None else stop[0]}
-    if do_sample:
-        options.update(temperature=temperature, top_p=top_p, top_k=0)
-    return stop, options
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device.index or 0] if device.type == "cuda" else []
-
-
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 40, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.0,
              seed: int = 0, stream: bool = False, batch_size: int = 8) -> Generations:
@@ -144,20 +100,24 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 40, do_sample: 
     Each text ends at the first EOS; ``result.ends_with_eos`` says which ones stopped that way,
     the evidence that fine-tuning taught the model to stop. ``stream=True`` prints each text as
     it is produced (one prompt at a time). The model is put in eval mode (and back in train mode
-    afterwards if it was). Introduced in notebook 05.
+    afterwards if it was). transformers refuses values out of range (``temperature`` <= 0 when
+    sampling, ``max_new_tokens`` < 1, ...) with its own message. Introduced in notebook 05.
     """
     from transformers import TextStreamer
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    stop, options = _generation_options(model, tokenizer, max_new_tokens, do_sample, temperature,
-                                        top_p, repetition_penalty)
-    device = model_device(model)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+               "repetition_penalty": repetition_penalty, "eos_token_id": stop,
+               "pad_token_id": pad if pad is not None else stop[0]}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p, top_k=0)
+    device = model.device
     step = 1 if stream else max(1, int(batch_size))
     texts, ends, counts = [], [], []
-    with _generation_mode(model, tokenizer), \
-            torch.random.fork_rng(devices=_rng_devices(device)):
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with _generation_mode(model, tokenizer), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), step):
             chunk = prompts[start:start + step]
@@ -175,40 +135,6 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 40, do_sample: 
                 ends.append(cut is not None)
                 counts.append(len(kept))
     return Generations(texts, ends, counts, prompts)
-
-
-def stream_generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40,
-                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-                    repetition_penalty: float = 1.0, seed: int = 0):
-    """Yield the text of one generation piece by piece as it is produced (for a live display,
-    e.g. a widget); options as for :func:`generate`. Introduced in notebook 06."""
-    import threading
-
-    from transformers import TextIteratorStreamer
-
-    _, options = _generation_options(model, tokenizer, max_new_tokens, do_sample, temperature,
-                                     top_p, repetition_penalty)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    device = model_device(model)
-    errors = []
-    with _generation_mode(model, tokenizer):
-        enc = tokenizer([prompt], return_tensors="pt").to(device)
-
-        def work():
-            try:
-                with torch.random.fork_rng(devices=_rng_devices(device)), torch.no_grad():
-                    torch.manual_seed(seed)
-                    model.generate(**enc, **options, streamer=streamer)
-            except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
-                errors.append(err)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def default_prompts(cfg, tokenizer=None) -> list[str]:
@@ -255,81 +181,35 @@ def base_and_tuned(model, tokenizer, prompts, **options) -> tuple[Generations, G
     """(base outputs, tuned outputs) from one peft model: the base's come from the same model
     inside ``model.disable_adapter()``, so no second copy of the base is ever loaded. ``options``
     as for :func:`generate`. Introduced in notebook 05."""
-    if not hasattr(model, "disable_adapter"):
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
         raise TypeError(f"{type(model).__name__} has no adapter to switch off: pass the peft "
-                        "model (from helpers.lora.attach or load_adapter)")
+                        "model (from helpers.lora.attach or PeftModel.from_pretrained)")
     with model.disable_adapter():
         base = generate(model, tokenizer, prompts, **options)
     tuned = generate(model, tokenizer, prompts, **options)
     return base, tuned
 
 
-class SideBySide:
-    """Prompts with two models' outputs: an HTML table in a notebook, plain text elsewhere.
-
-    ``str(view)`` (or ``view.text``) is the plain-text version papermill logs and tests read;
-    ``view.html`` the table. An output that stopped by EOS is marked "[EOS]"; one cut by
-    max_new_tokens "[...]" (when the outputs come from :func:`generate`). In the text version a
-    line break inside an output shows as a return sign, so each output stays on one line.
+def side_by_side(prompts, base_outputs, tuned_outputs, titles=("base", "tuned")):
+    """Base and tuned outputs per prompt, as a pandas DataFrame: a table in a notebook,
+    ``.to_string()`` in a log. An output that stopped by EOS is marked "[EOS]", one cut by
+    max_new_tokens "[...]" (when the outputs come from :func:`generate`); a line break inside an
+    output shows as a return sign, so each output stays on one line. Introduced in notebook 05.
     """
+    import pandas as pd
 
-    def __init__(self, prompts, left, right, titles=("base", "tuned")):
-        if not len(prompts) == len(left) == len(right):
-            raise ValueError(f"{len(prompts)} prompts but {len(left)} and {len(right)} outputs: "
-                             "give one output per prompt to each side")
-        self.prompts, self.left, self.right = list(prompts), list(left), list(right)
-        self.titles = titles
-        self._ends = (getattr(left, "ends_with_eos", None), getattr(right, "ends_with_eos", None))
-
-    @staticmethod
-    def _mark(ends, i) -> str:
-        if ends is None:
-            return ""
-        return " [EOS]" if ends[i] else " [...]"
-
-    @property
-    def text(self) -> str:
-        width = max(len(t) for t in self.titles)
-        blocks = []
-        for i, prompt in enumerate(self.prompts):
-            lines = [f"[{i + 1}] {prompt!r}"]
-            for title, outs, ends in zip(self.titles, (self.left, self.right), self._ends):
-                shown = outs[i].strip().replace("\n", " \u23ce ")  # one line per output
-                lines.append(f"  {title:<{width}} | {shown}{self._mark(ends, i)}")
-            blocks.append("\n".join(lines))
-        return "\n\n".join(blocks)
-
-    @property
-    def html(self) -> str:
-        def cell(prompt, out, mark):
-            return (f"<td style='text-align:left;vertical-align:top;white-space:pre-wrap'>"
-                    f"<span style='color:#888'>"
-                    f"{html.escape(prompt)}</span>{html.escape(out)}"
-                    f"<span style='color:#c60'>{html.escape(mark)}</span></td>")
-
-        head = "".join(f"<th style='text-align:left'>{html.escape(t)}</th>"
-                       for t in ("prompt", *self.titles))
-        rows = []
-        for i, prompt in enumerate(self.prompts):
-            cells = "".join(cell(prompt, outs[i], self._mark(ends, i))
-                            for outs, ends in zip((self.left, self.right), self._ends))
-            rows.append(f"<tr><td style='text-align:left;vertical-align:top'><b>"
-                        f"{html.escape(prompt)}</b></td>{cells}</tr>")
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-    def _repr_html_(self) -> str:
-        return self.html
-
-    def __str__(self) -> str:
-        return self.text
-
-    __repr__ = __str__
-
-
-def side_by_side(prompts, base_outputs, tuned_outputs, titles=("base", "tuned")) -> SideBySide:
-    """Base and tuned outputs per prompt, as a table (HTML in a notebook, text in a log).
-    Introduced in notebook 05."""
-    return SideBySide(prompts, base_outputs, tuned_outputs, titles)
+    if not len(prompts) == len(base_outputs) == len(tuned_outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(base_outputs)} and "
+                         f"{len(tuned_outputs)} outputs: give one output per prompt to each side")
+    table = {"prompt": list(prompts)}
+    for title, outputs in zip(titles, (base_outputs, tuned_outputs)):
+        ends = getattr(outputs, "ends_with_eos", None)
+        marks = [""] * len(outputs) if ends is None else [" [EOS]" if e else " [...]" for e in ends]
+        table[title] = [text.strip().replace("\n", " \u23ce ") + mark
+                        for text, mark in zip(outputs, marks)]
+    return pd.DataFrame(table)
 
 
 def template_pattern(template: str):
@@ -348,13 +228,8 @@ def form_rate(cfg, generations) -> float:
     whole text matches it (a quotation followed by "(Author)" for the embedded default) and
     generation stopped by EOS; for other formats, a non-empty answer that stopped by EOS.
     Introduced in notebook 05."""
-    if not len(generations):
-        return 0.0
     pattern = template_pattern(cfg.template) if cfg.data_format == "template" else None
-    good = 0
-    for prompt, text, eos in zip(generations.prompts, generations, generations.ends_with_eos):
-        if pattern is not None:
-            good += bool(eos and pattern.fullmatch((prompt + text).strip()))
-        else:
-            good += bool(eos and text.strip())
-    return good / len(generations)
+    good = [eos and bool(pattern.fullmatch((prompt + text).strip()) if pattern else text.strip())
+            for prompt, text, eos in zip(generations.prompts, generations,
+                                         generations.ends_with_eos)]
+    return sum(good) / len(good) if good else 0.0

@@ -1,5 +1,5 @@
-"""helpers.generate on tiny GPT-NeoX models on CPU: generation (notebook 05), adapter loading and
-the verified merge (notebook 06)."""
+"""helpers.generate, helpers.adapters and helpers.merge on tiny GPT-NeoX models on CPU: generation
+(notebook 05), the adapter check before peft loads it and the verified merge (notebook 06)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPTNeoXConfig
 
 from helpers import generate as gen, adapters, merge
@@ -95,10 +96,16 @@ def tiny(tmp_path_factory):
     return {"paths": paths, "tokenizer": tok, "root": root}
 
 
+def load_checked(base, adapter):
+    """The adapter on ``base`` as notebook 06 loads it: checked, then peft's from_pretrained."""
+    adapters.check_adapter(base, adapter)
+    return PeftModel.from_pretrained(base, adapter)
+
+
 @pytest.fixture(scope="module")
 def tuned(tiny):
     """The adapter loaded on the 4-bit base (as notebook 06 does)."""
-    return adapters.load_adapter(load_4bit(tiny["paths"]["base"]), tiny["paths"]["adapter"])
+    return load_checked(load_4bit(tiny["paths"]["base"]), tiny["paths"]["adapter"])
 
 
 def eos_chain_model(tok, prompts, chain):
@@ -173,8 +180,6 @@ def test_streaming_prints_what_it_returns(tiny, tuned, capsys):
     assert out == gen.generate(tuned, tok, PROMPTS[:2], max_new_tokens=8)
     for prompt, text in zip(PROMPTS[:2], out):
         assert (prompt + text).strip() in printed
-    pieces = list(gen.stream_generate(tuned, tok, PROMPTS[0], max_new_tokens=8))
-    assert "".join(pieces) == out[0]
 
 
 def test_disable_adapter_gives_the_base_outputs(tiny, tuned):
@@ -184,13 +189,21 @@ def test_disable_adapter_gives_the_base_outputs(tiny, tuned):
     assert base == plain
     assert after == gen.generate(tuned, tok, PROMPTS, max_new_tokens=10)
     assert after != base  # the adapter changes what the model writes
-    view = gen.side_by_side(PROMPTS, base, after)
-    assert "<table>" in view._repr_html_() and str(view).count("[") >= 2 * len(PROMPTS)
-    assert "[EOS]" in str(gen.side_by_side(["x"], gen.Generations(["a"], [True], [1], ["x"]),
-                                           ["<b>"]))
-    assert "&lt;b&gt;" in gen.side_by_side(["x"], ["a"], ["<b>"]).html
     with pytest.raises(TypeError, match="peft model"):
         gen.base_and_tuned(load_16bit(tiny["paths"]["base"]), tok, PROMPTS)
+
+
+def test_side_by_side_is_a_table_with_eos_marks():
+    left = gen.Generations(["a\nb", "c"], [True, False], [3, 40], ["p1", "p2"])
+    view = gen.side_by_side(["p1", "p2"], left, ["<b>", " d "], titles=("base", "tuned"))
+    assert list(view.columns) == ["prompt", "base", "tuned"]
+    assert list(view["base"]) == ["a \u23ce b [EOS]", "c [...]"]  # one line per output
+    assert list(view["tuned"]) == ["<b>", "d"]  # plain strings carry no mark
+    text = view.to_string()
+    assert "p2" in text and "c [...]" in text
+    assert "&lt;b&gt;" in view.to_html()
+    with pytest.raises(ValueError, match="one output per prompt"):
+        gen.side_by_side(["p1"], left, ["x"])
 
 
 def test_default_prompts_follow_the_format(tiny):
@@ -216,32 +229,36 @@ def test_missing_adapter_names_the_files(tiny, tmp_path):
     base = load_16bit(tiny["paths"]["base"])
     with pytest.raises(FileNotFoundError, match="adapter_config.json and "
                                                 "adapter_model.safetensors"):
-        adapters.load_adapter(base, tmp_path / "nowhere")
+        adapters.check_adapter(base, tmp_path / "nowhere")
     half = tmp_path / "half"
     half.mkdir()
     (half / "adapter_config.json").write_text(
         (tiny["paths"]["adapter"] / "adapter_config.json").read_text())
     with pytest.raises(FileNotFoundError, match="missing adapter_model.safetensors"):
-        adapters.load_adapter(base, half)
+        adapters.check_adapter(base, half)
 
 
 def test_adapter_for_another_base_is_refused_with_the_reason(tiny):
     paths = tiny["paths"]
     # hidden 96 vs 64: the shapes say so, even with the name check off
     with pytest.raises(adapters.AdapterMismatch) as err:
-        adapters.load_adapter(load_4bit(paths["base"]), paths["other_adapter"], check_base_name=False)
+        adapters.check_adapter(load_4bit(paths["base"]), paths["other_adapter"],
+                               check_base_name=False)
     msg = str(err.value)
     assert "gpt_neox.layers.0.attention.query_key_value" in msg
     assert "4 x 96" in msg and "Linear4bit 64 -> 192" in msg
     # another vocabulary with the same layer shapes: the recorded base name says so
+    wide = load_16bit(paths["wide_vocab"])
     with pytest.raises(adapters.AdapterMismatch, match="trained on base"):
-        adapters.load_adapter(load_16bit(paths["wide_vocab"]), paths["adapter"])
-    # the same base in 16-bit (name and shapes agree) loads
-    loaded = adapters.load_adapter(load_16bit(paths["base"]), paths["adapter"])
-    assert adapters.check_adapter(load_16bit(paths["base"]), paths["adapter"])["lora_layers"] == 8
+        adapters.check_adapter(wide, paths["adapter"])
+    assert adapters.check_adapter(wide, paths["adapter"], check_base_name=False)["r"] == 4
+    # the same base in 16-bit (name and shapes agree) passes and loads
+    settings = adapters.check_adapter(load_16bit(paths["base"]), paths["adapter"])
+    assert settings["lora_layers"] == 8 and settings["lora_alpha"] == 8
+    loaded = load_checked(load_16bit(paths["base"]), paths["adapter"])
     assert not loaded.training
     with pytest.raises(ValueError, match="already carries an adapter"):
-        adapters.load_adapter(loaded, paths["adapter"])
+        adapters.check_adapter(loaded, paths["adapter"])
 
 
 def test_adapter_target_missing_from_the_base(tiny, tmp_path):
@@ -252,8 +269,9 @@ def test_adapter_target_missing_from_the_base(tiny, tmp_path):
     cfg = json.loads((bad / "adapter_config.json").read_text())
     cfg["target_modules"] = ["q_proj", "v_proj"]
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(adapters.AdapterMismatch, match="no layer named q_proj, v_proj"):
-        adapters.load_adapter(load_16bit(tiny["paths"]["base"]), bad)
+    adapters.check_adapter(load_16bit(tiny["paths"]["base"]), bad)  # the weights fit the base
+    with pytest.raises(ValueError, match="Target modules .*not found"):  # peft names them
+        PeftModel.from_pretrained(load_16bit(tiny["paths"]["base"]), bad)
 
 
 # --------------------------------------------------------------------------- merging
@@ -302,23 +320,52 @@ def test_merge_in_bfloat16_is_checked_against_bfloat16_rounding(tiny):
     assert 0 < result.vs_same_base["max_rel_diff"] < result.tolerance["rtol"]
 
 
-def test_a_corrupted_merge_is_refused_and_nothing_is_saved(tiny, tmp_path, monkeypatch):
+def test_the_notebook_steps_give_what_merge_adapter_gives(tiny, tuned, tmp_path):
+    """Notebook 06 spells the merge out; merge_adapter runs the same steps in one call."""
     paths, tok = tiny["paths"], tiny["tokenizer"]
-    real = merge.merge_into_base
+    check = merge.MergeCheck(tok, PROMPTS, max_new_tokens=12)
+    base16 = check.base_16bit(lambda: load_16bit(paths["base"]), quantized_model=tuned)
+    peft16 = load_checked(base16, paths["adapter"])
+    with pytest.raises(RuntimeError, match="call reference"):
+        check.verify(base16)
+    check.reference(peft16, quantized_model=tuned)
+    merged = peft16.merge_and_unload()
+    with pytest.raises(RuntimeError, match="call verify"):
+        check.save(merged, tmp_path / "early")
+    check.verify(merged)
+    check.save(merged, tmp_path / "merged")
+    reloaded = check.reload()
+    one_call = merge.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"],
+                                   tokenizer=tok, prompts=PROMPTS, out_dir=tmp_path / "again",
+                                   quantized_model=tuned, max_new_tokens=12)
+    steps, whole = merge.merge_metrics(check), merge.merge_metrics(one_call)
+    for key in ("merge_max_abs_logit_diff", "merge_top1_agreement", "merge_adapter_effect_max_abs",
+                "merge_max_abs_logit_diff_vs_4bit", "merged_generation_matches",
+                "merged_size_bytes", "merge_dequantized"):
+        assert steps[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-7), key
+    assert gen.generate(reloaded, tok, PROMPTS, max_new_tokens=12) == check.reference_text
 
-    def noisy(peft_model):
-        merged = real(peft_model)
+
+def test_a_corrupted_merge_is_refused_and_nothing_is_saved(tiny, tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    paths, tok = tiny["paths"], tiny["tokenizer"]
+    real = LoraModel.merge_and_unload
+
+    def noisy(self, *args, **kwargs):
+        merged = real(self, *args, **kwargs)
         with torch.no_grad():
             w = merged.gpt_neox.layers[1].mlp.dense_4h_to_h.weight
             w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
         return merged
 
-    monkeypatch.setattr(merge, "merge_into_base", noisy)
+    monkeypatch.setattr(LoraModel, "merge_and_unload", noisy)
     out = tmp_path / "merged"
     with pytest.raises(merge.MergeMismatch, match="Nothing was saved") as err:
         merge.merge_adapter(lambda: load_16bit(paths["base"]), paths["adapter"], tokenizer=tok,
-                          prompts=PROMPTS, out_dir=out, max_new_tokens=8)
+                            prompts=PROMPTS, out_dir=out, max_new_tokens=8)
     assert err.value.figures["max_rel_diff"] > err.value.tolerance["rtol"]
+    assert err.value.figures["adapter_effect"] > err.value.figures["max_abs_diff"] / 100
     print("corrupted merge:", err.value.figures)
     assert not out.exists() and not list(tmp_path.iterdir())
 
@@ -328,10 +375,17 @@ def test_dequantized_path_when_only_the_4bit_model_exists(tiny, tmp_path):
     q4 = load_4bit(paths["base"])
     plain = merge.dequantize_model(q4)
     assert not any(type(m).__name__ == "Linear4bit" for m in plain.modules())
+    assert any(type(m).__name__ == "Linear4bit" for m in q4.modules())  # the 4-bit model stays
     assert plain.gpt_neox.layers[0].attention.query_key_value.weight.dtype == torch.float32
+    assert "quantization_config" not in plain.config.to_dict()
     # the dequantized weights are what the 4-bit layers compute with
-    same = merge.compare_logits(q4, plain, tok, PROMPTS)
+    same = merge.compare_logit_sets(merge.logits_for(q4, tok, PROMPTS),
+                                    merge.logits_for(plain, tok, PROMPTS))
     assert same["max_abs_diff"] < 1e-4 and same["top1_agreement"] == 1.0
+    # a peft model's copy is its base, without the adapter
+    base_of_tuned = merge.dequantize_model(load_checked(load_4bit(paths["base"]), paths["adapter"]))
+    assert not isinstance(base_of_tuned, PeftModel)
+    assert not any("lora_" in n for n, _ in base_of_tuned.named_parameters())
 
     def no_weights():
         raise FileNotFoundError("no 16-bit weights for this model")
@@ -356,7 +410,7 @@ def test_dequantized_path_when_only_the_4bit_model_exists(tiny, tmp_path):
         merge.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS)
 
 
-def test_dequantize_a_weight_repacked_for_cpu_inference(tiny):
+def test_dequantize_a_model_repacked_for_cpu_inference(tiny):
     from bitsandbytes.functional import has_avx512bf16
 
     if not has_avx512bf16():
@@ -368,15 +422,21 @@ def test_dequantize_a_weight_repacked_for_cpu_inference(tiny):
                                                bnb_4bit_use_double_quant=True,
                                                bnb_4bit_compute_dtype=torch.float32))
     layer = q4.gpt_neox.layers[0].attention.query_key_value
-    before = merge.dequantize_weight(layer.weight)
+    enc = tok("Time", return_tensors="pt")
+    with torch.no_grad():
+        expected = q4(**enc).logits  # in train mode: computed from the usual layout
     q4.eval()
     with torch.no_grad():  # the trap: an eval forward without grad repacks (no cpu_safe here)
-        q4(**tok("Time", return_tensors="pt"))
+        q4(**enc)
     assert layer.weight.quant_state.packing_format_for_cpu
-    after = merge.dequantize_weight(layer.weight)
-    assert layer.weight.quant_state.packing_format_for_cpu  # the layer keeps its own layout
-    # the same weights, up to the bf16 rounding of the block scales the repacking does
-    assert torch.allclose(before, after, rtol=1e-2, atol=1e-6)
+    plain = merge.dequantize_model(q4)
+    with torch.no_grad():
+        got = plain(**enc).logits
+    # the same model, up to the bf16 rounding of the block scales the repacking does (about 0.4%
+    # per weight; a wrong layout would scramble the weights and move logits by their own size)
+    same = merge.compare_logit_sets([expected[0]], [got[0]])
+    assert same["max_rel_diff"] < 1e-2 and same["top1_agreement"] == 1.0
+    assert got.abs().max() > 0.1
 
 
 @pytest.mark.gpu
@@ -387,7 +447,7 @@ def test_merge_on_the_gpu_in_bfloat16(tiny, tmp_path):
                                bnb_4bit_compute_dtype=torch.bfloat16)
     q4 = AutoModelForCausalLM.from_pretrained(paths["base"], quantization_config=quant,
                                               device_map={"": 0}, dtype=torch.bfloat16)
-    tuned_gpu = adapters.load_adapter(q4, paths["adapter"])
+    tuned_gpu = load_checked(q4, paths["adapter"])
     first = gen.generate(tuned_gpu, tok, PROMPTS, max_new_tokens=10)
     assert first == gen.generate(tuned_gpu, tok, PROMPTS, max_new_tokens=10)
     result = merge.merge_adapter(None, paths["adapter"], tokenizer=tok, prompts=PROMPTS,
