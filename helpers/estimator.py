@@ -39,6 +39,20 @@ _ACT_SAVES = {"gelu": 1, "relu": 1, "silu": 1, "swish": 1, "gelu_pytorch_tanh": 
               "gelu_new": 4, "gelu_fast": 7, "quick_gelu": 2, "gelu_python": 1}
 
 
+def _as_dtype(dtype) -> torch.dtype:
+    """A floating-point torch dtype from itself or its name ("bfloat16", "torch.float16")."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError("compute_dtype must be torch.bfloat16, torch.float16 or torch.float32")
+    return dtype
+
+
+def _dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype or its name (its ``itemsize``)."""
+    return _as_dtype(dtype).itemsize
+
+
 def _lora_specs(shape: ModelShape, targets) -> list[LinearSpec]:
     """The block linears that get a LoRA adapter."""
     if targets in (None, "", "none"):
@@ -155,10 +169,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         raise ValueError("seq_len and micro_batch must be positive")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(_OPTIMIZERS)}")
-    if isinstance(compute_dtype, str):
-        compute_dtype = getattr(torch, compute_dtype.replace("torch.", ""), compute_dtype)
-    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
-        raise ValueError("compute_dtype must be torch.bfloat16, torch.float16 or torch.float32")
+    compute_dtype = _as_dtype(compute_dtype)
     cb = compute_dtype.itemsize  # bytes of the compute dtype (2 or 4)
     fp32 = cb == 4
     if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)

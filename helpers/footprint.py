@@ -17,7 +17,6 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 import torch
 from helpers.shapes import as_shape
@@ -436,46 +435,35 @@ def linear_group(name: str) -> str:
     return "other linear"
 
 
-def quantization_error(model_or_state_dict_16bit, quant_types=("nf4", "fp4"),
-                       blocksize: int = BLOCKSIZE, double_quant: bool = False,
-                       max_weights: int | None = None) -> list[dict]:
+def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
     """Relative error ||W - dequant(quant(W))|| / ||W|| of 4-bit quantization, by layer type.
 
-    Input: a 16-bit (or float32) model, or a dict name -> weight. Every 2-D linear weight is
-    quantized with ``bitsandbytes.functional.quantize_4bit`` and dequantized back (works on CPU);
-    embeddings and the head are skipped, since QLoRA keeps them 16-bit. The error of a group is
-    the Frobenius norm of all its weights' errors over the norm of all its weights.
-    ``max_weights`` caps how many weights are measured (quick looks at big models).
-    Introduced in notebook 02.
+    Input: a 16-bit (or float32) model. Every linear weight is quantized with
+    ``bitsandbytes.functional.quantize_4bit`` (blocks of 64, no double quantization) and
+    dequantized back (works on CPU); embeddings and the head are skipped, since QLoRA keeps them
+    16-bit. The error of a group is the Frobenius norm of all its weights' errors over the norm
+    of all its weights. Introduced in notebook 02.
     """
     import bitsandbytes.functional as bnbf
 
-    if isinstance(model_or_state_dict_16bit, torch.nn.Module):
-        weights = {}
-        for mname, module in model_or_state_dict_16bit.named_modules():
-            if isinstance(module, torch.nn.Linear) and not _SKIP_PAT.search(mname):
-                if _is_params4bit(module.weight):
-                    raise ValueError(f"{mname} is already 4-bit: give quantization_error the "
-                                     "16-bit model (or its state dict), not the quantized one")
-                weights[mname] = module.weight
-    elif isinstance(model_or_state_dict_16bit, Mapping):
-        weights = {k: v for k, v in model_or_state_dict_16bit.items()
-                   if torch.is_tensor(v) and v.dim() == 2 and not _SKIP_PAT.search(k)}
-    else:
-        raise TypeError("quantization_error takes a torch model or a dict name -> weight tensor")
+    weights = {}
+    for mname, module in model_16bit.named_modules():
+        if isinstance(module, torch.nn.Linear) and not _SKIP_PAT.search(mname):
+            if _is_params4bit(module.weight):
+                raise ValueError(f"{mname} is already 4-bit: give quantization_error the "
+                                 "16-bit model, not the quantized one")
+            weights[mname] = module.weight
     if not weights:
-        raise ValueError("no 2-D linear weights found to quantize")
-    items = list(weights.items())[: max_weights or None]
+        raise ValueError("no linear weights found to quantize")
     acc = {}  # (group, qtype) -> [err2, ref2, n_weights, n_params]
-    for name, w in items:
+    for name, w in weights.items():
         w = w.detach()
         if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             w = w.float()
         group = linear_group(name)
         ref2 = w.float().pow(2).sum().item()
         for qt in quant_types:
-            q, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
-                                          quant_type=qt)
+            q, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=qt)
             deq = bnbf.dequantize_4bit(q, state)
             err2 = (w.float() - deq.float()).pow(2).sum().item()
             a = acc.setdefault((group, qt), [0.0, 0.0, 0, 0])

@@ -267,10 +267,10 @@ def as_shape(x) -> ModelShape:
 
 
 @functools.cache
-def _presets() -> dict:
+def _presets(folder: Path = CONFIG_DIR) -> dict:
     """Model presets, name -> ModelShape, from the config JSON files in ``helpers/configs/``."""
     shapes = {}
-    for p in sorted(CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []:
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             shapes[p.stem] = shape_from_config(json.loads(p.read_text()), name=p.stem)
         except (ValueError, KeyError, TypeError) as err:

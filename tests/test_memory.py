@@ -248,9 +248,8 @@ def test_quantization_error_by_layer_type(tiny_dir, tiny_4bit):
     # NF4 is built for normally distributed weights: less error than FP4 on them
     assert groups[("MLP", "nf4")]["relative_error"] < groups[("MLP", "fp4")]["relative_error"]
     assert groups[("attention", "nf4")]["weights"] == 4  # 2 layers x (query_key_value, dense)
-    from_dict = footprint.quantization_error({n: p for n, p in full.state_dict().items()
-                                      if n.endswith("weight")}, quant_types=("nf4",))
-    assert {r["group"] for r in from_dict} == {"attention", "MLP"}
+    only_nf4 = footprint.quantization_error(full, quant_types=("nf4",))
+    assert only_nf4 == [r for r in rows if r["quant_type"] == "nf4"]
     with pytest.raises(ValueError, match="already 4-bit"):
         footprint.quantization_error(tiny_4bit)
 
@@ -314,16 +313,17 @@ def test_shape_layers_per_family():
 
 
 def test_presets_load_lazily_from_a_folder(tmp_path):
-    presets = shapes._Presets(tmp_path / "missing")
-    assert len(presets) == 0
+    assert shapes._presets(tmp_path / "missing") == {}
     (tmp_path / "tiny-neox.json").write_text(json.dumps(tiny_neox_config().to_dict()))
-    presets = shapes._Presets(tmp_path)
+    presets = shapes._presets(tmp_path)
     assert list(presets) == ["tiny-neox"]
     assert presets["tiny-neox"].name == "tiny-neox"
     assert presets["tiny-neox"].n_params() == shapes.shape_from_config(tiny_neox_config()).n_params()
-    (tmp_path / "broken.json").write_text("{}")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "broken.json").write_text("{}")
     with pytest.raises(ValueError, match="broken.json"):
-        len(shapes._Presets(tmp_path))
+        shapes._presets(tmp_path / "broken")
+    assert list(shapes.PRESETS) == sorted(p.stem for p in shapes.CONFIG_DIR.glob("*.json"))
 
 
 @pytest.mark.parametrize("name", sorted(shapes.CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
