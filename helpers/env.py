@@ -199,12 +199,9 @@ def requirement_check() -> list[dict]:
         req = Requirement(line)
         ranges[req.name.lower()] = req.specifier
     rows = []
+    installed = versions()
     for name in KEY_PACKAGES:
-        spec = ranges.get(name)
-        try:
-            have = md.version(name)
-        except md.PackageNotFoundError:
-            have = None
+        spec, have = ranges.get(name), installed[name]
         ok = have is not None and (spec is None or spec.contains(have.split("+")[0],
                                                                   prereleases=True))
         rows.append({"package": name, "installed": have, "tested": str(spec or "any"), "ok": ok})

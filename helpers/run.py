@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import logging
 import os
 import sys
 import time
@@ -115,7 +116,7 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
     from helpers import env
 
     os.environ["QLORA_SERIES_STATIC"] = "1"  # widgets render their static twins
-    logging_quiet()
+    logging.getLogger("papermill").setLevel(logging.ERROR)
     manifest.update(run_dir, lambda d: d.update(
         series_version=__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         command=" ".join(["python -m helpers.run"] + sys.argv[1:]),
@@ -140,12 +141,6 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
         echo(f"[{i}/{len(stems)}] {stem} ok ({secs:.1f} s)", flush=True)
     manifest.update(run_dir, lambda d: d.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
     return True
-
-
-def logging_quiet() -> None:
-    import logging
-
-    logging.getLogger("papermill").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------- regression comparison
