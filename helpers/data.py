@@ -35,9 +35,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from helpers.formats import DEFAULT_CHAT_TEMPLATE, DatasetError, EMBEDDED_QUOTES, check_columns, format_examples, load_source, pick_splits
+from transformers import DataCollatorForSeq2Seq
+
+from helpers.formats import (_BATCH, DEFAULT_CHAT_TEMPLATE, EMBEDDED_QUOTES, DatasetError,
+                             check_columns, format_examples, load_source, pick_splits)
 from helpers.tokens import IGNORE_INDEX
-from helpers.formats import _BATCH
 
 
 FORMAT_VERSION = 1  # part of the fingerprint: bump when the prepared layout changes
@@ -147,17 +149,7 @@ def pack(tokenized, max_length: int):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. lengths
-
-
-def length_stats(lengths) -> dict:
-    """count, mean, median, p95, max (and min) of token counts per example."""
-    a = np.asarray(list(lengths), dtype=np.int64)
-    if a.size == 0:
-        return {"count": 0, "mean": 0.0, "median": 0.0, "p95": 0.0, "max": 0, "min": 0}
-    return {"count": int(a.size), "mean": round(float(a.mean()), 2),
-            "median": float(np.median(a)), "p95": round(float(np.percentile(a, 95)), 2),
-            "max": int(a.max()), "min": int(a.min())}
+# 4. columns and counts
 
 
 def _column_array(ds, column) -> np.ndarray:
@@ -325,7 +317,9 @@ def prepare(cfg, tokenizer) -> Prepared:
                            "prompts")
     eval_ds, n_eval, eval_tokens, eval_loss = (finish(eval_tok, "eval") if eval_tok is not None
                                                else (None, 0, 0, 0))
-    ls = length_stats(lengths)
+    import pandas as pd
+
+    ls = pd.Series(lengths).describe(percentiles=[0.5, 0.95])  # per example, before truncation
     figures = {
         "train_examples": n_train, "eval_examples": n_eval, "train_rows": len(train_ds),
         "train_tokens": train_tokens, "train_loss_tokens": train_loss,
@@ -334,8 +328,9 @@ def prepare(cfg, tokenizer) -> Prepared:
         "truncated_tokens": int((lengths[truncated] - cfg.max_length).sum()),
         "dropped_examples": per_split_dropped["train"],
         "packing_dropped_tokens": 0,
-        "mean_tokens": ls["mean"], "median_tokens": ls["median"], "p95_tokens": ls["p95"],
-        "max_tokens": ls["max"], "min_tokens": ls["min"],
+        "mean_tokens": round(float(ls["mean"]), 2), "median_tokens": float(ls["50%"]),
+        "p95_tokens": round(float(ls["95%"]), 2), "max_tokens": int(ls["max"]),
+        "min_tokens": int(ls["min"]),
         "max_length": cfg.max_length, "packing": int(cfg.packing),
         "prepare_seconds": round(time.perf_counter() - started, 2),
     }
@@ -428,58 +423,46 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
 # 6. batches
 
 
-class CompletionCollator:
-    """Pads a list of rows into a batch: ``input_ids`` with the pad id, ``attention_mask`` 0,
-    ``labels`` -100 (and ``position_ids`` 0 when the rows are packed).
+class CompletionCollator(DataCollatorForSeq2Seq):
+    """transformers' ``DataCollatorForSeq2Seq`` for a causal LM, plus packed rows.
 
-    Padding is masked by position, never by comparing ids with the pad id, so an EOS inside a
-    sequence keeps its label even if a tokenizer's pad id equals its EOS id (the pad id only
-    fills positions the mask hides; without a pad token the EOS id is used). Rows are padded on
-    the right to the longest in the batch, rounded up to ``pad_to_multiple_of``.
+    Rows are padded on the right to the longest in the batch (rounded up to
+    ``pad_to_multiple_of``): ``input_ids`` with the pad id, ``attention_mask`` 0, ``labels``
+    -100. Padding is masked by position, never by comparing ids with the pad id, so an EOS inside
+    a sequence keeps its label even when a tokenizer's pad id equals its EOS id.
 
-    Packed rows (with ``position_ids``), when ``separate_examples``: the batch has no
-    ``attention_mask`` and carries ``use_cache=False``, so that transformers builds one causal
-    mask per packed example from the restarting ``position_ids`` (see :func:`pack`); right
-    padding needs no mask in a causal model, since no real token attends to a later position.
-    ``separate_examples=False`` gives the classic attention over the whole block.
-    Introduced in notebook 04; the Trainer of notebook 05 uses it.
+    What it adds for packed rows (with ``position_ids``, see :func:`pack`), which the library
+    collator cannot pad: ``position_ids`` padded with 0, no ``attention_mask`` and
+    ``use_cache=False``, so that transformers builds one causal mask per packed example from the
+    restarting ``position_ids``; right padding needs no mask in a causal model, since no real
+    token attends to a later position. ``DataCollatorWithFlattening`` does not fit: it joins the
+    whole batch into one row, where the series packs rows of at most MAX_LENGTH that the memory
+    budget (notebook 05) counts. Introduced in notebook 04; the Trainer of notebook 05 uses it.
     """
 
-    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None,
-                 separate_examples: bool = True):
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
-        if self.pad_id is None:
-            raise DatasetError("the tokenizer has neither a pad nor an EOS token to pad with")
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.separate_examples = separate_examples
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+        if tokenizer.pad_token_id is None:
+            raise DatasetError("the tokenizer has no pad token: load it with "
+                               "helpers.loading.load_tokenizer, which adds one")
+        if tokenizer.padding_side != "right":
+            raise DatasetError("training batches are padded on the right; set "
+                               "tokenizer.padding_side = 'right' (or load_tokenizer(model))")
+        super().__init__(tokenizer, pad_to_multiple_of=pad_to_multiple_of,
+                         label_pad_token_id=IGNORE_INDEX)
 
     def __call__(self, features: list) -> dict:
         import torch
 
         if not features:
             raise ValueError("cannot collate an empty batch")
-        width = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            width = (width + m - 1) // m * m
-        n = len(features)
-        batch = {"input_ids": torch.full((n, width), self.pad_id, dtype=torch.long),
-                 "attention_mask": torch.zeros((n, width), dtype=torch.long),
-                 "labels": torch.full((n, width), IGNORE_INDEX, dtype=torch.long)}
-        packed = "position_ids" in features[0]
-        if packed:
-            batch["position_ids"] = torch.zeros((n, width), dtype=torch.long)
-        for i, f in enumerate(features):
-            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            k = len(ids)
-            batch["input_ids"][i, :k] = ids
-            batch["attention_mask"][i, :k] = 1
-            batch["labels"][i, :k] = torch.as_tensor(f.get("labels", ids), dtype=torch.long)
-            if packed:
-                batch["position_ids"][i, :k] = torch.as_tensor(f["position_ids"],
-                                                               dtype=torch.long)
-        if packed and self.separate_examples:
+        positions = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
+        batch = dict(super().__call__([{"input_ids": f["input_ids"],
+                                        "labels": f.get("labels", f["input_ids"])}
+                                       for f in features]))
+        if positions is not None:
+            batch["position_ids"] = torch.zeros_like(batch["input_ids"])
+            for i, p in enumerate(positions):
+                batch["position_ids"][i, :len(p)] = torch.as_tensor(p)
             del batch["attention_mask"]
             batch["use_cache"] = False  # the per-example mask is only built without a cache
         return batch

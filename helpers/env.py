@@ -147,10 +147,6 @@ def dtype_reason(dtype: torch.dtype) -> str:
     return "float32 was asked for"
 
 
-def in_colab() -> bool:
-    return "google.colab" in sys.modules
-
-
 def versions() -> dict:
     """Installed versions of the key packages (None where missing)."""
     out = {"python": platform.python_version()}
@@ -203,12 +199,9 @@ def requirement_check() -> list[dict]:
         req = Requirement(line)
         ranges[req.name.lower()] = req.specifier
     rows = []
+    installed = versions()
     for name in KEY_PACKAGES:
-        spec = ranges.get(name)
-        try:
-            have = md.version(name)
-        except md.PackageNotFoundError:
-            have = None
+        spec, have = ranges.get(name), installed[name]
         ok = have is not None and (spec is None or spec.contains(have.split("+")[0],
                                                                   prereleases=True))
         rows.append({"package": name, "installed": have, "tested": str(spec or "any"), "ok": ok})
@@ -293,7 +286,7 @@ def report(run_dir: str | os.PathLike = ".") -> dict:
         "cpu_ram_total_bytes": vm.total,
         "cpu_ram_available_bytes": vm.available,
         "disk_free_bytes": disk.free,
-        "colab": in_colab(),
+        "colab": "google.colab" in sys.modules,
         "torch_cuda": torch.version.cuda,
         "driver": driver_version(),
         "gpus": gpus(),
@@ -390,31 +383,34 @@ def show(rep: dict) -> str:
                  + ("passed" if b["ok"] else "FAILED")
                  + f" (library {b['library']}, backend {b['backend']}, 4-bit matmul error "
                  + f"{b['relative_error']})" + (f"; {b['error']}" if b["error"] else ""))
-    lines.append("")
-    lines.append(f"{'package':14} {'installed':14} {'tested':22} ok")
-    for r in rep["requirements"]:
-        lines.append(f"{r['package']:14} {str(r['installed']):14} {r['tested']:22} "
-                     + ("yes" if r["ok"] else "NO"))
-    return "\n".join(lines)
+    import pandas as pd
+
+    table = pd.DataFrame(rep["requirements"]).replace({"ok": {True: "yes", False: "NO"}})
+    return "\n".join(lines + ["", table.to_string(index=False)])
 
 def world() -> dict:
-    """This process's place in a launch, from the variables torchrun/accelerate set: ``rank``,
-    ``local_rank``, ``world_size``, ``local_world_size`` (1 process: 0, 0, 1, 1), ``fsdp`` and
-    ``offload`` (the FSDP config's ``fsdp_offload_params``, which accelerate launch passes as
-    ``FSDP_OFFLOAD_PARAMS``)."""
-    def num(name, default):
-        try:
-            return int(os.environ.get(name, default))
-        except ValueError:
-            return default
+    """This process's place in a launch: ``rank``, ``local_rank``, ``world_size``,
+    ``local_world_size`` (1 process: 0, 0, 1, 1), ``fsdp`` and ``offload`` (the FSDP config's
+    ``fsdp_offload_params``, which accelerate launch passes as ``FSDP_OFFLOAD_PARAMS``).
 
-    size = num("WORLD_SIZE", 1)
+    Read from the variables torchrun / ``accelerate launch`` set, with accelerate's own reader,
+    not from ``accelerate.PartialState``: building that state joins the process group and binds
+    a GPU per local rank, and the launch plan (:func:`helpers.scaling.check_plan`) must be able
+    to refuse, say, 4 processes on 2 GPUs before that happens; a plain process stays cheap.
+    """
+    from accelerate.utils import get_int_from_env
+
+    size = get_int_from_env(["WORLD_SIZE"], 1)
     fsdp = fsdp_active()
-    return {"rank": num("RANK", 0), "local_rank": num("LOCAL_RANK", 0), "world_size": size,
-            "local_world_size": num("LOCAL_WORLD_SIZE", size), "fsdp": fsdp,
-            "offload": fsdp and flag("FSDP_OFFLOAD_PARAMS")}
+    return {"rank": get_int_from_env(["RANK"], 0),
+            "local_rank": get_int_from_env(["LOCAL_RANK"], 0), "world_size": size,
+            "local_world_size": get_int_from_env(["LOCAL_WORLD_SIZE"], size),
+            "fsdp": fsdp, "offload": fsdp and flag("FSDP_OFFLOAD_PARAMS")}
 
 
 def is_main_process() -> bool:
-    """True in a single process and in rank 0 of a launch: the one that writes files."""
-    return world()["rank"] == 0
+    """True in a single process and in rank 0 of a launch: the one that writes files
+    (``accelerate.PartialState().is_main_process``, the state the Trainer shares)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

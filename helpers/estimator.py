@@ -5,8 +5,6 @@ shape (:mod:`helpers.shapes`) and the run's settings, before anything is loaded 
 
 from __future__ import annotations
 
-import dataclasses
-import html
 import math
 from dataclasses import dataclass, field
 import torch
@@ -41,15 +39,18 @@ _ACT_SAVES = {"gelu": 1, "relu": 1, "silu": 1, "swish": 1, "gelu_pytorch_tanh": 
               "gelu_new": 4, "gelu_fast": 7, "quick_gelu": 2, "gelu_python": 1}
 
 
-def _dtype_bytes(dtype) -> int:
+def _as_dtype(dtype) -> torch.dtype:
+    """A floating-point torch dtype from itself or its name ("bfloat16", "torch.float16")."""
     if isinstance(dtype, str):
-        key = dtype.replace("torch.", "").lower()
-        dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                 "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
-                 "fp32": torch.float32, "float": torch.float32}.get(key)
-        if dtype is None:
-            raise ValueError("compute_dtype must be bfloat16, float16 or float32")
-    return torch.tensor([], dtype=dtype).element_size()
+        dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError("compute_dtype must be torch.bfloat16, torch.float16 or torch.float32")
+    return dtype
+
+
+def _dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype or its name (its ``itemsize``)."""
+    return _as_dtype(dtype).itemsize
 
 
 def _lora_specs(shape: ModelShape, targets) -> list[LinearSpec]:
@@ -107,36 +108,29 @@ class Estimate:
         """key -> bytes held at the peak (every item, device-only ones included)."""
         return {i.key: i.at_peak for i in self.items}
 
-    def rows(self) -> list[dict]:
-        return [dataclasses.asdict(i) for i in self.items]
+    def frame(self):
+        """The items and the two totals as a pandas DataFrame: item, held at the peak, why."""
+        import pandas as pd
+
+        rows = [[i.label, fmt_bytes(i.at_peak) if i.at_peak == i.bytes else
+                 f"{fmt_bytes(i.at_peak)} (of {fmt_bytes(i.bytes)})", i.explanation]
+                for i in self.items]
+        rows += [["peak allocated (max_memory_allocated)", fmt_bytes(self.total_allocated),
+                  f"at: {self.peak_phase}"],
+                 ["card memory needed", fmt_bytes(self.total_device), ""]]
+        return pd.DataFrame(rows, columns=["item", "at peak", "why"])
 
     def text(self) -> str:
-        w = max(len(i.label) for i in self.items)
         s = self.settings
         head = (f"{self.shape.name}: seq {s['seq_len']} x micro-batch {s['micro_batch']}, "
                 f"LoRA r={s['lora_r']}, checkpointing "
                 f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}")
-        lines = [head]
-        for i in self.items:
-            held = fmt_bytes(i.at_peak) if i.at_peak == i.bytes else \
-                f"{fmt_bytes(i.at_peak)} (of {fmt_bytes(i.bytes)})"
-            lines.append(f"  {i.label:{w}}  {held:>22}  {i.explanation}")
-        lines.append(f"  {'peak allocated (max_memory_allocated)':{w}}  "
-                     f"{fmt_bytes(self.total_allocated):>22}  at: {self.peak_phase}")
-        lines.append(f"  {'card memory needed':{w}}  {fmt_bytes(self.total_device):>22}")
-        return "\n".join(lines)
+        return head + "\n" + self.frame().to_string(index=False, justify="left")
 
     __str__ = text
 
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td>{html.escape(i.label)}</td><td style='text-align:right'>"
-            f"{fmt_bytes(i.at_peak)}</td><td>{html.escape(i.explanation)}</td></tr>"
-            for i in self.items)
-        return (f"<table><thead><tr><th>item</th><th>at peak</th><th>why</th></tr></thead>"
-                f"<tbody>{rows}<tr><th>peak allocated</th><th>{fmt_bytes(self.total_allocated)}"
-                f"</th><td>{html.escape(self.peak_phase)}</td></tr><tr><th>card memory needed"
-                f"</th><th>{fmt_bytes(self.total_device)}</th><td></td></tr></tbody></table>")
+        return self.frame().to_html(index=False)
 
     def as_metrics(self, prefix: str = "") -> dict:
         out = {f"{prefix}predicted_{i.key}_bytes": i.at_peak for i in self.items}
@@ -150,8 +144,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              lora_r: int = 16, lora_targets="all-linear", optimizer: str = "paged_adamw_8bit",
              compute_dtype=torch.bfloat16, double_quant: bool = True, cuda_context: bool = True,
              upcast_fp32: bool = False, autocast: bool | None = None,
-             lora_dropout: float = 0.05, attention: str = "sdpa", use_cache: bool = False,
-             chunked_loss: bool = True, context_bytes: int = CUDA_CONTEXT_BYTES,
+             lora_dropout: float = 0.05, chunked_loss: bool = True, context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
     """Predict the peak GPU memory of a QLoRA training step, item by item.
 
@@ -161,9 +154,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     4-bit layers and of the 16-bit ones; ``upcast_fp32``: embeddings, head and norms cast to
     float32 as ``prepare_model_for_kbit_training`` does (the original recipe; the series makes it
     optional); ``autocast``: the Trainer's fp16/bf16 mixed-precision flag (default: on unless the
-    compute dtype is float32); ``use_cache``: the model's ``config.use_cache`` during training
-    (a key/value cache is then built in every forward without checkpointing: set it False, as the
-    recipe does); ``chunked_loss``: the loss of :mod:`helpers.losses` (the series' default,
+    compute dtype is float32); ``chunked_loss``: the loss of :mod:`helpers.losses` (the series' default,
     CHUNKED_LOSS), whose logits exist one chunk of positions at a time, instead of the standard
     loss over the whole sequence's logits (False: the original recipe, a plain Trainer);
     ``cuda_context``: False on CPU.
@@ -178,9 +169,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         raise ValueError("seq_len and micro_batch must be positive")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(_OPTIMIZERS)}")
-    if attention not in ("sdpa", "eager"):
-        raise ValueError("attention must be 'sdpa' (default in transformers 5) or 'eager'")
-    cb = _dtype_bytes(compute_dtype)  # bytes of the compute dtype (2 or 4)
+    compute_dtype = _as_dtype(compute_dtype)
+    cb = compute_dtype.itemsize  # bytes of the compute dtype (2 or 4)
     fp32 = cb == 4
     if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)
         autocast = compute_dtype == torch.float16
@@ -190,7 +180,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
                 "compute_dtype": str(compute_dtype).replace("torch.", ""),
                 "double_quant": double_quant, "cuda_context": cuda_context,
                 "upcast_fp32": upcast_fp32, "autocast": autocast, "lora_dropout": lora_dropout,
-                "attention": attention, "use_cache": use_cache, "chunked_loss": chunked_loss,
+                "chunked_loss": chunked_loss,
                 "context_bytes": context_bytes,
                 "allocator_slack": allocator_slack}
     h, V, L, ff = shape.hidden, shape.vocab, shape.layers, shape.intermediate
@@ -278,14 +268,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
     # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
     # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
-    if attention == "sdpa":
-        per_tok["attention"] = 4 * q_dim * c16 + 4 * shape.heads
-    else:
-        # eager: q and k (float32 in GPT-J's upcast), v, and per head the softmax output
-        # (float32) and its 16-bit copy for the matmul with v: the 5*a*s/h-like term of
-        # Korthikanti et al. (2022), here 4 + 2 bytes per score.
-        per_tok["attention"] = 2 * q_dim * 4 + q_dim * c16 + \
-            shape.heads * seq_len * (4 + c16 + (1 if shape.attn_dropout > 0 else 0))
+    per_tok["attention"] = 4 * q_dim * c16 + 4 * shape.heads
     # MLP: the activation function saves its input (and a written-out formula its
     # intermediates); a gated MLP also keeps act(gate) and up for their product.
     saves = _ACT_SAVES.get(shape.activation, 1)
@@ -323,10 +306,6 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         logit_tokens, gathered = T, 0
     logits_fwd = 10 * logit_tokens * V + gathered // 3
     logits = 12 * logit_tokens * V + gathered
-    # A key/value cache (config.use_cache=True, no checkpointing): every block's keys and values
-    # in the stream dtype, alive until the model's output is dropped, just before backward.
-    kv_cache = L * T * 2 * shape.kv_heads * shape.head_dim * hb \
-        if (use_cache and not gradient_checkpointing) else 0
 
     # Backward through one block: with checkpointing it is recomputed (its saved tensors come
     # back), and the gradients in flight add a few stream-wide and MLP-wide tensors; the largest
@@ -338,8 +317,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     static = packed + const + n_emb * wb + n_head * wb + n_small * wb + shape.buffer_bytes + \
         n_lora * lora_b * 2 + opt_alloc + workspace
     phases = {
-        "end of the forward (logits, loss, key/value cache)":
-            static + held_acts + head_copy + final_norm + logits_fwd + kv_cache,
+        "end of the forward (logits and loss)":
+            static + held_acts + head_copy + final_norm + logits_fwd,
         "start of backward (logits and their gradient)":
             static + held_acts + head_copy + final_norm + logits,
         "backward through one block" + (" (recomputed)" if gradient_checkpointing else ""):
@@ -399,9 +378,6 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
               if chunked_loss else
               f"{T} tokens x {V} vocab x 12 bytes (float32 logits, log-softmax, gradients)")),
     ]
-    if use_cache and not gradient_checkpointing:
-        items.append(Item("kv_cache", "key/value cache", kv_cache, on(kv_cache, at_fwd),
-                          "built in training while config.use_cache is True; set it False"))
     total_allocated = sum(i.at_peak for i in items)
     items += [Item("optimizer_paged", "paged optimizer state", opt_paged, opt_paged,
                    "in unified memory, outside torch's allocator; evicted to CPU RAM under "
@@ -419,7 +395,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
 
 
 # items that live only for part of a step (the allocator's slack grows with them)
-_TRANSIENT_KEYS = ("block_recompute", "dequant_temp", "head_copy", "logits", "kv_cache")
+_TRANSIENT_KEYS = ("block_recompute", "dequant_temp", "head_copy", "logits")
 
 
 def _outside_allocator(items, allocated: int, cuda_context: bool, slack_frac: float,

@@ -12,14 +12,11 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import html
 import math
 import re
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 import torch
 from helpers.shapes import as_shape
@@ -124,8 +121,8 @@ _COLUMNS = [  # (title, attribute) of the printed table
 class MemoryLog:
     """Every tracked stage of a notebook, in order. ``with log.track("load"): ...`` adds one.
 
-    :meth:`table` gives the rows, ``print(log)`` a text table, and in a notebook the log shows as
-    an HTML table; :meth:`as_metrics` flattens it for the run manifest. Introduced in notebook 02.
+    :meth:`frame` gives the stages as a pandas DataFrame, ``print(log)`` its text, and in a notebook
+    the log shows as its HTML table; :meth:`as_metrics` flattens it for the run manifest. Introduced in notebook 02.
     """
 
     def __init__(self, sample_interval: float = 0.02):
@@ -176,29 +173,21 @@ class MemoryLog:
                 cpu_rss_peak=max(rss_peak, rss_before, rss_after),
                 cpu_maxrss=maxrss_after))
 
-    def table(self) -> list[dict]:
-        """One dict per stage (numbers in bytes and seconds)."""
-        return [dataclasses.asdict(r) for r in self.records]
+    def frame(self):
+        """The log as a pandas DataFrame with human units (one row per stage)."""
+        import pandas as pd
+
+        return pd.DataFrame([[_cell(getattr(r, a), a) for _, a in _COLUMNS] for r in self.records],
+                            columns=[t for t, _ in _COLUMNS])
 
     def text(self) -> str:
         """The log as a plain-text table with human units."""
-        head = [t for t, _ in _COLUMNS]
-        body = [[_cell(getattr(r, a), a) for _, a in _COLUMNS] for r in self.records]
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        lines = ["  ".join(x.ljust(w) if i == 0 else x.rjust(w)
-                           for i, (x, w) in enumerate(zip(row, widths)))
-                 for row in [head, *body]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return self.frame().to_string(index=False)
 
     __str__ = text
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(t)}</th>" for t, _ in _COLUMNS)
-        rows = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_cell(getattr(r, a), a))}</td>"
-                             for _, a in _COLUMNS) + "</tr>" for r in self.records)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        return self.frame().to_html(index=False)
 
     def as_metrics(self, prefix: str = "") -> dict:
         """Flat name -> number mapping for the manifest, e.g. ``peak_gpu_bytes_load`` and
@@ -215,10 +204,6 @@ class MemoryLog:
                 f"{prefix}seconds_{s}": r.seconds,
             })
         return out
-
-    def clear(self) -> None:
-        self.records.clear()
-
 
 def _cell(value, attr: str) -> str:
     if attr == "stage":
@@ -261,10 +246,6 @@ def _quant_state_tensors(qs) -> dict:
         if torch.is_tensor(getattr(s2, "code", None)):
             out["tables"].append(s2.code)
     return out
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.nelement() * t.element_size()
 
 
 def _module_of_param(model) -> dict:
@@ -311,7 +292,7 @@ def footprint_breakdown(model) -> list[dict]:
         mtype = type(module).__name__ if module is not None else ""
         if _is_params4bit(p):
             qs = p.quant_state
-            add("4-bit linear weights", _nbytes(p), logical_numel(p), p.dtype, True,
+            add("4-bit linear weights", p.nbytes, logical_numel(p), p.dtype, True,
                 "two 4-bit values packed per byte")
             groups = _quant_state_tensors(qs)
             nested = getattr(qs, "nested", False)
@@ -329,7 +310,7 @@ def footprint_breakdown(model) -> list[dict]:
                     if t.data_ptr() in seen_q:
                         continue
                     seen_q.add(t.data_ptr())
-                    add(part, _nbytes(t), 0, t.dtype, False,
+                    add(part, t.nbytes, 0, t.dtype, False,
                         f"{why}; not counted by get_memory_footprint")
             continue
         n = p.nelement()
@@ -345,10 +326,10 @@ def footprint_breakdown(model) -> list[dict]:
             part, note = "biases", "biases of the linear layers, never quantized"
         else:
             part, note = "other 16-bit parameters", "parameters of other layers"
-        add(part, _nbytes(p), n, p.dtype, True, note)
+        add(part, p.nbytes, n, p.dtype, True, note)
 
     for _, b in model.named_buffers():
-        add("buffers", _nbytes(b), 0, b.dtype, True,
+        add("buffers", b.nbytes, 0, b.dtype, True,
             "non-trainable tensors such as rotary frequencies")
 
     order = ["4-bit linear weights", "quantization constants: absmax (8-bit)",
@@ -372,20 +353,20 @@ def footprint_totals(rows: list[dict]) -> dict:
 
 
 def footprint_text(rows: list[dict]) -> str:
-    """A :func:`footprint_breakdown` as a text table with its two totals."""
+    """A :func:`footprint_breakdown` as a text table with its two totals (``*``: not counted by
+    get_memory_footprint)."""
+    import pandas as pd
+
     tot = footprint_totals(rows)
-    w = max(len(r["part"]) for r in rows) if rows else 10
-    lines = [f"{'part':{w}}  {'bytes':>10}  {'share':>6}  {'params':>14}  dtype"]
-    for r in rows:
-        star = "" if r["in_footprint"] else " *"
-        share = r["bytes"] / tot["resident"] if tot["resident"] else 0
-        lines.append(f"{r['part']:{w}}  {fmt_bytes(r['bytes']):>10}  {share:6.1%}  "
-                     f"{r['params']:>14,}  {r['dtypes']}{star}")
-    lines.append(f"{'get_memory_footprint (parameters + buffers)':{w}}  "
-                 f"{fmt_bytes(tot['footprint']):>10}")
-    lines.append(f"{'resident (with the * quantization constants)':{w}}  "
-                 f"{fmt_bytes(tot['resident']):>10}")
-    return "\n".join(lines)
+    table = pd.DataFrame({
+        "part": [r["part"] for r in rows],
+        "bytes": [fmt_bytes(r["bytes"]) for r in rows],
+        "share": [f"{r['bytes'] / tot['resident']:.1%}" if tot["resident"] else "" for r in rows],
+        "params": [f"{r['params']:,}" for r in rows],
+        "dtype": [r["dtypes"] + ("" if r["in_footprint"] else " *") for r in rows]})
+    return (table.to_string(index=False) + "\n"
+            f"get_memory_footprint (parameters + buffers): {fmt_bytes(tot['footprint'])}\n"
+            f"resident (with the * quantization constants): {fmt_bytes(tot['resident'])}")
 
 
 def _param_counts(model) -> tuple[int, int]:
@@ -409,7 +390,7 @@ def footprint_16bit(model_or_config) -> int:
     """
     if isinstance(model_or_config, torch.nn.Module):
         n4, n16 = _param_counts(model_or_config)
-        bufs = sum(_nbytes(b) for b in model_or_config.buffers())
+        bufs = sum(b.nbytes for b in model_or_config.buffers())
         return 2 * (n4 + n16) + bufs
     shape = as_shape(model_or_config)
     return 2 * shape.n_params()
@@ -454,46 +435,35 @@ def linear_group(name: str) -> str:
     return "other linear"
 
 
-def quantization_error(model_or_state_dict_16bit, quant_types=("nf4", "fp4"),
-                       blocksize: int = BLOCKSIZE, double_quant: bool = False,
-                       max_weights: int | None = None) -> list[dict]:
+def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
     """Relative error ||W - dequant(quant(W))|| / ||W|| of 4-bit quantization, by layer type.
 
-    Input: a 16-bit (or float32) model, or a dict name -> weight. Every 2-D linear weight is
-    quantized with ``bitsandbytes.functional.quantize_4bit`` and dequantized back (works on CPU);
-    embeddings and the head are skipped, since QLoRA keeps them 16-bit. The error of a group is
-    the Frobenius norm of all its weights' errors over the norm of all its weights.
-    ``max_weights`` caps how many weights are measured (quick looks at big models).
-    Introduced in notebook 02.
+    Input: a 16-bit (or float32) model. Every linear weight is quantized with
+    ``bitsandbytes.functional.quantize_4bit`` (blocks of 64, no double quantization) and
+    dequantized back (works on CPU); embeddings and the head are skipped, since QLoRA keeps them
+    16-bit. The error of a group is the Frobenius norm of all its weights' errors over the norm
+    of all its weights. Introduced in notebook 02.
     """
     import bitsandbytes.functional as bnbf
 
-    if isinstance(model_or_state_dict_16bit, torch.nn.Module):
-        weights = {}
-        for mname, module in model_or_state_dict_16bit.named_modules():
-            if isinstance(module, torch.nn.Linear) and not _SKIP_PAT.search(mname):
-                if _is_params4bit(module.weight):
-                    raise ValueError(f"{mname} is already 4-bit: give quantization_error the "
-                                     "16-bit model (or its state dict), not the quantized one")
-                weights[mname] = module.weight
-    elif isinstance(model_or_state_dict_16bit, Mapping):
-        weights = {k: v for k, v in model_or_state_dict_16bit.items()
-                   if torch.is_tensor(v) and v.dim() == 2 and not _SKIP_PAT.search(k)}
-    else:
-        raise TypeError("quantization_error takes a torch model or a dict name -> weight tensor")
+    weights = {}
+    for mname, module in model_16bit.named_modules():
+        if isinstance(module, torch.nn.Linear) and not _SKIP_PAT.search(mname):
+            if _is_params4bit(module.weight):
+                raise ValueError(f"{mname} is already 4-bit: give quantization_error the "
+                                 "16-bit model, not the quantized one")
+            weights[mname] = module.weight
     if not weights:
-        raise ValueError("no 2-D linear weights found to quantize")
-    items = list(weights.items())[: max_weights or None]
+        raise ValueError("no linear weights found to quantize")
     acc = {}  # (group, qtype) -> [err2, ref2, n_weights, n_params]
-    for name, w in items:
+    for name, w in weights.items():
         w = w.detach()
         if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             w = w.float()
         group = linear_group(name)
         ref2 = w.float().pow(2).sum().item()
         for qt in quant_types:
-            q, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
-                                          quant_type=qt)
+            q, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=qt)
             deq = bnbf.dequantize_4bit(q, state)
             err2 = (w.float() - deq.float()).pow(2).sum().item()
             a = acc.setdefault((group, qt), [0.0, 0.0, 0, 0])

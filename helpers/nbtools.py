@@ -1,6 +1,6 @@
 """The notebooks' conventions, written once: the standard header (title, Colab badge, overview,
-setup cell, parameters cell, config cell), a normalized JSON form with no outputs, and a checker
-that the tests and ``python -m helpers.nbtools check`` run.
+setup cell, parameters cell), a normalized JSON form with no outputs, and a checker that the tests
+and ``python -m helpers.nbtools check`` run.
 
 ``python -m helpers.nbtools normalize notebooks/*.ipynb`` rewrites notebooks into the committed
 form (outputs stripped, stable cell ids, sorted keys).
@@ -41,52 +41,6 @@ def badge(stem: str) -> str:
         f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
         f"({badge_url(stem)})"
     )
-
-
-def _cell(kind: str, source: str, tags=None) -> dict:
-    source = source.strip("\n")
-    cell = {"cell_type": "markdown" if kind == "md" else "code", "metadata": {}, "source": source}
-    if kind != "md":
-        cell.update(execution_count=None, outputs=[])
-    if tags:
-        cell["metadata"]["tags"] = list(tags)
-    return cell
-
-
-def parameters_source(parameters: dict, notes: dict | None = None) -> str:
-    """A parameters cell of literals, with Colab form annotations and a short note each."""
-    notes = notes or {}
-    lines = ["# Parameters (papermill and `python -m helpers.run -p NAME VALUE` override these)"]
-    for name, value in parameters.items():
-        kind = {bool: "boolean", int: "integer", float: "number"}.get(type(value), "string")
-        note = f"  {notes[name]}" if name in notes else ""
-        lines.append(f"{name} = {value!r}  # @param {{type:\"{kind}\"}}{note}")
-    return "\n".join(lines)
-
-
-def build(stem: str, title: str, overview: str, parameters: dict, body: list,
-          notes: dict | None = None) -> dict:
-    """A whole notebook: header cells, then ``body``, a list of ("md"|"code", source) pairs."""
-    cells = [
-        _cell("md", f"# {title}\n\n{badge(stem)}\n\n{overview.strip()}"),
-        _cell("code", SETUP_SOURCE),
-        _cell("code", parameters_source(parameters, notes), tags=["parameters"]),
-        _cell("code", f'cfg = helpers.config.start("{stem}", globals())\ncfg'),
-    ]
-    for kind, source in body:
-        cells.append(_cell(kind, source))
-    nb = {
-        "cells": cells,
-        "metadata": {
-            "accelerator": "GPU",
-            "colab": {"provenance": []},
-            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-            "language_info": {"name": "python"},
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-    return normalize(nb)
 
 
 def normalize(nb: dict) -> dict:

@@ -67,7 +67,7 @@ MEMORY_SEGMENTS = (
      "#8172b2"),
     ("cuBLAS workspaces", ("cublas_workspace",), "#64b5cd"),
     ("saved activations", ("activations",), "#dd8452"),
-    ("logits, head copy, KV cache", ("logits", "head_copy", "kv_cache"), "#c44e52"),
+    ("logits, head copy", ("logits", "head_copy"), "#c44e52"),
     ("one block in backward, dequantization", ("block_recompute", "dequant_temp"), "#937860"),
     ("CUDA context + allocator slack", ("cuda_context", "allocator_slack"), "#b0b0b0"),
 )

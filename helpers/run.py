@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import logging
 import os
 import sys
 import time
@@ -115,7 +116,7 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
     from helpers import env
 
     os.environ["QLORA_SERIES_STATIC"] = "1"  # widgets render their static twins
-    logging_quiet()
+    logging.getLogger("papermill").setLevel(logging.ERROR)
     manifest.update(run_dir, lambda d: d.update(
         series_version=__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         command=" ".join(["python -m helpers.run"] + sys.argv[1:]),
@@ -140,12 +141,6 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
         echo(f"[{i}/{len(stems)}] {stem} ok ({secs:.1f} s)", flush=True)
     manifest.update(run_dir, lambda d: d.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
     return True
-
-
-def logging_quiet() -> None:
-    import logging
-
-    logging.getLogger("papermill").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------- regression comparison
@@ -212,20 +207,18 @@ def compare(current: dict, baseline: dict) -> list[dict]:
 
 
 def format_comparison(rows: list[dict]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        return str(v)
+    """The rows of :func:`compare` as a text table, with a closing count of regressions."""
+    import pandas as pd
 
-    head = f"{'notebook':30} {'figure':34} {'baseline':>14} {'current':>14}  verdict"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['notebook'][:30]:30} {r['figure'][:34]:34} {fmt(r['baseline']):>14} "
-                     f"{fmt(r['current']):>14}  {r['verdict']}")
+    def fmt(v):  # byte counts stay whole numbers, measured floats get 6 digits
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    columns = ["notebook", "figure", "baseline", "current", "verdict"]
+    table = pd.DataFrame(rows, columns=columns, dtype=object)
     bad = [r for r in rows if r["verdict"].startswith("REGRESSION")]
-    lines.append(f"{len(rows)} figures compared, {len(bad)} regression(s)"
-                 + (": " + ", ".join(f"{r['notebook']}:{r['figure']}" for r in bad) if bad else ""))
-    return "\n".join(lines)
+    return (table.to_string(index=False, formatters={"baseline": fmt, "current": fmt}) + "\n"
+            f"{len(rows)} figures compared, {len(bad)} regression(s)"
+            + (": " + ", ".join(f"{r['notebook']}:{r['figure']}" for r in bad) if bad else ""))
 
 
 def load_baseline(path: str) -> dict:

@@ -5,6 +5,7 @@ architecture (layers, widths, linear layers, vocabulary), read without loading a
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,7 +58,6 @@ class ModelShape:
     head_bias: bool = False
     position_embeddings: int = 0  # learned position rows (OPT); 0 with rotary embeddings
     resid_dropout: float = 0.0
-    attn_dropout: float = 0.0
     extra_linears: tuple = ()  # quantized linears outside the blocks (OPT's project_in/out)
     embed_dim: int = 0  # width of the token embeddings and head when it differs from hidden
     buffer_bytes: int = 0  # rotary tables (float32 buffers; get_memory_footprint counts them)
@@ -170,7 +170,6 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
             parallel_residual=bool(_cfg_get(cfg, "use_parallel_residual", default=True)),
             activation=str(_cfg_get(cfg, "hidden_act", default="gelu")),
             resid_dropout=float(_cfg_get(cfg, "hidden_dropout", default=0.0)),
-            attn_dropout=float(_cfg_get(cfg, "attention_dropout", default=0.0)),
             buffer_bytes=_inv_freq_bytes(cfg, h // a))
     if mt == "gptj":
         ff = int(_cfg_get(cfg, "n_inner", default=4 * h) or 4 * h)
@@ -186,7 +185,6 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
             linears=linears, norm="layernorm", norms_per_block=1, parallel_residual=True,
             activation=str(_cfg_get(cfg, "activation_function", default="gelu_new")),
             head_bias=True, resid_dropout=float(_cfg_get(cfg, "resid_pdrop", default=0.0)),
-            attn_dropout=float(_cfg_get(cfg, "attn_pdrop", default=0.0)),
             # one sin/cos table of context x rotary_dim float32 values
             buffer_bytes=4 * ctx * int(_cfg_get(cfg, "rotary_dim", default=h // a) or h))
     if mt == "opt":
@@ -210,7 +208,6 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
             activation=str(_cfg_get(cfg, "activation_function", default="relu")),
             position_embeddings=ctx + 2,
             resid_dropout=float(_cfg_get(cfg, "dropout", default=0.1)),
-            attn_dropout=float(_cfg_get(cfg, "attention_dropout", default=0.0)),
             extra_linears=extra, embed_dim=proj)
         return shape
 
@@ -233,7 +230,7 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
             name=name, family=family, vocab=V, hidden=h, layers=L, heads=a, kv_heads=kv,
             head_dim=hd, intermediate=ff, context=ctx, tied_embeddings=tied, linears=linears,
             norm="rmsnorm", norms_per_block=2, parallel_residual=False, activation=act,
-            gated_mlp=True, attn_dropout=float(_cfg_get(cfg, "attention_dropout", default=0.0)),
+            gated_mlp=True,
             buffer_bytes=_inv_freq_bytes(cfg, hd))
     linears = (LinearSpec("q_proj", h, a * hd, True, "attention"),
                LinearSpec("k_proj", h, kv * hd, True, "attention"),
@@ -262,44 +259,29 @@ def as_shape(x) -> ModelShape:
     if isinstance(x, ModelShape):
         return x
     if isinstance(x, str):
-        if x in PRESETS:
-            return PRESETS[x]
-        raise ValueError(f"no model preset named {x!r}; presets: {', '.join(PRESETS) or 'none'} "
+        if x in _presets():
+            return _presets()[x]
+        raise ValueError(f"no model preset named {x!r}; presets: {', '.join(_presets()) or 'none'} "
                          f"(add a config JSON to {CONFIG_DIR.name}/ or pass a config)")
     return shape_from_config(x)
 
 
-class _Presets(Mapping):
-    """Model presets, name -> ModelShape, read lazily from ``helpers/configs/*.json``."""
-
-    def __init__(self, folder: Path):
-        self._folder = folder
-        self._shapes: dict | None = None
-
-    def _load(self) -> dict:
-        if self._shapes is None:
-            shapes = {}
-            for p in sorted(self._folder.glob("*.json")) if self._folder.is_dir() else []:
-                try:
-                    shapes[p.stem] = shape_from_config(json.loads(p.read_text()), name=p.stem)
-                except (ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"model preset {p.name} is not a usable config ({err}); "
-                                     "it needs model_type, hidden_size, num_hidden_layers, "
-                                     "num_attention_heads and vocab_size") from None
-            self._shapes = shapes
-        return self._shapes
-
-    def reload(self) -> None:
-        self._shapes = None
-
-    def __getitem__(self, key):
-        return self._load()[key]
-
-    def __iter__(self):
-        return iter(self._load())
-
-    def __len__(self):
-        return len(self._load())
+@functools.cache
+def _presets(folder: Path = CONFIG_DIR) -> dict:
+    """Model presets, name -> ModelShape, from the config JSON files in ``helpers/configs/``."""
+    shapes = {}
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            shapes[p.stem] = shape_from_config(json.loads(p.read_text()), name=p.stem)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"model preset {p.name} is not a usable config ({err}); "
+                             "it needs model_type, hidden_size, num_hidden_layers, "
+                             "num_attention_heads and vocab_size") from None
+    return shapes
 
 
-PRESETS: Mapping = _Presets(CONFIG_DIR)
+def __getattr__(name):
+    """``PRESETS`` (name -> ModelShape) is read on first use: reading it imports transformers."""
+    if name == "PRESETS":
+        return _presets()
+    raise AttributeError(f"module 'helpers.shapes' has no attribute {name!r}")

@@ -79,7 +79,7 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
         return {"estimate": est, "verdict": verdict, "figure": fig}
 
     import ipywidgets as w
-    from IPython.display import clear_output, display
+    from IPython.display import display
 
     ctrl = {
         "name": w.Dropdown(options=list(shapes), value=model, description="model"),
@@ -93,18 +93,12 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
                         description="LoRA r"),
         "gc": w.Checkbox(value=gradient_checkpointing, description="gradient checkpointing"),
     }
-    out = w.Output()
 
-    def redraw(_=None):
-        _, verdict, fig = compute(*(c.value for c in ctrl.values()))
-        with out:
-            clear_output(wait=True)
-            display(fig)
-            print(verdict)
+    def redraw(name, gb, seq, mb, r, gc):
+        _, verdict, fig = compute(name, gb, seq, mb, r, gc)
+        display(fig)
+        print(verdict)
 
-    for c in ctrl.values():
-        c.observe(redraw, names="value")
-    redraw()
-    box = w.VBox([w.HBox([ctrl["name"], ctrl["gb"], ctrl["gc"]]),
-                  w.HBox([ctrl["seq"], ctrl["mb"], ctrl["r"]]), out])
-    return box
+    out = w.interactive_output(redraw, ctrl)  # redrawn on every change
+    return w.VBox([w.HBox([ctrl["name"], ctrl["gb"], ctrl["gc"]]),
+                   w.HBox([ctrl["seq"], ctrl["mb"], ctrl["r"]]), out])

@@ -472,9 +472,13 @@ def test_metrics_figures(tmp_path, tokenizer):
         assert isinstance(m[key], (int, float)), key
     assert m["train_examples"] == 9 and m["eval_examples"] == 1
     assert len(prepared.lengths) == 9
-    stats = data.length_stats(prepared.lengths)
-    assert stats["mean"] == pytest.approx(m["mean_tokens"])
-    assert stats["max"] == m["max_tokens"] and stats["count"] == 9
+    import numpy as np
+
+    lengths = np.asarray(prepared.lengths)
+    assert m["mean_tokens"] == pytest.approx(lengths.mean(), abs=0.005)
+    assert m["median_tokens"] == np.median(lengths)
+    assert m["p95_tokens"] == pytest.approx(np.percentile(lengths, 95), abs=0.005)
+    assert (m["max_tokens"], m["min_tokens"]) == (lengths.max(), lengths.min())
     assert "train examples" in repr(prepared)
 
 

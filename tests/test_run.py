@@ -71,10 +71,10 @@ def test_config_refuses_out_of_range_values():
 def test_failure_names_notebook_and_cell_and_keeps_the_copy(tmp_path):
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
-    nb = nbtools.build("01_environment_and_cuda", "Broken", "A notebook that fails.",
-                       {"RUN_DIR": "", "SEED": 1},
-                       [("code", "x = 1"), ("code", "raise ValueError('deliberate failure')"),
-                        ("code", "y = 2")])
+    nb = json.loads((ROOT / "notebooks" / "01_environment_and_cuda.ipynb").read_text())
+    nb["cells"] = nb["cells"][:4] + [  # title, setup, parameters, config; then a failing cell
+        {"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None}
+        for src in ("x = 1", "raise ValueError('deliberate failure')", "y = 2")]
     nbtools.write(nbdir / "01_environment_and_cuda.ipynb", nb)
     out = tmp_path / "run"
     proc = _main("--run-dir", str(out), env={"QLORA_NOTEBOOKS": str(nbdir)})
