@@ -227,9 +227,11 @@ def test_upcast_costs_exactly_what_it_reports_and_matches_peft(saved):
 def test_trainable_count_equals_formula_and_it_trains(saved, family):
     model = load_4bit(saved, family)
     lora.prepare_for_training(model)
+    before = lora.param_bytes(model)
     wrapped = lora.attach(model, cfg())
     report = lora.trainable_report(wrapped)
     t = report["totals"]
+    assert t["bytes_before"] == before  # measured before attaching, not only derived
     assert t["equal"] and t["formula_count"] == t["counted"] == t["trainable"] > 0
     assert t["lora_target_count"] == 2 * len(ATTENTION[family] | MLP[family])
     assert sum(r["trainable"] for r in report["rows"]) == t["trainable"]
