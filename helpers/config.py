@@ -203,23 +203,14 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
 
 def _display_options() -> None:
     """Quiet, readable output: fewer library warnings, no progress-bar spam from loading."""
-    import logging
     import warnings
+
+    import matplotlib
+    import transformers
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - display only
-        pass
-    try:
-        import matplotlib
-
-        matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
-    except ImportError:  # pragma: no cover
-        pass
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})

@@ -534,26 +534,3 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
                     and result["lora_B_grad_nonzero"] and result["base_4bit_unchanged"]
                     and b_changed)
     return result
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-def metrics(report: dict, prepared: dict) -> dict:
-    """Notebook 03's figures for the manifest, from :func:`trainable_report` and the report of
-    :func:`prepare_for_training`."""
-    t = report["totals"]
-    out = {
-        "trainable_params": t["trainable"],
-        "total_params": t["total_params"],
-        "trainable_percent": t["trainable_percent"],
-        "lora_target_count": t["lora_target_count"],
-        "lora_formula_matches": t["equal"],
-        "adapter_bytes": t["adapter_bytes"],
-        "bytes_before_lora": t["bytes_before"],
-        "bytes_after_lora": t["bytes_after"],
-        "upcast_bytes_avoided": prepared["upcast_bytes_avoided"],
-        "upcast_bytes_would_cost": prepared["upcast_bytes_would_cost"],
-        "bytes_prepared": prepared["bytes_after"],
-    }
-    return out

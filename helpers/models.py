@@ -121,14 +121,10 @@ REHEARSALS: dict = {
                    "than one 24 GB card holds (FSDP over several GPUs)",
     "tiny-neox": "a GPT-NeoX of 0.36M parameters (the embedded tokenizer's vocabulary), for tests",
 }
-# The Hub model each shipped rehearsal stands for (its tokenizer is used when the Hub is reachable).
-REHEARSAL_HUB_IDS: dict = {
-    "gpt-neox-20b": "EleutherAI/gpt-neox-20b",
-    "gpt-j-6b": "EleutherAI/gpt-j-6b",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
-    "mistral-7b": "mistralai/Mistral-7B-v0.1",
-    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-}
+# The Hub model each shipped rehearsal stands for, the id its description starts with (its
+# tokenizer is used when the Hub is reachable).
+REHEARSAL_HUB_IDS: dict = {name: text.split(",")[0] for name, text in REHEARSALS.items()
+                           if "/" in text.split(",")[0]}
 
 
 class ModelUnavailableError(ConfigError):

@@ -263,18 +263,6 @@ def test_attention_scope_counts(saved):
     assert t["lora_target_count"] == 4
 
 
-def test_metrics_for_manifest(saved):
-    model = load_4bit(saved, "opt")
-    prepared = lora.prepare_for_training(model)
-    wrapped = lora.attach(model, cfg())
-    figures = lora.metrics(lora.trainable_report(wrapped), prepared)
-    for key in ("trainable_params", "total_params", "lora_target_count", "trainable_percent",
-                "upcast_bytes_avoided"):
-        assert isinstance(figures[key], (int, float)) and figures[key] > 0
-    assert figures["lora_formula_matches"] is True
-    assert 0 < figures["trainable_percent"] < 100
-
-
 def test_gradient_check_catches_a_trainable_base_weight(saved):
     model = load_4bit(saved, "llama")
     lora.prepare_for_training(model)
