@@ -11,7 +11,6 @@ import ast
 import contextlib
 import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from helpers.tokens import EOS_TOKEN, PAD_TOKEN
 
 # Change the version whenever the recipe below changes: the cache folder is named after it, so a
 # new recipe builds a new model instead of reusing an old one.
-EMBEDDED_VERSION = "embedded-gpt-neox-v1"
+EMBEDDED_VERSION = "embedded-gpt-neox-v2"  # v2: transformers' cosine schedule (v1 hand-written)
 
 EMBEDDED_RECIPE: dict = {
     # tokenizer
@@ -287,15 +286,6 @@ def _embedded_config(recipe: dict, tokenizer):
         architectures=["GPTNeoXForCausalLM"])
 
 
-def _cosine_lr(step: int, recipe: dict, steps: int) -> float:
-    peak, warmup = recipe["learning_rate"], recipe["warmup"]
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    low = recipe["final_lr_fraction"]
-    return peak * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 @torch.no_grad()
 def _eval_loss(model, blocks: torch.Tensor, batch: int) -> float:
     model.eval()
@@ -337,6 +327,7 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
     import tokenizers
     import transformers
     from transformers import GenerationConfig, GPTNeoXForCausalLM
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     recipe = {**EMBEDDED_RECIPE, **(recipe or {})}
     steps = recipe["steps"] if steps is None else int(steps)
@@ -377,6 +368,8 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
             [{"params": decay, "weight_decay": recipe["weight_decay"]},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=recipe["learning_rate"], betas=recipe["betas"])
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, recipe["warmup"], steps, min_lr_rate=recipe["final_lr_fraction"])
         initial_eval = _eval_loss(model, held_out, recipe["batch"])
 
         batch, log_every = recipe["batch"], recipe["log_every"]
@@ -387,12 +380,11 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
                 epoch_order, position = torch.randperm(len(train_blocks), generator=order), 0
             x = train_blocks[epoch_order[position:position + batch]].to(device)
             position += batch
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(step, recipe, steps)
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             window.append(loss.item())
             if (step + 1) % log_every == 0 or step + 1 == steps:
