@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers import budget, callbacks, config, data, env, loading, lora, plots, train  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 
 class EvalEvery(train.TrainerCallback):
@@ -45,7 +46,7 @@ class EvalEvery(train.TrainerCallback):
 
 def run_defaults(tokens, every, run_dir):
     cfg = config.make_config(RUN_DIR=str(run_dir / "defaults"), MAX_STEPS=100000, SAVE_STEPS=0)
-    config.seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     tok = loading.load_tokenizer(cfg.model)
     model = loading.load_model(cfg.model, tokenizer=tok)
     lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
@@ -66,7 +67,7 @@ def run_original(tokens, every, run_dir):
     from transformers import TrainingArguments
 
     cfg = config.make_config(RUN_DIR=str(run_dir / "original"), PACKING=False)
-    config.seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     tok = loading.load_tokenizer(cfg.model)
     model = loading.load_model(cfg.model, tokenizer=tok)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,23 +169,6 @@ def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so a run repeats."""
-    random.seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
-    import torch
-
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
 def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
     """The second cell of every notebook: parameters -> Config, seeds, display, manifest entry.
 
@@ -211,7 +193,9 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
         raise ConfigError(
             f"cannot write to RUN_DIR={cfg.run_dir!r} ({err.strerror}); choose a writable folder"
         ) from None
-    seed_everything(cfg.seed)
+    import transformers
+
+    transformers.set_seed(cfg.seed)  # Python, NumPy and torch (CPU and every GPU)
     _display_options()
     manifest.begin_notebook(cfg.run_dir, notebook, cfg.as_parameters())
     return cfg
@@ -220,26 +204,16 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
 def _display_options() -> None:
     """Quiet, readable output: fewer library warnings, no progress-bar spam from loading, whole
     texts in pandas tables."""
-    import logging
     import warnings
+
+    import matplotlib
+    import pandas  # installed with datasets
+    import transformers
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - display only
-        pass
-    try:
-        import matplotlib
-
-        matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
-    except ImportError:  # pragma: no cover
-        pass
-    import pandas  # installed with datasets
-
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
     pandas.set_option("display.max_colwidth", None)  # tables show whole generated texts

@@ -11,7 +11,6 @@ import ast
 import contextlib
 import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 import torch
+from filelock import FileLock, Timeout
 from helpers import env
 from helpers.tokens import EOS_TOKEN, PAD_TOKEN
 
@@ -32,7 +32,7 @@ from helpers.tokens import EOS_TOKEN, PAD_TOKEN
 
 # Change the version whenever the recipe below changes: the cache folder is named after it, so a
 # new recipe builds a new model instead of reusing an old one.
-EMBEDDED_VERSION = "embedded-gpt-neox-v1"
+EMBEDDED_VERSION = "embedded-gpt-neox-v2"  # v2: transformers' cosine schedule (v1 hand-written)
 
 EMBEDDED_RECIPE: dict = {
     # tokenizer
@@ -120,28 +120,6 @@ def embedded_path(build: bool = True) -> Path:
     return build_embedded(folder)
 
 
-@contextlib.contextmanager
-def _build_lock(folder: Path):
-    """One build at a time per folder, across processes (a test and a notebook, say); the second
-    waits for the first and then finds its result."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
-        yield
-        return
-    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"another process is building {folder.name}; waiting for it", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_embedded(dest=None, seed: int = 0, force: bool = False, *, _steps: int | None = None,
                    _recipe: dict | None = None) -> Path:
     """Build the embedded model into ``dest`` (default: the cache) and return the folder.
@@ -149,9 +127,10 @@ def build_embedded(dest=None, seed: int = 0, force: bool = False, *, _steps: int
     Corpus extraction, tokenizer training, pretraining and saving, all on this machine with no
     network; about a minute on two CPU cores (a CUDA GPU is used when present). The same seed
     gives the same weights on the same machine. The model is built in a temporary folder next to
-    ``dest`` and renamed into place, under a file lock, so a half-built model is never seen and
-    two processes never build at once. A finished build of the same recipe and seed is reused
-    unless ``force``; one of another recipe is replaced.
+    ``dest`` and renamed into place, under a file lock (``filelock``, as the Hub client locks its
+    cache), so a half-built model is never seen and two processes never build at once. A
+    finished build of the same recipe and seed is reused unless ``force``; one of another recipe
+    is replaced.
     (``_steps``/``_recipe`` shorten or vary the recipe, for tests and measurements.)
     """
     if dest is None:
@@ -159,7 +138,14 @@ def build_embedded(dest=None, seed: int = 0, force: bool = False, *, _steps: int
         dest = cache_root() / name
     dest = Path(dest).expanduser().absolute()
     expected = _expected(seed, _steps, _recipe)
-    with _build_lock(dest):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(dest.parent / f".{dest.name}.lock")
+    try:
+        held = lock.acquire(timeout=0)
+    except Timeout:
+        print(f"another process is building {dest.name}; waiting for it", flush=True)
+        held = lock.acquire()
+    with held:
         if not force and _is_built(dest, expected):
             return dest
         print(f"building the embedded model into {dest} (about a minute on two CPU cores, "
@@ -229,19 +215,14 @@ def clean_docstring(doc: str) -> str:
     return "\n".join(paragraphs)
 
 
-def stdlib_corpus() -> tuple[list[str], dict]:
+@functools.lru_cache(maxsize=1)
+def stdlib_corpus() -> tuple[tuple, dict]:
     """The pretraining corpus: the cleaned docstrings of the installed Python standard library
     (tests, IDLE, lib2to3 and site-packages left out), files in sorted order, duplicates dropped.
 
     Returns the documents and a summary (files, documents, characters, Python version). Read
-    once per process (a few seconds).
+    once per process (a few seconds); the caller copies the summary before changing it.
     """
-    docs, summary = _stdlib_corpus()
-    return list(docs), dict(summary)
-
-
-@functools.lru_cache(maxsize=1)
-def _stdlib_corpus() -> tuple[tuple, dict]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for folder, subdirs, names in os.walk(root):
@@ -305,15 +286,6 @@ def _embedded_config(recipe: dict, tokenizer):
         architectures=["GPTNeoXForCausalLM"])
 
 
-def _cosine_lr(step: int, recipe: dict, steps: int) -> float:
-    peak, warmup = recipe["learning_rate"], recipe["warmup"]
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    low = recipe["final_lr_fraction"]
-    return peak * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 @torch.no_grad()
 def _eval_loss(model, blocks: torch.Tensor, batch: int) -> float:
     model.eval()
@@ -355,6 +327,7 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
     import tokenizers
     import transformers
     from transformers import GenerationConfig, GPTNeoXForCausalLM
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     recipe = {**EMBEDDED_RECIPE, **(recipe or {})}
     steps = recipe["steps"] if steps is None else int(steps)
@@ -362,6 +335,7 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
     seconds = {}
 
     docs, corpus = stdlib_corpus()
+    docs, corpus = list(docs), dict(corpus)
     seconds["corpus"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -394,6 +368,8 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
             [{"params": decay, "weight_decay": recipe["weight_decay"]},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=recipe["learning_rate"], betas=recipe["betas"])
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, recipe["warmup"], steps, min_lr_rate=recipe["final_lr_fraction"])
         initial_eval = _eval_loss(model, held_out, recipe["batch"])
 
         batch, log_every = recipe["batch"], recipe["log_every"]
@@ -404,12 +380,11 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
                 epoch_order, position = torch.randperm(len(train_blocks), generator=order), 0
             x = train_blocks[epoch_order[position:position + batch]].to(device)
             position += batch
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(step, recipe, steps)
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             window.append(loss.item())
             if (step + 1) % log_every == 0 or step + 1 == steps:

@@ -1,6 +1,7 @@
 """Loading a model for the series: the tokenizer with a real padding token distinct from EOS
-(:func:`load_tokenizer`), the base in 4-bit (:func:`load_model`), in 16-bit for the merge
-(:func:`load_16bit`), and what a loaded model is (:func:`describe`). Introduced in notebook 02.
+(:func:`load_tokenizer`), the base in 4-bit (:func:`load_model`, notebook 02's cells in one call),
+in 16-bit for the merge (:func:`load_16bit`), and what a loaded model is (:func:`describe`).
+Introduced in notebook 02.
 """
 
 from __future__ import annotations
@@ -8,31 +9,20 @@ from __future__ import annotations
 import torch
 from helpers import env
 from helpers.units import logical_numel
-from helpers.models import _compute_dtype, _quant_storage, quantization_config, resolve
+from helpers.models import (_compute_dtype, _device, _device_map, _dtype_kwarg, _from_pretrained,
+                            cpu_safe, quantization_config, resolve)
 from helpers.rehearsal import _rehearsal_tokenizer, build_rehearsal
 from helpers.tokens import PAD_TOKEN
-from helpers.models import _device, _device_map, _dtype_kwarg, _from_pretrained, cpu_safe
-
-
-def ensure_pad_token(tokenizer):
-    """Give ``tokenizer`` a padding token distinct from EOS (notebook 04).
-
-    Padding with EOS, as the original recipe does, makes the data collator mask every EOS out of
-    the labels, and the tuned model never learns to stop. An existing ``<|pad|>`` token is used
-    when the vocabulary has one; otherwise it is added as a special token (then the model's
-    embeddings must grow: :func:`load_model` does that).
-    """
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
-        return tokenizer
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    return tokenizer
 
 
 def load_tokenizer(model, padding_side: str = "right"):
     """The tokenizer of MODEL, with a real padding token and right padding for training
     (notebook 02).
 
+    Padding with EOS, as the original recipe does, makes the data collator mask every EOS out of
+    the labels, and the tuned model never learns to stop. So a tokenizer whose padding token is
+    missing or is EOS gets ``<|pad|>`` (the existing token when the vocabulary has one, else a new
+    special token: then the model's embeddings must grow, see :func:`fit_embeddings`).
     A rehearsal has no tokenizer of its own: it uses the real model's tokenizer when the Hub is
     reachable, else the embedded model's (its ids fit every shipped architecture's vocabulary).
     """
@@ -43,14 +33,16 @@ def load_tokenizer(model, padding_side: str = "right"):
         tokenizer = _rehearsal_tokenizer(source)
     else:
         tokenizer = _from_pretrained(AutoTokenizer, source)
-    ensure_pad_token(tokenizer)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
 def fit_embeddings(model, tokenizer) -> bool:
-    """Grow the embeddings (and head) when the tokenizer has more tokens than the model has rows,
-    and tell the model which ids pad and end; True if it grew (notebook 02)."""
+    """Grow the embeddings (and head) when the tokenizer has more tokens than the model has rows
+    (it gained ``<|pad|>``), and tell the model which ids pad and end; True if it grew
+    (notebook 02)."""
     rows = model.get_input_embeddings().weight.shape[0]
     grew = len(tokenizer) > rows
     if grew:
@@ -66,14 +58,15 @@ def fit_embeddings(model, tokenizer) -> bool:
 
 def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
                compute_dtype="auto", device=None, tokenizer=None, quant_storage="auto"):
-    """MODEL loaded in 4-bit, as the article does, on the GPU (or on CPU) (notebook 02).
+    """MODEL loaded in 4-bit, as the article does, on the GPU (or on CPU): notebook 02's cells in
+    one call, for the notebooks after it and the command line.
 
+    The ``BitsAndBytesConfig`` of :func:`helpers.models.quantization_config` goes to
     ``from_pretrained(..., quantization_config=..., device_map={"": 0} or {"": "cpu"},
     dtype=compute dtype)``: every linear layer but the output head becomes a bitsandbytes
-    ``Linear4bit``; embeddings, norms and head stay in the compute dtype. A rehearsal is built
-    layer by layer instead (:func:`build_rehearsal`). The embeddings grow when the tokenizer
-    (given, or :func:`load_tokenizer`'s) has more tokens than the model has rows. On CPU,
-    :func:`cpu_safe` is applied.
+    ``Linear4bit``; embeddings, norms and head stay in the compute dtype. A rehearsal takes the
+    same config (:func:`helpers.rehearsal.build_rehearsal`). Then :func:`fit_embeddings` with the
+    tokenizer (given, or :func:`load_tokenizer`'s), and on CPU :func:`helpers.models.cpu_safe`.
 
     ``quant_storage`` ("auto": ``uint8``, or the compute dtype inside an FSDP launch; see
     :func:`helpers.env.quant_storage_dtype`). Under FSDP, with no ``device`` given, a Hub or local
@@ -86,19 +79,17 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
     source = resolve(model)
     fsdp = env.fsdp_active() and device is None
     dev = torch.device("cpu") if fsdp and source.kind == "rehearsal" else _device(device)
-    # under FSDP a rehearsal is drawn and quantized on this process's GPU, layer by layer, and
-    # kept in CPU RAM (a 70B model in minutes of CPU time otherwise)
-    build_on = None
-    if fsdp and source.kind == "rehearsal" and torch.cuda.is_available():
-        build_on = torch.device("cuda", env.world()["local_rank"])
     dtype = _compute_dtype(compute_dtype)
-    storage = _quant_storage(quant_storage, dtype)
+    qc = quantization_config(quant_type, double_quant, dtype, quant_storage)
     if source.kind == "rehearsal":
-        loaded = build_rehearsal(source, quant_type=quant_type, double_quant=double_quant,
-                                 compute_dtype=dtype, device=dev, quant_storage=storage,
-                                 build_device=build_on)
+        # under FSDP a rehearsal is drawn and quantized on this process's GPU, layer by layer, and
+        # kept in CPU RAM (a 70B model in minutes of CPU time otherwise)
+        build_on = None
+        if fsdp and torch.cuda.is_available():
+            build_on = torch.device("cuda", env.world()["local_rank"])
+        loaded = build_rehearsal(source, qc, device=dev, build_device=build_on)
     else:
-        qc = quantization_config(quant_type, double_quant, dtype, storage)
+        storage = qc.bnb_4bit_quant_storage
         placement = {"device_map": _device_map(dev)} if not fsdp else {}
         load_dtype = storage if (fsdp and storage.is_floating_point) else dtype
         loaded = _from_pretrained(AutoModelForCausalLM, source, quantization_config=qc,
@@ -125,7 +116,7 @@ def load_16bit(model, dtype=None, *, device=None, tokenizer=None):
         dtype = torch.float32 if dev.type == "cpu" else env.compute_dtype()
     dtype = _compute_dtype(dtype)
     if source.kind == "rehearsal":
-        loaded = build_rehearsal(source, compute_dtype=dtype, device=dev, quantize=False)
+        loaded = build_rehearsal(source, dtype=dtype, device=dev)
     else:
         loaded = _from_pretrained(AutoModelForCausalLM, source, device_map=_device_map(dev),
                                   low_cpu_mem_usage=True, **_dtype_kwarg(dtype))

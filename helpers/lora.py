@@ -11,10 +11,12 @@ GPT-J stops with "Target modules not found". Here the targets come from the load
 - :func:`prepare_for_training` freezes the base, turns on gradient checkpointing the way that
   works with frozen embeddings, and casts nothing to float32 unless asked (peft's
   ``prepare_model_for_kbit_training`` upcasts embeddings, head and norms, which costs memory);
-- :func:`lora_config` / :func:`attach` build the adapter from the series' Config;
-- :func:`trainable_report` counts trainable parameters and checks them against
-  r x sum(d_in + d_out); :func:`gradient_check` runs one real step and shows that only LoRA
-  weights learn while the 4-bit weights stay bit-for-bit the same.
+- :func:`compute_lora_in_stream_dtype` keeps LoRA weights in float32 but multiplies in the
+  activations' dtype; :func:`attach` is notebook 03's ``LoraConfig`` + ``get_peft_model`` + that
+  step in one call (:func:`lora_config` builds the config), for notebooks 05/06 and the CLI;
+- :func:`trainable_report` puts peft's trainable-parameter count beside r x sum(d_in + d_out);
+  :func:`gradient_check` runs one real step and shows that only LoRA weights learn while the
+  4-bit weights stay bit-for-bit the same.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import math
 import torch
 from torch import nn
 
-from helpers.config import ConfigError
+from helpers.config import check
 from helpers.footprint import footprint_breakdown, footprint_totals
-from helpers.units import logical_numel
+from helpers.models import cpu_safe
 
 SCOPES = ("all-linear", "attention")
 ADAPTER = "default"
@@ -216,7 +218,8 @@ def _upcast_candidates(model):
 def upcast_cost(model) -> int:
     """Bytes a float32 upcast of the non-quantized parameters would add:
     numel x (4 - current element size), summed over the 16-bit ones."""
-    return sum(p.numel() * (4 - p.element_size()) for _, p in _upcast_candidates(model))
+    grow = torch.float32.itemsize
+    return sum(p.numel() * (grow - p.dtype.itemsize) for _, p in _upcast_candidates(model))
 
 
 # --------------------------------------------------------------------------- k-bit preparation
@@ -299,23 +302,14 @@ def _enable_checkpointing(model) -> None:
 # --------------------------------------------------------------------------- LoRA config
 
 
-def check_lora(r, alpha, dropout) -> None:
-    """Refuse a rank, alpha or dropout outside its valid range, saying what the range is."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ConfigError(f"LORA_R={r!r} must be a positive integer (8, 16, 64 are usual)")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ConfigError(f"LORA_ALPHA={alpha!r} must be positive (often 2 x LORA_R)")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"LORA_DROPOUT={dropout!r} must be in [0, 1) (0.05 is usual)")
-
-
 def lora_config(cfg, model):
-    """A ``peft.LoraConfig`` from the series' Config: LORA_R, LORA_ALPHA, LORA_DROPOUT, and
-    targets from LORA_TARGETS (a scope or names, resolved on ``model`` by :func:`find_targets`);
-    bias "none", task CAUSAL_LM. Introduced in notebook 03."""
+    """A ``peft.LoraConfig`` from the series' Config, as notebook 03 builds it in a cell: LORA_R,
+    LORA_ALPHA, LORA_DROPOUT (checked by :func:`helpers.config.check`), and targets from
+    LORA_TARGETS (a scope or names, resolved on ``model`` by :func:`find_targets`); bias "none",
+    task CAUSAL_LM."""
     from peft import LoraConfig
 
-    check_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    check(cfg)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -341,10 +335,18 @@ class StreamDtypeLinear(nn.Linear):
 
 
 def compute_lora_in_stream_dtype(peft_model) -> int:
-    """Make every LoRA layer of ``peft_model`` compute in its input's dtype
-    (:class:`StreamDtypeLinear`, and peft's input cast turned off); returns how many adapted
-    layers were changed. Without autocast (bfloat16 training, see
-    :func:`helpers.env.precision_flags`) this keeps the whole forward in bfloat16."""
+    """What notebook 03 adds after ``get_peft_model``: float32 LoRA weights that multiply in the
+    dtype of the activations. Returns how many adapted layers were changed.
+
+    Trainable (LoRA) weights are cast to float32, so fp16 mixed precision can unscale their
+    gradients and bfloat16 training keeps float32 master weights; the frozen base keeps its
+    dtypes. Each A and B matrix becomes a :class:`StreamDtypeLinear` and peft's input cast is
+    turned off, so without autocast (bfloat16 training, see :func:`helpers.env.precision_flags`)
+    the whole forward stays in bfloat16.
+    """
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.to(torch.float32)
     changed = 0
     for module in peft_model.modules():
         if not _is_adapter_wrapper(module):
@@ -360,24 +362,13 @@ def compute_lora_in_stream_dtype(peft_model) -> int:
 
 
 def attach(model, cfg):
-    """Wrap ``model`` with LoRA adapters from ``cfg`` and return the peft model.
-
-    Casts only what must be cast: trainable (LoRA) weights to float32, so fp16 mixed precision
-    can unscale their gradients and bfloat16 training keeps float32 master weights; the frozen
-    base keeps its dtypes. The adapters multiply in the dtype of the activations
-    (:func:`compute_lora_in_stream_dtype`). The memory before and after is kept on the returned
-    model for :func:`trainable_report`. Introduced in notebook 03.
-    """
+    """Wrap ``model`` with LoRA adapters from ``cfg`` and return the peft model: notebook 03's
+    cells in one call (:func:`lora_config`, ``get_peft_model``,
+    :func:`compute_lora_in_stream_dtype`), for notebooks 05/06 and the command line."""
     from peft import get_peft_model
 
-    config = lora_config(cfg, model)
-    before = param_bytes(model)
-    peft_model = get_peft_model(model, config)
-    for p in peft_model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.to(torch.float32)
+    peft_model = get_peft_model(model, lora_config(cfg, model))
     compute_lora_in_stream_dtype(peft_model)
-    peft_model.attach_memory = {"bytes_before": before, "bytes_after": param_bytes(peft_model)}
     return peft_model
 
 
@@ -385,55 +376,47 @@ def attach(model, cfg):
 
 
 def _lora_layers(peft_model):
-    """(path, base layer, rank) of every adapted layer instance."""
+    """(path, peft layer, rank) of every adapted layer instance."""
     out = []
     for path, module in peft_model.named_modules():
         if _is_adapter_wrapper(module):
             ranks = getattr(module, "r", {})
             if ADAPTER in ranks:
-                out.append((path, module.base_layer, ranks[ADAPTER]))
+                out.append((path, module, ranks[ADAPTER]))
     return out
 
 
 def trainable_report(peft_model) -> dict:
-    """Trainable parameters by target module type and in total.
+    """peft's trainable-parameter count beside the LoRA formula, by target module type and in
+    total (notebook 03).
 
     ``rows``: one per target short name: ``name``, ``layers`` (instances), ``d_in``, ``d_out``,
-    ``r``, ``trainable`` (counted) and ``formula`` (r x (d_in + d_out) x layers).
-    ``totals``: ``trainable``, ``total_params`` (the model's logical parameter count: each 4-bit
-    weight counted as the elements it stands for, from ``quant_state.shape``, not its packed
-    bytes; shared weights once), ``trainable_percent``, ``formula_count`` (r x sum(d_in + d_out)
-    over adapted layers), ``counted``, ``equal``, ``lora_target_count`` (adapted layer
-    instances), ``bytes_before``/``bytes_after`` attaching and ``adapter_bytes``.
-    Introduced in notebook 03.
+    ``r``, ``trainable`` (the adapted layers' trainable parameters) and ``formula``
+    (r x (d_in + d_out) x layers).
+    ``totals``: ``trainable`` and ``total_params`` from peft's ``get_nb_trainable_parameters()``
+    (each 4-bit weight counted as the elements it stands for, not its packed bytes; shared
+    weights once), ``trainable_percent``, ``formula_count`` (r x sum(d_in + d_out) over adapted
+    layers), ``counted``, ``equal``, ``lora_target_count`` (adapted layer instances),
+    ``adapter_bytes``, ``bytes_after`` (:func:`param_bytes`) and ``bytes_before`` (the same less
+    the adapters: what the model took before attaching).
     """
     layers = _lora_layers(peft_model)
     if not layers:
-        raise ValueError("no LoRA layers found: pass the model returned by helpers.lora.attach")
-    trainable_by_path: dict = {}
-    seen: set = set()
-    counted = total = adapter_bytes = 0
-    for name, p in peft_model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += logical_numel(p)
-        if p.requires_grad:
-            counted += p.numel()
-            adapter_bytes += p.numel() * p.element_size()
-            trainable_by_path[name] = p.numel()
+        raise ValueError("no LoRA layers found: pass the model returned by get_peft_model")
     rows: dict = {}
-    for path, base, r in layers:
+    for path, module, r in layers:
+        base = module.base_layer
         name = path.rsplit(".", 1)[-1]
         row = rows.setdefault(name, {"name": name, "layers": 0, "d_in": base.in_features,
                                      "d_out": base.out_features, "r": r, "trainable": 0,
                                      "formula": 0})
         row["layers"] += 1
         row["formula"] += r * (base.in_features + base.out_features)
-        row["trainable"] += sum(n for pname, n in trainable_by_path.items()
-                                if pname.startswith(path + "."))
-    formula = sum(r * (base.in_features + base.out_features) for _, base, r in layers)
-    memory = getattr(peft_model, "attach_memory", None) or {}
+        row["trainable"] += sum(p.numel() for p in module.parameters() if p.requires_grad)
+    counted, total = peft_model.get_nb_trainable_parameters()
+    formula = sum(row["formula"] for row in rows.values())
+    adapter_bytes = sum(p.numel() * p.element_size() for p in peft_model.parameters()
+                        if p.requires_grad)
     after = param_bytes(peft_model)
     totals = {
         "trainable": counted,
@@ -443,24 +426,13 @@ def trainable_report(peft_model) -> dict:
         "counted": counted,
         "equal": formula == counted,
         "lora_target_count": len(layers),
-        "bytes_before": memory.get("bytes_before", after - adapter_bytes),
+        "bytes_before": after - adapter_bytes,
         "bytes_after": after,
         "adapter_bytes": adapter_bytes,
         "note": "total_params counts each 4-bit weight by its logical element count "
                 "(quant_state.shape), not by its packed uint8 storage",
     }
     return {"rows": list(rows.values()), "totals": totals}
-
-
-def show(rows: list[dict]) -> str:
-    """Rows of :func:`linear_layers` or :func:`trainable_report` as an aligned text table."""
-    if not rows:
-        return "(none)"
-    keys = [k for k in rows[0] if k != "example"]
-    width = {k: max(len(k), *(len(f"{r.get(k, '')}") for r in rows)) for k in keys}
-    lines = ["  ".join(f"{k:>{width[k]}}" for k in keys)]
-    lines += ["  ".join(f"{r.get(k, '')!s:>{width[k]}}" for k in keys) for r in rows]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- it trains
@@ -503,8 +475,6 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     """
     device = next(p.device for p in model.parameters())
     if device.type == "cpu":
-        from helpers.models import cpu_safe
-
         cpu_safe(model)
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "input_ids" not in batch:
@@ -514,7 +484,7 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("no parameter requires grad: attach LoRA adapters first (helpers.lora.attach)")
+        raise ValueError("no parameter requires grad: attach LoRA adapters first (get_peft_model)")
     saved = {n: p.detach().clone() for n, p in trainable}
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
@@ -564,26 +534,3 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
                     and result["lora_B_grad_nonzero"] and result["base_4bit_unchanged"]
                     and b_changed)
     return result
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-def metrics(report: dict, prepared: dict) -> dict:
-    """Notebook 03's figures for the manifest, from :func:`trainable_report` and the report of
-    :func:`prepare_for_training`."""
-    t = report["totals"]
-    out = {
-        "trainable_params": t["trainable"],
-        "total_params": t["total_params"],
-        "trainable_percent": t["trainable_percent"],
-        "lora_target_count": t["lora_target_count"],
-        "lora_formula_matches": t["equal"],
-        "adapter_bytes": t["adapter_bytes"],
-        "bytes_before_lora": t["bytes_before"],
-        "bytes_after_lora": t["bytes_after"],
-        "upcast_bytes_avoided": prepared["upcast_bytes_avoided"],
-        "upcast_bytes_would_cost": prepared["upcast_bytes_would_cost"],
-        "bytes_prepared": prepared["bytes_after"],
-    }
-    return out

@@ -11,14 +11,13 @@
 - a local folder written by ``save_pretrained`` (``config.json``, weights, tokenizer files);
 - a Hugging Face Hub id such as ``EleutherAI/gpt-neox-20b`` (loaded as in the article);
 - ``"rehearsal:<name>"``: random weights of a real architecture built directly in 4-bit, layer by
-  layer on the target device (:func:`build_rehearsal`), so that the memory and speed of a 20B
+  layer on the target device (:func:`helpers.rehearsal.build_rehearsal`), so that the memory and speed of a 20B
   fine-tune can be measured before anything is downloaded. Shipped configurations are listed in
   :data:`REHEARSALS`; a Hub id after ``rehearsal:`` takes that model's ``config.json`` only.
 
-:func:`load_tokenizer` guarantees a real padding token distinct from EOS (padding with EOS masks
-every EOS out of the loss and the tuned model never stops); :func:`load_model` loads in 4-bit
-with the series' quantization settings and grows the embeddings when the tokenizer gained a
-token; :func:`load_16bit` loads without quantization for the merge of notebook 06.
+Notebook 02 builds the ``BitsAndBytesConfig`` and calls ``from_pretrained`` in its own cells;
+:func:`quantization_config` is the same config for :func:`helpers.loading.load_model`, which the
+later notebooks and the command line use.
 """
 
 from __future__ import annotations
@@ -106,7 +105,6 @@ def cpu_safe(model):
     return model
 
 
-KINDS = ("embedded", "local", "hub", "rehearsal")
 REHEARSAL_PREFIX = "rehearsal:"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -123,14 +121,10 @@ REHEARSALS: dict = {
                    "than one 24 GB card holds (FSDP over several GPUs)",
     "tiny-neox": "a GPT-NeoX of 0.36M parameters (the embedded tokenizer's vocabulary), for tests",
 }
-# The Hub model each shipped rehearsal stands for (its tokenizer is used when the Hub is reachable).
-REHEARSAL_HUB_IDS: dict = {
-    "gpt-neox-20b": "EleutherAI/gpt-neox-20b",
-    "gpt-j-6b": "EleutherAI/gpt-j-6b",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
-    "mistral-7b": "mistralai/Mistral-7B-v0.1",
-    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-}
+# The Hub model each shipped rehearsal stands for, the id its description starts with (its
+# tokenizer is used when the Hub is reachable).
+REHEARSAL_HUB_IDS: dict = {name: text.split(",")[0] for name, text in REHEARSALS.items()
+                           if "/" in text.split(",")[0]}
 
 
 class ModelUnavailableError(ConfigError):
@@ -141,7 +135,7 @@ class ModelUnavailableError(ConfigError):
 class ModelSource:
     """Where a model comes from (:func:`resolve`).
 
-    ``kind`` is one of :data:`KINDS`; ``name`` is what to call it in reports; ``path`` is the
+    ``kind`` is "embedded", "local", "hub" or "rehearsal"; ``name`` is what to call it in reports; ``path`` is the
     model folder (embedded, local) or the shipped config file (rehearsal); ``hub_id`` is the Hub
     repository (hub, or a rehearsal of a Hub model's config).
     """
@@ -164,10 +158,6 @@ def list_choices() -> str:
             "written by save_pretrained, a Hub id such as 'EleutherAI/gpt-neox-20b' (needs the "
             f"network), or a rehearsal (random weights of a real architecture): {rehearsals}")
 
-
-# =============================================================================================
-# 2. Resolving and loading a model (notebook 02; used by 03-06)
-# =============================================================================================
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -218,18 +208,10 @@ def _compute_dtype(compute_dtype) -> torch.dtype:
     return env.compute_dtype(compute_dtype or "auto")
 
 
-def _quant_storage(quant_storage, compute: torch.dtype) -> torch.dtype:
-    if isinstance(quant_storage, torch.dtype):
-        return quant_storage
-    try:
-        return env.quant_storage_dtype(quant_storage or "auto", compute)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 def quantization_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=None,
                         quant_storage="uint8"):
-    """The 4-bit settings of the series as a ``BitsAndBytesConfig`` (notebook 02).
+    """The 4-bit settings of the series as a ``BitsAndBytesConfig``: the one notebook 02 builds in
+    a cell, for :func:`helpers.loading.load_model`.
 
     ``compute_dtype``: a torch dtype, a name ("bfloat16", ...) or None/"auto" for
     :func:`helpers.env.compute_dtype` (bf16 on capability >= 8, fp16 on older GPUs, fp32 on CPU).
@@ -241,11 +223,16 @@ def quantization_config(quant_type: str = "nf4", double_quant: bool = True, comp
     if quant_type not in ("nf4", "fp4"):
         raise ConfigError(f"QUANT_TYPE={quant_type!r}: use 'nf4' (the QLoRA default) or 'fp4'")
     compute = _compute_dtype(compute_dtype)
+    storage = quant_storage
+    if not isinstance(storage, torch.dtype):
+        try:
+            storage = env.quant_storage_dtype(quant_storage or "auto", compute)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=bool(double_quant),
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=_quant_storage(quant_storage, compute))
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
 
 
 def _hub_failure(source: ModelSource, err: Exception, reachable: bool) -> ModelUnavailableError:
@@ -289,10 +276,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     return True
 
-
-# =============================================================================================
-# 3. Rehearsals: random weights of a real architecture, built directly in 4-bit (notebook 02)
-# =============================================================================================
 
 
 def rehearsal_config(name):

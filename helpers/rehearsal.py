@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from helpers.units import BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ
 from helpers.embedded import embedded_path
-from helpers.models import _device, _dtype_kwarg, _from_pretrained, cpu_safe
-from helpers.models import ModelSource, ModelUnavailableError, REHEARSALS, REHEARSAL_PREFIX, _compute_dtype, _quant_storage, quantization_config, rehearsal_config
+from helpers.models import (REHEARSAL_PREFIX, REHEARSALS, ModelSource, ModelUnavailableError,
+                            _compute_dtype, _device, _dtype_kwarg, _from_pretrained, cpu_safe,
+                            rehearsal_config)
 
 
 def _rehearsal_tokenizer(source: ModelSource):
@@ -46,14 +47,15 @@ def _free_bytes(dev: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def _check_room(model, name: str, dev: torch.device, double_quant: bool) -> None:
+def _check_room(model, name: str, dev: torch.device, dtype: torch.dtype, qc) -> None:
     """Refuse, before anything is made, a rehearsal that cannot fit where it is to be built."""
+    double_quant = qc is None or qc.bnb_4bit_use_double_quant
     bits = BITS_PER_PARAM_DQ if double_quant else BITS_PER_PARAM_NO_DQ
     need = largest = 0
     for param in model.parameters():
         if type(param).__name__ == "Params4bit":
             need += param.numel() * bits / 8
-            largest = max(largest, param.numel() * 2)  # its 16-bit form, briefly
+            largest = max(largest, param.numel() * dtype.itemsize)  # its unquantized form, briefly
         else:
             need += param.numel() * param.element_size()
     need += largest
@@ -66,49 +68,49 @@ def _check_room(model, name: str, dev: torch.device, double_quant: bool) -> None
             f"free; choose a smaller model ({others}) or a machine with more memory")
 
 
-def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
-                    compute_dtype=None, device=None, seed: int = 0, quantize: bool = True,
-                    quant_storage="uint8", build_device=None):
+def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, seed: int = 0,
+                    build_device=None):
     """A real architecture with random weights, built directly in 4-bit (notebook 02).
 
-    The model's skeleton is made on the ``meta`` device (no memory); every linear layer but the
-    output head is replaced by a bitsandbytes ``Linear4bit``; then each layer in turn gets a
-    random 16-bit weight (normal, std = the config's ``initializer_range``) generated on the
-    target device, quantized there, and the 16-bit tensor is freed at once: the 16-bit model is
-    never held anywhere. Embeddings, norms and head are made in the compute dtype directly on the
-    device. The result looks to transformers, peft and the Trainer like a model loaded with
+    ``quantization_config`` is the ``BitsAndBytesConfig`` that ``from_pretrained`` would take: its
+    quant type, double quantization, compute dtype and storage dtype are used here. The model's
+    skeleton is made on the ``meta`` device (no memory); every linear layer but the output head is
+    replaced by a bitsandbytes ``Linear4bit``; then each layer in turn gets a random weight
+    (normal, std = the config's ``initializer_range``) generated on the target device, quantized
+    there, and the unquantized tensor is freed at once: the 16-bit model is never held anywhere.
+    Embeddings, norms and head are made in the compute dtype directly on the device. The result
+    looks to transformers, peft and the Trainer like a model loaded with
     ``from_pretrained(quantization_config=...)``. On a GPU, GPT-NeoX-20B takes about 11 GB.
 
-    ``quantize=False`` builds the same random weights unquantized (what :func:`load_16bit` gives).
-    ``quant_storage``: the dtype the packed 4-bit values are stored in (``uint8``; the compute
-    dtype for FSDP; "auto" as in :func:`load_model`).
+    Without ``quantization_config`` the same random weights are built unquantized, in ``dtype``
+    (what :func:`helpers.loading.load_16bit` gives). ``build_device``: where the values are drawn
+    and quantized, when not ``device`` (a GPU is hundreds of times faster at it than a CPU).
     """
     import bitsandbytes as bnb
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    qc = quantization_config
     config = rehearsal_config(name)
     dev = _device(device)
-    # where the random values are drawn and quantized (a GPU is hundreds of times faster than a
-    # CPU at it); each finished tensor then moves to ``dev``
     make = torch.device(build_device) if build_device is not None else dev
-    dtype = _compute_dtype(compute_dtype)
-    storage = _quant_storage(quant_storage, dtype)
-    qc = quantization_config(quant_type, double_quant, dtype, storage) if quantize else None
+    dtype = qc.bnb_4bit_compute_dtype if qc is not None else _compute_dtype(dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
     head = model.get_output_embeddings()
-
-    if quantize:
+    settings = {}
+    if qc is not None:
+        settings = {"quant_type": qc.bnb_4bit_quant_type,
+                    "compress_statistics": bool(qc.bnb_4bit_use_double_quant),
+                    "quant_storage": qc.bnb_4bit_quant_storage}
         for parent in list(model.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and child is not head:
                     setattr(parent, child_name, bnb.nn.Linear4bit(
                         child.in_features, child.out_features, bias=child.bias is not None,
-                        compute_dtype=dtype, compress_statistics=bool(double_quant),
-                        quant_type=quant_type, quant_storage=storage, device="meta"))
+                        compute_dtype=dtype, device="meta", **settings))
 
-    _check_room(model, config.name_or_path, dev, double_quant)
+    _check_room(model, config.name_or_path, dev, dtype, qc)
     std = getattr(config, "initializer_range", 0.02)
     generator = torch.Generator(device=make)
     for module_name, module in model.named_modules():
@@ -127,9 +129,7 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
             if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
                 # quantized on its way to the device; the 16-bit tensor is dropped right after
                 module.weight = bnb.nn.Params4bit(
-                    value, requires_grad=False, quant_type=quant_type,
-                    compress_statistics=bool(double_quant), quant_storage=storage,
-                    module=module).to(make)
+                    value, requires_grad=False, module=module, **settings).to(make)
                 if make != dev:  # quant_state moves with it, in place (the module shares it)
                     module.weight = module.weight.to(dev)
             else:
@@ -146,7 +146,7 @@ def build_rehearsal(name, *, quant_type: str = "nf4", double_quant: bool = True,
     if left:
         raise RuntimeError(f"rehearsal of {config.name_or_path}: tensors left unmade: {left[:5]}")
 
-    if quantize:
+    if qc is not None:
         from transformers.quantizers import AutoHfQuantizer
 
         # what from_pretrained(quantization_config=...) leaves on a 4-bit model

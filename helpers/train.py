@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from helpers import scaling, env
 from helpers.tokens import IGNORE_INDEX
 from helpers.budget import BudgetError, _model_device, choose_micro_batch
@@ -610,7 +610,7 @@ def main(argv=None) -> int:
     if is_main and launch["world_size"] > 1:
         print(f"{launch['world_size']} processes ({mode.upper()})"
               + "".join(f"\n  {n}" for n in notes))
-    config_mod.seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     device = None
     if torch.cuda.is_available() and not launch["fsdp"] and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", launch["local_rank"])  # one model per GPU (DDP)

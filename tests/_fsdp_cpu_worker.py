@@ -21,14 +21,14 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import (ShardedOptimStateDictConfig, ShardedStateDictConfig,
                                     StateDictType)
 
-from helpers import config, fsdp, lora, rehearsal
+from helpers import config, fsdp, lora, models, rehearsal
 
 out = sys.argv[1]
 dist.init_process_group("gloo")
 PartialState(cpu=True)  # accelerate's checkpoint functions log through it
 rank = dist.get_rank()
-model = rehearsal.build_rehearsal("tiny-neox", device="cpu", compute_dtype="float32",
-                               quant_storage=torch.float32)
+model = rehearsal.build_rehearsal("tiny-neox", models.quantization_config(
+    compute_dtype="float32", quant_storage=torch.float32), device="cpu")
 cfg = config.make_config(RUN_DIR=out + ".run", MODEL="rehearsal:tiny-neox", LORA_DROPOUT=0.0)
 lora.prepare_for_training(model, True, False)
 torch.manual_seed(0)  # the same LoRA A on both processes (on GPUs FSDP broadcasts rank 0's)

@@ -303,7 +303,8 @@ def test_cpu_safe_keeps_training_possible_after_eval(tmp_path):
 def test_rehearsal_tiny_is_4bit_and_trains_with_lora():
     import peft
 
-    model = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=1)
+    model = rehearsal.build_rehearsal("tiny-neox", models.quantization_config(), device="cpu",
+                                      seed=1)
     linear4bit = _linear4bit()
     head = model.get_output_embeddings()
     linears = [(n, m) for n, m in model.named_modules()
@@ -337,17 +338,18 @@ def test_rehearsal_tiny_is_4bit_and_trains_with_lora():
 
 
 def test_rehearsal_weights_are_seeded_and_match_their_16bit_twin():
-    a = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=5)
-    b = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=5)
-    c = rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=6)
+    qc = models.quantization_config()
+    a = rehearsal.build_rehearsal("tiny-neox", qc, device="cpu", seed=5)
+    b = rehearsal.build_rehearsal("tiny-neox", qc, device="cpu", seed=5)
+    c = rehearsal.build_rehearsal("tiny-neox", qc, device="cpu", seed=6)
     name = "gpt_neox.layers.0.attention.query_key_value.weight"
     wa, wb, wc = (dict(m.named_parameters())[name] for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     # the quantized weight is the 4-bit form of the unquantized rehearsal's weight
     import bitsandbytes.functional as bf
 
-    full = dict(rehearsal.build_rehearsal("tiny-neox", device="cpu", seed=5,
-                                       quantize=False).named_parameters())[name]
+    full = dict(rehearsal.build_rehearsal("tiny-neox", device="cpu",
+                                          seed=5).named_parameters())[name]
     deq = bf.dequantize_4bit(wa.data, wa.quant_state)
     assert deq.shape == full.shape
     assert (deq - full).abs().mean() < 0.1 * full.abs().mean()
@@ -410,14 +412,16 @@ class _FakeTokenizer:
 def test_rehearsal_too_big_is_refused_before_anything_is_made(monkeypatch):
     monkeypatch.setattr(rehearsal, "_free_bytes", lambda dev: 4 * 2**30)
     with pytest.raises(models.ModelUnavailableError) as err:
-        rehearsal.build_rehearsal("gpt-neox-20b", device="cpu", compute_dtype="bfloat16")
+        rehearsal.build_rehearsal("gpt-neox-20b", models.quantization_config(
+            compute_dtype="bfloat16"), device="cpu")
     # NF4 with double quantization: 4.127 bits per linear weight, 16-bit embeddings and head
     assert "needs about 11.0 GiB" in str(err.value) and "rehearsal:gpt-j-6b" in str(err.value)
 
 
 @pytest.mark.gpu
 def test_rehearsal_builds_on_the_gpu():
-    model = rehearsal.build_rehearsal("tiny-neox", device="cuda", compute_dtype="bfloat16")
+    qc = models.quantization_config(compute_dtype="bfloat16")
+    model = rehearsal.build_rehearsal("tiny-neox", qc, device="cuda")
     assert next(model.parameters()).device.type == "cuda"
     x = torch.randint(0, 2048, (1, 8), device="cuda")
     assert torch.isfinite(model(input_ids=x).logits.float()).all()
