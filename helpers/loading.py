@@ -90,8 +90,6 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
     # kept in CPU RAM (a 70B model in minutes of CPU time otherwise)
     build_on = None
     if fsdp and source.kind == "rehearsal" and torch.cuda.is_available():
-        from helpers import env
-
         build_on = torch.device("cuda", env.world()["local_rank"])
     dtype = _compute_dtype(compute_dtype)
     storage = _quant_storage(quant_storage, dtype)
