@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 import torch
+from accelerate.utils import gather_object
 from transformers import ProgressCallback, TrainerCallback
 from helpers import env
 from helpers.footprint import cpu_rss
@@ -38,16 +39,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _every_process(value: float) -> torch.Tensor:
-    """``value`` of every process of a launch (accelerate's gather; the value alone in a single
-    process). Every process must call it at the same point."""
-    from accelerate import PartialState
-    from accelerate.utils import gather
-
-    state = PartialState()
-    return gather(torch.tensor([float(value)], dtype=torch.float64, device=state.device))
-
-
 class ThroughputCallback(TrainerCallback):
     """Real tokens and seconds of each optimizer step (``steps``), and :attr:`tokens_per_second`
     without the run's first step, whose time includes warm-up (allocations, kernel selection, the
@@ -55,7 +46,7 @@ class ThroughputCallback(TrainerCallback):
     (``include_num_input_tokens_seen="non_padding"``: padding left out, summed over the
     processes of a launch) before and after each step; the Trainer's own tokens per second would
     count warm-up and checkpoint saving too. At the end the timed seconds are the slowest
-    process's, so tokens/s is the whole launch's."""
+    process's (accelerate's ``gather_object``), so tokens/s is the whole launch's."""
 
     def __init__(self):
         self.steps: list[dict] = []
@@ -75,7 +66,7 @@ class ThroughputCallback(TrainerCallback):
         return self.steps[1:] if len(self.steps) > 1 else self.steps
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._seconds = float(_every_process(sum(s["seconds"] for s in self._timed())).max())
+        self._seconds = max(gather_object([sum(s["seconds"] for s in self._timed())]))
 
     @property
     def tokens_per_second(self) -> float:
@@ -89,8 +80,8 @@ class MemoryCallback(TrainerCallback):
     end of each optimizer step; the peak counter is reset once, at the start of training, and not
     per step, so a ``helpers.footprint.track`` stage around the training still reads the
     training's peak; 0 on CPU) and ``peak_cpu_rss_bytes``. At the end of training,
-    ``peak_gpu_bytes_every_process``: each process's peak (the largest is what a card must hold;
-    equal under DDP, near-equal shards under FSDP)."""
+    ``peak_gpu_bytes_every_process``: each process's peak, gathered by accelerate (the largest is
+    what a card must hold; equal under DDP, near-equal shards under FSDP)."""
 
     def __init__(self):
         self.peak_gpu_bytes = self.peak_cpu_rss_bytes = 0
@@ -106,8 +97,7 @@ class MemoryCallback(TrainerCallback):
         self.peak_cpu_rss_bytes = max(self.peak_cpu_rss_bytes, int(cpu_rss()))
 
     def on_train_end(self, args, state, control, **kwargs):
-        every = _every_process(self.peak_gpu_bytes)
-        self.peak_gpu_bytes_every_process = [int(v) for v in every.tolist()]
+        self.peak_gpu_bytes_every_process = gather_object([self.peak_gpu_bytes])
 
 
 class ProgressBar(ProgressCallback):

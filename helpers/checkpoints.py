@@ -183,14 +183,6 @@ def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -
     return last
 
 
-def _clear_checkpoints(run_dir) -> list:
-    folder = Path(run_dir) / CHECKPOINTS
-    old = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
-    for p in old:
-        shutil.rmtree(p)
-    return [p.name for p in old]
-
-
 def _saved_signature(checkpoint) -> dict:
     path = Path(checkpoint) / SIGNATURE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -230,9 +222,13 @@ def resume_point(cfg, signature: dict) -> tuple:
                 notes.append(f"MAX_STEPS changed from {before} to {signature['max_steps']}: "
                              "the learning-rate schedule now ends at the new last step")
     elif latest_checkpoint(cfg.run_dir) is not None and env.is_main_process():
-        removed = _clear_checkpoints(cfg.run_dir)
+        old = sorted(p for p in (Path(cfg.run_dir) / CHECKPOINTS).glob("checkpoint-*")
+                     if p.is_dir())
+        for folder in old:
+            shutil.rmtree(folder)
         notes.append(f"RESUME = False: starting over; removed the earlier run's "
-                     f"{', '.join(removed)} (RESUME = True would have continued from them)")
+                     f"{', '.join(p.name for p in old)} (RESUME = True would have continued "
+                     "from them)")
     if env.is_main_process():
         write_signature(Path(cfg.run_dir) / CHECKPOINTS, signature)
     return (str(found) if found else None), notes
