@@ -22,11 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import budget, callbacks, config, data, env, loading, lora, plots, train  # noqa: E402
-from transformers import set_seed  # noqa: E402
+from transformers import Trainer, TrainerCallback, set_seed  # noqa: E402
+
+from helpers import budget, config, data, env, loading, lora, losses, plots, train  # noqa: E402
 
 
-class EvalEvery(train.TrainerCallback):
+class EvalEvery(TrainerCallback):
     """Held-out loss each time another ``every`` real tokens have been trained on."""
 
     def __init__(self, model, eval_ds, collator, every, limit, points):
@@ -53,6 +54,8 @@ def run_defaults(tokens, every, run_dir):
     model = lora.attach(model, cfg)
     prepared = data.prepare(cfg, tok)
     collator = data.CompletionCollator(tok)
+    if cfg.chunked_loss:
+        losses.use_chunked_loss(model)
     micro, _ = budget.choose_micro_batch(cfg, model, probe=False)
     cfg = dataclasses.replace(cfg, learning_rate=train.auto_learning_rate(model))
     points = [(0, train.evaluate_loss(model, prepared.eval, collator, batch_size=16)[0])]
@@ -83,9 +86,10 @@ def run_original(tokens, every, run_dir):
                              learning_rate=2e-4, logging_steps=50, optim="paged_adamw_8bit",
                              report_to=[], save_strategy="no", remove_unused_columns=False,
                              use_cpu=not env.torch.cuda.is_available(),
-                             fp16=flags["bf16"] or flags["fp16"], seed=cfg.seed)
-    trainer = train.SeriesTrainer(model=model, args=args, train_dataset=prepared.train,
-                                  data_collator=callbacks.CountingCollator(collator))
+                             fp16=flags["bf16"] or flags["fp16"], seed=cfg.seed,
+                             include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=model, args=args, train_dataset=prepared.train,
+                      data_collator=collator, processing_class=tok)
     points = [(0, train.evaluate_loss(model, prepared.eval, collator, batch_size=16)[0])]
     trainer.add_callback(EvalEvery(model, prepared.eval, collator, every, tokens, points))
     trainer.train()

@@ -44,7 +44,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import callbacks, config, data, env, estimator, footprint, loading, lora, shapes, train  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from helpers import budget as fitting, config, data, env, estimator, footprint, loading, lora, losses, shapes, train  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "runs/gpu-suite"))
 WORK = Path(os.environ.get("SUITE_WORK", "runs/gpu-suite-work"))  # checkpoints and adapters
@@ -130,7 +132,7 @@ def build(name: str):
 def timed_trainer_run(trainer):
     clock = []
 
-    class Clock(train.TrainerCallback):
+    class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -160,6 +162,7 @@ def measure_lora(model, shape, name, tokenizer, steps, rate):
             peft_model = lora.attach(model, cfg)
             rep = lora.trainable_report(peft_model)["totals"]
             rows = random_rows(shape.vocab, mb * (steps + 1), 512)
+            losses.use_chunked_loss(peft_model)  # as notebook 05 trains (CHUNKED_LOSS)
             trainer = train.make_trainer(cfg, peft_model, tokenizer, rows,
                                          data.CompletionCollator(tokenizer), mb)
             try:
@@ -174,8 +177,15 @@ def measure_lora(model, shape, name, tokenizer, steps, rate):
                   "predicted_peak_bytes": est.total_allocated, **r,
                   "mfu": mfu(shape, r.get("tokens_per_second"), rate)})
             del trainer
-            model = peft_model.unload()
+            model = own_loss(peft_model.unload())
             free()
+    return model
+
+
+def own_loss(model):
+    """``model`` with its own loss again, where helpers.losses.use_chunked_loss replaced it."""
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("uses_chunked_loss", None)
     return model
 
 
@@ -197,7 +207,7 @@ KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
 )
 
 
-class ProfileSteps(train.TrainerCallback):
+class ProfileSteps(TrainerCallback):
     """torch.profiler over optimizer steps [start, start + count): GPU kernel time by group and
     the top kernels, written to OUT/profile_<label>.txt and returned by :meth:`summary`."""
 
@@ -284,7 +294,7 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
     emit({"kind": "defaults", "model": name, "rows": label, "budget_gb": budget_gb,
           "optimizer": cfg.optimizer, "lora_targets": cfg.lora_targets,
           "params": params or {}, **out})
-    model = peft_model.unload()
+    model = own_loss(peft_model.unload())
     free()
     return model, adapter
 
@@ -292,7 +302,7 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
 def original(model, shape, name, tokenizer, steps, rate, rows, label):
     """The original recipe, as the article wrote it (run last: its upcast changes the model)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     free()
     model.gradient_checkpointing_enable()
@@ -305,12 +315,10 @@ def original(model, shape, name, tokenizer, steps, rate, rows, label):
                              gradient_accumulation_steps=4, warmup_steps=2, max_steps=steps,
                              learning_rate=2e-4, logging_steps=1, optim="paged_adamw_8bit",
                              report_to=[], save_strategy="no", use_cpu=not cuda,
-                             fp16=cuda, remove_unused_columns=False)
-    counter = callbacks.TokenCounter()
-    trainer = train.SeriesTrainer(model=peft_model, args=args, train_dataset=rows,
-                                  data_collator=callbacks.CountingCollator(
-                                      data.CompletionCollator(tokenizer)),
-                                  token_counter=counter, chunked_loss=False)  # the model's loss
+                             fp16=cuda, remove_unused_columns=False,
+                             include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=peft_model, args=args, train_dataset=rows,  # the model's own loss
+                      data_collator=data.CompletionCollator(tokenizer), processing_class=tokenizer)
     try:
         r = timed_trainer_run(trainer)
     except Exception as err:
@@ -344,9 +352,11 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
         cfg = config.make_config(MODEL=f"rehearsal:{name}", RUN_DIR=str(WORK / "longest"))
         lora.prepare_for_training(model, True, False)
         peft_model = lora.attach(model, cfg)
+        if cfg.chunked_loss:
+            losses.use_chunked_loss(peft_model)
         settings = dict(lora_r=cfg.lora_r, chunked_loss=cfg.chunked_loss)
         dtype = None
-    lf = budget.largest_fit(shape, budget, seq_len=512, **settings)
+    lf = fitting.largest_fit(shape, budget, seq_len=512, **settings)
     predicted = lf["seq_len"]
     torch.cuda.set_per_process_memory_fraction(
         min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
@@ -354,8 +364,7 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
     step = 512
     for _ in range(10):
         try:
-            budget.probe_step(peft_model, 1, seq, dtype,
-                             chunked_loss=settings["chunked_loss"])
+            fitting.probe_step(peft_model, 1, seq, dtype)
             ok = max(ok, seq)
             tried.append((seq, "ok"))
         except torch.cuda.OutOfMemoryError:
@@ -374,7 +383,7 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
         seq += step
     emit({"kind": "longest", "model": name, "recipe": recipe, "budget_gb": budget_gb,
           "predicted_seq_len": predicted, "measured_seq_len": ok, "tried": tried})
-    out = peft_model.unload()
+    out = own_loss(peft_model.unload())
     free()
     return out
 

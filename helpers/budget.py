@@ -13,8 +13,8 @@ import torch
 from helpers import env
 from helpers.estimator import Estimate, estimate
 from helpers.scaling import estimate_per_gpu
-from helpers.shapes import as_shape
-from helpers.units import GB, fmt_bytes
+from helpers.shapes import as_shape, shape_from_config
+from helpers.units import GB, fmt_bytes, free
 
 
 # ============================================================================ will it fit?
@@ -127,8 +127,6 @@ def config_settings(cfg) -> dict:
     """:func:`estimate`'s settings for the series' :class:`helpers.config.Config` (LoRA,
     checkpointing, dtype, optimizer; autocast as training decides it,
     :func:`helpers.env.uses_autocast`), without ``seq_len`` and ``micro_batch``."""
-    from helpers import env
-
     dtype = env.compute_dtype(cfg.compute_dtype)
     return {"gradient_checkpointing": cfg.gradient_checkpointing, "lora_r": cfg.lora_r,
             "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
@@ -175,17 +173,12 @@ class BudgetError(ValueError):
 # ============================================================================ 2. fit the card
 
 
-def _gpu() -> int:
-    """The GPU this process trains on (its LOCAL_RANK's under a multi-GPU launch)."""
-    return torch.cuda.current_device()
-
-
 def budget_bytes(cfg) -> int | None:
     """MEMORY_BUDGET_GB in bytes: 0 means the whole card; None on CPU without a budget."""
     if cfg.memory_budget_gb > 0:
         return int(cfg.memory_budget_gb * GB)
     if torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(_gpu()).total_memory)
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     return None
 
 
@@ -193,16 +186,15 @@ def default_estimate_fn(cfg, model):
     """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
     with the Config's settings, from :func:`helpers.estimator.estimate`; None where the estimator
     does not know the model's architecture."""
-    from helpers import losses, estimator, scaling, shapes
-
     try:
-        shape = shapes.shape_from_config(getattr(model, "config", model))
+        shape = shape_from_config(getattr(model, "config", model))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # an architecture the estimator does not describe: the probe decides
+    # the chunked loss counts where helpers.losses.use_chunked_loss installed it in the model
     settings = {**config_settings(cfg),
-                "chunked_loss": cfg.chunked_loss and losses.supports(model)}
+                "chunked_loss": bool(getattr(model, "uses_chunked_loss", False))}
     try:
-        estimator.estimate(shape, seq_len=8, micro_batch=1, **settings)
+        estimate(shape, seq_len=8, micro_batch=1, **settings)
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
         settings["lora_targets"] = "all-linear"
     launch = env.world()
@@ -211,11 +203,9 @@ def default_estimate_fn(cfg, model):
 
     def estimate_fn(micro_batch: int, seq_len: int) -> int:
         if launch["world_size"] > 1:  # what each GPU of the launch holds
-            return scaling.estimate_per_gpu(shape, launch["world_size"], mode, seq_len=seq_len,
-                                           micro_batch=micro_batch, **offload,
-                                           **settings).total_device
-        return estimator.estimate(shape, seq_len=seq_len, micro_batch=micro_batch,
-                               **settings).total_device
+            return estimate_per_gpu(shape, launch["world_size"], mode, seq_len=seq_len,
+                                    micro_batch=micro_batch, **offload, **settings).total_device
+        return estimate(shape, seq_len=seq_len, micro_batch=micro_batch, **settings).total_device
 
     return estimate_fn
 
@@ -237,31 +227,20 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _vocab_size(model) -> int:
-    config = getattr(model, "config", None)
-    size = getattr(config, "vocab_size", None)
-    if not size:
-        size = model.get_input_embeddings().weight.shape[0]
-    return int(size)
-
-
-def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None,
-               chunked_loss: bool = True) -> int:
+def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
     """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
     all of them labelled: the largest activations a training step at this size can have. Returns
     the peak GPU bytes allocated during it (0 on CPU); raises ``torch.cuda.OutOfMemoryError`` when
     it does not fit. The random numbers come from their own generator and the global RNG state is
-    restored, so the run that follows is not shifted by the probe. ``chunked_loss``: the loss of
-    :mod:`helpers.losses`, as :class:`SeriesTrainer` computes it (CHUNKED_LOSS; models it does
-    not apply to keep their own loss), so the probe measures what training will hold.
-    Introduced in notebook 05.
+    restored, so the run that follows is not shifted by the probe. The loss is the one the model
+    computes in training (the chunked loss where :func:`helpers.losses.use_chunked_loss`
+    installed it), so the probe measures what training will hold. Introduced in notebook 05.
     """
-    from helpers import losses
-
     device = _model_device(model)
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, _vocab_size(model), (micro_batch, seq_len), generator=gen).to(device)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=gen).to(device)
     was_training = model.training
     devices = [device.index or 0] if cuda else []
     use_autocast = cuda and dtype is not None and env.uses_autocast(dtype)
@@ -273,11 +252,7 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
             model.train()
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
             with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
-                if chunked_loss and losses.supports(model) and \
-                        losses.more_than_one_chunk(model, ids.numel()):
-                    out = losses.causal_lm_loss(model, inputs, ids)
-                else:
-                    out = model(**inputs, labels=ids)
+                out = model(**inputs, labels=ids)
             out.loss.backward()
             del out
             peak = torch.cuda.max_memory_allocated(device) if cuda else 0
@@ -293,14 +268,15 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
 def _enforce_budget(budget: int, notes: list) -> None:
     """Cap torch's allocator so that the process uses at most ``budget`` bytes of the card,
     counting what is already held outside the allocator (CUDA context, libraries)."""
-    free, total = torch.cuda.mem_get_info(_gpu())
-    outside = max(0, (total - free) - torch.cuda.memory_reserved(_gpu()))
+    gpu = torch.cuda.current_device()
+    available, total = torch.cuda.mem_get_info(gpu)
+    outside = max(0, (total - available) - torch.cuda.memory_reserved(gpu))
     if budget >= total:
         notes.append(f"MEMORY_BUDGET_GB={budget / GB:.1f} is not below the card's "
                      f"{total / GB:.1f} GB: nothing to enforce")
         return
     fraction = max(0.01, (budget - outside) / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, _gpu())
+    torch.cuda.set_per_process_memory_fraction(fraction, gpu)
     notes.append(f"budget enforced: torch may allocate {fraction * total / GB:.2f} GB of this "
                  f"{total / GB:.1f} GB card ({budget / GB:.1f} GB budget less "
                  f"{outside / GB:.2f} GB of CUDA context), as on a {budget / GB:.0f} GB card")
@@ -369,7 +345,8 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     if cfg.memory_budget_gb > 0:
         _enforce_budget(budget, notes)
     else:
-        torch.cuda.set_per_process_memory_fraction(1.0, _gpu())  # undo an earlier budget
+        # undo an earlier budget
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
     if cfg.micro_batch:
         micro = cfg.micro_batch
         if estimate_fn is not None and estimate_fn(micro, cfg.max_length) > budget:
@@ -397,17 +374,15 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     if not probe:
         return micro, notes
 
-    from helpers import units
-
     dtype = env.compute_dtype(cfg.compute_dtype)
     while True:
         out_of_memory = False
         try:
-            peak = probe_step(model, micro, cfg.max_length, dtype, chunked_loss=cfg.chunked_loss)
+            peak = probe_step(model, micro, cfg.max_length, dtype)
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
         if out_of_memory:  # outside the except block, so the failed step's tensors can go
-            units.free()
+            free()
             if micro == 1:
                 ways = ["lower MAX_LENGTH", "adapt fewer layers (LORA_TARGETS='attention')"]
                 if not cfg.gradient_checkpointing:

@@ -1,7 +1,8 @@
 """The Trainer callbacks the series adds (notebook 05): the live loss curve
 (:class:`LossCurveCallback`), the NaN / zero-loss guard that explains the likely cause
 (:class:`TrainingGuard`), memory per step (:class:`MemoryCallback`), real tokens per second
-(:class:`ThroughputCallback`) and a progress bar.
+(:class:`ThroughputCallback`) and a progress bar. Each is passed to a plain
+``transformers.Trainer`` in ``callbacks=[...]``.
 """
 
 from __future__ import annotations
@@ -10,74 +11,11 @@ import math
 import time
 from pathlib import Path
 import torch
-from transformers import TrainerCallback
-from helpers.checkpoints import write_signature
+from accelerate.utils import gather_object
+from transformers import ProgressCallback, TrainerCallback
+from helpers import env
+from helpers.footprint import cpu_rss
 from helpers.tokens import IGNORE_INDEX
-
-
-# ============================================================================ 3. tokens
-
-
-def _row_token_count(feature) -> int:
-    mask = feature.get("attention_mask")
-    return int(sum(mask)) if mask is not None else len(feature["input_ids"])
-
-
-class CountingCollator:
-    """Wraps a collator and adds two counts to each batch, as plain ints counted on the CPU (a
-    count read back from the GPU would make every step wait for the one before):
-    ``num_real_tokens``, the tokens of its rows before padding (the sum of their attention
-    masks, or their lengths: this also counts packed rows, whose batches carry no attention
-    mask), and ``num_loss_tokens``, the label tokens the loss is computed on.
-    :class:`SeriesTrainer` takes them out before the model sees the batch."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        batch["num_real_tokens"] = sum(_row_token_count(f) for f in features)
-        batch["num_loss_tokens"] = _batch_loss_tokens(batch)
-        return batch
-
-
-COUNT_KEYS = ("num_real_tokens", "num_loss_tokens")  # what CountingCollator adds to a batch
-
-
-class TokenCounter:
-    """Real tokens and loss tokens of the micro-batches trained since the last :meth:`take`."""
-
-    def __init__(self):
-        self.tokens = 0
-        self.loss_tokens = 0
-
-    def add(self, tokens: int, loss_tokens: int) -> None:
-        self.tokens += tokens
-        self.loss_tokens += loss_tokens
-
-    def take(self) -> tuple:
-        out = (self.tokens, self.loss_tokens)
-        self.tokens = self.loss_tokens = 0
-        return out
-
-
-def _batch_real_tokens(inputs) -> int:
-    n = inputs.pop("num_real_tokens", None)
-    if n is not None:
-        return int(n)
-    if inputs.get("attention_mask") is not None:
-        return int(inputs["attention_mask"].sum())
-    return int(inputs["input_ids"].numel())
-
-
-def _batch_loss_tokens(inputs) -> int:
-    n = inputs.pop("num_loss_tokens", None)
-    if n is not None:
-        return int(n)
-    labels = inputs.get("labels")
-    if labels is None:
-        return 0
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 LOSS_CURVE = "loss_curve.png"
@@ -96,155 +34,100 @@ class TrainingStopped(RuntimeError):
         self.history = list(history or [])
 
 
-# ============================================================================ 3. callbacks
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def _process_count() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _across_processes(values, op: str = "sum") -> list:
-    """``values`` summed (or their maximum / minimum, ``op="max"`` / ``"min"``) over the processes
-    of a launch; the values themselves in a single process. Every process must call it at the same
-    point."""
-    import torch.distributed as dist
-
-    if _process_count() == 1:
-        return list(values)
-    backend = str(dist.get_backend())
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu")
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    dist.all_reduce(t, op=ops[op])
-    return t.cpu().tolist()
-
-
 class ThroughputCallback(TrainerCallback):
-    """Real tokens and seconds of each optimizer step (``steps``: step, tokens, loss_tokens,
-    seconds, local_tokens). :attr:`tokens_per_second` leaves out the first step of the run, whose
-    time includes warm-up (allocations, kernel selection, the optimizer's state creation).
-
-    In a launch of several processes the step's tokens are summed over all of them and its
-    seconds are the slowest process's (the wall time of the step), so tokens/s is the whole
-    launch's; ``local_tokens`` are this process's share. ``state.num_input_tokens_seen`` is
-    raised to the launch's total, the same in every process and in the checkpoints."""
-
-    def __init__(self, counter: TokenCounter):
-        self.counter = counter
-        self.steps: list[dict] = []
-        self._start = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.counter.take()  # anything counted before this run's first step is not ours
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        _sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        _sync()
-        seconds = time.perf_counter() - (self._start or time.perf_counter())
-        tokens, loss_tokens = self.counter.take()
-        local = tokens
-        if _process_count() > 1:
-            tokens, loss_tokens = (int(v) for v in _across_processes([tokens, loss_tokens]))
-            seconds = _across_processes([seconds], "max")[0]
-            state.num_input_tokens_seen += tokens - local  # SeriesTrainer counted `local`
-        self.steps.append({"step": state.global_step, "tokens": tokens,
-                           "loss_tokens": loss_tokens, "seconds": seconds,
-                           "local_tokens": local})
-
-    @property
-    def tokens_per_second(self) -> float:
-        timed = self.steps[1:] if len(self.steps) > 1 else self.steps
-        seconds = sum(s["seconds"] for s in timed)
-        return sum(s["tokens"] for s in timed) / seconds if seconds > 0 else 0.0
-
-    @property
-    def local_tokens(self) -> int:
-        return sum(s["local_tokens"] for s in self.steps)
-
-
-class MemoryCallback(TrainerCallback):
-    """GPU memory and CPU RSS at the end of each optimizer step, in ``steps``: ``peak_gpu_bytes``
-    (``torch.cuda.max_memory_allocated`` since training began: the peak counter is reset once, at
-    the start of training, and not per step, so a ``helpers.footprint.track`` stage around the
-    training still reads the training's peak), ``gpu_allocated_bytes`` (held between steps:
-    weights, adapters, optimizer state) and ``cpu_rss_bytes``. Zeros for the GPU on CPU."""
+    """Real tokens and seconds of each optimizer step (``steps``), and :attr:`tokens_per_second`
+    without the run's first step, whose time includes warm-up (allocations, kernel selection, the
+    optimizer's state creation). The tokens are the Trainer's own count
+    (``include_num_input_tokens_seen="non_padding"``: padding left out, summed over the
+    processes of a launch) before and after each step; the Trainer's own tokens per second would
+    count warm-up and checkpoint saving too. At the end the timed seconds are the slowest
+    process's (accelerate's ``gather_object``), so tokens/s is the whole launch's."""
 
     def __init__(self):
         self.steps: list[dict] = []
+        self._start, self._seen, self._seconds = 0.0, 0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._start, self._seen = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.steps.append({"step": state.global_step,
+                           "tokens": int(state.num_input_tokens_seen - self._seen),
+                           "seconds": time.perf_counter() - self._start})
+
+    def _timed(self) -> list:
+        return self.steps[1:] if len(self.steps) > 1 else self.steps
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._seconds = max(gather_object([sum(s["seconds"] for s in self._timed())]))
+
+    @property
+    def tokens_per_second(self) -> float:
+        timed = self._timed()
+        seconds = self._seconds if self._seconds is not None else sum(s["seconds"] for s in timed)
+        return sum(s["tokens"] for s in timed) / seconds if seconds > 0 else 0.0
+
+
+class MemoryCallback(TrainerCallback):
+    """Peak memory of the training: ``peak_gpu_bytes`` (``torch.cuda.max_memory_allocated`` at the
+    end of each optimizer step; the peak counter is reset once, at the start of training, and not
+    per step, so a ``helpers.footprint.track`` stage around the training still reads the
+    training's peak; 0 on CPU) and ``peak_cpu_rss_bytes``. At the end of training,
+    ``peak_gpu_bytes_every_process``: each process's peak, gathered by accelerate (the largest is
+    what a card must hold; equal under DDP, near-equal shards under FSDP)."""
+
+    def __init__(self):
+        self.peak_gpu_bytes = self.peak_cpu_rss_bytes = 0
+        self.peak_gpu_bytes_every_process = [0]
 
     def on_train_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def on_step_end(self, args, state, control, **kwargs):
-        from helpers import footprint
+        if torch.cuda.is_available():
+            self.peak_gpu_bytes = int(torch.cuda.max_memory_allocated())
+        self.peak_cpu_rss_bytes = max(self.peak_cpu_rss_bytes, int(cpu_rss()))
 
-        cuda = torch.cuda.is_available()
-        self.steps.append({
-            "step": state.global_step,
-            "peak_gpu_bytes": int(torch.cuda.max_memory_allocated()) if cuda else 0,
-            "gpu_allocated_bytes": int(torch.cuda.memory_allocated()) if cuda else 0,
-            "cpu_rss_bytes": int(footprint.cpu_rss())})
-
-    @property
-    def peak_gpu_bytes(self) -> int:
-        return max((s["peak_gpu_bytes"] for s in self.steps), default=0)
-
-    @property
-    def peak_cpu_rss_bytes(self) -> int:
-        return max((s["cpu_rss_bytes"] for s in self.steps), default=0)
+    def on_train_end(self, args, state, control, **kwargs):
+        self.peak_gpu_bytes_every_process = gather_object([self.peak_gpu_bytes])
 
 
-class ProgressBar(TrainerCallback):
-    """One progress bar over the optimizer steps with the latest loss and learning rate: a widget
-    in Jupyter (:func:`helpers.env.has_frontend`), text elsewhere (papermill, scripts), where
-    it redraws at most every ``text_interval`` seconds. It replaces the Trainer's own bar, which
-    also prints every step's log as a line (or a table row in Jupyter)."""
+class ProgressBar(ProgressCallback):
+    """The Trainer's progress bar over the optimizer steps, showing the latest loss and learning
+    rate instead of writing every step's log as a line: a widget in Jupyter
+    (:func:`helpers.env.has_frontend`), text elsewhere (papermill, scripts), where it redraws at
+    most every ``text_interval`` seconds."""
 
     def __init__(self, live: bool | None = None, text_interval: float = 10.0):
-        if live is None:
-            from helpers import env
-
-            live = env.has_frontend()
-        self.live, self.text_interval = live, text_interval
-        self.bar = None
+        super().__init__()
+        self.live = env.has_frontend() if live is None else live
+        self.text_interval = text_interval
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.current_step = state.global_step
         if not state.is_world_process_zero:
             return
         if self.live:
             from tqdm.auto import tqdm
         else:
             from tqdm import tqdm
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step",
-                        desc="training", dynamic_ncols=True,
-                        mininterval=0.1 if self.live else self.text_interval)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
+        self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step",
+                                 desc="training", dynamic_ncols=True,
+                                 mininterval=0.1 if self.live else self.text_interval)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        if self.bar is not None and "loss" in logs:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4g}",
-                                 lr=f"{logs.get('learning_rate', 0):.2g}", refresh=False)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.training_bar is not None and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}",
+                                          lr=f"{logs.get('learning_rate', 0):.2g}", refresh=False)
 
 
 def _log_entry(state, logs) -> dict | None:
@@ -267,14 +150,11 @@ class LossCurveCallback(TrainerCallback):
         self.path = Path(path)
         self.history: list[dict] = []
         self.eval_points: list = []
-        if live is None:
-            from helpers import env
-
-            live = env.has_frontend()
-        self.live = live
+        self.live = env.has_frontend() if live is None else live
         self.min_interval = min_interval
         self._handle = None
         self._drawn = 0.0
+        self._saved = False
 
     def figure(self):
         from helpers import plots
@@ -286,7 +166,16 @@ class LossCurveCallback(TrainerCallback):
 
         if not self.history:
             return None
+        self._saved = True
         return plots.save(self.figure(), self.path)
+
+    def add_eval(self, step: int, loss: float, label: str) -> None:
+        """A held-out loss on the curve ("eval before" at step 0, "eval after" at the last step):
+        redrawn, and the file written again if training wrote it."""
+        self.eval_points.append((step, loss, label))
+        self._redraw(force=True)
+        if self._saved:
+            self.save()
 
     def _redraw(self, force: bool = False):
         if not self.live or not self.history:
@@ -329,39 +218,51 @@ def _finite(x) -> bool:
 
 class TrainingGuard(TrainerCallback):
     """Stops training cleanly on a NaN/inf loss, a non-finite gradient norm, or a loss of exactly
-    zero, and keeps an explanation of the likely cause in ``problem`` (``kind``: "nan"/"zero").
+    zero, and explains the likely cause in ``problem`` (``kind``: "nan"/"zero").
 
     It acts on each step's log, before that step's checkpoint would be written, and cancels the
     checkpoint, so no broken weights are saved. Under fp16 the gradient scaler skips steps whose
     gradients overflow - normal while it finds its scale - so a non-finite gradient norm with a
-    finite loss stops the run only after ``fp16_patience`` such steps in a row.
-    :func:`train` raises :class:`TrainingStopped` with the explanation once the Trainer returns.
-    ``counter_steps`` (optional) is a :class:`ThroughputCallback`'s ``steps`` list, giving the
-    step's number of loss tokens.
+    finite loss stops the run only after ``fp16_patience`` such steps in a row. When training
+    ends it raises :class:`TrainingStopped` with the explanation (so ``trainer.train()`` does):
+    put it last in ``callbacks``, after those that save the curve and read the figures.
+
+    The explanation names a batch without label tokens, whose mean loss is 0/0; neither the
+    Trainer nor its logs say how many label tokens a step had, so a forward pre-hook on the model
+    adds them up during training, on the device (read back only when something went wrong, so no
+    step waits for it). ``dataset_loss_tokens``: the train set's, for the zero-loss explanation.
     """
 
-    def __init__(self, counter_steps: list | None = None, fp16_patience: int = 8,
-                 dataset_loss_tokens: int | None = None):
-        self.counter_steps = counter_steps if counter_steps is not None else []
+    def __init__(self, dataset_loss_tokens: int | None = None, fp16_patience: int = 8):
         self.fp16_patience = fp16_patience
         self.dataset_loss_tokens = dataset_loss_tokens
         self.problem: str | None = None
         self.kind = ""
         self.step = 0
+        self.history: list[dict] = []
         self._bad_grad_steps = 0
         self._last_good: dict | None = None
+        self._hook = None
+        self._step_tokens = self._labels_seen = 0
 
-    def _step_loss_tokens(self, step: int):
-        for s in reversed(self.counter_steps):
-            if s["step"] == step:
-                return s["loss_tokens"]
-        return None
+    def _count_labels(self, _module, _args, kwargs):
+        labels = kwargs.get("labels")
+        if labels is not None:
+            self._labels_seen = self._labels_seen + (labels[..., 1:] != IGNORE_INDEX).sum()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._hook = model.register_forward_pre_hook(self._count_labels, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_tokens, self._labels_seen = self._labels_seen, 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs or self.problem:
+        entry = _log_entry(state, logs or {})
+        if entry is None or self.problem:
             return
-        loss, grad = logs.get("loss"), logs.get("grad_norm")
+        self.history.append(entry)
+        loss, grad = entry["loss"], entry.get("grad_norm")
         kind = None
         if not _finite(loss):
             kind = "nan"
@@ -377,15 +278,22 @@ class TrainingGuard(TrainerCallback):
         if kind is None:
             return
         self.kind, self.step = kind, state.global_step
+        step_tokens = int(self._step_tokens) if self._hook is not None else None
         self.problem = (explain_nan(args, state.global_step, loss, grad, self._last_good,
-                                    self._step_loss_tokens(state.global_step),
-                                    self._bad_grad_steps)
+                                    step_tokens, self._bad_grad_steps)
                         if kind == "nan" else
-                        explain_zero(args, state.global_step, self._step_loss_tokens(
-                            state.global_step), self.dataset_loss_tokens))
+                        explain_zero(args, state.global_step, step_tokens,
+                                     self.dataset_loss_tokens))
         control.should_training_stop = True
         control.should_save = False  # keep the last good checkpoint the latest one
         print(self.problem)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.problem:
+            raise TrainingStopped(self.problem, self.kind, self.step, self.history)
 
 
 def _capability() -> tuple | None:
@@ -461,49 +369,3 @@ def explain_zero(args, step, step_loss_tokens, dataset_loss_tokens) -> str:
     lines.append("Likely causes:")
     lines += [f"  - {c}" for c in causes]
     return "\n".join(lines)
-
-
-class StopAfterStep(TrainerCallback):
-    """Stops training after optimizer step ``step``, as an interruption would (the schedule stays
-    that of the full run). With ``save=True`` a checkpoint is written at that step first."""
-
-    def __init__(self, step: int, save: bool = False):
-        self.step, self.save = step, save
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            if self.save:
-                control.should_save = True
-
-
-class SignatureCallback(TrainerCallback):
-    """Copies the run signature into every checkpoint folder, so a checkpoint moved elsewhere
-    still says which run it belongs to."""
-
-    def __init__(self, signature: dict):
-        self.signature = signature
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_signature(folder, self.signature)
-
-
-class ScheduleRealign(TrainerCallback):
-    """For a run resumed with a different MAX_STEPS: the optimizer state restored from the
-    checkpoint carries the learning rate of the old schedule (0 at its end), and the scheduler
-    sets the new one only after the next step, so the first resumed step would run at the old
-    rate. At the start of training this puts the new schedule's rate for the current step into
-    the optimizer (for the Trainer's schedules, which are LambdaLR)."""
-
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
-            return
-        step = lr_scheduler.last_epoch
-        rates = [base * fn(step) for base, fn in zip(lr_scheduler.base_lrs,
-                                                     lr_scheduler.lr_lambdas)]
-        for group, rate in zip(optimizer.param_groups, rates):
-            group["lr"] = rate
-        lr_scheduler._last_lr = rates

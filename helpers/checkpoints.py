@@ -1,15 +1,20 @@
 """Checkpoints, resume and the saved adapter (notebook 05): a run signature that refuses to resume
-another run's checkpoints, the check before resuming, and the final adapter with its model card
-in ``RUN_DIR/adapter``.
+another run's checkpoints, the check before resuming (:func:`resume_point`), the callback that
+keeps checkpoints and schedule in step with it, and the final adapter with its model card in
+``RUN_DIR/adapter``. The checkpoints themselves are the Trainer's (adapter, optimizer,
+scheduler and RNG state), so a resumed run continues to the same result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 from pathlib import Path
-from helpers import fsdp, env
+import torch
+from transformers import TrainerCallback
+from helpers import env
 
 
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints: the Trainer's checkpoint-N folders
@@ -68,24 +73,29 @@ _MUST_MATCH = ("model", "lora", "max_length", "data", "micro_batch", "grad_accum
                "learning_rate", "lr_schedule", "warmup_steps")
 
 
-def run_signature(cfg, model, train_dataset, micro_batch: int) -> dict:
+def _value(setting) -> str:
+    return str(getattr(setting, "value", setting))  # TrainingArguments keeps enums
+
+
+def run_signature(cfg, model, train_dataset, args) -> dict:
     """What a checkpoint must share with this run to be resumed: the model, the LoRA config, the
-    data (a fingerprint of its tokens), MAX_LENGTH, micro-batch, gradient accumulation, optimizer
-    and schedule; plus informative fields (max_steps, seed, compute dtype, versions)."""
+    data (a fingerprint of its tokens), MAX_LENGTH, and from the ``TrainingArguments``
+    ``args`` the micro-batch, gradient accumulation, optimizer, learning rate and schedule; plus
+    informative fields (max_steps, seed, compute dtype, versions). Introduced in notebook 05."""
     return {
         "model": _model_identity(cfg, model),
         "lora": _lora_identity(model),
         "max_length": cfg.max_length,
         "data": {"rows": len(train_dataset), "fingerprint": dataset_fingerprint(train_dataset)},
-        "micro_batch": micro_batch,
-        "grad_accum": cfg.grad_accum,
-        "optimizer": cfg.optimizer,
-        "learning_rate": cfg.learning_rate,
-        "lr_schedule": cfg.lr_schedule,
-        "warmup_steps": cfg.warmup_steps,
-        "max_steps": cfg.max_steps,
-        "epochs": cfg.epochs,
-        "seed": cfg.seed,
+        "micro_batch": args.per_device_train_batch_size,
+        "grad_accum": args.gradient_accumulation_steps,
+        "optimizer": _value(args.optim),
+        "learning_rate": args.learning_rate,
+        "lr_schedule": _value(args.lr_scheduler_type),
+        "warmup_steps": args.warmup_steps,
+        "max_steps": args.max_steps,
+        "epochs": args.num_train_epochs,
+        "seed": args.seed,
         "compute_dtype": str(env.compute_dtype(cfg.compute_dtype)).replace("torch.", ""),
         "versions": {k: v for k, v in env.versions().items()
                      if k in ("torch", "transformers", "peft", "bitsandbytes")},
@@ -173,23 +183,96 @@ def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -
     return last
 
 
-def _clear_checkpoints(run_dir) -> list:
-    folder = Path(run_dir) / CHECKPOINTS
-    old = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
-    for p in old:
-        shutil.rmtree(p)
-    return [p.name for p in old]
+def _saved_signature(checkpoint) -> dict:
+    path = Path(checkpoint) / SIGNATURE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_adapter(model, folder, card: dict, tensors: dict | None = None) -> Path:
+def keep_resumed_micro_batch(cfg):
+    """``cfg`` with MICRO_BATCH set to the micro-batch of the checkpoints it resumes (RESUME =
+    True, MICRO_BATCH = 0 and checkpoints there): a resumed run keeps its micro-batch, which a
+    different card might choose otherwise. Introduced in notebook 05."""
+    if not cfg.resume or cfg.micro_batch or latest_checkpoint(cfg.run_dir) is None:
+        return cfg
+    saved = _saved_signature(Path(cfg.run_dir) / CHECKPOINTS).get("micro_batch")
+    return dataclasses.replace(cfg, micro_batch=int(saved)) if saved else cfg
+
+
+def resume_point(cfg, signature: dict) -> tuple:
+    """``(checkpoint, notes)``: the checkpoint folder to pass to ``trainer.train(
+    resume_from_checkpoint=...)`` (None: start from step 0), and what was decided.
+
+    RESUME = True: the latest checkpoint, after :func:`check_resume` found it belongs to this run
+    (else :class:`ResumeError`); a changed MAX_STEPS is noted (:class:`ResumeCallback` moves the
+    learning rate to the new schedule). RESUME = False: an earlier run's checkpoints are removed,
+    so the folder holds this run's only. The main process then writes ``signature`` beside the
+    checkpoints. Introduced in notebook 05."""
+    from accelerate import PartialState
+
+    notes, found = [], None
+    if cfg.resume:
+        sharded = env.fsdp_active() and torch.cuda.is_available()
+        found = check_resume(cfg, signature, PartialState().num_processes, sharded)
+        if found is None:
+            notes.append("RESUME = True, but no checkpoint yet: starting from step 0")
+        else:
+            notes.append(f"resuming from {found.name}")
+            before = _saved_signature(found).get("max_steps", signature["max_steps"])
+            if before != signature["max_steps"]:
+                notes.append(f"MAX_STEPS changed from {before} to {signature['max_steps']}: "
+                             "the learning-rate schedule now ends at the new last step")
+    elif latest_checkpoint(cfg.run_dir) is not None and env.is_main_process():
+        old = sorted(p for p in (Path(cfg.run_dir) / CHECKPOINTS).glob("checkpoint-*")
+                     if p.is_dir())
+        for folder in old:
+            shutil.rmtree(folder)
+        notes.append(f"RESUME = False: starting over; removed the earlier run's "
+                     f"{', '.join(p.name for p in old)} (RESUME = True would have continued "
+                     "from them)")
+    if env.is_main_process():
+        write_signature(Path(cfg.run_dir) / CHECKPOINTS, signature)
+    return (str(found) if found else None), notes
+
+
+class ResumeCallback(TrainerCallback):
+    """Keeps the Trainer's checkpoints resumable as this series checks them: copies the run
+    signature into every checkpoint folder (a checkpoint moved elsewhere still says which run it
+    belongs to), and at the start of training puts the current schedule's learning rate into the
+    optimizer. The Trainer restores the optimizer state with the rate of the schedule it was
+    saved under, and the scheduler sets the new one only after the next step, so a run resumed
+    with a different MAX_STEPS would take its first step at the old rate (for an unchanged
+    schedule, and a fresh run, the rate written is the one already there). For the Trainer's
+    schedules, which are ``LambdaLR``."""
+
+    def __init__(self, signature: dict):
+        self.signature = signature
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
+            return
+        step = lr_scheduler.last_epoch
+        rates = [base * fn(step) for base, fn in zip(lr_scheduler.base_lrs,
+                                                     lr_scheduler.lr_lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        lr_scheduler._last_lr = rates
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_signature(folder, self.signature)
+
+
+def save_adapter(model, folder, card: dict, save=None) -> Path:
     """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a short model
-    card (README.md: base model, dataset, steps, losses, date) in ``folder``. ``tensors``: the
-    LoRA weights gathered from FSDP's shards (:func:`helpers.fsdp.gather_trainable`),
-    written by :func:`helpers.fsdp.save_sharded_adapter`. A file without weights is an
-    error, not an adapter."""
+    card (README.md: base model, dataset, steps, losses, date) in ``folder``. ``save(folder)``
+    writes the weights where ``model.save_pretrained`` cannot (under FSDP:
+    :func:`helpers.fsdp.save_sharded_adapter`). A file without weights is an error, not an
+    adapter. Introduced in notebook 05."""
     folder = Path(folder)
-    if tensors is not None:
-        fsdp.save_sharded_adapter(model, folder, tensors)
+    if save is not None:
+        save(folder)
     else:
         model.save_pretrained(str(folder), safe_serialization=True)
     weights = folder / "adapter_model.safetensors"

@@ -14,10 +14,10 @@ Trainer passes it (so gradient accumulation gives the gradients of the standard 
 the batch's label tokens.
 
 - :func:`chunked_cross_entropy` - the loss from hidden states, labels and the head;
-- :func:`causal_lm_loss` - one forward of a (peft-wrapped) causal LM with that loss;
-- :class:`ChunkedLossModel` - a stand-in for the model that ``Trainer.compute_loss`` calls
-  (``helpers.train.SeriesTrainer`` uses it when ``CHUNKED_LOSS = True``, the default);
-- :func:`unsupported_reason` / :func:`supports` - which models it applies to: the families whose
+- :func:`use_chunked_loss` - installs it in the model's own forward (CHUNKED_LOSS, on by default),
+  so a plain ``transformers.Trainer`` trains with it: in training mode, with labels, the causal
+  LM computes this loss instead of its own;
+- :func:`unsupported_reason` - which models it applies to: the families whose
   head reads the body's last hidden state unchanged (checked in tests/test_losses.py), with a
   plain linear head (GPT-J's bias included) and no logit soft-capping or scaling; any other model
   keeps the standard loss;
@@ -28,6 +28,7 @@ the batch's label tokens.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -99,11 +100,6 @@ def unsupported_reason(model) -> str | None:
     if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
         return "its forward has no logits_to_keep argument"
     return None
-
-
-def supports(model) -> bool:
-    """True when :func:`causal_lm_loss` can replace ``model``'s own loss."""
-    return unsupported_reason(model) is None
 
 
 def more_than_one_chunk(model, positions: int) -> bool:
@@ -178,20 +174,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head, *,
     return total / num_items_in_batch
 
 
-def causal_lm_loss(model, inputs: dict, labels: torch.Tensor, *, num_items_in_batch=None,
-                   chunk_size: int | None = None):
-    """One forward of ``model`` (a causal LM, peft-wrapped or not, possibly inside
-    DistributedDataParallel: the wrapper's forward is the one called) with the chunked loss.
-
-    The model runs with ``logits_to_keep=1`` (its head on the last position only); a forward hook
-    on the body takes its ``last_hidden_state`` and the autocast state of the forward, and
-    :func:`chunked_cross_entropy` computes the loss. Returns the model's output with ``loss`` set;
-    its ``logits`` are the last position's only.
-    """
-    lm = unwrap(model)
-    reason = unsupported_reason(lm)
-    if reason:
-        raise ValueError(f"the chunked loss does not apply to this model: {reason}")
+def _forward_with_chunked_loss(lm, call, inputs: dict, labels, num_items_in_batch=None):
+    """``call(**inputs)`` (the forward of the causal LM ``lm``) without labels and with
+    ``logits_to_keep=1`` (the head on the last position only); a forward hook on the body takes
+    its ``last_hidden_state`` and the autocast state of the forward, and
+    :func:`chunked_cross_entropy` computes the loss. Returns the model's output with ``loss``
+    set; its ``logits`` are the last position's only."""
     body = _body(lm)
     seen = {}
 
@@ -202,31 +190,52 @@ def causal_lm_loss(model, inputs: dict, labels: torch.Tensor, *, num_items_in_ba
 
     handle = body.register_forward_hook(grab)
     try:
-        outputs = model(**{"use_cache": False, **inputs, "logits_to_keep": 1})
+        outputs = call(**{"use_cache": False, **inputs, "logits_to_keep": 1})
     finally:
         handle.remove()
     if "hidden" not in seen:
         raise RuntimeError("the model's body did not run: no hidden states for the loss")
     loss = chunked_cross_entropy(seen.pop("hidden"), labels, lm.get_output_embeddings(),
-                                 num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                                 num_items_in_batch=num_items_in_batch,
                                  autocast=seen["autocast"])
     outputs["loss"] = loss
     return outputs
 
 
-class ChunkedLossModel:
-    """Calls ``model`` as ``Trainer.compute_loss`` does (``model(**inputs)`` with ``labels`` and,
-    when the model accepts loss kwargs, ``num_items_in_batch``) and returns its output with the
-    chunked loss, so the Trainer's own handling of the loss - gradient-accumulation scaling,
-    averaging across devices - stays exactly as for the model's own loss."""
+def use_chunked_loss(model) -> str:
+    """Make the causal LM inside ``model`` compute its training loss with
+    :func:`chunked_cross_entropy`, and say what was done. Introduced in notebook 05.
 
-    def __init__(self, model):
-        self.model = model
+    transformers has no loss that avoids the whole sequence's logits, and the Trainer computes
+    the loss by calling the model, so the model's own ``forward`` is replaced by one that, in
+    training mode and with ``labels`` (and no ``shift_labels``) for more than one chunk of
+    positions (:func:`more_than_one_chunk`), runs the body and the chunked loss instead of the
+    head over every position; otherwise (evaluation, generation, short batches) it is the model's
+    own forward. The loss equals the model's own, divided by ``num_items_in_batch`` when the
+    Trainer passes it, so gradient accumulation and averaging across processes stay the
+    Trainer's. The Trainer's label smoothing or ``compute_loss_func`` take the labels out of the
+    call, which then keeps the standard path. Models it does not apply to
+    (:func:`unsupported_reason`) keep their own loss. The model gets ``uses_chunked_loss = True``,
+    which the memory estimate of :func:`helpers.budget.default_estimate_fn` reads.
+    """
+    reason = unsupported_reason(model)
+    if reason:
+        return f"the model keeps its own loss: {reason}"
+    lm = unwrap(model)
+    size = chunk_tokens(lm.get_output_embeddings().weight.shape[0])
+    what = f"chunked loss: labelled positions through the head {size} at a time"
+    if getattr(lm, "uses_chunked_loss", False):
+        return what
+    own = lm.forward
 
-    def __call__(self, **inputs):
-        labels = inputs.pop("labels")
-        num_items = inputs.pop("num_items_in_batch", None)
-        return causal_lm_loss(self.model, inputs, labels, num_items_in_batch=num_items)
+    @functools.wraps(own)
+    def forward(*args, labels=None, **kwargs):
+        if labels is None or args or not lm.training or "shift_labels" in kwargs \
+                or not more_than_one_chunk(lm, labels.numel()):
+            return own(*args, labels=labels, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        return _forward_with_chunked_loss(lm, own, kwargs, labels, num_items)
 
-    def __getattr__(self, name):  # anything else the Trainer asks of the model
-        return getattr(self.model, name)
+    lm.forward = forward
+    lm.uses_chunked_loss = True
+    return what

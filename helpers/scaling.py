@@ -121,22 +121,6 @@ def estimate_per_gpu(shape, n_gpus: int, mode: str = "ddp", *, prefetch: bool = 
                     activation_detail=one.activation_detail)
 
 
-def scaling_table(shape, budget_bytes: float, n_gpus=(1, 2, 4), modes=SCALING_MODES,
-                  **estimate_kwargs) -> list[dict]:
-    """Per-GPU predictions for each mode and GPU count against ``budget_bytes`` (one card's
-    memory): rows of mode, n_gpus, per-GPU bytes and the verdict. Introduced in notebook 05."""
-    rows = []
-    for mode in modes:
-        for n in n_gpus:
-            est = estimate_per_gpu(shape, n, mode, **estimate_kwargs)
-            rows.append({"mode": mode, "n_gpus": n, "per_gpu_bytes": est.total_device,
-                         "fits": est.total_device <= budget_bytes,
-                         "text": f"{mode.upper()} on {n} GPU(s): {fmt_bytes(est.total_device)} "
-                                 f"per GPU of {fmt_bytes(budget_bytes)}: "
-                                 + ("fits" if est.total_device <= budget_bytes
-                                    else "does not fit")})
-    return rows
-
 LAUNCH_DIR = Path(__file__).resolve().parent / "launch"
 CONFIG_FILES = {"ddp": "ddp.yaml", "ddp_cpu": "ddp_cpu.yaml", "fsdp": "fsdp_qlora.yaml"}
 # Optimizers whose state FSDP can shard and save: bitsandbytes' 8-bit states are blockwise
@@ -298,33 +282,3 @@ def write_launch_config(cfg, num_processes: int, mode: str = "ddp", *, offload: 
                str(run_dir)]
     return Launch(mode=mode, num_processes=int(num_processes), config_file=target,
                   command=command, notes=notes)
-
-
-# ============================================================================ notebook 05
-
-
-def suggested_processes(cuda_devices: int | None = None) -> int:
-    """One process per visible GPU; 2 gloo processes on a machine without one."""
-    return _gpu_count(cuda_devices) or 2
-
-
-def launch_plans(cfg, num_processes: int | None = None, *, cuda_devices: int | None = None,
-                 offload: bool = False) -> str:
-    """Notebook 05's "Scaling out" in one call: write the DDP config for ``num_processes``
-    (default :func:`suggested_processes`) into RUN_DIR and, where this Config and machine allow
-    it, the FSDP-QLoRA one; return the commands to run them, or why FSDP is refused here and
-    what to change. Nothing is launched."""
-    n = num_processes or suggested_processes(cuda_devices)
-    lines = []
-    ddp = write_launch_config(cfg, n, "ddp", cuda_devices=cuda_devices)
-    lines += [f"DDP, {n} processes (the model fits one card; the run finishes sooner):",
-              f"  {ddp.command_line}"] + [f"  note: {x}" for x in ddp.notes]
-    try:
-        fsdp = write_launch_config(cfg, n, "fsdp", cuda_devices=cuda_devices, offload=offload)
-    except LaunchError as err:
-        lines += ["FSDP-QLoRA (the model does not fit one card): not with these settings "
-                  f"here: {err}"]
-    else:
-        lines += [f"FSDP-QLoRA, {n} processes (the model does not fit one card):",
-                  f"  {fsdp.command_line}"] + [f"  note: {x}" for x in fsdp.notes]
-    return "\n".join(lines)

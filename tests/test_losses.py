@@ -81,8 +81,21 @@ def trainable(model):
 
 
 def reference(model, inputs, labels, **kw):
-    loss = model(**inputs, labels=labels, use_cache=False, **kw).loss
-    return loss, torch.autograd.grad(loss, trainable(model))
+    """The model's own loss and LoRA gradients (in eval mode, where an installed chunked loss
+    stands aside; without dropout and with deterministic checkpointing, the same values)."""
+    model.eval()
+    try:
+        loss = model(**inputs, labels=labels, use_cache=False, **kw).loss
+        return loss, torch.autograd.grad(loss, trainable(model))
+    finally:
+        model.train()
+
+
+def chunked(model, inputs, labels, chunk, monkeypatch, **kw):
+    """The training forward with the chunked loss installed, ``chunk`` positions at a time."""
+    monkeypatch.setattr(losses, "chunk_tokens", lambda vocab: chunk)
+    assert "chunked loss" in losses.use_chunked_loss(model)
+    return model(**inputs, labels=labels, use_cache=False, **kw)
 
 
 def test_the_families_are_supported(model):
@@ -107,11 +120,11 @@ def test_the_body_feeds_the_head_its_last_hidden_state(model):
     torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 64, None])
-def test_loss_and_lora_gradients_equal_the_standard_loss(model, chunk):
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 56])
+def test_loss_and_lora_gradients_equal_the_standard_loss(model, chunk, monkeypatch):
     inputs, labels = batch(model)
     ref, ref_grads = reference(model, inputs, labels)
-    out = losses.causal_lm_loss(model, inputs, labels, chunk_size=chunk)
+    out = chunked(model, inputs, labels, chunk, monkeypatch)
     grads = torch.autograd.grad(out.loss, trainable(model))
     assert out.logits.shape[1] == 1  # the head ran on the last position only
     assert abs(out.loss.item() - ref.item()) <= LOSS_TOL
@@ -120,15 +133,15 @@ def test_loss_and_lora_gradients_equal_the_standard_loss(model, chunk):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=GRAD_TOL)
 
 
-@pytest.mark.parametrize("chunk", [3, None])
-def test_num_items_in_batch_divides_the_sum(model, chunk):
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_num_items_in_batch_divides_the_sum(model, chunk, monkeypatch):
     """As transformers does under gradient accumulation: the sum over label tokens divided by the
     count over all accumulated micro-batches (an int or a tensor)."""
     inputs, labels = batch(model)
     for n in (100, torch.tensor(57)):
         ref, ref_grads = reference(model, inputs, labels, num_items_in_batch=n)
-        out = losses.causal_lm_loss(model, inputs, labels, num_items_in_batch=n,
-                                    chunk_size=chunk)
+        out = chunked(model, inputs, labels, chunk, monkeypatch, num_items_in_batch=n)
+        assert out.logits.shape[1] == 1
         grads = torch.autograd.grad(out.loss, trainable(model))
         assert abs(out.loss.item() - ref.item()) <= LOSS_TOL
         for a, b in zip(grads, ref_grads):
@@ -172,9 +185,8 @@ def test_other_models_keep_their_own_loss():
     capped = tiny_llama()
     capped.config.final_logit_softcapping = 30.0
     assert "softcapping" in losses.unsupported_reason(capped)
-    with pytest.raises(ValueError, match="does not apply"):
-        losses.causal_lm_loss(capped, {"input_ids": torch.zeros(1, 4, dtype=torch.long)},
-                              torch.zeros(1, 4, dtype=torch.long))
+    assert "keeps its own loss" in losses.use_chunked_loss(capped)
+    assert "forward" not in vars(capped)
     adapted_head = lora.attach(tiny_llama(), lora_config(lora_targets="lm_head"))
     assert "not a plain" in losses.unsupported_reason(adapted_head)
 
@@ -182,18 +194,43 @@ def test_other_models_keep_their_own_loss():
 def test_probe_step_uses_the_chunked_loss(monkeypatch):
     model = with_lora(tiny_llama())
     calls = []
-    original = losses.causal_lm_loss
+    original = losses.chunked_cross_entropy
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(losses, "causal_lm_loss", counting)
-    assert budget.probe_step(model, 2, 16) == 0  # 32 positions: one chunk, the model's own loss
-    assert calls == []
+    monkeypatch.setattr(losses, "chunked_cross_entropy", counting)
     monkeypatch.setattr(losses, "chunk_tokens", lambda vocab: 8)
+    assert budget.probe_step(model, 2, 16) == 0  # not installed: the model's own loss
+    assert calls == []
+    losses.use_chunked_loss(model)
     assert budget.probe_step(model, 2, 16) == 0  # CPU: no GPU peak to report
     assert calls == [1]
-    budget.probe_step(model, 2, 16, chunked_loss=False)
+    assert budget.probe_step(model, 1, 8) == 0  # 8 positions: one chunk, the model's own loss
     assert calls == [1]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_installed_loss_equals_the_models_own(monkeypatch):
+    """use_chunked_loss: in training mode with labels the model's forward computes the chunked
+    loss (the same value and LoRA gradients as its own, logits of the last position only); in
+    eval mode, and without labels, it is the model's own forward (whole logits)."""
+    monkeypatch.setattr(losses, "chunk_tokens", lambda vocab: 5)
+    model = with_lora(tiny_llama())
+    inputs, labels = batch(model)
+    ref, ref_grads = reference(model, inputs, labels, num_items_in_batch=40)
+    assert "5 at a time" in losses.use_chunked_loss(model)
+    assert "5 at a time" in losses.use_chunked_loss(model)  # once is enough: not wrapped twice
+    out = model(**inputs, labels=labels, use_cache=False, num_items_in_batch=40)
+    grads = torch.autograd.grad(out.loss, trainable(model))
+    assert out.logits.shape[1] == 1
+    assert abs(out.loss.item() - ref.item()) <= LOSS_TOL
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=GRAD_TOL)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(**inputs, labels=labels, use_cache=False)
+    assert evaluated.logits.shape[1] == labels.shape[1]
+    assert abs(evaluated.loss.item() - reference(model.train(), inputs, labels)[0].item()) \
+        <= LOSS_TOL

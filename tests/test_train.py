@@ -11,7 +11,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import (TrainerCallback, 
+from transformers import (TrainerCallback,
     AutoModelForCausalLM,
     BitsAndBytesConfig,
     GPTNeoXConfig,
@@ -155,7 +155,8 @@ def test_precision_flags_follow_the_one_dtype_decision(tmp_path, monkeypatch, ca
                                                        requested, dtype, bf16, fp16):
     monkeypatch.setattr(env, "torch", _fake_gpu_torch(capability))
     cfg = config(tmp_path, compute_dtype=requested)
-    got, flags = T.precision(cfg)
+    got = env.compute_dtype(cfg.compute_dtype)
+    flags = env.precision_flags(got)
     assert got == dtype
     args = T.training_arguments(cfg, micro_batch=4)  # the dtype comes from the same decision
     assert (args.bf16, args.fp16) == (bf16, fp16) == (flags["bf16"], flags["fp16"])
@@ -174,8 +175,36 @@ def test_training_arguments_from_config(tmp_path):
     assert (args.seed, args.data_seed) == (7, 7)
     assert args.use_cpu and not args.bf16 and not args.fp16  # CPU: float32
     assert args.remove_unused_columns is False
+    assert args.include_num_input_tokens_seen == "non_padding"  # the Trainer counts real tokens
     epochs = T.training_arguments(config(tmp_path, max_steps=0, epochs=2.0), 2)
     assert (epochs.max_steps, epochs.num_train_epochs) == (-1, 2.0)
+
+
+def _notebook_cell(name: str, marker: str) -> str:
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" / name).read_text())
+    found = [c["source"] for c in nb["cells"] if c["cell_type"] == "code"
+             and marker in "".join(c["source"])]
+    assert len(found) == 1, f"{name}: {len(found)} code cells contain {marker!r}"
+    return "".join(found[0])
+
+
+@pytest.mark.parametrize("changes", [{}, {"max_steps": 0, "epochs": 2.0, "save_steps": 0},
+                                     {"learning_rate": 0.0, "grad_accum": 4}])
+def test_the_notebook_builds_the_arguments_training_arguments_builds(tmp_path, tiny, changes):
+    """Notebook 05's TrainingArguments cell, run on its inputs, gives exactly the arguments that
+    helpers.train.training_arguments builds for the command line."""
+    import helpers
+
+    cfg = config(tmp_path, **changes)
+    model = peft_model(tiny, cfg)
+    dtype = env.compute_dtype(cfg.compute_dtype)
+    scope = {"helpers": helpers, "cfg": cfg, "micro_batch": 2, "flags": env.precision_flags(dtype),
+             "learning_rate": cfg.learning_rate or T.auto_learning_rate(model)}
+    exec(_notebook_cell("05_paged_optimizer_training.ipynb", "TrainingArguments("), scope)
+    expected = T.training_arguments(cfg, 2, dtype, model=model).to_dict()
+    assert scope["args"].to_dict() == expected
 
 
 # --------------------------------------------------------------------------- fit the card
@@ -242,7 +271,7 @@ def test_tokens_per_second_counts_only_real_tokens(tmp_path, tiny):
 
     model = peft_model(tiny, cfg)
     result = T.train(cfg, model, tokenizer, padded, None, pass_through, live=False)
-    steps = result.history
+    steps = T._callback(result.trainer, callbacks.ThroughputCallback).steps
     assert len(steps) == 4 and all(s["tokens"] < 4 * width for s in steps)
     # every step is 2 x 2 whole rows; 16 rows = 4 steps: one epoch, each row once
     assert result.metrics["train_tokens_seen"] == sum(lengths)
@@ -252,17 +281,17 @@ def test_tokens_per_second_counts_only_real_tokens(tmp_path, tiny):
     assert result.metrics["tokens_per_second"] == pytest.approx(expected)
 
 
-def test_counting_collator_counts_unpadded_rows():
-    collate = callbacks.CountingCollator(lambda feats: {"input_ids": torch.zeros(len(feats), 9)})
-    batch = collate([{"input_ids": [1, 2, 3]}, {"input_ids": [1] * 7},
-                     {"input_ids": [4] * 9, "attention_mask": [1] * 5 + [0] * 4}])
-    assert batch["num_real_tokens"] == 3 + 7 + 5 and batch["num_loss_tokens"] == 0
-    # counted on the CPU, as ints (nothing to read back from the GPU at each step)
-    labels = torch.tensor([[5, 6, -100, -100], [-100, 7, 8, 9]])
-    collate = callbacks.CountingCollator(lambda feats: {"input_ids": torch.zeros(2, 4), "labels": labels})
-    batch = collate([{"input_ids": [1] * 4}, {"input_ids": [1] * 4}])
-    assert type(batch["num_loss_tokens"]) is int and type(batch["num_real_tokens"]) is int
-    assert batch["num_loss_tokens"] == 1 + 3  # the first position is never a target
+def test_packed_rows_count_without_padding(tmp_path, tiny):
+    """Packed rows (position_ids, no attention mask in the batch): the Trainer's count of real
+    tokens leaves out the padding of the shorter rows, by the pad id the collator filled in."""
+    cfg = config(tmp_path, max_steps=2, save_steps=0, micro_batch=4)
+    tokenizer = tokenizer_of(tiny)
+    base = rows(tokenizer, TEXTS[:8])
+    packed = base.map(lambda r: {"position_ids": list(range(len(r["input_ids"])))})
+    model = peft_model(tiny, cfg)
+    result = T.train(cfg, model, tokenizer, packed, None, collator_for(tokenizer), live=False)
+    assert "attention_mask" not in collator_for(tokenizer)([packed[0], packed[1]])
+    assert result.metrics["train_tokens_seen"] == sum(len(r) for r in base["input_ids"])
 
 
 # --------------------------------------------------------------------------- it learns
@@ -294,11 +323,14 @@ def test_eval_loss_falls_on_a_memorizable_dataset(tmp_path, tiny):
         assert all(files.values()), files
         assert (run_dir / "checkpoints" / f"checkpoint-{step}" / checkpoints.SIGNATURE).is_file()
     assert not list((run_dir / "checkpoints").glob("*/adapter_model.bin"))
-    # history: one entry per step with loss, learning rate, grad norm, tokens and memory
+    # history: one entry per step with loss, learning rate and grad norm; tokens of every step
     h = result.history
     assert [e["step"] for e in h] == list(range(1, 25))
-    assert all({"loss", "learning_rate", "grad_norm", "tokens", "cpu_rss_bytes"} <= set(e)
-               for e in h)
+    assert all({"loss", "learning_rate", "grad_norm"} <= set(e) for e in h)
+    steps = T._callback(result.trainer, callbacks.ThroughputCallback).steps
+    assert [s["step"] for s in steps] == list(range(1, 25)) and all(s["tokens"] > 0 for s in steps)
+    assert sum(s["tokens"] for s in steps) == m["train_tokens_seen"]
+    assert m["peak_cpu_rss_bytes_train"] > 0
 
 
 def test_evaluate_loss_is_token_weighted(tmp_path, tiny):
@@ -337,22 +369,23 @@ def test_chunked_loss_trains_like_the_standard_loss(tmp_path, tiny, monkeypatch,
     from helpers import losses
 
     calls = []
-    chunked = losses.causal_lm_loss
+    chunked = losses.chunked_cross_entropy
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("num_items_in_batch"))
         return chunked(*args, **kwargs)
 
-    monkeypatch.setattr(losses, "causal_lm_loss", counting)
+    monkeypatch.setattr(losses, "chunked_cross_entropy", counting)
     monkeypatch.setattr(losses, "chunk_tokens", lambda vocab: 5)  # several chunks per batch
     if not loss_kwargs:
-        init = T.SeriesTrainer.__init__
+        make = T.make_trainer
 
-        def no_loss_kwargs(self, *a, **kw):
-            init(self, *a, **kw)
-            self.model_accepts_loss_kwargs = False
+        def no_loss_kwargs(*a, **kw):
+            trainer = make(*a, **kw)
+            trainer.model_accepts_loss_kwargs = False
+            return trainer
 
-        monkeypatch.setattr(T.SeriesTrainer, "__init__", no_loss_kwargs)
+        monkeypatch.setattr(T, "make_trainer", no_loss_kwargs)
     results = {}
     for on in (False, True):
         cfg = config(tmp_path / str(on), max_steps=4, save_steps=0, micro_batch=2, grad_accum=3,
@@ -383,15 +416,31 @@ def test_the_estimate_follows_chunked_loss(tmp_path, tiny, monkeypatch):
         seen.append(kwargs["chunked_loss"])
         return estimate(*args, **kwargs)
 
-    monkeypatch.setattr(estimator, "estimate", recording)
+    from helpers import losses
+
+    monkeypatch.setattr(budget, "estimate", recording)
     model = peft_model(tiny, config(tmp_path))
-    for on in (True, False):
+    for on in (False, True):
+        if on:
+            assert "chunked loss" in losses.use_chunked_loss(model)
         seen.clear()
-        budget.default_estimate_fn(config(tmp_path, chunked_loss=on), model)(1, 32)
+        budget.default_estimate_fn(config(tmp_path), model)(1, 32)
         assert seen and set(seen) == {on}
 
 
 # --------------------------------------------------------------------------- resume
+
+
+class StopAfterStep(TrainerCallback):
+    """Stops training after optimizer step ``step``, as an interruption would (the schedule stays
+    that of the full run)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("optimizer, rank", [("adamw_torch", 8), ("paged_adamw_8bit", 64)])
@@ -405,7 +454,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny, optimizer, rank):
     straight, _ = run(tiny, config(tmp_path / "a", **common))
 
     cfg = config(tmp_path / "b", **common)
-    first, _ = run(tiny, cfg, callbacks=[callbacks.StopAfterStep(5)])
+    first, _ = run(tiny, cfg, callbacks=[StopAfterStep(5)])
     assert first.metrics["train_steps"] == 5
     assert checkpoints.latest_checkpoint(cfg.run_dir).name == "checkpoint-4"
     resumed, _ = run(tiny, dataclasses.replace(cfg, resume=True), seed=123)  # other LoRA init
@@ -452,7 +501,7 @@ def test_resume_with_more_steps_trains_at_the_new_schedule(tmp_path, tiny):
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny):
     cfg = config(tmp_path, max_steps=4, save_steps=2)
-    run(tiny, cfg, callbacks=[callbacks.StopAfterStep(2)])
+    run(tiny, cfg, callbacks=[StopAfterStep(2)])
     for change, field in [({"lora_r": 4, "lora_alpha": 8}, "lora.r"),
                           ({"max_length": 16}, "max_length"),
                           ({"learning_rate": 1e-3}, "learning_rate")]:
@@ -587,7 +636,7 @@ def test_live_curve_redraws_one_display(tmp_path, monkeypatch):
 
 def test_starting_over_replaces_the_earlier_checkpoints(tmp_path, tiny):
     cfg = config(tmp_path, max_steps=4, save_steps=2)
-    run(tiny, cfg, callbacks=[callbacks.StopAfterStep(4)])
+    run(tiny, cfg, callbacks=[StopAfterStep(4)])
     again, _ = run(tiny, dataclasses.replace(cfg, max_steps=2, save_steps=1))
     assert any("removed" in n and "checkpoint-4" in n for n in again.notes)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
