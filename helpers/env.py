@@ -1,6 +1,7 @@
 """What machine this is, and the one dtype decision the rest of the series follows.
 
-Notebook 01 shows it all as a report a person can act on; everything else calls
+Notebook 01 reads the machine with torch in its own cells and adds this module's instruments
+(:func:`requirement_check`, :func:`bitsandbytes_selftest`, :func:`verdict`); everything else calls
 :func:`compute_dtype` / :func:`precision_flags` so that the 4-bit compute dtype and the Trainer's
 fp16/bf16 flags can never disagree (the original recipe's bf16-compute-with-fp16-flag mismatch).
 Imports nothing from the rest of ``helpers``.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -158,36 +158,7 @@ def versions() -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- the report (01)
-
-
-def gpus() -> list[dict]:
-    """Each CUDA GPU: name, total and free memory, compute capability, native bf16."""
-    out = []
-    if not torch.cuda.is_available():
-        return out
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        major, minor = torch.cuda.get_device_capability(i)
-        out.append({"index": i, "name": torch.cuda.get_device_name(i), "total_bytes": total,
-                    "free_bytes": free, "capability": f"{major}.{minor}",
-                    "native_bf16": major >= 8})
-    return out
-
-
-def driver_version() -> str | None:
-    """The NVIDIA driver version (from nvidia-smi), or None without one."""
-    import subprocess
-
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return None
-    try:
-        res = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
+# ---------------------------------------------------------------- notebook 01's instruments
 
 
 def requirement_check() -> list[dict]:
@@ -270,39 +241,40 @@ def bitsandbytes_selftest(dev: str | None = None) -> dict:
     return result
 
 
-def report(run_dir: str | os.PathLike = ".") -> dict:
-    """Everything notebook 01 shows: machine, versions, GPUs, dtype decision, bitsandbytes."""
-    import psutil
+def verdict(requirements: list[dict], selftest: dict, dtype: torch.dtype) -> str:
+    """One sentence a person can act on, from :func:`requirement_check`,
+    :func:`bitsandbytes_selftest` and the compute dtype (notebook 01)."""
+    missing = [r["package"] for r in requirements if r["installed"] is None]
+    if missing:
+        return f"missing packages: pip install {' '.join(missing)}"
+    if not selftest["ok"]:
+        return f"{selftest['error']}: {selftest.get('advice', 'reinstall bitsandbytes')}"
+    if not torch.cuda.is_available():
+        hint = " on Colab choose Runtime > Change runtime type > T4 GPU" if (
+            "google.colab" in sys.modules) else (
+            " for real models use a CUDA GPU (Colab's free T4 is enough for 7B)")
+        return ("no GPU: the embedded demo runs on CPU (4-bit layers and the paged optimizer "
+                "work there, slowly);" + hint)
+    gpu = torch.cuda.get_device_properties(0)
+    return (f"ready for 4-bit training on {gpu.name} ({gpu.total_memory / 1e9:.0f} GB, "
+            f"capability {gpu.major}.{gpu.minor}, {str(dtype).replace('torch.', '')})")
 
-    vm = psutil.virtual_memory()
-    disk = shutil.disk_usage(Path(run_dir) if Path(run_dir).exists() else Path("."))
-    dtype = compute_dtype()
-    rep = {
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": _cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_ram_total_bytes": vm.total,
-        "cpu_ram_available_bytes": vm.available,
-        "disk_free_bytes": disk.free,
-        "colab": "google.colab" in sys.modules,
-        "torch_cuda": torch.version.cuda,
-        "driver": driver_version(),
-        "gpus": gpus(),
-        "device": device(),
-        "compute_dtype": str(dtype).replace("torch.", ""),
-        "dtype_reason": dtype_reason(dtype),
-        "precision_flags": precision_flags(dtype),
-        "versions": versions(),
-        "requirements": requirement_check(),
-        "bitsandbytes": bitsandbytes_selftest(),
+
+def machine_info() -> dict:
+    """A short description of the machine for the manifest's top level (notebook 01 and
+    ``python -m helpers.run`` record it): CPU model and cores, the first GPU and how many."""
+    gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
+        "gpu": gpu.name if gpu else None, "gpu_count": torch.cuda.device_count(),
+        "gpu_total_bytes": gpu.total_memory if gpu else 0,
+        "platform": platform.platform(),
     }
-    rep["verdict"] = verdict(rep)
-    return rep
 
 
 def _cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; ``platform.processor()`` there gives
+    only the architecture)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -311,82 +283,6 @@ def _cpu_name() -> str:
         pass
     return platform.processor() or platform.machine()
 
-
-def verdict(rep: dict) -> str:
-    """One sentence a person can act on."""
-    bnb = rep["bitsandbytes"]
-    missing = [r["package"] for r in rep["requirements"] if r["installed"] is None]
-    if missing:
-        return f"missing packages: pip install {' '.join(missing)}"
-    if not bnb["ok"]:
-        return f"{bnb['error']}: {bnb.get('advice', 'reinstall bitsandbytes')}"
-    if not rep["gpus"]:
-        hint = " on Colab choose Runtime > Change runtime type > T4 GPU" if rep["colab"] else (
-            " for real models use a CUDA GPU (Colab's free T4 is enough for 7B)")
-        return ("no GPU: the embedded demo runs on CPU (4-bit layers and the paged optimizer "
-                "work there, slowly);" + hint)
-    g = rep["gpus"][0]
-    return (f"ready for 4-bit training on {g['name']} ({g['total_bytes'] / 1e9:.0f} GB, "
-            f"capability {g['capability']}, {rep['compute_dtype']})")
-
-
-def metrics(rep: dict) -> dict:
-    """The report's numbers, for the manifest."""
-    g = rep["gpus"][0] if rep["gpus"] else {}
-    return {
-        "gpu_count": len(rep["gpus"]),
-        "gpu_total_bytes": g.get("total_bytes", 0),
-        "gpu_free_bytes": g.get("free_bytes", 0),
-        "gpu_capability": float(g["capability"]) if g else 0.0,
-        "native_bf16": bool(g.get("native_bf16", False)),
-        "cpu_cores": rep["cpu_cores"],
-        "cpu_ram_total_bytes": rep["cpu_ram_total_bytes"],
-        "cpu_ram_available_bytes": rep["cpu_ram_available_bytes"],
-        "disk_free_bytes": rep["disk_free_bytes"],
-        "bnb_selftest_ok": bool(rep["bitsandbytes"]["ok"]),
-        "bnb_relative_error": rep["bitsandbytes"]["relative_error"] or 0.0,
-        "requirements_ok": all(r["ok"] for r in rep["requirements"]),
-    }
-
-
-def machine_info(rep: dict | None = None) -> dict:
-    """A short description of the machine for the manifest's top level."""
-    rep = rep or {"gpus": gpus(), "cpu": _cpu_name(), "cpu_cores": os.cpu_count()}
-    return {
-        "cpu": rep.get("cpu"), "cpu_cores": rep.get("cpu_cores"),
-        "gpu": rep["gpus"][0]["name"] if rep.get("gpus") else None,
-        "gpu_count": len(rep.get("gpus") or []),
-        "gpu_total_bytes": rep["gpus"][0]["total_bytes"] if rep.get("gpus") else 0,
-        "platform": platform.platform(),
-    }
-
-
-def show(rep: dict) -> str:
-    """The report as readable text (the notebook prints it)."""
-    gb = 1e9
-    lines = [f"Verdict: {rep['verdict']}", "",
-             f"OS {rep['os']}, Python {rep['python']}, {rep['cpu']} ({rep['cpu_cores']} cores)",
-             f"CPU RAM {rep['cpu_ram_total_bytes'] / gb:.1f} GB total, "
-             f"{rep['cpu_ram_available_bytes'] / gb:.1f} GB available; "
-             f"disk {rep['disk_free_bytes'] / gb:.0f} GB free; Colab: {rep['colab']}",
-             f"torch CUDA runtime {rep['torch_cuda']}, driver {rep['driver']}"]
-    for g in rep["gpus"]:
-        lines.append(f"GPU {g['index']}: {g['name']}, {g['total_bytes'] / gb:.1f} GB "
-                     f"({g['free_bytes'] / gb:.1f} GB free), capability {g['capability']}, "
-                     f"native bf16: {g['native_bf16']}")
-    if not rep["gpus"]:
-        lines.append("GPU: none found by torch")
-    lines.append(f"Training dtype: {rep['compute_dtype']} ({rep['dtype_reason']}); "
-                 f"Trainer flags {rep['precision_flags']}")
-    b = rep["bitsandbytes"]
-    lines.append(f"bitsandbytes self-test on {b['device']}: "
-                 + ("passed" if b["ok"] else "FAILED")
-                 + f" (library {b['library']}, backend {b['backend']}, 4-bit matmul error "
-                 + f"{b['relative_error']})" + (f"; {b['error']}" if b["error"] else ""))
-    import pandas as pd
-
-    table = pd.DataFrame(rep["requirements"]).replace({"ok": {True: "yes", False: "NO"}})
-    return "\n".join(lines + ["", table.to_string(index=False)])
 
 def world() -> dict:
     """This process's place in a launch: ``rank``, ``local_rank``, ``world_size``,

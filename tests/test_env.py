@@ -1,7 +1,9 @@
-"""The environment report: the one dtype decision, and verdicts a person can act on."""
+"""The environment: the one dtype decision, the package and bitsandbytes checks, and verdicts
+a person can act on."""
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -24,6 +26,11 @@ class FakeCuda:
 
     def get_device_name(self, index=0):
         return self.name
+
+    def get_device_properties(self, index=0):
+        major, minor = self.capability
+        return types.SimpleNamespace(name=self.name, total_memory=int(15.8e9), major=major,
+                                     minor=minor)
 
     def is_bf16_supported(self):  # what torch says on a T4: True, through emulation
         return True
@@ -77,8 +84,7 @@ def test_selftest_says_what_to_install_when_bitsandbytes_has_no_cuda_library(mon
     result = env.bitsandbytes_selftest("cuda")
     assert not result["ok"]
     assert "no CUDA library" in result["error"] and "pip install -U bitsandbytes" in result["advice"]
-    rep = {"bitsandbytes": result, "requirements": [], "gpus": [], "colab": False}
-    assert env.verdict(rep).startswith("bitsandbytes has no CUDA library")
+    assert env.verdict([], result, torch.float16).startswith("bitsandbytes has no CUDA library")
 
 
 def test_selftest_runs_a_real_4bit_matmul_here():
@@ -87,22 +93,27 @@ def test_selftest_runs_a_real_4bit_matmul_here():
     assert 0.05 < result["relative_error"] < 0.15
 
 
-def test_verdicts():
+def test_verdicts(gpu, monkeypatch):
     ok = {"ok": True}
-    no_gpu = {"bitsandbytes": ok, "requirements": [], "gpus": [], "colab": True}
-    assert "Runtime > Change runtime type > T4 GPU" in env.verdict(no_gpu)
-    missing = {"bitsandbytes": ok, "gpus": [], "colab": False,
-               "requirements": [{"package": "peft", "installed": None}]}
-    assert env.verdict(missing) == "missing packages: pip install peft"
-    gpu = {"bitsandbytes": ok, "requirements": [], "colab": False, "compute_dtype": "float16",
-           "gpus": [{"name": "Tesla T4", "total_bytes": 15.8e9, "capability": "7.5"}]}
-    assert env.verdict(gpu) == ("ready for 4-bit training on Tesla T4 (16 GB, capability 7.5, "
-                                "float16)")
+    missing = [{"package": "peft", "installed": None}]
+    assert env.verdict(missing, ok, torch.float32) == "missing packages: pip install peft"
+    gpu((7, 5))
+    assert env.verdict([], ok, torch.float16) == ("ready for 4-bit training on Tesla T4 (16 GB, "
+                                                  "capability 7.5, float16)")
 
 
-def test_report_and_metrics_are_complete():
-    rep = env.report()
-    m = env.metrics(rep)
-    assert m["cpu_cores"] >= 1 and m["bnb_selftest_ok"] == 1
-    assert all(isinstance(v, (int, float)) for v in m.values())
-    assert "Verdict:" in env.show(rep)
+def test_verdict_without_a_gpu_says_where_to_get_one(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert "Runtime > Change runtime type > T4 GPU" in env.verdict([], {"ok": True},
+                                                                   torch.float32)
+
+
+def test_requirements_and_machine_info_are_complete():
+    rows = env.requirement_check()
+    assert [r["package"] for r in rows] == list(env.KEY_PACKAGES)
+    assert all(r["ok"] for r in rows), rows  # this environment is within the tested ranges
+    info = env.machine_info()
+    assert info["cpu_cores"] >= 1 and info["gpu_count"] == torch.cuda.device_count()
+    assert info["cpu"] and info["platform"]
