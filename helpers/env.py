@@ -1,7 +1,7 @@
 """What machine this is, and the one dtype decision the rest of the series follows.
 
-Notebook 01 reads the machine with torch in its own cells and adds this module's instruments
-(:func:`requirement_check`, :func:`bitsandbytes_selftest`, :func:`verdict`); everything else calls
+Notebook 01 reads the machine with torch and tests bitsandbytes in its own cells, and adds this
+module's instruments (:func:`requirement_check`, :func:`verdict`); everything else calls
 :func:`compute_dtype` / :func:`precision_flags` so that the 4-bit compute dtype and the Trainer's
 fp16/bf16 flags can never disagree (the original recipe's bf16-compute-with-fp16-flag mismatch).
 Imports nothing from the rest of ``helpers``.
@@ -195,60 +195,21 @@ def _requirements() -> list[str]:
     return []
 
 
-def bitsandbytes_selftest(dev: str | None = None) -> dict:
-    """Quantize a weight to NF4 and run a 4-bit matmul on the device that will train.
-
-    Returns ok, the device, the native library bitsandbytes loaded, the relative error of the
-    4-bit matmul against the dense one, and, on failure, what to do.
-    """
-    dev = dev or device()
-    result = {"ok": False, "device": dev, "library": None, "backend": None, "error": None,
-              "relative_error": None}
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.cextension as cext
-    except Exception as err:  # ImportError, or a RuntimeError from a broken CUDA setup
-        result["error"] = f"bitsandbytes does not import ({type(err).__name__}: {err})"
-        result["advice"] = "pip install -U bitsandbytes  (then restart the runtime)"
-        return result
-    lib = getattr(cext, "lib", None)
-    result["backend"] = getattr(cext, "BNB_BACKEND", None)
-    result["library"] = Path(getattr(lib, "_name", "") or "").name or None
-    if dev == "cuda" and (lib is None or type(lib).__name__.startswith("ErrorHandlerMock")):
-        result["error"] = (f"bitsandbytes has no CUDA library for this torch "
-                           f"(CUDA {torch.version.cuda})")
-        result["advice"] = ("pip install -U bitsandbytes  (it ships libraries for CUDA 11.8-13); "
-                            "`python -m bitsandbytes` prints the full diagnosis")
-        return result
-    try:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(256, 256, generator=gen) * 0.02
-        x = torch.randn(8, 256, generator=gen)
-        dtype = compute_dtype() if dev == "cuda" else torch.float32
-        w, x = w.to(dev, dtype), x.to(dev, dtype)
-        qw, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-        y4 = bnb.matmul_4bit(x, qw.t(), quant_state=state)
-        y = x @ w.t()
-        err = ((y4.float() - y.float()).norm() / y.float().norm()).item()
-        result.update(ok=err < 0.2, relative_error=round(err, 4))
-        if not result["ok"]:
-            result["error"] = f"4-bit matmul is off by {err:.1%} (expected about 10%)"
-            result["advice"] = "reinstall bitsandbytes; `python -m bitsandbytes` diagnoses it"
-    except Exception as err:  # report, don't crash the report
-        result["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        result["advice"] = ("`python -m bitsandbytes` diagnoses the CUDA setup; on Colab, "
-                            "pip install -U bitsandbytes and restart the runtime")
-    return result
+# Notebook 01's bitsandbytes self-test: a random 256 x 256 weight quantized to NF4 multiplies
+# about 10% off the dense result; twice that means broken kernels, not rounding.
+BNB_MAX_ERROR = 0.2
 
 
-def verdict(requirements: list[dict], selftest: dict, dtype: torch.dtype) -> str:
-    """One sentence a person can act on, from :func:`requirement_check`,
-    :func:`bitsandbytes_selftest` and the compute dtype (notebook 01)."""
+def verdict(requirements: list[dict], bnb_error: float, dtype: torch.dtype) -> str:
+    """One sentence a person can act on, from :func:`requirement_check`, the relative error of
+    notebook 01's 4-bit matmul (bitsandbytes itself raises, saying what to install, where it has
+    no library for this machine) and the compute dtype. Introduced in notebook 01."""
     missing = [r["package"] for r in requirements if r["installed"] is None]
     if missing:
         return f"missing packages: pip install {' '.join(missing)}"
-    if not selftest["ok"]:
-        return f"{selftest['error']}: {selftest.get('advice', 'reinstall bitsandbytes')}"
+    if not bnb_error < BNB_MAX_ERROR:
+        return (f"the 4-bit matmul is off by {bnb_error:.1%} (expected about 10%): reinstall "
+                "bitsandbytes; `python -m bitsandbytes` diagnoses it")
     if not torch.cuda.is_available():
         hint = " on Colab choose Runtime > Change runtime type > T4 GPU" if (
             "google.colab" in sys.modules) else (

@@ -36,13 +36,6 @@ def badge_url(stem: str) -> str:
     )
 
 
-def badge(stem: str) -> str:
-    return (
-        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-        f"({badge_url(stem)})"
-    )
-
-
 def normalize(nb: dict) -> dict:
     """Strip outputs and execution counts, number the cell ids, keep only standard metadata."""
     for i, cell in enumerate(nb["cells"]):

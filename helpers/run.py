@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import logging
 import os
 import sys
@@ -169,10 +168,9 @@ TOLERANCES = [
 
 
 def rule_for(name: str):
-    for pattern, direction, rel, abs_ in TOLERANCES:
-        if fnmatch.fnmatch(name, pattern):
-            return direction, rel, abs_
-    return "equal", 0.0, 0.0
+    """(direction, relative, absolute tolerance) of the first pattern in TOLERANCES that matches
+    (the last, "*", matches every name)."""
+    return next(rule[1:] for rule in TOLERANCES if fnmatch.fnmatch(name, rule[0]))
 
 
 def compare(current: dict, baseline: dict) -> list[dict]:
@@ -196,11 +194,11 @@ def compare(current: dict, baseline: dict) -> list[dict]:
             else:
                 value = cur[name]
                 slack = max(abs(base) * rel, abs_)
-                worse = {"lower": value > base + slack, "higher": value < base - slack,
-                         "equal": abs(value - base) > slack}[direction]
-                better = {"lower": value < base - slack, "higher": value > base + slack,
-                          "equal": False}[direction]
-                row["verdict"] = "REGRESSION" if worse else ("better" if better else "ok")
+                # how much worse than the baseline (negative: better); "equal" is never better
+                worse_by = {"lower": value - base, "higher": base - value,
+                            "equal": abs(value - base)}[direction]
+                row["verdict"] = ("REGRESSION" if worse_by > slack
+                                  else "better" if worse_by < -slack else "ok")
                 row["tolerance"] = slack
             rows.append(row)
     return rows
@@ -222,15 +220,14 @@ def format_comparison(rows: list[dict]) -> str:
 
 
 def load_baseline(path: str) -> dict:
+    """The baseline manifest (a file, or a run directory holding one) for ``--compare``."""
     p = Path(path)
-    if p.is_dir():
-        p = p / manifest.FILE
-    if not p.exists():
+    if not (manifest.path(p) if p.is_dir() else p).exists():
         raise RunError(f"baseline manifest {p} does not exist")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise RunError(f"baseline {p} is not valid JSON ({err})") from None
+        return manifest.load(p)
+    except ValueError as err:
+        raise RunError(f"baseline {err}") from None
 
 
 # ------------------------------------------------------------------------------ command line

@@ -7,24 +7,7 @@ from __future__ import annotations
 from helpers import env
 
 
-def _show(*objs) -> None:
-    """Display in a notebook (papermill keeps the output); print text in a plain process."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
-    except ImportError:  # pragma: no cover - IPython ships with the series' requirements
-        get_ipython = None
-    if get_ipython is not None and get_ipython() is not None:
-        display(*objs)
-        return
-    for o in objs:
-        if isinstance(o, str):
-            print(o)
-        elif not hasattr(o, "savefig") and callable(getattr(o, "text", None)):
-            print(o.text())  # figures are returned, not shown, in a plain process
-
-
-# ------------------------------------------------------------------ memory calculator (01)
+# ------------------------------------------------------------------ memory calculator (02)
 
 _SEQ_CHOICES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
@@ -43,11 +26,12 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
     (a T4). Other ``settings`` go to :func:`helpers.estimator.estimate` (optimizer, upcast_fp32...).
     Without a front end (papermill, CI, a plain process) it shows the verdict, the item table
     and the chart for the given settings, and returns them as a dict (``estimate``,
-    ``verdict``, ``figure``); with one it returns the widget. Introduced in notebook 01.
+    ``verdict``, ``figure``); with one it returns the widget. Introduced in notebook 02.
     """
     import dataclasses
 
     import torch
+    from IPython.display import display
 
     from helpers import budget, estimator, shapes, plots
 
@@ -75,11 +59,10 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
     if not env.has_frontend():
         est, verdict, fig = compute(model, gpu_gb, seq_len, micro_batch, lora_r,
                                     gradient_checkpointing)
-        _show(f"Will it fit? {verdict}", est, fig)
+        display(f"Will it fit? {verdict}", est, fig)  # in a plain process: printed
         return {"estimate": est, "verdict": verdict, "figure": fig}
 
     import ipywidgets as w
-    from IPython.display import display
 
     ctrl = {
         "name": w.Dropdown(options=list(shapes), value=model, description="model"),
