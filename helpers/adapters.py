@@ -57,22 +57,15 @@ def _canonical_name(name: str) -> str:
     m = re.search(r"models--([^/\\]+?)--([^/\\]+)", name)
     if m:
         return f"{m.group(1)}/{m.group(2)}"
-    p = Path(name)
-    if p.exists():
-        return str(p.resolve())
-    return name
+    return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def same_base_name(a: str, b: str) -> bool:
     """Whether two base names/paths mean the same model: equal, the same folder, or a folder
     whose path ends with the other's Hub id (``.../EleutherAI/gpt-neox-20b``)."""
     ca, cb = _canonical_name(a), _canonical_name(b)
-    if ca == cb:
-        return True
-    for x, y in ((ca, cb), (cb, ca)):
-        if "/" in y and x.replace("\\", "/").endswith("/" + y):
-            return True
-    return False
+    return ca == cb or any("/" in y and x.replace("\\", "/").endswith("/" + y)
+                           for x, y in ((ca, cb), (cb, ca)))
 
 
 def _features(module) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ Imports nothing from the rest of ``helpers``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import os
 import platform
@@ -165,10 +166,7 @@ def requirement_check() -> list[dict]:
     """Installed versions of the key packages against the ranges this series was tested with."""
     from packaging.requirements import Requirement
 
-    ranges = {}
-    for line in _requirements():
-        req = Requirement(line)
-        ranges[req.name.lower()] = req.specifier
+    ranges = {req.name.lower(): req.specifier for req in map(Requirement, _requirements())}
     rows = []
     installed = versions()
     for name in KEY_PACKAGES:
@@ -181,18 +179,15 @@ def requirement_check() -> list[dict]:
 
 def _requirements() -> list[str]:
     """Tested ranges: from the installed distribution's metadata, else requirements.txt."""
-    try:
-        reqs = md.requires("qlora-series") or []
-        reqs = [r for r in reqs if "extra ==" not in r]
+    with contextlib.suppress(md.PackageNotFoundError):
+        reqs = [r for r in md.requires("qlora-series") or [] if "extra ==" not in r]
         if reqs:
             return reqs
-    except md.PackageNotFoundError:
-        pass
     path = Path(__file__).resolve().parent.parent / "requirements.txt"
-    if path.exists():
-        return [ln.split("#")[0].strip() for ln in path.read_text().splitlines()
-                if ln.split("#")[0].strip()]
-    return []
+    if not path.exists():
+        return []
+    lines = (ln.split("#")[0].strip() for ln in path.read_text().splitlines())
+    return [ln for ln in lines if ln]
 
 
 # Notebook 01's bitsandbytes self-test: a random 256 x 256 weight quantized to NF4 multiplies

@@ -91,10 +91,7 @@ def record(metrics: dict, *, run_dir=None, notebook=None) -> dict:
             raise TypeError(f"manifest figure {k!r} must be a number, got {type(v).__name__}")
         clean[k] = v
 
-    def fn(data):
-        _entry(data, notebook)["metrics"].update(clean)
-
-    update(run_dir, fn)
+    update(run_dir, lambda data: _entry(data, notebook)["metrics"].update(clean))
     return clean
 
 
@@ -105,11 +102,9 @@ def record_info(section: str, info: dict, *, run_dir=None) -> None:
 
 
 def set_status(run_dir, notebook: str, status: str, seconds: float, **extra) -> None:
-    def fn(data):
-        e = _entry(data, notebook)
-        e.update(status=status, seconds=round(seconds, 2), **extra)
-
-    update(run_dir, fn)
+    """A notebook's status ("ok", "failed") and seconds, as ``python -m helpers.run`` saw them."""
+    update(run_dir, lambda data: _entry(data, notebook).update(
+        status=status, seconds=round(seconds, 2), **extra))
 
 
 def metrics(run_dir_or_file, notebook: str) -> dict:

@@ -154,6 +154,7 @@ def loss_curve(history, eval_points=None, title: str = "Training"):
     """
     import math
 
+    import pandas as pd
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.8))
@@ -169,8 +170,7 @@ def loss_curve(history, eval_points=None, title: str = "Training"):
         ax.plot(xs, ys, color="#4c72b0", alpha=0.45, linewidth=1, label="train loss (step)")
         k = max(1, len(ys) // 10)
         if k > 1:
-            smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1])
-                      for i in range(len(ys))]
+            smooth = pd.Series(ys).rolling(k, min_periods=1).mean()
             ax.plot(xs, smooth, color="#4c72b0", linewidth=2, label=f"moving mean of {k}")
     bad = [s for s, h in zip(steps, rows) if not math.isfinite(h["loss"])]
     if bad:
