@@ -112,9 +112,7 @@ def load_16bit(model, dtype=None, *, device=None, tokenizer=None):
 
     source = resolve(model)
     dev = _device(device)
-    if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else env.compute_dtype()
-    dtype = _compute_dtype(dtype)
+    dtype = _compute_dtype(torch.float32 if dtype is None and dev.type == "cpu" else dtype)
     if source.kind == "rehearsal":
         loaded = build_rehearsal(source, dtype=dtype, device=dev)
     else:

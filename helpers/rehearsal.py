@@ -35,10 +35,6 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _is_norm(module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
 def _free_bytes(dev: torch.device) -> int:
     if dev.type == "cuda":
         return torch.cuda.mem_get_info(dev)[0]
@@ -119,7 +115,7 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
             generator.manual_seed(_tensor_seed(seed, full_name))
             if param_name == "bias":
                 value = torch.zeros(param.shape, dtype=dtype, device=make)
-            elif _is_norm(module):
+            elif "norm" in type(module).__name__.lower():  # a norm's weight
                 value = torch.ones(param.shape, dtype=dtype, device=make)
             else:
                 value = torch.empty(param.shape, dtype=dtype, device=make)
