@@ -320,7 +320,13 @@ def _portable(folder: Path) -> None:
 
 
 def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None) -> None:
-    """Corpus -> tokenizer -> pretraining -> save_pretrained + build_report.json."""
+    """Corpus -> tokenizer -> pretraining -> save_pretrained + build_report.json.
+
+    The pretraining loop is written out rather than run by ``Trainer``: the build happens in
+    whichever process first asks for the model, under a file lock, and under a multi-GPU launch
+    ``Trainer`` would start a process group and wrap the model for ranks that are waiting on that
+    lock (a deadlock); it would also reseed the caller's Python and NumPy random state.
+    """
     import tokenizers
     import transformers
     from transformers import GenerationConfig, GPTNeoXForCausalLM
