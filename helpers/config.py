@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 class ConfigError(ValueError):
@@ -23,17 +25,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    """Every parameter of the series, with its default. Lower-case attributes of the UPPER names."""
+    """Every parameter of the series, with its default. Lower-case attributes of the UPPER names;
+    a ``Literal`` type lists the only values :func:`check` accepts."""
 
     # where things go
     run_dir: str = ""  # "" = runs/interactive (helpers.run passes runs/<timestamp>)
     seed: int = 42
     # the model (helpers.models)
     model: str = "embedded"  # "embedded", a Hub id, a local path, or "rehearsal:<name>"
-    quant_type: str = "nf4"  # nf4 | fp4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    quant_storage: str = "auto"  # auto: uint8 in one process, the compute dtype under FSDP
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # auto: uint8 in one process, the compute dtype under FSDP
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     memory_budget_gb: float = 0.0  # 0 = the card's memory (CPU: no budget)
     # LoRA (helpers.lora)
     lora_r: int = 16
@@ -46,7 +50,7 @@ class Config:
     dataset: str = "embedded"  # "embedded", a local file, or a Hub dataset id
     dataset_config: str = ""
     dataset_split: str = "train"
-    data_format: str = "template"  # text | template | instruction | chat
+    data_format: Literal["text", "template", "instruction", "chat"] = "template"
     text_column: str = "quote"
     template: str = "{quote} ({author})"
     response_only: bool = True
@@ -55,9 +59,10 @@ class Config:
     eval_fraction: float = 0.1
     max_examples: int = 0  # 0 = all
     # training (helpers.train)
-    optimizer: str = "paged_adamw_8bit"
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit",
+                       "adamw_torch"] = "paged_adamw_8bit"
     learning_rate: float = 0.0  # 0 = auto: 2e-4 x 4096 / hidden size (2e-4 for 7B models)
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = 5
     max_steps: int = 200
     epochs: float = 0.0  # used when max_steps = 0
@@ -84,16 +89,6 @@ class Config:
 
 PARAMETERS: dict = {f.name.upper(): f.default for f in dataclasses.fields(Config)}
 
-_CHOICES = {
-    "quant_type": ("nf4", "fp4"),
-    "compute_dtype": ("auto", "bfloat16", "float16", "float32"),
-    "quant_storage": ("auto", "uint8", "bfloat16", "float16", "float32"),
-    "data_format": ("text", "template", "instruction", "chat"),
-    "optimizer": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"),
-    "lr_schedule": ("cosine", "linear", "constant", "constant_with_warmup"),
-}
-
-
 def make_config(**parameters) -> Config:
     """Build a Config from UPPER-case parameter names; unknown names and bad values are refused."""
     unknown = sorted(set(parameters) - set(PARAMETERS))
@@ -101,11 +96,8 @@ def make_config(**parameters) -> Config:
         raise ConfigError(
             f"unknown parameter(s) {', '.join(unknown)}; valid names: {', '.join(PARAMETERS)}"
         )
-    values = {}
-    for name, value in parameters.items():
-        default = PARAMETERS[name]
-        values[name.lower()] = coerce(name, value, default)
-    cfg = Config(**values)
+    cfg = Config(**{name.lower(): coerce(name, value, PARAMETERS[name])
+                    for name, value in parameters.items()})
     check(cfg)
     return cfg
 
@@ -137,10 +129,11 @@ def coerce(name: str, value, default):
 
 def check(cfg: Config) -> None:
     """Refuse values outside their valid range, saying what the range is."""
-    for attr, choices in _CHOICES.items():
-        if getattr(cfg, attr) not in choices:
+    for name, kind in typing.get_type_hints(Config).items():
+        choices = typing.get_args(kind)
+        if choices and getattr(cfg, name) not in choices:
             raise ConfigError(
-                f"{attr.upper()}={getattr(cfg, attr)!r} is not one of: {', '.join(choices)}"
+                f"{name.upper()}={getattr(cfg, name)!r} is not one of: {', '.join(choices)}"
             )
     if cfg.lora_r <= 0:
         raise ConfigError(f"LORA_R={cfg.lora_r} must be a positive integer (8, 16, 64 are usual)")

@@ -120,22 +120,19 @@ def embedded_path(build: bool = True) -> Path:
     return build_embedded(folder)
 
 
-def build_embedded(dest=None, seed: int = 0, force: bool = False, *, _steps: int | None = None,
+def build_embedded(dest, seed: int = 0, *, _steps: int | None = None,
                    _recipe: dict | None = None) -> Path:
-    """Build the embedded model into ``dest`` (default: the cache) and return the folder.
+    """Build the embedded model into the folder ``dest`` and return it (:func:`embedded_path`
+    builds into the cache).
 
     Corpus extraction, tokenizer training, pretraining and saving, all on this machine with no
     network; about a minute on two CPU cores (a CUDA GPU is used when present). The same seed
     gives the same weights on the same machine. The model is built in a temporary folder next to
     ``dest`` and renamed into place, under a file lock (``filelock``, as the Hub client locks its
     cache), so a half-built model is never seen and two processes never build at once. A
-    finished build of the same recipe and seed is reused unless ``force``; one of another recipe
-    is replaced.
+    finished build of the same recipe and seed is reused; one of another recipe is replaced.
     (``_steps``/``_recipe`` shorten or vary the recipe, for tests and measurements.)
     """
-    if dest is None:
-        name = EMBEDDED_VERSION if seed == 0 else f"{EMBEDDED_VERSION}-seed{seed}"
-        dest = cache_root() / name
     dest = Path(dest).expanduser().absolute()
     expected = _expected(seed, _steps, _recipe)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +143,7 @@ def build_embedded(dest=None, seed: int = 0, force: bool = False, *, _steps: int
         print(f"another process is building {dest.name}; waiting for it", flush=True)
         held = lock.acquire()
     with held:
-        if not force and _is_built(dest, expected):
+        if _is_built(dest, expected):
             return dest
         print(f"building the embedded model into {dest} (about a minute on two CPU cores, "
               "once; cached afterwards)", flush=True)
@@ -323,7 +320,13 @@ def _portable(folder: Path) -> None:
 
 
 def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None) -> None:
-    """Corpus -> tokenizer -> pretraining -> save_pretrained + build_report.json."""
+    """Corpus -> tokenizer -> pretraining -> save_pretrained + build_report.json.
+
+    The pretraining loop is written out rather than run by ``Trainer``: the build happens in
+    whichever process first asks for the model, under a file lock, and under a multi-GPU launch
+    ``Trainer`` would start a process group and wrap the model for ranks that are waiting on that
+    lock (a deadlock); it would also reseed the caller's Python and NumPy random state.
+    """
     import tokenizers
     import transformers
     from transformers import GenerationConfig, GPTNeoXForCausalLM

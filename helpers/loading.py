@@ -112,9 +112,7 @@ def load_16bit(model, dtype=None, *, device=None, tokenizer=None):
 
     source = resolve(model)
     dev = _device(device)
-    if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else env.compute_dtype()
-    dtype = _compute_dtype(dtype)
+    dtype = _compute_dtype(torch.float32 if dtype is None and dev.type == "cpu" else dtype)
     if source.kind == "rehearsal":
         loaded = build_rehearsal(source, dtype=dtype, device=dev)
     else:
@@ -126,6 +124,8 @@ def load_16bit(model, dtype=None, *, device=None, tokenizer=None):
 
 def describe(model) -> dict:
     """Architecture, size and precision of a loaded model, as one flat dict (notebook 02)."""
+    import bitsandbytes as bnb
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -142,12 +142,7 @@ def describe(model) -> dict:
     if quant is not None and not isinstance(quant, dict):
         quant = quant.to_dict()
     architectures = getattr(config, "architectures", None) or [type(base).__name__]
-    try:
-        import bitsandbytes as bnb
-
-        linear4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
-    except ImportError:  # pragma: no cover - no 4-bit layers without bitsandbytes
-        linear4 = 0
+    linear4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
     return {
         "name": str(getattr(config, "name_or_path", "") or getattr(base, "name_or_path", "")),
         "architecture": architectures[0],

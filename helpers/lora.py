@@ -48,17 +48,10 @@ def _is_adapter_wrapper(module) -> bool:
 
 def _head(model):
     """The output head (``get_output_embeddings()``), or None where a model has none."""
-    base = model
     if hasattr(model, "get_base_model"):  # a peft model
-        base = model.get_base_model()
-    getter = getattr(base, "get_output_embeddings", None)
-    try:
-        head = getter() if getter else None
-    except NotImplementedError:
-        head = None
-    if head is not None and _is_adapter_wrapper(head):
-        head = head.base_layer
-    return head
+        model = model.get_base_model()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.base_layer if head is not None and _is_adapter_wrapper(head) else head
 
 
 def _looks_like_attention(attr: str, module) -> bool:
@@ -215,13 +208,6 @@ def _upcast_candidates(model):
             yield name, p
 
 
-def upcast_cost(model) -> int:
-    """Bytes a float32 upcast of the non-quantized parameters would add:
-    numel x (4 - current element size), summed over the 16-bit ones."""
-    grow = torch.float32.itemsize
-    return sum(p.numel() * (grow - p.dtype.itemsize) for _, p in _upcast_candidates(model))
-
-
 # --------------------------------------------------------------------------- k-bit preparation
 
 
@@ -252,7 +238,8 @@ def prepare_for_training(model, gradient_checkpointing: bool = True,
         raise ValueError("this model already has adapters, and freezing it now would freeze them "
                          "too: call prepare_for_training on the base model, then attach")
     before = param_bytes(model)
-    would_cost = upcast_cost(model)
+    # what a float32 upcast adds: numel x (4 - current element size) over the 16-bit ones
+    would_cost = sum(p.numel() * (4 - p.dtype.itemsize) for _, p in _upcast_candidates(model))
     frozen = 0
     for p in model.parameters():
         p.requires_grad_(False)
@@ -473,19 +460,19 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     ``base_4bit_unchanged`` (packed 4-bit data identical after the step), ``checked_4bit_weights``,
     ``lora_B_changed``, and ``ok`` (all of these as they should be). Introduced in notebook 03.
     """
-    device = next(p.device for p in model.parameters())
+    device = next(model.parameters()).device
     if device.type == "cpu":
         cpu_safe(model)
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "input_ids" not in batch:
         raise ValueError("the batch needs input_ids (and attention_mask, labels)")
     batch.setdefault("labels", batch["input_ids"])
-    was_training = model.training
-    model.train()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("no parameter requires grad: attach LoRA adapters first (get_peft_model)")
-    saved = {n: p.detach().clone() for n, p in trainable}
+    saved = {n: p.detach().clone() for n, p in trainable.items()}
+    was_training = model.training
+    model.train()
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
     if loss is None or not loss.requires_grad:
@@ -494,25 +481,21 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
             "(with gradient checkpointing, call helpers.lora.prepare_for_training first)"
         )
     loss.backward()
-
-    def norm(kind):
-        grads = [p.grad.detach().float().norm() ** 2 for n, p in model.named_parameters()
-                 if kind in n and p.grad is not None]
-        return float(torch.stack(grads).sum().sqrt()) if grads else 0.0
-
-    non_lora_grad = [n for n, p in model.named_parameters() if "lora_" not in n
-                     and p.grad is not None]
-    non_lora_trainable = [n for n, _ in trainable if "lora_" not in n]
-    a_norm, b_norm = norm("lora_A"), norm("lora_B")
+    grads = {n: p.grad.detach().float() for n, p in model.named_parameters() if p.grad is not None}
+    # one norm over all the A (or all the B) matrices
+    a_norm, b_norm = (math.sqrt(sum(float(g.norm()) ** 2 for n, g in grads.items() if kind in n))
+                      for kind in ("lora_A", "lora_B"))
+    non_lora_grad = [n for n in grads if "lora_" not in n]
+    non_lora_trainable = [n for n in trainable if "lora_" not in n]
 
     before = _packed_checksums(model)
-    optimizer = torch.optim.SGD([p for _, p in trainable], lr=lr)
-    optimizer.step()
+    torch.optim.SGD(trainable.values(), lr=lr).step()
     after = _packed_checksums(model)
-    b_changed = any(not torch.equal(p.detach(), saved[n]) for n, p in trainable if "lora_B" in n)
+    b_changed = any(not torch.equal(p.detach(), saved[n]) for n, p in trainable.items()
+                    if "lora_B" in n)
 
     with torch.no_grad():  # leave the model as it was
-        for n, p in trainable:
+        for n, p in trainable.items():
             p.copy_(saved[n])
     model.zero_grad(set_to_none=True)
     model.train(was_training)

@@ -2,18 +2,15 @@
 
 ``MODEL`` takes one of four kinds of value, and :func:`resolve` says which one it is:
 
-- ``"embedded"``: a small GPT-NeoX (the family of the original QLoRA article) with its own
-  byte-level BPE tokenizer, pretrained by :func:`build_embedded` from scratch on a general English
-  corpus that every Python installation carries offline: the docstrings of the standard library.
-  The build takes about a minute on two CPU cores, is deterministic for a seed, and is cached
-  (``QLORA_SERIES_CACHE``, else ``~/.cache/qlora-series``); it is saved in the same layout as a
-  Hub model, so loading it in 4-bit exercises exactly the code a Hub model goes through.
+- ``"embedded"``: a small GPT-NeoX (the family of the original QLoRA article) pretrained offline
+  by :func:`helpers.embedded.build_embedded` and saved in the same layout as a Hub model, so
+  loading it in 4-bit exercises exactly the code a Hub model goes through;
 - a local folder written by ``save_pretrained`` (``config.json``, weights, tokenizer files);
 - a Hugging Face Hub id such as ``EleutherAI/gpt-neox-20b`` (loaded as in the article);
-- ``"rehearsal:<name>"``: random weights of a real architecture built directly in 4-bit, layer by
-  layer on the target device (:func:`helpers.rehearsal.build_rehearsal`), so that the memory and speed of a 20B
-  fine-tune can be measured before anything is downloaded. Shipped configurations are listed in
-  :data:`REHEARSALS`; a Hub id after ``rehearsal:`` takes that model's ``config.json`` only.
+- ``"rehearsal:<name>"``: random weights of a real architecture built directly in 4-bit
+  (:func:`helpers.rehearsal.build_rehearsal`), to measure a 20B fine-tune before anything is
+  downloaded. Shipped configurations are listed in :data:`REHEARSALS`; a Hub id after
+  ``rehearsal:`` takes that model's ``config.json`` only.
 
 Notebook 02 builds the ``BitsAndBytesConfig`` and calls ``from_pretrained`` in its own cells;
 :func:`quantization_config` is the same config for :func:`helpers.loading.load_model`, which the
@@ -39,15 +36,10 @@ def _from_pretrained(loader, source: ModelSource, **kwargs):
     When the Hub cannot be reached, only files already in the local Hub cache are used
     (``local_files_only``), so the answer comes in seconds instead of after every retry.
     """
+    from huggingface_hub.errors import HFValidationError
+
     if source.kind != "hub":
         return loader.from_pretrained(source.location, **kwargs)
-    hub_errors: tuple = (OSError,)
-    try:
-        from huggingface_hub.errors import HFValidationError
-
-        hub_errors += (HFValidationError,)
-    except ImportError:  # pragma: no cover
-        pass
     reachable = hub_reachable()
     if not reachable:
         kwargs["local_files_only"] = True
@@ -55,7 +47,7 @@ def _from_pretrained(loader, source: ModelSource, **kwargs):
             kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
         return loader.from_pretrained(source.location, **kwargs)
-    except hub_errors as err:
+    except (OSError, HFValidationError) as err:
         raise _hub_failure(source, err, reachable) from err
 
 
@@ -86,10 +78,8 @@ def cpu_safe(model):
     fails ("a view of a leaf Variable that requires grad is being used in an in-place
     operation"). This turns that repacking off (and undoes it where it already happened).
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - no 4-bit layers without bitsandbytes
-        return model
+    import bitsandbytes as bnb
+
     try:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
     except ImportError:  # pragma: no cover - other bitsandbytes versions
@@ -275,7 +265,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
-
 
 
 def rehearsal_config(name):

@@ -35,10 +35,6 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _is_norm(module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
 def _free_bytes(dev: torch.device) -> int:
     if dev.type == "cuda":
         return torch.cuda.mem_get_info(dev)[0]
@@ -74,10 +70,11 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
 
     ``quantization_config`` is the ``BitsAndBytesConfig`` that ``from_pretrained`` would take: its
     quant type, double quantization, compute dtype and storage dtype are used here. The model's
-    skeleton is made on the ``meta`` device (no memory); every linear layer but the output head is
-    replaced by a bitsandbytes ``Linear4bit``; then each layer in turn gets a random weight
-    (normal, std = the config's ``initializer_range``) generated on the target device, quantized
-    there, and the unquantized tensor is freed at once: the 16-bit model is never held anywhere.
+    skeleton is made on the ``meta`` device (no memory); transformers' quantizer replaces every
+    linear layer but the output head by a bitsandbytes ``Linear4bit``; then each layer in turn
+    gets a random weight (normal, std = the config's ``initializer_range``) generated on the
+    target device, quantized there, and the unquantized tensor is freed at once: the 16-bit model
+    is never held anywhere.
     Embeddings, norms and head are made in the compute dtype directly on the device. The result
     looks to transformers, peft and the Trainer like a model loaded with
     ``from_pretrained(quantization_config=...)``. On a GPU, GPT-NeoX-20B takes about 11 GB.
@@ -89,6 +86,7 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
     import bitsandbytes as bnb
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
 
     qc = quantization_config
     config = rehearsal_config(name)
@@ -97,18 +95,14 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
     dtype = qc.bnb_4bit_compute_dtype if qc is not None else _compute_dtype(dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
-    head = model.get_output_embeddings()
     settings = {}
     if qc is not None:
         settings = {"quant_type": qc.bnb_4bit_quant_type,
                     "compress_statistics": bool(qc.bnb_4bit_use_double_quant),
                     "quant_storage": qc.bnb_4bit_quant_storage}
-        for parent in list(model.modules()):
-            for child_name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and child is not head:
-                    setattr(parent, child_name, bnb.nn.Linear4bit(
-                        child.in_features, child.out_features, bias=child.bias is not None,
-                        compute_dtype=dtype, device="meta", **settings))
+        # transformers' own quantizer swaps the linear layers for Linear4bit, as from_pretrained
+        model.hf_quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+        model.hf_quantizer.preprocess_model(model, device_map={"": dev})
 
     _check_room(model, config.name_or_path, dev, dtype, qc)
     std = getattr(config, "initializer_range", 0.02)
@@ -121,7 +115,7 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
             generator.manual_seed(_tensor_seed(seed, full_name))
             if param_name == "bias":
                 value = torch.zeros(param.shape, dtype=dtype, device=make)
-            elif _is_norm(module):
+            elif "norm" in type(module).__name__.lower():  # a norm's weight
                 value = torch.ones(param.shape, dtype=dtype, device=make)
             else:
                 value = torch.empty(param.shape, dtype=dtype, device=make)
@@ -146,16 +140,8 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
     if left:
         raise RuntimeError(f"rehearsal of {config.name_or_path}: tensors left unmade: {left[:5]}")
 
-    if qc is not None:
-        from transformers.quantizers import AutoHfQuantizer
-
-        # what from_pretrained(quantization_config=...) leaves on a 4-bit model
-        model.hf_quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
-        model.is_quantized = True
-        model.is_loaded_in_4bit = True
-        model.quantization_method = qc.quant_method
-        model.config.quantization_config = qc
-        model.config._is_quantized = True
+    if qc is not None:  # what from_pretrained(quantization_config=...) leaves on a 4-bit model
+        model.hf_quantizer.postprocess_model(model)
     model.name_or_path = config.name_or_path
     model.eval()
     if dev.type == "cpu":
