@@ -28,8 +28,15 @@ CUBLAS_WORKSPACE_BYTES = 64_000_000
 
 # ============================================================================== the estimator
 
-_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch",
-               "adamw_torch_fused", "sgd")
+# the optimizers the estimator knows, with what each keeps per trainable parameter
+_OPTIMIZERS = {
+    "paged_adamw_8bit": "2 states in 8 bits (+ absmax); large tensors paged (below)",
+    "adamw_8bit": "2 states in 8 bits + float32 absmax per 256 values",
+    "paged_adamw_32bit": "2 float32 states; large tensors paged (below)",
+    "adamw_torch": "2 float32 states: 8 bytes per trainable parameter",
+    "adamw_torch_fused": "2 float32 states: 8 bytes per trainable parameter",
+    "sgd": "no state",
+}
 
 # Tensors an activation function saves for backward, per element of the MLP's hidden width.
 # torch's fused kernels (gelu, relu, silu, gelu with tanh) save one tensor; the formulas that
@@ -57,9 +64,9 @@ def _lora_specs(shape: ModelShape, targets) -> list[LinearSpec]:
     """The block linears that get a LoRA adapter."""
     if targets in (None, "", "none"):
         return []
-    if isinstance(targets, str) and targets == "all-linear":
+    if targets == "all-linear":
         return list(shape.linears)
-    if isinstance(targets, str) and targets == "attention":
+    if targets == "attention":
         return [s for s in shape.linears if s.group == "attention"]
     names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)
              if t.strip()]
@@ -164,6 +171,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     comments explain every term. Calibrated against GPU measurements (tests/test_memory.py).
     Introduced in notebook 01.
     """
+    settings = {k: v for k, v in locals().items() if k != "shape"}  # every argument but shape
     shape = as_shape(shape)
     if seq_len <= 0 or micro_batch <= 0:
         raise ValueError("seq_len and micro_batch must be positive")
@@ -174,15 +182,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     fp32 = cb == 4
     if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)
         autocast = compute_dtype == torch.float16
-    settings = {"seq_len": seq_len, "micro_batch": micro_batch,
-                "gradient_checkpointing": gradient_checkpointing, "lora_r": lora_r,
-                "lora_targets": lora_targets, "optimizer": optimizer,
-                "compute_dtype": str(compute_dtype).replace("torch.", ""),
-                "double_quant": double_quant, "cuda_context": cuda_context,
-                "upcast_fp32": upcast_fp32, "autocast": autocast, "lora_dropout": lora_dropout,
-                "chunked_loss": chunked_loss,
-                "context_bytes": context_bytes,
-                "allocator_slack": allocator_slack}
+    settings.update(compute_dtype=str(compute_dtype).replace("torch.", ""), autocast=autocast)
     h, V, L, ff = shape.hidden, shape.vocab, shape.layers, shape.intermediate
     T = seq_len * micro_batch  # tokens per forward pass
 
@@ -314,16 +314,41 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     dequant = max(s.params for s in specs) * cb if specs else 0
 
     workspace = CUBLAS_WORKSPACE_BYTES if cuda_context else 0
-    static = packed + const + n_emb * wb + n_head * wb + n_small * wb + shape.buffer_bytes + \
-        n_lora * lora_b * 2 + opt_alloc + workspace
+    persistent = [  # held through the whole step
+        ("weights_4bit", "4-bit weights", packed,
+         f"{shape.n_linear_params() / 1e9:.2f}B linear weights, 2 per byte"),
+        ("quant_constants", "quantization constants", const,
+         ("absmax in 8 bits + float32 per 256 blocks (double quantization): "
+          f"{BITS_PER_PARAM_DQ:.3f} bits/weight in all") if double_quant else
+         f"float32 absmax per block of 64: {BITS_PER_PARAM_NO_DQ} bits/weight in all"),
+        ("embeddings", "embeddings", n_emb * wb,
+         f"{n_emb / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+        ("lm_head", "output head", n_head * wb,
+         "tied to the embeddings" if shape.tied_embeddings and not shape.head_bias else
+         f"{n_head / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+        ("norms_biases", "norms, biases, buffers", n_small * wb + shape.buffer_bytes,
+         f"{n_small / 1e6:.2f}M parameters x {wb} bytes, rotary tables"),
+        ("lora_params", "LoRA parameters", n_lora * lora_b,
+         f"{n_lora / 1e6:.2f}M trainable parameters in float32 (peft's default)"),
+        ("lora_grads", "LoRA gradients", n_lora * lora_b,
+         "float32, kept across gradient accumulation"),
+        ("optimizer", "optimizer state", opt_alloc, _OPTIMIZERS[optimizer]),
+        ("cublas_workspace", "cuBLAS workspaces", workspace,
+         "matmul scratch space torch keeps per stream (GPU only)"),
+        ("activations", "saved activations", held_acts,
+         (f"{L} block inputs of {T} tokens x {h} x {hb} bytes (checkpointing)"
+          + (", LoRA's 16-bit weight copies" if lora_casts else "")
+          if gradient_checkpointing else
+          f"{L} blocks x {T} tokens x {sum(per_tok.values()) / h:.1f}h bytes saved for "
+          "backward (no checkpointing)")),
+    ]
+    static = sum(n for _, _, n, _ in persistent)  # saved activations included
+    block_bwd = (layer_saved if gradient_checkpointing else 0) + grads_in_flight
     phases = {
-        "end of the forward (logits and loss)":
-            static + held_acts + head_copy + final_norm + logits_fwd,
-        "start of backward (logits and their gradient)":
-            static + held_acts + head_copy + final_norm + logits,
+        "end of the forward (logits and loss)": static + head_copy + final_norm + logits_fwd,
+        "start of backward (logits and their gradient)": static + head_copy + final_norm + logits,
         "backward through one block" + (" (recomputed)" if gradient_checkpointing else ""):
-            static + held_acts + (layer_saved if gradient_checkpointing else 0)
-            + grads_in_flight + dequant,
+            static + block_bwd + dequant,
     }
     peak_phase = max(phases, key=phases.get)
     at_fwd, _at_loss, at_block = (peak_phase == p for p in phases)
@@ -331,39 +356,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     def on(x, when):
         return x if when else 0
 
-    items = [
-        Item("weights_4bit", "4-bit weights", packed, packed,
-             f"{shape.n_linear_params() / 1e9:.2f}B linear weights, 2 per byte"),
-        Item("quant_constants", "quantization constants", const, const,
-             ("absmax in 8 bits + float32 per 256 blocks (double quantization): "
-              f"{BITS_PER_PARAM_DQ:.3f} bits/weight in all") if double_quant else
-             f"float32 absmax per block of 64: {BITS_PER_PARAM_NO_DQ} bits/weight in all"),
-        Item("embeddings", "embeddings", n_emb * wb, n_emb * wb,
-             f"{n_emb / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
-        Item("lm_head", "output head", n_head * wb, n_head * wb,
-             "tied to the embeddings" if shape.tied_embeddings and not shape.head_bias else
-             f"{n_head / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
-        Item("norms_biases", "norms, biases, buffers", n_small * wb + shape.buffer_bytes,
-             n_small * wb + shape.buffer_bytes,
-             f"{n_small / 1e6:.2f}M parameters x {wb} bytes, rotary tables"),
-        Item("lora_params", "LoRA parameters", n_lora * lora_b, n_lora * lora_b,
-             f"{n_lora / 1e6:.2f}M trainable parameters in float32 (peft's default)"),
-        Item("lora_grads", "LoRA gradients", n_lora * lora_b, n_lora * lora_b,
-             "float32, kept across gradient accumulation"),
-        Item("optimizer", "optimizer state", opt_alloc, opt_alloc,
-             _optimizer_note(optimizer)),
-        Item("cublas_workspace", "cuBLAS workspaces", workspace, workspace,
-             "matmul scratch space torch keeps per stream (GPU only)"),
-        Item("activations", "saved activations",
-             held_acts, held_acts,
-             (f"{L} block inputs of {T} tokens x {h} x {hb} bytes (checkpointing)"
-              + (", LoRA's 16-bit weight copies" if lora_casts else "")
-              if gradient_checkpointing else
-              f"{L} blocks x {T} tokens x {sum(per_tok.values()) / h:.1f}h bytes saved for "
-              "backward (no checkpointing)")),
-        Item("block_recompute", "one block in backward",
-             (layer_saved if gradient_checkpointing else 0) + grads_in_flight,
-             on((layer_saved if gradient_checkpointing else 0) + grads_in_flight, at_block),
+    items = [Item(key, label, n, n, why) for key, label, n, why in persistent] + [
+        Item("block_recompute", "one block in backward", block_bwd, on(block_bwd, at_block),
              "the recomputed block's saved tensors and the gradients in flight"
              if gradient_checkpointing else "gradients in flight through one block"),
         Item("dequant_temp", "4-bit dequantization buffer", dequant, on(dequant, at_block),
@@ -458,13 +452,3 @@ def _lora_saved_per_token(shape, lora, r, dropout, lc, *, norm_out, attn_out, ml
             total += 0 if kept else s.d_in * lc
     return total
 
-
-def _optimizer_note(optimizer: str) -> str:
-    return {
-        "paged_adamw_8bit": "2 states in 8 bits (+ absmax); large tensors paged (below)",
-        "adamw_8bit": "2 states in 8 bits + float32 absmax per 256 values",
-        "paged_adamw_32bit": "2 float32 states; large tensors paged (below)",
-        "adamw_torch": "2 float32 states: 8 bytes per trainable parameter",
-        "adamw_torch_fused": "2 float32 states: 8 bytes per trainable parameter",
-        "sgd": "no state",
-    }[optimizer]
