@@ -128,20 +128,13 @@ def pack(tokenized, max_length: int):
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "position_ids": []}
-        ids, labels, pos = [], [], []
         for x, y in zip(batch["input_ids"], batch["labels"]):
-            if ids and len(ids) + len(x) > max_length:
-                out["input_ids"].append(ids)
-                out["labels"].append(labels)
-                out["position_ids"].append(pos)
-                ids, labels, pos = [], [], []
-            ids = ids + list(x)
-            labels = labels + [IGNORE_INDEX] + list(y[1:])
-            pos = pos + list(range(len(x)))
-        if ids:
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["position_ids"].append(pos)
+            if not out["input_ids"] or len(out["input_ids"][-1]) + len(x) > max_length:
+                for rows in out.values():  # a new block
+                    rows.append([])
+            out["input_ids"][-1] += x
+            out["labels"][-1] += [IGNORE_INDEX] + y[1:]
+            out["position_ids"][-1] += range(len(x))
         return out
 
     return tokenized.map(fn, batched=True, batch_size=_BATCH,

@@ -145,22 +145,17 @@ def pick_splits(source, cfg):
     The train split is ``DATASET_SPLIT`` (or the only split); the eval split is the source's own
     validation/test split when it has one. Both are capped at ``MAX_EXAMPLES`` rows when set.
     """
-    from datasets import Dataset
-
-    if isinstance(source, Dataset):
-        train, evaluation = source, None
+    names = list(source)
+    if cfg.dataset_split in source:
+        train_name = cfg.dataset_split
+    elif len(names) == 1:
+        train_name = names[0]
     else:
-        names = list(source)
-        if cfg.dataset_split in source:
-            train_name = cfg.dataset_split
-        elif len(names) == 1:
-            train_name = names[0]
-        else:
-            raise DatasetError(f"the source has the splits {', '.join(names)}, not "
-                               f"{cfg.dataset_split!r}; set DATASET_SPLIT to one of them")
-        train = source[train_name]
-        evaluation = next((source[n] for n in EVAL_SPLIT_NAMES if n in source and n != train_name),
-                          None)
+        raise DatasetError(f"the source has the splits {', '.join(names)}, not "
+                           f"{cfg.dataset_split!r}; set DATASET_SPLIT to one of them")
+    train = source[train_name]
+    evaluation = next((source[n] for n in EVAL_SPLIT_NAMES if n in source and n != train_name),
+                      None)
     if cfg.max_examples:
         train = train.select(range(min(cfg.max_examples, len(train))))
         if evaluation is not None:
@@ -294,35 +289,23 @@ def format_examples(ds, cfg, tokenizer=None, check: bool = True):
     """
     if check:
         check_columns(ds, cfg)
-    kind = cfg.data_format
+    kind, only = cfg.data_format, cfg.response_only
     if kind == "chat" and tokenizer is None:
         raise DatasetError("the chat format needs the tokenizer (its chat template)")
-    if kind == "text":
-        col = cfg.text_column
 
-        def fn(batch):
-            return {"pieces": [[str(t)] for t in batch[col]], "trained": [[True]] * len(batch[col])}
-    elif kind == "template":
-        template, columns = cfg.template, template_columns(cfg.template)
+    def row_pieces(row):
+        if kind == "text":
+            return [str(row[cfg.text_column])], [True]
+        if kind == "template":
+            return [cfg.template.format_map(row)], [True]
+        if kind == "instruction":
+            prompt = instruction_prompt(row["instruction"], row.get("input") or "")
+            return [prompt, str(row["output"])], [not only, True]
+        return chat_pieces(row["messages"], tokenizer, only)
 
-        def fn(batch):
-            n = len(batch[columns[0]])
-            rows = ({c: batch[c][i] for c in columns} for i in range(n))
-            return {"pieces": [[template.format_map(r)] for r in rows], "trained": [[True]] * n}
-    elif kind == "instruction":
-        only = cfg.response_only
-
-        def fn(batch):
-            inputs = batch.get("input") or [""] * len(batch["instruction"])
-            pieces = [[instruction_prompt(i, x or ""), str(o)]
-                      for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
-            return {"pieces": pieces, "trained": [[not only, True]] * len(pieces)}
-    else:
-        only = cfg.response_only
-
-        def fn(batch):
-            out = [chat_pieces(m, tokenizer, only) for m in batch["messages"]]
-            return {"pieces": [p for p, _ in out], "trained": [t for _, t in out]}
+    def fn(batch):
+        out = [row_pieces(dict(zip(batch, values))) for values in zip(*batch.values())]
+        return {"pieces": [p for p, _ in out], "trained": [t for _, t in out]}
 
     return ds.map(fn, batched=True, batch_size=_BATCH, remove_columns=ds.column_names,
                   keep_in_memory=True, desc="format")
