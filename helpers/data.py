@@ -32,7 +32,7 @@ import html
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from transformers import DataCollatorForSeq2Seq
@@ -68,7 +68,7 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
     example ends with an untrained piece, e.g. a chat ending with a user turn). An example longer
     than ``max_length`` keeps its first ``max_length`` tokens and no EOS: it did not end there,
     and an EOS would teach the model to stop mid-sentence. Added columns: ``full_length`` (tokens
-    before truncation, EOS included), ``truncated`` (bool), ``loss_tokens`` (labels the loss uses:
+    before truncation, EOS included), ``loss_tokens`` (labels the loss uses:
     those after the first position, which a causal LM never predicts). Introduced in notebook 04.
     """
     eos = tokenizer.eos_token_id
@@ -80,8 +80,7 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
     def fn(batch):
         flat = [p for pieces in batch["pieces"] for p in pieces]
         flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-        out = {"input_ids": [], "labels": [], "full_length": [], "truncated": [],
-               "loss_tokens": []}
+        out = {"input_ids": [], "labels": [], "full_length": [], "loss_tokens": []}
         k = 0
         for trained in batch["trained"]:
             ids, labels = list(lead), [IGNORE_INDEX] * len(lead)
@@ -100,7 +99,6 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["full_length"].append(n)
-            out["truncated"].append(n > max_length)
             out["loss_tokens"].append(len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
         return out
 
@@ -149,15 +147,6 @@ def _column_array(ds, column) -> np.ndarray:
     return np.asarray(ds.with_format("arrow")[column].to_numpy(zero_copy_only=False))
 
 
-def _token_count(ds) -> int:
-    """Real (non-pad) tokens of a tokenized or packed split: rows are stored unpadded."""
-    import pyarrow.compute as pc
-
-    if ds is None or len(ds) == 0:
-        return 0
-    return int(pc.sum(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py())
-
-
 # --------------------------------------------------------------------------------------------
 # 5. the whole preparation, saved and reused
 
@@ -176,11 +165,6 @@ class Prepared:
     stats: dict
     lengths: list | None = None
     origin: str = "prepared"
-    info: dict = field(default_factory=dict)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.stats["fingerprint"]
 
     def metrics(self) -> dict:
         """The figures notebook 04 records in the manifest (all numbers; see :func:`prepare`)."""
@@ -279,47 +263,41 @@ def prepare(cfg, tokenizer) -> Prepared:
     train_rows, eval_rows = split_train_eval(train_rows, eval_rows, cfg)
 
     def build(rows):
+        """Format and tokenize; drop the examples left without a loss token; pack (PACKING)."""
         formatted = format_examples(rows, cfg, tokenizer, check=False)  # checked above
-        return tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
-                                 add_leading_special=cfg.data_format != "chat")
-
-    train_tok = build(train_rows)
-    eval_tok = build(eval_rows) if eval_rows is not None and len(eval_rows) else None
-
-    lengths = _column_array(train_tok, "full_length")
-    truncated = lengths > cfg.max_length
-    per_split_dropped = {}
-
-    def finish(tok, name):
-        keep = _column_array(tok, "loss_tokens") > 0
-        per_split_dropped[name] = int((~keep).sum())
+        tok = tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
+                                add_leading_special=cfg.data_format != "chat")
+        lengths, loss = _column_array(tok, "full_length"), _column_array(tok, "loss_tokens")
+        keep = loss > 0
         if not keep.all():
             tok = tok.select(np.flatnonzero(keep), keep_in_memory=True)
-        n_examples, tokens = len(tok), _token_count(tok)
-        loss = int(_column_array(tok, "loss_tokens").sum()) if n_examples else 0
-        tok = tok.remove_columns(["full_length", "truncated", "loss_tokens"])
+        tok = tok.remove_columns(["full_length", "loss_tokens"])
         if cfg.packing:  # the same tokens and loss tokens, in fewer rows
             tok = pack(tok, cfg.max_length)
-            assert _token_count(tok) == tokens, "packing must keep every token"
-        return tok, n_examples, tokens, loss
+        return tok, lengths, {  # tokens: after truncation, of the examples kept
+            "examples": int(keep.sum()), "dropped": int((~keep).sum()),
+            "tokens": int(np.minimum(lengths[keep], cfg.max_length).sum()),
+            "loss_tokens": int(loss.sum())}
 
-    train_ds, n_train, train_tokens, train_loss = finish(train_tok, "train")
-    if n_train == 0:
+    train_ds, lengths, train = build(train_rows)
+    if train["examples"] == 0:
         raise DatasetError(f"no train example has a token left for the loss at MAX_LENGTH="
                            f"{cfg.max_length} (prompts fill it); raise MAX_LENGTH or shorten the "
                            "prompts")
-    eval_ds, n_eval, eval_tokens, eval_loss = (finish(eval_tok, "eval") if eval_tok is not None
-                                               else (None, 0, 0, 0))
+    no_eval = None, None, dict.fromkeys(("examples", "dropped", "tokens", "loss_tokens"), 0)
+    eval_ds, _, ev = build(eval_rows) if eval_rows is not None and len(eval_rows) else no_eval
+    truncated = lengths > cfg.max_length
     import pandas as pd
 
     ls = pd.Series(lengths).describe(percentiles=[0.5, 0.95])  # per example, before truncation
     figures = {
-        "train_examples": n_train, "eval_examples": n_eval, "train_rows": len(train_ds),
-        "train_tokens": train_tokens, "train_loss_tokens": train_loss,
-        "eval_tokens": eval_tokens, "eval_loss_tokens": eval_loss,
+        "train_examples": train["examples"], "eval_examples": ev["examples"],
+        "train_rows": len(train_ds), "train_tokens": train["tokens"],
+        "train_loss_tokens": train["loss_tokens"],
+        "eval_tokens": ev["tokens"], "eval_loss_tokens": ev["loss_tokens"],
         "truncated_examples": int(truncated.sum()),
         "truncated_tokens": int((lengths[truncated] - cfg.max_length).sum()),
-        "dropped_examples": per_split_dropped["train"],
+        "dropped_examples": train["dropped"],
         "packing_dropped_tokens": 0,
         "mean_tokens": round(float(ls["mean"]), 2), "median_tokens": float(ls["50%"]),
         "p95_tokens": round(float(ls["95%"]), 2), "max_tokens": int(ls["max"]),
@@ -330,7 +308,7 @@ def prepare(cfg, tokenizer) -> Prepared:
     stats = {"fingerprint": fingerprint(cfg, tokenizer), "settings": settings(cfg, tokenizer),
              "source": "embedded quotes" if cfg.dataset in ("", "embedded") else str(cfg.dataset),
              "eval_from": "source split" if own_eval else f"{cfg.eval_fraction:.0%} of train",
-             "eval_dropped_examples": per_split_dropped.get("eval", 0),
+             "eval_dropped_examples": ev["dropped"],
              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "figures": figures}
     return Prepared(train_ds, eval_ds, stats, lengths=lengths.tolist())
 
