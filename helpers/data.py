@@ -366,26 +366,24 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
     say = print if verbose else (lambda *_: None)
     wanted = fingerprint(cfg, tokenizer)
-    reason, stale = f"no prepared dataset in {run_dir.name}/", False
+    reason, origin = f"no prepared dataset in {run_dir.name}/", "prepared"
     if target.is_dir() and stats_path.exists():
         try:
             stats = json.loads(stats_path.read_text())
         except json.JSONDecodeError:
             stats = {}
         if stats.get("fingerprint") == wanted:
-            splits = load_from_disk(str(target))
-            prepared = Prepared(splits["train"], splits.get("eval"),
-                                stats, origin="reused")
             say(f"Reusing the dataset prepared in {run_dir.name}/{DATASET_DIR} "
                 f"(fingerprint {wanted}).")
-            return prepared
+            splits = load_from_disk(str(target))
+            return Prepared(splits["train"], splits.get("eval"), stats, origin="reused")
         changes = _differences(stats.get("settings", {}), settings(cfg, tokenizer))
         reason = ("the saved dataset was prepared differently: " + "; ".join(changes[:5])
                   if changes else "the saved dataset's fingerprint does not match")
-        stale = True
+        origin = f"rebuilt: {reason}"
     say(f"Preparing the dataset: {reason}.")
     prepared = prepare(cfg, tokenizer)
-    prepared.origin = f"rebuilt: {reason}" if stale else "prepared"
+    prepared.origin = origin
     save(prepared, run_dir)
     return prepared
 

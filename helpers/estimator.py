@@ -70,7 +70,7 @@ def _lora_specs(shape: ModelShape, targets) -> list[LinearSpec]:
         return [s for s in shape.linears if s.group == "attention"]
     names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)
              if t.strip()]
-    known = shape.linear_names()
+    known = [s.name for s in shape.linears]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"LoRA target(s) {', '.join(unknown)} are not linear layers of "
@@ -138,13 +138,6 @@ class Estimate:
 
     def _repr_html_(self) -> str:
         return self.frame().to_html(index=False)
-
-    def as_metrics(self, prefix: str = "") -> dict:
-        out = {f"{prefix}predicted_{i.key}_bytes": i.at_peak for i in self.items}
-        out[f"{prefix}predicted_peak_allocated_bytes"] = self.total_allocated
-        out[f"{prefix}predicted_device_bytes"] = self.total_device
-        out[f"{prefix}predicted_footprint_bytes"] = self.footprint
-        return out
 
 
 def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointing: bool = True,

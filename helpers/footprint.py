@@ -69,14 +69,11 @@ class StageRecord:
     seconds: float
     gpu_allocated_before: int
     gpu_allocated_after: int
-    gpu_reserved_before: int
-    gpu_reserved_after: int
     gpu_peak_allocated: int
     gpu_peak_reserved: int
     cpu_rss_before: int
     cpu_rss_after: int
     cpu_rss_peak: int
-    cpu_maxrss: int | None  # the process's high-water mark at the end of the stage
 
 
 _COLUMNS = [  # (title, attribute) of the printed table
@@ -113,7 +110,7 @@ class MemoryLog:
         if cuda.is_available():
             cuda.synchronize(device)
             cuda.reset_peak_memory_stats(device)
-        gpu_before = cuda.memory_allocated(device), cuda.memory_reserved(device)
+        gpu_before = cuda.memory_allocated(device)
         maxrss_before = cpu_maxrss()
         sampler = _RssSampler(self.sample_interval)
         rss_before = sampler.peak
@@ -133,14 +130,11 @@ class MemoryLog:
                 rss_peak = max(rss_peak, maxrss_after)
             self.records.append(StageRecord(
                 stage=stage, seconds=round(seconds, 3),
-                gpu_allocated_before=gpu_before[0], gpu_reserved_before=gpu_before[1],
-                gpu_allocated_after=cuda.memory_allocated(device),
-                gpu_reserved_after=cuda.memory_reserved(device),
+                gpu_allocated_before=gpu_before, gpu_allocated_after=cuda.memory_allocated(device),
                 gpu_peak_allocated=cuda.max_memory_allocated(device),
                 gpu_peak_reserved=cuda.max_memory_reserved(device),
                 cpu_rss_before=rss_before, cpu_rss_after=rss_after,
-                cpu_rss_peak=max(rss_peak, rss_before, rss_after),
-                cpu_maxrss=maxrss_after))
+                cpu_rss_peak=max(rss_peak, rss_before, rss_after)))
 
     def frame(self):
         """The log as a pandas DataFrame with human units (one row per stage)."""

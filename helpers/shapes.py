@@ -98,9 +98,6 @@ class ModelShape:
     def n_params(self) -> int:
         return self.n_linear_params() + self.n_16bit_params()
 
-    def linear_names(self) -> list[str]:
-        return [s.name for s in self.linears]
-
 
 def _cfg_get(cfg, *names, default=None):
     for n in names:
@@ -170,7 +167,7 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
         ff = int(_cfg_get(cfg, "n_inner", default=4 * h) or 4 * h)
         return ModelShape(
             **common, family="gptj", intermediate=ff,
-            linears=_gpt_linears(h, h, h, ff, False, ("out_proj", "fc_in", "fc_out"), True),
+            linears=_attention(h, h, h, "out_proj", False) + _mlp(h, ff, "fc_in", "fc_out"),
             norms_per_block=1, parallel_residual=True,
             activation=str(_cfg_get(cfg, "activation_function", default="gelu_new")),
             head_bias=True, resid_dropout=float(_cfg_get(cfg, "resid_pdrop", default=0.0)),
@@ -186,7 +183,7 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
                      LinearSpec("project_out", h, proj, False, "other"))
         return ModelShape(
             **common, family="opt", intermediate=ff,
-            linears=_gpt_linears(h, h, h, ff, bias, ("out_proj", "fc1", "fc2"), bias),
+            linears=_attention(h, h, h, "out_proj", bias) + _mlp(h, ff, "fc1", "fc2", bias=bias),
             activation=str(_cfg_get(cfg, "activation_function", default="relu")),
             position_embeddings=ctx + 2,
             resid_dropout=float(_cfg_get(cfg, "dropout", default=0.1)),
@@ -201,34 +198,30 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
     if mt in _GATED or act in ("silu", "swiglu", "swish"):
         qb = bool(_cfg_get(cfg, "attention_bias", default=mt == "qwen2"))
         mb = bool(_cfg_get(cfg, "mlp_bias", default=False))
-        linears = (LinearSpec("q_proj", h, a * hd, qb, "attention"),
-                   LinearSpec("k_proj", h, kv * hd, qb, "attention"),
-                   LinearSpec("v_proj", h, kv * hd, qb, "attention"),
-                   LinearSpec("o_proj", a * hd, h, bool(_cfg_get(cfg, "attention_bias",
-                                                                 default=False)), "attention"),
-                   LinearSpec("gate_proj", h, ff, mb, "mlp"),
-                   LinearSpec("up_proj", h, ff, mb, "mlp"),
-                   LinearSpec("down_proj", ff, h, mb, "mlp"))
+        ob = bool(_cfg_get(cfg, "attention_bias", default=False))
+        linears = (_attention(h, a * hd, kv * hd, "o_proj", qb, ob)
+                   + _mlp(h, ff, "gate_proj", "up_proj", "down_proj", bias=mb))
         return ModelShape(
             **common, family="llama" if mt in _GATED else "generic", intermediate=ff,
             linears=linears, norm="rmsnorm", activation=act, gated_mlp=True,
             buffer_bytes=_inv_freq_bytes(cfg, hd))
     return ModelShape(
         **common, family="generic", intermediate=ff, activation=act,
-        linears=_gpt_linears(h, a * hd, kv * hd, ff, True, ("out_proj", "fc_in", "fc_out"), True))
+        linears=_attention(h, a * hd, kv * hd, "out_proj", True) + _mlp(h, ff, "fc_in", "fc_out"))
 
 
-def _gpt_linears(h: int, q: int, kv: int, ff: int, bias: bool, names: tuple,
-                 mlp_bias: bool) -> tuple:
-    """A GPT-style block's linears: q_proj, k_proj, v_proj (widths ``q``, ``kv``, ``kv``), then
-    ``names``: the attention output and the MLP's two layers (hidden ``ff``)."""
-    out, up, down = names
+def _attention(h: int, q: int, kv: int, out: str, bias: bool, out_bias: bool | None = None):
+    """q_proj, k_proj, v_proj (widths ``q``, ``kv``, ``kv``) and the output projection ``out``."""
     return (LinearSpec("q_proj", h, q, bias, "attention"),
             LinearSpec("k_proj", h, kv, bias, "attention"),
             LinearSpec("v_proj", h, kv, bias, "attention"),
-            LinearSpec(out, q, h, bias, "attention"),
-            LinearSpec(up, h, ff, mlp_bias, "mlp"),
-            LinearSpec(down, ff, h, mlp_bias, "mlp"))
+            LinearSpec(out, q, h, bias if out_bias is None else out_bias, "attention"))
+
+
+def _mlp(h: int, ff: int, *names: str, bias: bool = True):
+    """The MLP's linears: every one but the last widens to ``ff``, the last narrows back."""
+    return tuple(LinearSpec(n, h, ff, bias, "mlp") for n in names[:-1]) + (
+        LinearSpec(names[-1], ff, h, bias, "mlp"),)
 
 
 def _inv_freq_bytes(cfg, head_dim: int) -> int:
