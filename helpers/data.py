@@ -264,7 +264,7 @@ def prepare(cfg, tokenizer) -> Prepared:
 
     def build(rows):
         """Format and tokenize; drop the examples left without a loss token; pack (PACKING)."""
-        formatted = format_examples(rows, cfg, tokenizer, check=False)  # checked above
+        formatted = format_examples(rows, cfg, tokenizer)  # checked above
         tok = tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
                                 add_leading_special=cfg.data_format != "chat")
         lengths, loss = _column_array(tok, "full_length"), _column_array(tok, "loss_tokens")

@@ -182,11 +182,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # ---------------------------------------------------------------- weights (persistent)
     # 4-bit linears: packed values plus constants, per weight (exact bitsandbytes layout).
     specs = [s for s in shape.linears for _ in range(shape.layers)] + list(shape.extra_linears)
-    packed = const = 0
-    for s in specs:
-        q = quantized_weight_bytes(s.params, double_quant=double_quant)
-        packed += q["packed"]
-        const += q["constants"]
+    quant = [quantized_weight_bytes(s.params, double_quant=double_quant) for s in specs]
+    packed, const = sum(q["packed"] for q in quant), sum(q["constants"] for q in quant)
     # Non-quantized layers load in the compute dtype (2 bytes; 4 in float32) and, with
     # upcast_fp32, prepare_model_for_kbit_training casts them to float32 (4 bytes).
     load_b = cb
@@ -203,17 +200,12 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     lora_b = 4  # peft 0.21 creates LoRA weights in float32 (autocast_adapter_dtype=True)
     opt_alloc = opt_paged = 0
     for n in lora_mats:
-        if optimizer in ("paged_adamw_8bit", "adamw_8bit"):
-            # bitsandbytes keeps two uint8 states plus one float32 absmax per 256 values for
-            # tensors of >= 4096 values (min_8bit_size); smaller ones get two float32 states.
-            if n >= 4096:
-                state, absmax = 2 * n, 2 * 4 * math.ceil(n / 256)
-            else:
-                state, absmax = 8 * n, 0
-        elif optimizer == "sgd":
-            state, absmax = 0, 0
-        else:  # adamw_torch / paged_adamw_32bit: exp_avg and exp_avg_sq in float32
-            state, absmax = 8 * n, 0
+        # AdamW keeps exp_avg and exp_avg_sq in float32 (8 bytes a value). The 8-bit optimizers of
+        # bitsandbytes keep them in uint8 plus one float32 absmax per 256 values, for tensors of
+        # >= 4096 values (min_8bit_size); smaller ones get the two float32 states. SGD: none.
+        eight_bit = optimizer.endswith("adamw_8bit") and n >= 4096
+        state = 0 if optimizer == "sgd" else 2 * n if eight_bit else 8 * n
+        absmax = 2 * 4 * math.ceil(n / 256) if eight_bit else 0
         # paged optimizers put a state in unified memory (outside torch's allocator) only for
         # tensors of >= 1e5 values; smaller ones are ordinary device tensors.
         if optimizer.startswith("paged") and n >= 1e5:

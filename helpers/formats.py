@@ -234,18 +234,12 @@ def check_columns(ds, cfg, split: str = "train") -> None:
         }[cfg.data_format]
         raise DatasetError(f"column {', '.join(map(repr, missing))} not found; the data has the "
                            f"columns {', '.join(columns)}: {what}")
-    import pyarrow.compute as pc
-
-    table = ds.with_format("arrow")
+    frame = ds.select_columns(needed).to_pandas()
     for column in needed:
-        values = table[column]
-        bad = []
-        if values.null_count:
-            bad = pc.indices_nonzero(pc.is_null(values)).to_pylist()
-        elif cfg.data_format in ("text", "instruction") and str(values.type) in ("string",
-                                                                                "large_string"):
-            empty = pc.equal(pc.utf8_trim_whitespace(values), "")
-            bad = pc.indices_nonzero(pc.fill_null(empty, False)).to_pylist()
+        bad = frame[column].isna()
+        if not bad.any() and cfg.data_format in ("text", "instruction"):  # or only spaces
+            bad = frame[column].map(lambda v: isinstance(v, str) and not v.strip())
+        bad = bad.index[bad].tolist()
         if bad:
             raise DatasetError(
                 f"{len(bad)} row(s) of the {split} split have no value in column {column!r} "
@@ -261,9 +255,8 @@ def _check_messages(conversations, split: str) -> None:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             bad_shape.append(i)
-        elif any(m.get("role") not in CHAT_ROLES for m in messages):
-            bad_role.append((i, next(m.get("role") for m in messages
-                                     if m.get("role") not in CHAT_ROLES)))
+        elif roles := [m.get("role") for m in messages if m.get("role") not in CHAT_ROLES]:
+            bad_role.append((i, roles[0]))
     if bad_shape:
         raise DatasetError(
             f"{len(bad_shape)} row(s) of the {split} split are not a non-empty list of "
@@ -277,18 +270,15 @@ def _check_messages(conversations, split: str) -> None:
             "user/assistant) or filter the rows")
 
 
-def format_examples(ds, cfg, tokenizer=None, check: bool = True):
+def format_examples(ds, cfg, tokenizer=None):
     """Rows -> ``pieces`` (list of str) and ``trained`` (list of bool, one per piece).
 
     text: the TEXT_COLUMN; template: TEMPLATE filled with the row; both trained whole.
     instruction: :func:`instruction_prompt` (untrained when RESPONSE_ONLY) + output (trained).
     chat: the tokenizer's chat template (:data:`DEFAULT_CHAT_TEMPLATE` if it has none); with
     RESPONSE_ONLY only assistant turns (their text and end-of-turn marker) are trained.
-    Checks the columns first (:func:`check_columns`) unless ``check=False``. Introduced in
-    notebook 04.
+    The rows must have passed :func:`check_columns`. Introduced in notebook 04.
     """
-    if check:
-        check_columns(ds, cfg)
     kind, only = cfg.data_format, cfg.response_only
     if kind == "chat" and tokenizer is None:
         raise DatasetError("the chat format needs the tokenizer (its chat template)")
