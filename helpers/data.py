@@ -79,14 +79,12 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
 
     def fn(batch):
         flat = [p for pieces in batch["pieces"] for p in pieces]
-        flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
         out = {"input_ids": [], "labels": [], "full_length": [], "loss_tokens": []}
-        k = 0
         for trained in batch["trained"]:
             ids, labels = list(lead), [IGNORE_INDEX] * len(lead)
             for t in trained:
-                piece = flat_ids[k]
-                k += 1
+                piece = next(flat_ids)
                 ids.extend(piece)
                 labels.extend(piece if (t or not response_only) else [IGNORE_INDEX] * len(piece))
             if not ids or ids[-1] != eos:
@@ -422,8 +420,6 @@ class CompletionCollator(DataCollatorForSeq2Seq):
     def __call__(self, features: list) -> dict:
         import torch
 
-        if not features:
-            raise ValueError("cannot collate an empty batch")
         positions = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
         batch = dict(super().__call__([{"input_ids": f["input_ids"],
                                         "labels": f.get("labels", f["input_ids"])}
@@ -456,11 +452,6 @@ class TokenView:
     __str__ = __repr__
 
 
-def _token_text(tokenizer, token_id) -> str:
-    return tokenizer.decode([int(token_id)], skip_special_tokens=False,
-                            clean_up_tokenization_spaces=False)
-
-
 def render_examples(prepared, tokenizer, n: int = 3, split: str = "train") -> TokenView:
     """The first ``n`` rows of a split, token by token, showing what the loss sees.
 
@@ -481,16 +472,16 @@ def render_examples(prepared, tokenizer, n: int = 3, split: str = "train") -> To
         row = ds[r]
         ids, labels, positions = row["input_ids"], row["labels"], row.get("position_ids")
         counted = sum(1 for i, y in enumerate(labels) if i > 0 and y != IGNORE_INDEX)
-        head = f"example {r + 1}: {len(ids)} tokens, {counted} in the loss"
-        if positions is not None:
-            head = (f"row {r + 1} ({list(positions).count(0)} packed examples): {len(ids)} tokens, "
-                    f"{counted} in the loss")
+        what = f"example {r + 1}" if positions is None else \
+            f"row {r + 1} ({list(positions).count(0)} packed examples)"
+        head = f"{what}: {len(ids)} tokens, {counted} in the loss"
         spans, plain = [], []
-        for i, (t, y) in enumerate(zip(ids, labels)):
+        tokens = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)  # one at a time
+        for i, (t, y, text) in enumerate(zip(ids, labels, tokens)):
             if positions is not None and i > 0 and positions[i] == 0:
                 spans.append("<span style='color:#06c;font-weight:bold'>‖</span>")
                 plain.append("‖")
-            text = _token_text(tokenizer, t)
             shown = text.replace("\n", "↵\n") if t not in special else text
             style = "background:#b7ebb4" if y != IGNORE_INDEX else "color:#777;background:#f0f0f0"
             if t == eos:

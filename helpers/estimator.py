@@ -186,7 +186,6 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     packed, const = sum(q["packed"] for q in quant), sum(q["constants"] for q in quant)
     # Non-quantized layers load in the compute dtype (2 bytes; 4 in float32) and, with
     # upcast_fp32, prepare_model_for_kbit_training casts them to float32 (4 bytes).
-    load_b = cb
     wb = 4 if upcast_fp32 else cb
     n_emb, n_head = shape.n_embedding_params(), shape.n_head_params()
     n_small = shape.n_norm_params() + shape.n_bias_params()
@@ -220,15 +219,17 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     #   bitsandbytes Linear4bit returns its input's dtype, so GPT-NeoX/GPT-J/OPT blocks carry a
     #   float32 stream; Llama's RMSNorm returns the stream's own dtype, float32 only when the
     #   embeddings were upcast. Without autocast the stream has the weights' dtype.
-    # - c16: q, k, v and the attention output as sdpa saves them: 16-bit under autocast.
-    # - li: LoRA A's saved input: 16-bit under autocast; without autocast the series computes
-    #   LoRA in the stream's dtype (helpers.lora.attach), so the stream's own tensor.
+    # - c16: q, k, v and the attention output as sdpa saves them: 16-bit under autocast; and
+    #   LoRA A's saved input, the same: without autocast the series computes LoRA in the
+    #   stream's dtype (helpers.lora.attach), so the stream's own tensor.
+    # - norm_out: a norm's output (what the linears after it read): float32 from a LayerNorm
+    #   under autocast, else the stream's dtype.
     if shape.norm == "layernorm":
         hb = 4 if (autocast or upcast_fp32 or fp32) else 2
     else:
         hb = 4 if (upcast_fp32 or fp32) else 2
     c16 = 2 if autocast else hb
-    li = 2 if autocast else hb
+    norm_out = 4 if (shape.norm == "layernorm" and autocast) else hb
     norm_save = 4 if (autocast or hb == 4 or shape.norm == "rmsnorm") else hb
     q_dim = shape.heads * shape.head_dim
 
@@ -246,18 +247,15 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # 4-bit linears save nothing but their (already resident) packed weight: bitsandbytes
     # computes no weight gradient, so the input is not kept. LoRA adapters do keep activations
     # (see _lora_saved_per_token): A's input, a dropout mask, and B's r-wide input.
-    per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, lora_dropout, li,
-                                            norm_out=4 if (shape.norm == "layernorm"
-                                                           and autocast) else hb,
-                                            attn_out=c16, mlp_out=hb)
+    per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, lora_dropout, c16,
+                                            norm_out=norm_out, attn_out=c16, mlp_out=hb)
     # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
     # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
     # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
     per_tok["attention"] = 4 * q_dim * c16 + 4 * shape.heads
     # MLP: the activation function saves its input (and a written-out formula its
     # intermediates); a gated MLP also keeps act(gate) and up for their product.
-    saves = _ACT_SAVES.get(shape.activation, 1)
-    per_tok["mlp"] = (saves + (2 if shape.gated_mlp else 0)) * ff * hb
+    per_tok["mlp"] = (_ACT_SAVES.get(shape.activation, 1) + 2 * shape.gated_mlp) * ff * hb
     # Dropout on the residual branches keeps a 1-byte mask each (OPT's 0.1; 0 in most LLMs).
     per_tok["dropout"] = (2 * h if shape.resid_dropout > 0 else 0)
     layer_saved = T * sum(per_tok.values())
@@ -265,9 +263,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # or by the series' LoRA layers without it) and the copy is kept for backward.
     lora_casts = 2 * n_lora if (autocast or hb == 2) else 0
 
-    checkpoints = L * T * h * hb  # with checkpointing: each block's input hidden state
-    acts_all = L * layer_saved
-    held_acts = (checkpoints if gradient_checkpointing else acts_all) + lora_casts
+    # with checkpointing each block's input hidden state is kept, without every block's tensors
+    held_acts = (L * T * h * hb if gradient_checkpointing else L * layer_saved) + lora_casts
 
     # Head and loss. A float32 head under autocast is cast to 16-bit for its matmul and the
     # copy is saved for backward (V*h*2 bytes). transformers computes the loss on
@@ -285,8 +282,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
     if chunked_loss:
         logit_tokens = chunk_tokens(V)
-        head_in = 4 if (autocast and shape.norm == "layernorm") or hb == 4 else 2
-        gathered = 3 * T * h * head_in
+        gathered = 3 * T * h * norm_out  # the final norm's output
     else:
         logit_tokens, gathered = T, 0
     logits_fwd = 10 * logit_tokens * V + gathered // 3
@@ -365,7 +361,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
                                 context_bytes,
                                 "driver context and kernels; not in max_memory_allocated")
     total_device = sum(i.at_peak for i in items)
-    footprint = packed + (n_emb + n_head + n_small) * load_b + shape.buffer_bytes
+    footprint = packed + (n_emb + n_head + n_small) * cb + shape.buffer_bytes  # as loaded
     detail = {"per_token_per_block": per_tok, "stream_bytes": hb, "tokens": T,
               "phases": phases}
     return Estimate(shape=shape, settings=settings, items=items,

@@ -365,7 +365,7 @@ def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
             weights[mname] = module.weight
     if not weights:
         raise ValueError("no linear weights found to quantize")
-    acc = {}  # (group, qtype) -> [err2, ref2, n_weights, n_params]
+    acc = {}  # (group, qtype) -> [(squared error, squared norm, params) of each weight]
     for name, w in weights.items():
         w = w.detach()
         if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -376,13 +376,10 @@ def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
             q, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=qt)
             deq = bnbf.dequantize_4bit(q, state)
             err2 = (w.float() - deq.float()).pow(2).sum().item()
-            a = acc.setdefault((group, qt), [0.0, 0.0, 0, 0])
-            a[0] += err2
-            a[1] += ref2
-            a[2] += 1
-            a[3] += w.nelement()
+            acc.setdefault((group, qt), []).append((err2, ref2, w.nelement()))
     rows = []
-    for (group, qt), (err2, ref2, nw, npar) in sorted(acc.items()):
-        rows.append({"group": group, "quant_type": qt, "weights": nw, "params": npar,
+    for (group, qt), each in sorted(acc.items()):
+        err2, ref2, npar = map(sum, zip(*each))
+        rows.append({"group": group, "quant_type": qt, "weights": len(each), "params": npar,
                      "relative_error": math.sqrt(err2 / ref2) if ref2 else 0.0})
     return rows
