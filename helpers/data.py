@@ -51,12 +51,10 @@ FORMAT_VERSION = 1  # part of the fingerprint: bump when the prepared layout cha
 
 def _leading_special_ids(tokenizer) -> list:
     """The ids a tokenizer puts before every text by itself (BOS for Llama-style tokenizers)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for k in range(len(full) - len(plain) + 1):
-        if full[k: k + len(plain)] == plain:
-            return list(full[:k])
-    return []
+    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    n = len(plain)
+    start = next((k for k in range(len(full) - n + 1) if full[k: k + n] == plain), 0)
+    return list(full[:start])  # what comes before the text's own ids
 
 
 def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool = True,
@@ -181,14 +179,12 @@ def _source_identity(cfg) -> dict:
     """What identifies the source's content: file sizes and times for local data, else the id."""
     name = str(cfg.dataset).strip()
     path = EMBEDDED_QUOTES if name in ("", "embedded") else Path(name).expanduser()
-    if path.is_file():
-        s = path.stat()
-        return {"files": [[path.name, s.st_size, s.st_mtime_ns]]}
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return {"files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                          for p in files]}
-    return {"hub": name}
+    if not path.exists():
+        return {"hub": name}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    root = path.parent if path.is_file() else path
+    return {"files": [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
+                      for p in files]}
 
 
 def _tokenizer_identity(tokenizer, with_chat_template: bool) -> dict:
@@ -327,12 +323,10 @@ def save(prepared: Prepared, run_dir) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
     stats_path.unlink(missing_ok=True)
-    splits = {"train": prepared.train}
-    if prepared.eval is not None:
-        splits["eval"] = prepared.eval
+    splits = {"train": prepared.train, "eval": prepared.eval}
     tmp = run_dir / (DATASET_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict(splits).save_to_disk(str(tmp))
+    DatasetDict({k: v for k, v in splits.items() if v is not None}).save_to_disk(str(tmp))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     stats_path.write_text(json.dumps(prepared.stats, indent=1, default=str) + "\n")

@@ -236,7 +236,6 @@ def footprint_breakdown(model) -> list[dict]:
                     add(f"quantization constants: {part}", t.nbytes, 0, t.dtype, False,
                         f"{why}; not counted by get_memory_footprint")
             continue
-        n = p.nelement()
         if "lora_" in name:
             part, note = "LoRA adapters", "trainable A and B matrices"
         elif id(p) in head_ids:
@@ -249,7 +248,7 @@ def footprint_breakdown(model) -> list[dict]:
             part, note = "biases", "biases of the linear layers, never quantized"
         else:
             part, note = "other 16-bit parameters", "parameters of other layers"
-        add(part, p.nbytes, n, p.dtype, True, note)
+        add(part, p.nbytes, p.nelement(), p.dtype, True, note)
 
     for _, b in model.named_buffers():
         add("buffers", b.nbytes, 0, b.dtype, True,
@@ -302,8 +301,7 @@ def footprint_16bit(model_or_config) -> int:
         params = sum(logical_numel(p) for name, p in model_or_config.named_parameters()
                      if "lora_" not in name)
         return 2 * params + sum(b.nbytes for b in model_or_config.buffers())
-    shape = as_shape(model_or_config)
-    return 2 * shape.n_params()
+    return 2 * as_shape(model_or_config).n_params()
 
 
 def alt_quant_sizes(model) -> dict:
@@ -328,21 +326,12 @@ def alt_quant_sizes(model) -> dict:
             "16bit": sixteen}
 
 
+# a linear layer's group by its module name: "MLP", else "attention", else "other linear"
 _ATTN_PAT = re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|"
                        r"qkv|c_proj\b)")
 _MLP_PAT = re.compile(r"(mlp|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|dense_h_to_4h|"
                       r"dense_4h_to_h|feed_forward|ffn|w1|w2|w3)")
 _SKIP_PAT = re.compile(r"(embed|wte|wpe|lm_head|embed_out|score)")
-
-
-def linear_group(name: str) -> str:
-    """"attention", "MLP" or "other linear" for a linear layer's module name."""
-    low = name.lower()
-    if _MLP_PAT.search(low):
-        return "MLP"
-    if _ATTN_PAT.search(low):
-        return "attention"
-    return "other linear"
 
 
 def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
@@ -370,7 +359,8 @@ def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
         w = w.detach()
         if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             w = w.float()
-        group = linear_group(name)
+        group = ("MLP" if _MLP_PAT.search(name.lower()) else
+                 "attention" if _ATTN_PAT.search(name.lower()) else "other linear")
         ref2 = w.float().pow(2).sum().item()
         for qt in quant_types:
             q, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=qt)

@@ -145,14 +145,8 @@ def pick_splits(source, cfg):
     The train split is ``DATASET_SPLIT`` (or the only split); the eval split is the source's own
     validation/test split when it has one. Both are capped at ``MAX_EXAMPLES`` rows when set.
     """
-    names = list(source)
-    if cfg.dataset_split in source:
-        train_name = cfg.dataset_split
-    elif len(names) == 1:
-        train_name = names[0]
-    else:
-        raise DatasetError(f"the source has the splits {', '.join(names)}, not "
-                           f"{cfg.dataset_split!r}; set DATASET_SPLIT to one of them")
+    # load_source names the split DATASET_SPLIT, or a single file's one split "train"
+    train_name = cfg.dataset_split if cfg.dataset_split in source else next(iter(source))
     train = source[train_name]
     evaluation = next((source[n] for n in EVAL_SPLIT_NAMES if n in source and n != train_name),
                       None)
@@ -181,39 +175,32 @@ def instruction_prompt(instruction: str, input: str = "") -> str:
 
 def required_columns(cfg) -> list:
     """The columns a format reads (``input`` of the instruction format is optional)."""
-    if cfg.data_format == "text":
-        return [cfg.text_column]
     if cfg.data_format == "template":
         return template_columns(cfg.template)
-    if cfg.data_format == "instruction":
-        return ["instruction", "output"]
-    if cfg.data_format == "chat":
-        return ["messages"]
+    fixed = {"text": [cfg.text_column], "instruction": ["instruction", "output"],
+             "chat": ["messages"]}
+    if cfg.data_format in fixed:
+        return fixed[cfg.data_format]
     raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or chat")
 
 
 def template_columns(template: str) -> list:
     """The column names a TEMPLATE's ``{placeholders}`` refer to, in order."""
-    names = []
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
         raise DatasetError(f"TEMPLATE={template!r} is not a valid template ({err}); write column "
                            "names in braces, e.g. '{quote} ({author})', and double literal braces "
                            "{{ }}") from None
-    for _, field_name, _, _ in parsed:
-        if field_name is None:
-            continue
-        base = field_name.split(".")[0].split("[")[0]
-        if not base or base.isdigit():
-            raise DatasetError(f"TEMPLATE={template!r} has a placeholder without a column name; "
-                               "name a column in each, e.g. {quote}")
-        if base not in names:
-            names.append(base)
+    # "{author.name}" and "{tags[0]}" read the columns author and tags
+    names = [f.split(".")[0].split("[")[0] for _, f, _, _ in parsed if f is not None]
+    if not all(n and not n.isdigit() for n in names):
+        raise DatasetError(f"TEMPLATE={template!r} has a placeholder without a column name; "
+                           "name a column in each, e.g. {quote}")
     if not names:
         raise DatasetError(f"TEMPLATE={template!r} names no column; use {{column}} placeholders, "
                            "e.g. '{quote} ({author})'")
-    return names
+    return list(dict.fromkeys(names))  # each once, in order
 
 
 def check_columns(ds, cfg, split: str = "train") -> None:
