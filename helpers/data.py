@@ -32,7 +32,7 @@ import html
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from transformers import DataCollatorForSeq2Seq
@@ -51,12 +51,10 @@ FORMAT_VERSION = 1  # part of the fingerprint: bump when the prepared layout cha
 
 def _leading_special_ids(tokenizer) -> list:
     """The ids a tokenizer puts before every text by itself (BOS for Llama-style tokenizers)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for k in range(len(full) - len(plain) + 1):
-        if full[k: k + len(plain)] == plain:
-            return list(full[:k])
-    return []
+    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    n = len(plain)
+    start = next((k for k in range(len(full) - n + 1) if full[k: k + n] == plain), 0)
+    return list(full[:start])  # what comes before the text's own ids
 
 
 def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool = True,
@@ -68,7 +66,7 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
     example ends with an untrained piece, e.g. a chat ending with a user turn). An example longer
     than ``max_length`` keeps its first ``max_length`` tokens and no EOS: it did not end there,
     and an EOS would teach the model to stop mid-sentence. Added columns: ``full_length`` (tokens
-    before truncation, EOS included), ``truncated`` (bool), ``loss_tokens`` (labels the loss uses:
+    before truncation, EOS included), ``loss_tokens`` (labels the loss uses:
     those after the first position, which a causal LM never predicts). Introduced in notebook 04.
     """
     eos = tokenizer.eos_token_id
@@ -79,15 +77,12 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
 
     def fn(batch):
         flat = [p for pieces in batch["pieces"] for p in pieces]
-        flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-        out = {"input_ids": [], "labels": [], "full_length": [], "truncated": [],
-               "loss_tokens": []}
-        k = 0
+        flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        out = {"input_ids": [], "labels": [], "full_length": [], "loss_tokens": []}
         for trained in batch["trained"]:
             ids, labels = list(lead), [IGNORE_INDEX] * len(lead)
             for t in trained:
-                piece = flat_ids[k]
-                k += 1
+                piece = next(flat_ids)
                 ids.extend(piece)
                 labels.extend(piece if (t or not response_only) else [IGNORE_INDEX] * len(piece))
             if not ids or ids[-1] != eos:
@@ -100,7 +95,6 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["full_length"].append(n)
-            out["truncated"].append(n > max_length)
             out["loss_tokens"].append(len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
         return out
 
@@ -128,20 +122,13 @@ def pack(tokenized, max_length: int):
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "position_ids": []}
-        ids, labels, pos = [], [], []
         for x, y in zip(batch["input_ids"], batch["labels"]):
-            if ids and len(ids) + len(x) > max_length:
-                out["input_ids"].append(ids)
-                out["labels"].append(labels)
-                out["position_ids"].append(pos)
-                ids, labels, pos = [], [], []
-            ids = ids + list(x)
-            labels = labels + [IGNORE_INDEX] + list(y[1:])
-            pos = pos + list(range(len(x)))
-        if ids:
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["position_ids"].append(pos)
+            if not out["input_ids"] or len(out["input_ids"][-1]) + len(x) > max_length:
+                for rows in out.values():  # a new block
+                    rows.append([])
+            out["input_ids"][-1] += x
+            out["labels"][-1] += [IGNORE_INDEX] + y[1:]
+            out["position_ids"][-1] += range(len(x))
         return out
 
     return tokenized.map(fn, batched=True, batch_size=_BATCH,
@@ -154,15 +141,6 @@ def pack(tokenized, max_length: int):
 
 def _column_array(ds, column) -> np.ndarray:
     return np.asarray(ds.with_format("arrow")[column].to_numpy(zero_copy_only=False))
-
-
-def _token_count(ds) -> int:
-    """Real (non-pad) tokens of a tokenized or packed split: rows are stored unpadded."""
-    import pyarrow.compute as pc
-
-    if ds is None or len(ds) == 0:
-        return 0
-    return int(pc.sum(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py())
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +161,6 @@ class Prepared:
     stats: dict
     lengths: list | None = None
     origin: str = "prepared"
-    info: dict = field(default_factory=dict)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.stats["fingerprint"]
 
     def metrics(self) -> dict:
         """The figures notebook 04 records in the manifest (all numbers; see :func:`prepare`)."""
@@ -206,14 +179,12 @@ def _source_identity(cfg) -> dict:
     """What identifies the source's content: file sizes and times for local data, else the id."""
     name = str(cfg.dataset).strip()
     path = EMBEDDED_QUOTES if name in ("", "embedded") else Path(name).expanduser()
-    if path.is_file():
-        s = path.stat()
-        return {"files": [[path.name, s.st_size, s.st_mtime_ns]]}
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return {"files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                          for p in files]}
-    return {"hub": name}
+    if not path.exists():
+        return {"hub": name}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    root = path.parent if path.is_file() else path
+    return {"files": [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
+                      for p in files]}
 
 
 def _tokenizer_identity(tokenizer, with_chat_template: bool) -> dict:
@@ -286,47 +257,41 @@ def prepare(cfg, tokenizer) -> Prepared:
     train_rows, eval_rows = split_train_eval(train_rows, eval_rows, cfg)
 
     def build(rows):
-        formatted = format_examples(rows, cfg, tokenizer, check=False)  # checked above
-        return tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
-                                 add_leading_special=cfg.data_format != "chat")
-
-    train_tok = build(train_rows)
-    eval_tok = build(eval_rows) if eval_rows is not None and len(eval_rows) else None
-
-    lengths = _column_array(train_tok, "full_length")
-    truncated = lengths > cfg.max_length
-    per_split_dropped = {}
-
-    def finish(tok, name):
-        keep = _column_array(tok, "loss_tokens") > 0
-        per_split_dropped[name] = int((~keep).sum())
+        """Format and tokenize; drop the examples left without a loss token; pack (PACKING)."""
+        formatted = format_examples(rows, cfg, tokenizer)  # checked above
+        tok = tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
+                                add_leading_special=cfg.data_format != "chat")
+        lengths, loss = _column_array(tok, "full_length"), _column_array(tok, "loss_tokens")
+        keep = loss > 0
         if not keep.all():
             tok = tok.select(np.flatnonzero(keep), keep_in_memory=True)
-        n_examples, tokens = len(tok), _token_count(tok)
-        loss = int(_column_array(tok, "loss_tokens").sum()) if n_examples else 0
-        tok = tok.remove_columns(["full_length", "truncated", "loss_tokens"])
+        tok = tok.remove_columns(["full_length", "loss_tokens"])
         if cfg.packing:  # the same tokens and loss tokens, in fewer rows
             tok = pack(tok, cfg.max_length)
-            assert _token_count(tok) == tokens, "packing must keep every token"
-        return tok, n_examples, tokens, loss
+        return tok, lengths, {  # tokens: after truncation, of the examples kept
+            "examples": int(keep.sum()), "dropped": int((~keep).sum()),
+            "tokens": int(np.minimum(lengths[keep], cfg.max_length).sum()),
+            "loss_tokens": int(loss.sum())}
 
-    train_ds, n_train, train_tokens, train_loss = finish(train_tok, "train")
-    if n_train == 0:
+    train_ds, lengths, train = build(train_rows)
+    if train["examples"] == 0:
         raise DatasetError(f"no train example has a token left for the loss at MAX_LENGTH="
                            f"{cfg.max_length} (prompts fill it); raise MAX_LENGTH or shorten the "
                            "prompts")
-    eval_ds, n_eval, eval_tokens, eval_loss = (finish(eval_tok, "eval") if eval_tok is not None
-                                               else (None, 0, 0, 0))
+    no_eval = None, None, dict.fromkeys(("examples", "dropped", "tokens", "loss_tokens"), 0)
+    eval_ds, _, ev = build(eval_rows) if eval_rows is not None and len(eval_rows) else no_eval
+    truncated = lengths > cfg.max_length
     import pandas as pd
 
     ls = pd.Series(lengths).describe(percentiles=[0.5, 0.95])  # per example, before truncation
     figures = {
-        "train_examples": n_train, "eval_examples": n_eval, "train_rows": len(train_ds),
-        "train_tokens": train_tokens, "train_loss_tokens": train_loss,
-        "eval_tokens": eval_tokens, "eval_loss_tokens": eval_loss,
+        "train_examples": train["examples"], "eval_examples": ev["examples"],
+        "train_rows": len(train_ds), "train_tokens": train["tokens"],
+        "train_loss_tokens": train["loss_tokens"],
+        "eval_tokens": ev["tokens"], "eval_loss_tokens": ev["loss_tokens"],
         "truncated_examples": int(truncated.sum()),
         "truncated_tokens": int((lengths[truncated] - cfg.max_length).sum()),
-        "dropped_examples": per_split_dropped["train"],
+        "dropped_examples": train["dropped"],
         "packing_dropped_tokens": 0,
         "mean_tokens": round(float(ls["mean"]), 2), "median_tokens": float(ls["50%"]),
         "p95_tokens": round(float(ls["95%"]), 2), "max_tokens": int(ls["max"]),
@@ -337,7 +302,7 @@ def prepare(cfg, tokenizer) -> Prepared:
     stats = {"fingerprint": fingerprint(cfg, tokenizer), "settings": settings(cfg, tokenizer),
              "source": "embedded quotes" if cfg.dataset in ("", "embedded") else str(cfg.dataset),
              "eval_from": "source split" if own_eval else f"{cfg.eval_fraction:.0%} of train",
-             "eval_dropped_examples": per_split_dropped.get("eval", 0),
+             "eval_dropped_examples": ev["dropped"],
              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "figures": figures}
     return Prepared(train_ds, eval_ds, stats, lengths=lengths.tolist())
 
@@ -358,12 +323,10 @@ def save(prepared: Prepared, run_dir) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
     stats_path.unlink(missing_ok=True)
-    splits = {"train": prepared.train}
-    if prepared.eval is not None:
-        splits["eval"] = prepared.eval
+    splits = {"train": prepared.train, "eval": prepared.eval}
     tmp = run_dir / (DATASET_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict(splits).save_to_disk(str(tmp))
+    DatasetDict({k: v for k, v in splits.items() if v is not None}).save_to_disk(str(tmp))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     stats_path.write_text(json.dumps(prepared.stats, indent=1, default=str) + "\n")
@@ -395,26 +358,24 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
     say = print if verbose else (lambda *_: None)
     wanted = fingerprint(cfg, tokenizer)
-    reason, stale = f"no prepared dataset in {run_dir.name}/", False
+    reason, origin = f"no prepared dataset in {run_dir.name}/", "prepared"
     if target.is_dir() and stats_path.exists():
         try:
             stats = json.loads(stats_path.read_text())
         except json.JSONDecodeError:
             stats = {}
         if stats.get("fingerprint") == wanted:
-            splits = load_from_disk(str(target))
-            prepared = Prepared(splits["train"], splits.get("eval"),
-                                stats, origin="reused")
             say(f"Reusing the dataset prepared in {run_dir.name}/{DATASET_DIR} "
                 f"(fingerprint {wanted}).")
-            return prepared
+            splits = load_from_disk(str(target))
+            return Prepared(splits["train"], splits.get("eval"), stats, origin="reused")
         changes = _differences(stats.get("settings", {}), settings(cfg, tokenizer))
         reason = ("the saved dataset was prepared differently: " + "; ".join(changes[:5])
                   if changes else "the saved dataset's fingerprint does not match")
-        stale = True
+        origin = f"rebuilt: {reason}"
     say(f"Preparing the dataset: {reason}.")
     prepared = prepare(cfg, tokenizer)
-    prepared.origin = f"rebuilt: {reason}" if stale else "prepared"
+    prepared.origin = origin
     save(prepared, run_dir)
     return prepared
 
@@ -453,8 +414,6 @@ class CompletionCollator(DataCollatorForSeq2Seq):
     def __call__(self, features: list) -> dict:
         import torch
 
-        if not features:
-            raise ValueError("cannot collate an empty batch")
         positions = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
         batch = dict(super().__call__([{"input_ids": f["input_ids"],
                                         "labels": f.get("labels", f["input_ids"])}
@@ -487,11 +446,6 @@ class TokenView:
     __str__ = __repr__
 
 
-def _token_text(tokenizer, token_id) -> str:
-    return tokenizer.decode([int(token_id)], skip_special_tokens=False,
-                            clean_up_tokenization_spaces=False)
-
-
 def render_examples(prepared, tokenizer, n: int = 3, split: str = "train") -> TokenView:
     """The first ``n`` rows of a split, token by token, showing what the loss sees.
 
@@ -512,16 +466,16 @@ def render_examples(prepared, tokenizer, n: int = 3, split: str = "train") -> To
         row = ds[r]
         ids, labels, positions = row["input_ids"], row["labels"], row.get("position_ids")
         counted = sum(1 for i, y in enumerate(labels) if i > 0 and y != IGNORE_INDEX)
-        head = f"example {r + 1}: {len(ids)} tokens, {counted} in the loss"
-        if positions is not None:
-            head = (f"row {r + 1} ({list(positions).count(0)} packed examples): {len(ids)} tokens, "
-                    f"{counted} in the loss")
+        what = f"example {r + 1}" if positions is None else \
+            f"row {r + 1} ({list(positions).count(0)} packed examples)"
+        head = f"{what}: {len(ids)} tokens, {counted} in the loss"
         spans, plain = [], []
-        for i, (t, y) in enumerate(zip(ids, labels)):
+        tokens = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)  # one at a time
+        for i, (t, y, text) in enumerate(zip(ids, labels, tokens)):
             if positions is not None and i > 0 and positions[i] == 0:
                 spans.append("<span style='color:#06c;font-weight:bold'>‖</span>")
                 plain.append("‖")
-            text = _token_text(tokenizer, t)
             shown = text.replace("\n", "↵\n") if t not in special else text
             style = "background:#b7ebb4" if y != IGNORE_INDEX else "color:#777;background:#f0f0f0"
             if t == eos:

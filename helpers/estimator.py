@@ -28,8 +28,15 @@ CUBLAS_WORKSPACE_BYTES = 64_000_000
 
 # ============================================================================== the estimator
 
-_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch",
-               "adamw_torch_fused", "sgd")
+# the optimizers the estimator knows, with what each keeps per trainable parameter
+_OPTIMIZERS = {
+    "paged_adamw_8bit": "2 states in 8 bits (+ absmax); large tensors paged (below)",
+    "adamw_8bit": "2 states in 8 bits + float32 absmax per 256 values",
+    "paged_adamw_32bit": "2 float32 states; large tensors paged (below)",
+    "adamw_torch": "2 float32 states: 8 bytes per trainable parameter",
+    "adamw_torch_fused": "2 float32 states: 8 bytes per trainable parameter",
+    "sgd": "no state",
+}
 
 # Tensors an activation function saves for backward, per element of the MLP's hidden width.
 # torch's fused kernels (gelu, relu, silu, gelu with tanh) save one tensor; the formulas that
@@ -57,13 +64,13 @@ def _lora_specs(shape: ModelShape, targets) -> list[LinearSpec]:
     """The block linears that get a LoRA adapter."""
     if targets in (None, "", "none"):
         return []
-    if isinstance(targets, str) and targets == "all-linear":
+    if targets == "all-linear":
         return list(shape.linears)
-    if isinstance(targets, str) and targets == "attention":
+    if targets == "attention":
         return [s for s in shape.linears if s.group == "attention"]
     names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)
              if t.strip()]
-    known = shape.linear_names()
+    known = [s.name for s in shape.linears]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"LoRA target(s) {', '.join(unknown)} are not linear layers of "
@@ -132,13 +139,6 @@ class Estimate:
     def _repr_html_(self) -> str:
         return self.frame().to_html(index=False)
 
-    def as_metrics(self, prefix: str = "") -> dict:
-        out = {f"{prefix}predicted_{i.key}_bytes": i.at_peak for i in self.items}
-        out[f"{prefix}predicted_peak_allocated_bytes"] = self.total_allocated
-        out[f"{prefix}predicted_device_bytes"] = self.total_device
-        out[f"{prefix}predicted_footprint_bytes"] = self.footprint
-        return out
-
 
 def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointing: bool = True,
              lora_r: int = 16, lora_targets="all-linear", optimizer: str = "paged_adamw_8bit",
@@ -164,6 +164,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     comments explain every term. Calibrated against GPU measurements (tests/test_memory.py).
     Introduced in notebook 01.
     """
+    settings = {k: v for k, v in locals().items() if k != "shape"}  # every argument but shape
     shape = as_shape(shape)
     if seq_len <= 0 or micro_batch <= 0:
         raise ValueError("seq_len and micro_batch must be positive")
@@ -174,29 +175,17 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     fp32 = cb == 4
     if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)
         autocast = compute_dtype == torch.float16
-    settings = {"seq_len": seq_len, "micro_batch": micro_batch,
-                "gradient_checkpointing": gradient_checkpointing, "lora_r": lora_r,
-                "lora_targets": lora_targets, "optimizer": optimizer,
-                "compute_dtype": str(compute_dtype).replace("torch.", ""),
-                "double_quant": double_quant, "cuda_context": cuda_context,
-                "upcast_fp32": upcast_fp32, "autocast": autocast, "lora_dropout": lora_dropout,
-                "chunked_loss": chunked_loss,
-                "context_bytes": context_bytes,
-                "allocator_slack": allocator_slack}
+    settings.update(compute_dtype=str(compute_dtype).replace("torch.", ""), autocast=autocast)
     h, V, L, ff = shape.hidden, shape.vocab, shape.layers, shape.intermediate
     T = seq_len * micro_batch  # tokens per forward pass
 
     # ---------------------------------------------------------------- weights (persistent)
     # 4-bit linears: packed values plus constants, per weight (exact bitsandbytes layout).
     specs = [s for s in shape.linears for _ in range(shape.layers)] + list(shape.extra_linears)
-    packed = const = 0
-    for s in specs:
-        q = quantized_weight_bytes(s.params, double_quant=double_quant)
-        packed += q["packed"]
-        const += q["constants"]
+    quant = [quantized_weight_bytes(s.params, double_quant=double_quant) for s in specs]
+    packed, const = sum(q["packed"] for q in quant), sum(q["constants"] for q in quant)
     # Non-quantized layers load in the compute dtype (2 bytes; 4 in float32) and, with
     # upcast_fp32, prepare_model_for_kbit_training casts them to float32 (4 bytes).
-    load_b = cb
     wb = 4 if upcast_fp32 else cb
     n_emb, n_head = shape.n_embedding_params(), shape.n_head_params()
     n_small = shape.n_norm_params() + shape.n_bias_params()
@@ -210,17 +199,12 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     lora_b = 4  # peft 0.21 creates LoRA weights in float32 (autocast_adapter_dtype=True)
     opt_alloc = opt_paged = 0
     for n in lora_mats:
-        if optimizer in ("paged_adamw_8bit", "adamw_8bit"):
-            # bitsandbytes keeps two uint8 states plus one float32 absmax per 256 values for
-            # tensors of >= 4096 values (min_8bit_size); smaller ones get two float32 states.
-            if n >= 4096:
-                state, absmax = 2 * n, 2 * 4 * math.ceil(n / 256)
-            else:
-                state, absmax = 8 * n, 0
-        elif optimizer == "sgd":
-            state, absmax = 0, 0
-        else:  # adamw_torch / paged_adamw_32bit: exp_avg and exp_avg_sq in float32
-            state, absmax = 8 * n, 0
+        # AdamW keeps exp_avg and exp_avg_sq in float32 (8 bytes a value). The 8-bit optimizers of
+        # bitsandbytes keep them in uint8 plus one float32 absmax per 256 values, for tensors of
+        # >= 4096 values (min_8bit_size); smaller ones get the two float32 states. SGD: none.
+        eight_bit = optimizer.endswith("adamw_8bit") and n >= 4096
+        state = 0 if optimizer == "sgd" else 2 * n if eight_bit else 8 * n
+        absmax = 2 * 4 * math.ceil(n / 256) if eight_bit else 0
         # paged optimizers put a state in unified memory (outside torch's allocator) only for
         # tensors of >= 1e5 values; smaller ones are ordinary device tensors.
         if optimizer.startswith("paged") and n >= 1e5:
@@ -235,15 +219,17 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     #   bitsandbytes Linear4bit returns its input's dtype, so GPT-NeoX/GPT-J/OPT blocks carry a
     #   float32 stream; Llama's RMSNorm returns the stream's own dtype, float32 only when the
     #   embeddings were upcast. Without autocast the stream has the weights' dtype.
-    # - c16: q, k, v and the attention output as sdpa saves them: 16-bit under autocast.
-    # - li: LoRA A's saved input: 16-bit under autocast; without autocast the series computes
-    #   LoRA in the stream's dtype (helpers.lora.attach), so the stream's own tensor.
+    # - c16: q, k, v and the attention output as sdpa saves them: 16-bit under autocast; and
+    #   LoRA A's saved input, the same: without autocast the series computes LoRA in the
+    #   stream's dtype (helpers.lora.attach), so the stream's own tensor.
+    # - norm_out: a norm's output (what the linears after it read): float32 from a LayerNorm
+    #   under autocast, else the stream's dtype.
     if shape.norm == "layernorm":
         hb = 4 if (autocast or upcast_fp32 or fp32) else 2
     else:
         hb = 4 if (upcast_fp32 or fp32) else 2
     c16 = 2 if autocast else hb
-    li = 2 if autocast else hb
+    norm_out = 4 if (shape.norm == "layernorm" and autocast) else hb
     norm_save = 4 if (autocast or hb == 4 or shape.norm == "rmsnorm") else hb
     q_dim = shape.heads * shape.head_dim
 
@@ -261,18 +247,15 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # 4-bit linears save nothing but their (already resident) packed weight: bitsandbytes
     # computes no weight gradient, so the input is not kept. LoRA adapters do keep activations
     # (see _lora_saved_per_token): A's input, a dropout mask, and B's r-wide input.
-    per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, lora_dropout, li,
-                                            norm_out=4 if (shape.norm == "layernorm"
-                                                           and autocast) else hb,
-                                            attn_out=c16, mlp_out=hb)
+    per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, lora_dropout, c16,
+                                            norm_out=norm_out, attn_out=c16, mlp_out=hb)
     # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
     # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
     # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
     per_tok["attention"] = 4 * q_dim * c16 + 4 * shape.heads
     # MLP: the activation function saves its input (and a written-out formula its
     # intermediates); a gated MLP also keeps act(gate) and up for their product.
-    saves = _ACT_SAVES.get(shape.activation, 1)
-    per_tok["mlp"] = (saves + (2 if shape.gated_mlp else 0)) * ff * hb
+    per_tok["mlp"] = (_ACT_SAVES.get(shape.activation, 1) + 2 * shape.gated_mlp) * ff * hb
     # Dropout on the residual branches keeps a 1-byte mask each (OPT's 0.1; 0 in most LLMs).
     per_tok["dropout"] = (2 * h if shape.resid_dropout > 0 else 0)
     layer_saved = T * sum(per_tok.values())
@@ -280,9 +263,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # or by the series' LoRA layers without it) and the copy is kept for backward.
     lora_casts = 2 * n_lora if (autocast or hb == 2) else 0
 
-    checkpoints = L * T * h * hb  # with checkpointing: each block's input hidden state
-    acts_all = L * layer_saved
-    held_acts = (checkpoints if gradient_checkpointing else acts_all) + lora_casts
+    # with checkpointing each block's input hidden state is kept, without every block's tensors
+    held_acts = (L * T * h * hb if gradient_checkpointing else L * layer_saved) + lora_casts
 
     # Head and loss. A float32 head under autocast is cast to 16-bit for its matmul and the
     # copy is saved for backward (V*h*2 bytes). transformers computes the loss on
@@ -300,8 +282,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
     if chunked_loss:
         logit_tokens = chunk_tokens(V)
-        head_in = 4 if (autocast and shape.norm == "layernorm") or hb == 4 else 2
-        gathered = 3 * T * h * head_in
+        gathered = 3 * T * h * norm_out  # the final norm's output
     else:
         logit_tokens, gathered = T, 0
     logits_fwd = 10 * logit_tokens * V + gathered // 3
@@ -314,16 +295,41 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     dequant = max(s.params for s in specs) * cb if specs else 0
 
     workspace = CUBLAS_WORKSPACE_BYTES if cuda_context else 0
-    static = packed + const + n_emb * wb + n_head * wb + n_small * wb + shape.buffer_bytes + \
-        n_lora * lora_b * 2 + opt_alloc + workspace
+    persistent = [  # held through the whole step
+        ("weights_4bit", "4-bit weights", packed,
+         f"{shape.n_linear_params() / 1e9:.2f}B linear weights, 2 per byte"),
+        ("quant_constants", "quantization constants", const,
+         ("absmax in 8 bits + float32 per 256 blocks (double quantization): "
+          f"{BITS_PER_PARAM_DQ:.3f} bits/weight in all") if double_quant else
+         f"float32 absmax per block of 64: {BITS_PER_PARAM_NO_DQ} bits/weight in all"),
+        ("embeddings", "embeddings", n_emb * wb,
+         f"{n_emb / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+        ("lm_head", "output head", n_head * wb,
+         "tied to the embeddings" if shape.tied_embeddings and not shape.head_bias else
+         f"{n_head / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+        ("norms_biases", "norms, biases, buffers", n_small * wb + shape.buffer_bytes,
+         f"{n_small / 1e6:.2f}M parameters x {wb} bytes, rotary tables"),
+        ("lora_params", "LoRA parameters", n_lora * lora_b,
+         f"{n_lora / 1e6:.2f}M trainable parameters in float32 (peft's default)"),
+        ("lora_grads", "LoRA gradients", n_lora * lora_b,
+         "float32, kept across gradient accumulation"),
+        ("optimizer", "optimizer state", opt_alloc, _OPTIMIZERS[optimizer]),
+        ("cublas_workspace", "cuBLAS workspaces", workspace,
+         "matmul scratch space torch keeps per stream (GPU only)"),
+        ("activations", "saved activations", held_acts,
+         (f"{L} block inputs of {T} tokens x {h} x {hb} bytes (checkpointing)"
+          + (", LoRA's 16-bit weight copies" if lora_casts else "")
+          if gradient_checkpointing else
+          f"{L} blocks x {T} tokens x {sum(per_tok.values()) / h:.1f}h bytes saved for "
+          "backward (no checkpointing)")),
+    ]
+    static = sum(n for _, _, n, _ in persistent)  # saved activations included
+    block_bwd = (layer_saved if gradient_checkpointing else 0) + grads_in_flight
     phases = {
-        "end of the forward (logits and loss)":
-            static + held_acts + head_copy + final_norm + logits_fwd,
-        "start of backward (logits and their gradient)":
-            static + held_acts + head_copy + final_norm + logits,
+        "end of the forward (logits and loss)": static + head_copy + final_norm + logits_fwd,
+        "start of backward (logits and their gradient)": static + head_copy + final_norm + logits,
         "backward through one block" + (" (recomputed)" if gradient_checkpointing else ""):
-            static + held_acts + (layer_saved if gradient_checkpointing else 0)
-            + grads_in_flight + dequant,
+            static + block_bwd + dequant,
     }
     peak_phase = max(phases, key=phases.get)
     at_fwd, _at_loss, at_block = (peak_phase == p for p in phases)
@@ -331,39 +337,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     def on(x, when):
         return x if when else 0
 
-    items = [
-        Item("weights_4bit", "4-bit weights", packed, packed,
-             f"{shape.n_linear_params() / 1e9:.2f}B linear weights, 2 per byte"),
-        Item("quant_constants", "quantization constants", const, const,
-             ("absmax in 8 bits + float32 per 256 blocks (double quantization): "
-              f"{BITS_PER_PARAM_DQ:.3f} bits/weight in all") if double_quant else
-             f"float32 absmax per block of 64: {BITS_PER_PARAM_NO_DQ} bits/weight in all"),
-        Item("embeddings", "embeddings", n_emb * wb, n_emb * wb,
-             f"{n_emb / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
-        Item("lm_head", "output head", n_head * wb, n_head * wb,
-             "tied to the embeddings" if shape.tied_embeddings and not shape.head_bias else
-             f"{n_head / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
-        Item("norms_biases", "norms, biases, buffers", n_small * wb + shape.buffer_bytes,
-             n_small * wb + shape.buffer_bytes,
-             f"{n_small / 1e6:.2f}M parameters x {wb} bytes, rotary tables"),
-        Item("lora_params", "LoRA parameters", n_lora * lora_b, n_lora * lora_b,
-             f"{n_lora / 1e6:.2f}M trainable parameters in float32 (peft's default)"),
-        Item("lora_grads", "LoRA gradients", n_lora * lora_b, n_lora * lora_b,
-             "float32, kept across gradient accumulation"),
-        Item("optimizer", "optimizer state", opt_alloc, opt_alloc,
-             _optimizer_note(optimizer)),
-        Item("cublas_workspace", "cuBLAS workspaces", workspace, workspace,
-             "matmul scratch space torch keeps per stream (GPU only)"),
-        Item("activations", "saved activations",
-             held_acts, held_acts,
-             (f"{L} block inputs of {T} tokens x {h} x {hb} bytes (checkpointing)"
-              + (", LoRA's 16-bit weight copies" if lora_casts else "")
-              if gradient_checkpointing else
-              f"{L} blocks x {T} tokens x {sum(per_tok.values()) / h:.1f}h bytes saved for "
-              "backward (no checkpointing)")),
-        Item("block_recompute", "one block in backward",
-             (layer_saved if gradient_checkpointing else 0) + grads_in_flight,
-             on((layer_saved if gradient_checkpointing else 0) + grads_in_flight, at_block),
+    items = [Item(key, label, n, n, why) for key, label, n, why in persistent] + [
+        Item("block_recompute", "one block in backward", block_bwd, on(block_bwd, at_block),
              "the recomputed block's saved tensors and the gradients in flight"
              if gradient_checkpointing else "gradients in flight through one block"),
         Item("dequant_temp", "4-bit dequantization buffer", dequant, on(dequant, at_block),
@@ -386,7 +361,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
                                 context_bytes,
                                 "driver context and kernels; not in max_memory_allocated")
     total_device = sum(i.at_peak for i in items)
-    footprint = packed + (n_emb + n_head + n_small) * load_b + shape.buffer_bytes
+    footprint = packed + (n_emb + n_head + n_small) * cb + shape.buffer_bytes  # as loaded
     detail = {"per_token_per_block": per_tok, "stream_bytes": hb, "tokens": T,
               "phases": phases}
     return Estimate(shape=shape, settings=settings, items=items,
@@ -458,13 +433,3 @@ def _lora_saved_per_token(shape, lora, r, dropout, lc, *, norm_out, attn_out, ml
             total += 0 if kept else s.d_in * lc
     return total
 
-
-def _optimizer_note(optimizer: str) -> str:
-    return {
-        "paged_adamw_8bit": "2 states in 8 bits (+ absmax); large tensors paged (below)",
-        "adamw_8bit": "2 states in 8 bits + float32 absmax per 256 values",
-        "paged_adamw_32bit": "2 float32 states; large tensors paged (below)",
-        "adamw_torch": "2 float32 states: 8 bytes per trainable parameter",
-        "adamw_torch_fused": "2 float32 states: 8 bytes per trainable parameter",
-        "sgd": "no state",
-    }[optimizer]

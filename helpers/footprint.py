@@ -1,6 +1,6 @@
 """What the GPU and the CPU hold now, and what a loaded model weighs part by part (notebook 02).
 
-- **Readouts**: :func:`gpu_snapshot`, :func:`cpu_rss` and the stage tracker
+- **Readouts**: :func:`cpu_rss`, :func:`cpu_maxrss` and the stage tracker
   ``with track("load"):``, which records GPU memory before/after/peak and the CPU RAM peak
   (sampled every 20 ms, and the process high-water mark) of each stage in a :class:`MemoryLog`.
 - **A loaded model, part by part**: :func:`footprint_breakdown` reads the 4-bit weights, their
@@ -23,29 +23,6 @@ from helpers.shapes import as_shape
 from helpers.units import BLOCKSIZE, _is_params4bit, fmt_bytes, logical_numel, quantized_weight_bytes
 
 
-def gpu_snapshot(device: int = 0) -> dict:
-    """GPU memory now, in bytes: allocated, reserved, peak allocated, peak reserved, free, total.
-
-    allocated/peak come from torch's caching allocator (what tensors hold; the CUDA context is not
-    in them); free/total come from the driver (``cudaMemGetInfo``) and do include the context.
-    Without CUDA: zeros for the allocator figures and None for free/total. Introduced in
-    notebook 01.
-    """
-    if not torch.cuda.is_available():
-        return {"device": "cpu", "allocated": 0, "reserved": 0, "peak_allocated": 0,
-                "peak_reserved": 0, "free": None, "total": None}
-    free, total = torch.cuda.mem_get_info(device)
-    return {
-        "device": torch.cuda.get_device_name(device),
-        "allocated": torch.cuda.memory_allocated(device),
-        "reserved": torch.cuda.memory_reserved(device),
-        "peak_allocated": torch.cuda.max_memory_allocated(device),
-        "peak_reserved": torch.cuda.max_memory_reserved(device),
-        "free": free,
-        "total": total,
-    }
-
-
 def cpu_rss() -> int:
     """Resident memory (RSS) of this process now, in bytes (notebook 01: Colab's RAM limit)."""
     import psutil
@@ -65,29 +42,22 @@ def cpu_maxrss() -> int | None:
 
 
 class _RssSampler(threading.Thread):
-    """Samples this process's RSS every ``interval`` seconds and keeps the maximum."""
+    """Samples this process's RSS every ``interval`` seconds and keeps the maximum: psutil reads
+    the RSS now but keeps no peak of its own."""
 
     def __init__(self, interval: float = 0.02):
         super().__init__(daemon=True, name="rss-sampler")
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval
-        self._stop_event = threading.Event()
-        self.peak = self._proc.memory_info().rss
+        self.interval, self.done = interval, threading.Event()
+        self.peak = cpu_rss()
 
     def run(self):
-        while not self._stop_event.is_set():
-            try:
-                self.peak = max(self.peak, self._proc.memory_info().rss)
-            except (OSError, RuntimeError):  # pragma: no cover - the process is going away
-                return
-            self._stop_event.wait(self._interval)
+        while not self.done.wait(self.interval):
+            self.peak = max(self.peak, cpu_rss())
 
     def stop(self) -> int:
-        self._stop_event.set()
+        self.done.set()
         self.join(timeout=1.0)
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.peak = max(self.peak, cpu_rss())
         return self.peak
 
 
@@ -99,14 +69,11 @@ class StageRecord:
     seconds: float
     gpu_allocated_before: int
     gpu_allocated_after: int
-    gpu_reserved_before: int
-    gpu_reserved_after: int
     gpu_peak_allocated: int
     gpu_peak_reserved: int
     cpu_rss_before: int
     cpu_rss_after: int
     cpu_rss_peak: int
-    cpu_maxrss: int | None  # the process's high-water mark at the end of the stage
 
 
 _COLUMNS = [  # (title, attribute) of the printed table
@@ -139,11 +106,11 @@ class MemoryLog:
         (``ru_maxrss``) also catches spikes shorter than the sampling interval when it rises
         during the block.
         """
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        before = gpu_snapshot(device)
+        cuda = torch.cuda  # its readouts are 0 on a machine without CUDA
+        if cuda.is_available():
+            cuda.synchronize(device)
+            cuda.reset_peak_memory_stats(device)
+        gpu_before = cuda.memory_allocated(device)
         maxrss_before = cpu_maxrss()
         sampler = _RssSampler(self.sample_interval)
         rss_before = sampler.peak
@@ -152,33 +119,30 @@ class MemoryLog:
         try:
             yield self
         finally:
-            if cuda:
-                torch.cuda.synchronize(device)
+            if cuda.is_available():
+                cuda.synchronize(device)
             seconds = time.perf_counter() - start
             rss_peak = sampler.stop()
-            after = gpu_snapshot(device)
             rss_after = cpu_rss()
             maxrss_after = cpu_maxrss()
-            if maxrss_after is not None and maxrss_before is not None \
-                    and maxrss_after > maxrss_before:
+            if maxrss_before is not None and maxrss_after > maxrss_before:
                 # the lifetime high-water mark rose inside this stage, so the stage reached it
                 rss_peak = max(rss_peak, maxrss_after)
             self.records.append(StageRecord(
                 stage=stage, seconds=round(seconds, 3),
-                gpu_allocated_before=before["allocated"], gpu_allocated_after=after["allocated"],
-                gpu_reserved_before=before["reserved"], gpu_reserved_after=after["reserved"],
-                gpu_peak_allocated=max(after["peak_allocated"], after["allocated"]),
-                gpu_peak_reserved=max(after["peak_reserved"], after["reserved"]),
+                gpu_allocated_before=gpu_before, gpu_allocated_after=cuda.memory_allocated(device),
+                gpu_peak_allocated=cuda.max_memory_allocated(device),
+                gpu_peak_reserved=cuda.max_memory_reserved(device),
                 cpu_rss_before=rss_before, cpu_rss_after=rss_after,
-                cpu_rss_peak=max(rss_peak, rss_before, rss_after),
-                cpu_maxrss=maxrss_after))
+                cpu_rss_peak=max(rss_peak, rss_before, rss_after)))
 
     def frame(self):
         """The log as a pandas DataFrame with human units (one row per stage)."""
         import pandas as pd
 
-        return pd.DataFrame([[_cell(getattr(r, a), a) for _, a in _COLUMNS] for r in self.records],
-                            columns=[t for t, _ in _COLUMNS])
+        return pd.DataFrame([[r.stage, f"{r.seconds:.1f}"]
+                             + [fmt_bytes(getattr(r, a)) for _, a in _COLUMNS[2:]]
+                             for r in self.records], columns=[t for t, _ in _COLUMNS])
 
     def text(self) -> str:
         """The log as a plain-text table with human units."""
@@ -205,13 +169,6 @@ class MemoryLog:
             })
         return out
 
-def _cell(value, attr: str) -> str:
-    if attr == "stage":
-        return str(value)
-    if attr == "seconds":
-        return f"{value:.1f}"
-    return fmt_bytes(value)
-
 
 def _slug(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower() or "stage"
@@ -228,35 +185,6 @@ def track(stage: str, log: MemoryLog | None = None, device: int = 0):
     return (log or LOG).track(stage, device=device)
 
 
-def _quant_state_tensors(qs) -> dict:
-    """The tensors a 4-bit weight's quant_state holds, grouped: absmax, second-level, tables."""
-    out = {"absmax": [], "second": [], "tables": []}
-    if qs is None:
-        return out
-    if getattr(qs, "absmax", None) is not None:
-        out["absmax"].append(qs.absmax)
-    for name in ("code", "offset"):
-        t = getattr(qs, name, None)
-        if torch.is_tensor(t):
-            out["tables"].append(t)
-    s2 = getattr(qs, "state2", None)
-    if s2 is not None:
-        if torch.is_tensor(getattr(s2, "absmax", None)):
-            out["second"].append(s2.absmax)
-        if torch.is_tensor(getattr(s2, "code", None)):
-            out["tables"].append(s2.code)
-    return out
-
-
-def _module_of_param(model) -> dict:
-    """param name -> the module that owns it."""
-    owners = {}
-    for mname, module in model.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            owners[f"{mname}.{pname}" if mname else pname] = module
-    return owners
-
-
 def footprint_breakdown(model) -> list[dict]:
     """What a loaded (4-bit) model weighs, part by part, read from the model itself.
 
@@ -271,7 +199,6 @@ def footprint_breakdown(model) -> list[dict]:
     get_memory_footprint(), all rows together to what the weights really occupy.
     Introduced in notebook 02.
     """
-    owners = _module_of_param(model)
     try:
         out_emb = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
@@ -288,45 +215,40 @@ def footprint_breakdown(model) -> list[dict]:
 
     seen_q = set()
     for name, p in model.named_parameters():  # shared (tied) parameters are listed once
-        module = owners.get(name)
-        mtype = type(module).__name__ if module is not None else ""
+        module = model.get_submodule(name.rpartition(".")[0])  # the module that owns it
         if _is_params4bit(p):
             qs = p.quant_state
+            s2 = qs.state2  # double quantization's second level, or None
             add("4-bit linear weights", p.nbytes, logical_numel(p), p.dtype, True,
                 "two 4-bit values packed per byte")
-            groups = _quant_state_tensors(qs)
-            nested = getattr(qs, "nested", False)
+            tables = "NF4/FP4 value table and the 8-bit absmax table per weight"
             constants = [
-                ("absmax", "quantization constants: absmax (8-bit)" if nested
-                 else "quantization constants: absmax (float32)",
+                (f"absmax ({'8-bit' if qs.nested else 'float32'})", qs.absmax,
                  "one per block of 64 weights"),
-                ("second", "quantization constants: second level (float32)",
+                ("second level (float32)", getattr(s2, "absmax", None),
                  "double quantization: one per 256 absmax values"),
-                ("tables", "quantization constants: code tables and offsets",
-                 "NF4/FP4 value table and the 8-bit absmax table per weight"),
+                *[("code tables and offsets", t, tables)
+                  for t in (qs.code, qs.offset, getattr(s2, "code", None))],
             ]
-            for group, part, why in constants:
-                for t in groups[group]:
-                    if t.data_ptr() in seen_q:
-                        continue
+            for part, t, why in constants:  # a table shared by several weights counts once
+                if torch.is_tensor(t) and t.data_ptr() not in seen_q:
                     seen_q.add(t.data_ptr())
-                    add(part, t.nbytes, 0, t.dtype, False,
+                    add(f"quantization constants: {part}", t.nbytes, 0, t.dtype, False,
                         f"{why}; not counted by get_memory_footprint")
             continue
-        n = p.nelement()
         if "lora_" in name:
             part, note = "LoRA adapters", "trainable A and B matrices"
         elif id(p) in head_ids:
             part, note = "output head", "lm_head, never quantized"
         elif isinstance(module, torch.nn.Embedding):
             part, note = "embeddings", "token (and position) embeddings, never quantized"
-        elif "norm" in mtype.lower():
+        elif "norm" in type(module).__name__.lower():
             part, note = "norms", "LayerNorm/RMSNorm weights (and biases)"
         elif name.endswith(".bias"):
             part, note = "biases", "biases of the linear layers, never quantized"
         else:
             part, note = "other 16-bit parameters", "parameters of other layers"
-        add(part, p.nbytes, n, p.dtype, True, note)
+        add(part, p.nbytes, p.nelement(), p.dtype, True, note)
 
     for _, b in model.named_buffers():
         add("buffers", b.nbytes, 0, b.dtype, True,
@@ -338,7 +260,7 @@ def footprint_breakdown(model) -> list[dict]:
              "quantization constants: code tables and offsets", "embeddings", "output head",
              "norms", "biases", "other 16-bit parameters", "LoRA adapters", "buffers"]
     rows = []
-    for part in sorted(parts, key=lambda k: order.index(k) if k in order else len(order)):
+    for part in sorted(parts, key=order.index):
         nbytes, nparams, dtypes, in_fp, note = parts[part]
         rows.append({"part": part, "bytes": int(nbytes), "params": int(nparams),
                      "dtypes": ", ".join(sorted(dtypes)), "in_footprint": in_fp, "note": note})
@@ -369,19 +291,6 @@ def footprint_text(rows: list[dict]) -> str:
             f"resident (with the * quantization constants): {fmt_bytes(tot['resident'])}")
 
 
-def _param_counts(model) -> tuple[int, int]:
-    """(weights stored in 4-bit, other base-model weights), LoRA parameters excluded."""
-    n4 = n16 = 0
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            continue
-        if _is_params4bit(p):
-            n4 += logical_numel(p)
-        else:
-            n16 += p.nelement()
-    return n4, n16
-
-
 def footprint_16bit(model_or_config) -> int:
     """What the same model weighs in 16-bit: 2 bytes for every parameter (LoRA excluded).
 
@@ -389,11 +298,10 @@ def footprint_16bit(model_or_config) -> int:
     their actual size; given a config (or a :class:`ModelShape`), parameters only.
     """
     if isinstance(model_or_config, torch.nn.Module):
-        n4, n16 = _param_counts(model_or_config)
-        bufs = sum(b.nbytes for b in model_or_config.buffers())
-        return 2 * (n4 + n16) + bufs
-    shape = as_shape(model_or_config)
-    return 2 * shape.n_params()
+        params = sum(logical_numel(p) for name, p in model_or_config.named_parameters()
+                     if "lora_" not in name)
+        return 2 * params + sum(b.nbytes for b in model_or_config.buffers())
+    return 2 * as_shape(model_or_config).n_params()
 
 
 def alt_quant_sizes(model) -> dict:
@@ -418,21 +326,12 @@ def alt_quant_sizes(model) -> dict:
             "16bit": sixteen}
 
 
+# a linear layer's group by its module name: "MLP", else "attention", else "other linear"
 _ATTN_PAT = re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|"
                        r"qkv|c_proj\b)")
 _MLP_PAT = re.compile(r"(mlp|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|dense_h_to_4h|"
                       r"dense_4h_to_h|feed_forward|ffn|w1|w2|w3)")
 _SKIP_PAT = re.compile(r"(embed|wte|wpe|lm_head|embed_out|score)")
-
-
-def linear_group(name: str) -> str:
-    """"attention", "MLP" or "other linear" for a linear layer's module name."""
-    low = name.lower()
-    if _MLP_PAT.search(low):
-        return "MLP"
-    if _ATTN_PAT.search(low):
-        return "attention"
-    return "other linear"
 
 
 def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
@@ -455,24 +354,22 @@ def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
             weights[mname] = module.weight
     if not weights:
         raise ValueError("no linear weights found to quantize")
-    acc = {}  # (group, qtype) -> [err2, ref2, n_weights, n_params]
+    acc = {}  # (group, qtype) -> [(squared error, squared norm, params) of each weight]
     for name, w in weights.items():
         w = w.detach()
         if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             w = w.float()
-        group = linear_group(name)
+        group = ("MLP" if _MLP_PAT.search(name.lower()) else
+                 "attention" if _ATTN_PAT.search(name.lower()) else "other linear")
         ref2 = w.float().pow(2).sum().item()
         for qt in quant_types:
             q, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=qt)
             deq = bnbf.dequantize_4bit(q, state)
             err2 = (w.float() - deq.float()).pow(2).sum().item()
-            a = acc.setdefault((group, qt), [0.0, 0.0, 0, 0])
-            a[0] += err2
-            a[1] += ref2
-            a[2] += 1
-            a[3] += w.nelement()
+            acc.setdefault((group, qt), []).append((err2, ref2, w.nelement()))
     rows = []
-    for (group, qt), (err2, ref2, nw, npar) in sorted(acc.items()):
-        rows.append({"group": group, "quant_type": qt, "weights": nw, "params": npar,
+    for (group, qt), each in sorted(acc.items()):
+        err2, ref2, npar = map(sum, zip(*each))
+        rows.append({"group": group, "quant_type": qt, "weights": len(each), "params": npar,
                      "relative_error": math.sqrt(err2 / ref2) if ref2 else 0.0})
     return rows

@@ -145,22 +145,11 @@ def pick_splits(source, cfg):
     The train split is ``DATASET_SPLIT`` (or the only split); the eval split is the source's own
     validation/test split when it has one. Both are capped at ``MAX_EXAMPLES`` rows when set.
     """
-    from datasets import Dataset
-
-    if isinstance(source, Dataset):
-        train, evaluation = source, None
-    else:
-        names = list(source)
-        if cfg.dataset_split in source:
-            train_name = cfg.dataset_split
-        elif len(names) == 1:
-            train_name = names[0]
-        else:
-            raise DatasetError(f"the source has the splits {', '.join(names)}, not "
-                               f"{cfg.dataset_split!r}; set DATASET_SPLIT to one of them")
-        train = source[train_name]
-        evaluation = next((source[n] for n in EVAL_SPLIT_NAMES if n in source and n != train_name),
-                          None)
+    # load_source names the split DATASET_SPLIT, or a single file's one split "train"
+    train_name = cfg.dataset_split if cfg.dataset_split in source else next(iter(source))
+    train = source[train_name]
+    evaluation = next((source[n] for n in EVAL_SPLIT_NAMES if n in source and n != train_name),
+                      None)
     if cfg.max_examples:
         train = train.select(range(min(cfg.max_examples, len(train))))
         if evaluation is not None:
@@ -186,39 +175,32 @@ def instruction_prompt(instruction: str, input: str = "") -> str:
 
 def required_columns(cfg) -> list:
     """The columns a format reads (``input`` of the instruction format is optional)."""
-    if cfg.data_format == "text":
-        return [cfg.text_column]
     if cfg.data_format == "template":
         return template_columns(cfg.template)
-    if cfg.data_format == "instruction":
-        return ["instruction", "output"]
-    if cfg.data_format == "chat":
-        return ["messages"]
+    fixed = {"text": [cfg.text_column], "instruction": ["instruction", "output"],
+             "chat": ["messages"]}
+    if cfg.data_format in fixed:
+        return fixed[cfg.data_format]
     raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or chat")
 
 
 def template_columns(template: str) -> list:
     """The column names a TEMPLATE's ``{placeholders}`` refer to, in order."""
-    names = []
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
         raise DatasetError(f"TEMPLATE={template!r} is not a valid template ({err}); write column "
                            "names in braces, e.g. '{quote} ({author})', and double literal braces "
                            "{{ }}") from None
-    for _, field_name, _, _ in parsed:
-        if field_name is None:
-            continue
-        base = field_name.split(".")[0].split("[")[0]
-        if not base or base.isdigit():
-            raise DatasetError(f"TEMPLATE={template!r} has a placeholder without a column name; "
-                               "name a column in each, e.g. {quote}")
-        if base not in names:
-            names.append(base)
+    # "{author.name}" and "{tags[0]}" read the columns author and tags
+    names = [f.split(".")[0].split("[")[0] for _, f, _, _ in parsed if f is not None]
+    if not all(n and not n.isdigit() for n in names):
+        raise DatasetError(f"TEMPLATE={template!r} has a placeholder without a column name; "
+                           "name a column in each, e.g. {quote}")
     if not names:
         raise DatasetError(f"TEMPLATE={template!r} names no column; use {{column}} placeholders, "
                            "e.g. '{quote} ({author})'")
-    return names
+    return list(dict.fromkeys(names))  # each once, in order
 
 
 def check_columns(ds, cfg, split: str = "train") -> None:
@@ -239,18 +221,12 @@ def check_columns(ds, cfg, split: str = "train") -> None:
         }[cfg.data_format]
         raise DatasetError(f"column {', '.join(map(repr, missing))} not found; the data has the "
                            f"columns {', '.join(columns)}: {what}")
-    import pyarrow.compute as pc
-
-    table = ds.with_format("arrow")
+    frame = ds.select_columns(needed).to_pandas()
     for column in needed:
-        values = table[column]
-        bad = []
-        if values.null_count:
-            bad = pc.indices_nonzero(pc.is_null(values)).to_pylist()
-        elif cfg.data_format in ("text", "instruction") and str(values.type) in ("string",
-                                                                                "large_string"):
-            empty = pc.equal(pc.utf8_trim_whitespace(values), "")
-            bad = pc.indices_nonzero(pc.fill_null(empty, False)).to_pylist()
+        bad = frame[column].isna()
+        if not bad.any() and cfg.data_format in ("text", "instruction"):  # or only spaces
+            bad = frame[column].map(lambda v: isinstance(v, str) and not v.strip())
+        bad = bad.index[bad].tolist()
         if bad:
             raise DatasetError(
                 f"{len(bad)} row(s) of the {split} split have no value in column {column!r} "
@@ -266,9 +242,8 @@ def _check_messages(conversations, split: str) -> None:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             bad_shape.append(i)
-        elif any(m.get("role") not in CHAT_ROLES for m in messages):
-            bad_role.append((i, next(m.get("role") for m in messages
-                                     if m.get("role") not in CHAT_ROLES)))
+        elif roles := [m.get("role") for m in messages if m.get("role") not in CHAT_ROLES]:
+            bad_role.append((i, roles[0]))
     if bad_shape:
         raise DatasetError(
             f"{len(bad_shape)} row(s) of the {split} split are not a non-empty list of "
@@ -282,47 +257,32 @@ def _check_messages(conversations, split: str) -> None:
             "user/assistant) or filter the rows")
 
 
-def format_examples(ds, cfg, tokenizer=None, check: bool = True):
+def format_examples(ds, cfg, tokenizer=None):
     """Rows -> ``pieces`` (list of str) and ``trained`` (list of bool, one per piece).
 
     text: the TEXT_COLUMN; template: TEMPLATE filled with the row; both trained whole.
     instruction: :func:`instruction_prompt` (untrained when RESPONSE_ONLY) + output (trained).
     chat: the tokenizer's chat template (:data:`DEFAULT_CHAT_TEMPLATE` if it has none); with
     RESPONSE_ONLY only assistant turns (their text and end-of-turn marker) are trained.
-    Checks the columns first (:func:`check_columns`) unless ``check=False``. Introduced in
-    notebook 04.
+    The rows must have passed :func:`check_columns`. Introduced in notebook 04.
     """
-    if check:
-        check_columns(ds, cfg)
-    kind = cfg.data_format
+    kind, only = cfg.data_format, cfg.response_only
     if kind == "chat" and tokenizer is None:
         raise DatasetError("the chat format needs the tokenizer (its chat template)")
-    if kind == "text":
-        col = cfg.text_column
 
-        def fn(batch):
-            return {"pieces": [[str(t)] for t in batch[col]], "trained": [[True]] * len(batch[col])}
-    elif kind == "template":
-        template, columns = cfg.template, template_columns(cfg.template)
+    def row_pieces(row):
+        if kind == "text":
+            return [str(row[cfg.text_column])], [True]
+        if kind == "template":
+            return [cfg.template.format_map(row)], [True]
+        if kind == "instruction":
+            prompt = instruction_prompt(row["instruction"], row.get("input") or "")
+            return [prompt, str(row["output"])], [not only, True]
+        return chat_pieces(row["messages"], tokenizer, only)
 
-        def fn(batch):
-            n = len(batch[columns[0]])
-            rows = ({c: batch[c][i] for c in columns} for i in range(n))
-            return {"pieces": [[template.format_map(r)] for r in rows], "trained": [[True]] * n}
-    elif kind == "instruction":
-        only = cfg.response_only
-
-        def fn(batch):
-            inputs = batch.get("input") or [""] * len(batch["instruction"])
-            pieces = [[instruction_prompt(i, x or ""), str(o)]
-                      for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
-            return {"pieces": pieces, "trained": [[not only, True]] * len(pieces)}
-    else:
-        only = cfg.response_only
-
-        def fn(batch):
-            out = [chat_pieces(m, tokenizer, only) for m in batch["messages"]]
-            return {"pieces": [p for p, _ in out], "trained": [t for _, t in out]}
+    def fn(batch):
+        out = [row_pieces(dict(zip(batch, values))) for values in zip(*batch.values())]
+        return {"pieces": [p for p, _ in out], "trained": [t for _, t in out]}
 
     return ds.map(fn, batched=True, batch_size=_BATCH, remove_columns=ds.column_names,
                   keep_in_memory=True, desc="format")

@@ -98,9 +98,6 @@ class ModelShape:
     def n_params(self) -> int:
         return self.n_linear_params() + self.n_16bit_params()
 
-    def linear_names(self) -> list[str]:
-        return [s.name for s in self.linears]
-
 
 def _cfg_get(cfg, *names, default=None):
     for n in names:
@@ -111,20 +108,16 @@ def _cfg_get(cfg, *names, default=None):
 
 
 def _as_config(config):
-    """A transformers config object from a config, a dict (with model_type) or a model."""
-    if hasattr(config, "config") and isinstance(config, torch.nn.Module):
+    """A transformers config object from a config, a dict (with a model_type transformers
+    knows) or a model; any other dict is read as it is."""
+    if isinstance(config, torch.nn.Module):
         return config.config
     if isinstance(config, Mapping):
-        d = dict(config)
-        mt = d.get("model_type")
-        if mt:
-            try:
-                from transformers import AutoConfig
+        from transformers import CONFIG_MAPPING
 
-                d.pop("model_type")
-                return AutoConfig.for_model(mt, **d)
-            except (ValueError, KeyError, TypeError):
-                d["model_type"] = mt
+        d = dict(config)
+        if d.get("model_type") in CONFIG_MAPPING:
+            return CONFIG_MAPPING[d.pop("model_type")](**d)
         return d
     return config
 
@@ -144,17 +137,18 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
     """
     cfg = _as_config(config)
     mt = str(_cfg_get(cfg, "model_type", default="")).lower()
-    name = name or _cfg_get(cfg, "_name_or_path", "name_or_path", default="") or mt or "model"
     h = int(_cfg_get(cfg, "hidden_size", "n_embd", "d_model", "dim"))
-    L = int(_cfg_get(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers"))
     a = int(_cfg_get(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads"))
-    kv = int(_cfg_get(cfg, "num_key_value_heads", "n_kv_heads", default=a) or a)
-    hd = int(_cfg_get(cfg, "head_dim", default=0) or h // a)
-    V = int(_cfg_get(cfg, "vocab_size"))
     ctx = int(_cfg_get(cfg, "max_position_embeddings", "n_positions", "n_ctx",
                        "max_sequence_length", "seq_length", default=2048))
-    tie_default = mt in ("opt", "gemma", "gemma2")
-    tied = bool(_cfg_get(cfg, "tie_word_embeddings", default=tie_default))
+    # what every family reads the same way; the families below set their linears and the rest
+    common = dict(
+        name=name or _cfg_get(cfg, "_name_or_path", "name_or_path", default="") or mt or "model",
+        vocab=int(_cfg_get(cfg, "vocab_size")), hidden=h,
+        layers=int(_cfg_get(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")),
+        heads=a, kv_heads=a, head_dim=h // a, context=ctx,
+        tied_embeddings=bool(_cfg_get(cfg, "tie_word_embeddings",
+                                      default=mt in ("opt", "gemma", "gemma2"))))
 
     if mt == "gpt_neox":
         ff = int(_cfg_get(cfg, "intermediate_size", default=4 * h))
@@ -164,25 +158,17 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
                    LinearSpec("dense_h_to_4h", h, ff, True, "mlp"),
                    LinearSpec("dense_4h_to_h", ff, h, True, "mlp"))
         return ModelShape(
-            name=name, family="gpt_neox", vocab=V, hidden=h, layers=L, heads=a, kv_heads=a,
-            head_dim=h // a, intermediate=ff, context=ctx, tied_embeddings=tied,
-            linears=linears, norm="layernorm", norms_per_block=2,
+            **common, family="gpt_neox", intermediate=ff, linears=linears,
             parallel_residual=bool(_cfg_get(cfg, "use_parallel_residual", default=True)),
             activation=str(_cfg_get(cfg, "hidden_act", default="gelu")),
             resid_dropout=float(_cfg_get(cfg, "hidden_dropout", default=0.0)),
             buffer_bytes=_inv_freq_bytes(cfg, h // a))
     if mt == "gptj":
         ff = int(_cfg_get(cfg, "n_inner", default=4 * h) or 4 * h)
-        linears = (LinearSpec("q_proj", h, h, False, "attention"),
-                   LinearSpec("k_proj", h, h, False, "attention"),
-                   LinearSpec("v_proj", h, h, False, "attention"),
-                   LinearSpec("out_proj", h, h, False, "attention"),
-                   LinearSpec("fc_in", h, ff, True, "mlp"),
-                   LinearSpec("fc_out", ff, h, True, "mlp"))
         return ModelShape(
-            name=name, family="gptj", vocab=V, hidden=h, layers=L, heads=a, kv_heads=a,
-            head_dim=h // a, intermediate=ff, context=ctx, tied_embeddings=tied,
-            linears=linears, norm="layernorm", norms_per_block=1, parallel_residual=True,
+            **common, family="gptj", intermediate=ff,
+            linears=_attention(h, h, h, "out_proj", False) + _mlp(h, ff, "fc_in", "fc_out"),
+            norms_per_block=1, parallel_residual=True,
             activation=str(_cfg_get(cfg, "activation_function", default="gelu_new")),
             head_bias=True, resid_dropout=float(_cfg_get(cfg, "resid_pdrop", default=0.0)),
             # one sin/cos table of context x rotary_dim float32 values
@@ -191,57 +177,51 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
         ff = int(_cfg_get(cfg, "ffn_dim", default=4 * h))
         bias = bool(_cfg_get(cfg, "enable_bias", default=True))
         proj = int(_cfg_get(cfg, "word_embed_proj_dim", default=h) or h)
-        linears = (LinearSpec("q_proj", h, h, bias, "attention"),
-                   LinearSpec("k_proj", h, h, bias, "attention"),
-                   LinearSpec("v_proj", h, h, bias, "attention"),
-                   LinearSpec("out_proj", h, h, bias, "attention"),
-                   LinearSpec("fc1", h, ff, bias, "mlp"),
-                   LinearSpec("fc2", ff, h, bias, "mlp"))
         extra = ()
         if proj != h:
             extra = (LinearSpec("project_in", proj, h, False, "other"),
                      LinearSpec("project_out", h, proj, False, "other"))
-        shape = ModelShape(
-            name=name, family="opt", vocab=V, hidden=h, layers=L, heads=a, kv_heads=a,
-            head_dim=h // a, intermediate=ff, context=ctx, tied_embeddings=tied,
-            linears=linears, norm="layernorm", norms_per_block=2, parallel_residual=False,
+        return ModelShape(
+            **common, family="opt", intermediate=ff,
+            linears=_attention(h, h, h, "out_proj", bias) + _mlp(h, ff, "fc1", "fc2", bias=bias),
             activation=str(_cfg_get(cfg, "activation_function", default="relu")),
             position_embeddings=ctx + 2,
             resid_dropout=float(_cfg_get(cfg, "dropout", default=0.1)),
             extra_linears=extra, embed_dim=proj)
-        return shape
 
+    # anything else: the usual names, with grouped key/value heads and an explicit head_dim
+    kv = int(_cfg_get(cfg, "num_key_value_heads", "n_kv_heads", default=a) or a)
+    hd = int(_cfg_get(cfg, "head_dim", default=0) or h // a)
+    common.update(kv_heads=kv, head_dim=hd)
     act = str(_cfg_get(cfg, "hidden_act", "activation_function", default="gelu"))
     ff = int(_cfg_get(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * h) or 4 * h)
-    gated = mt in _GATED or act in ("silu", "swiglu", "swish")
-    if gated:
+    if mt in _GATED or act in ("silu", "swiglu", "swish"):
         qb = bool(_cfg_get(cfg, "attention_bias", default=mt == "qwen2"))
         mb = bool(_cfg_get(cfg, "mlp_bias", default=False))
-        linears = (LinearSpec("q_proj", h, a * hd, qb, "attention"),
-                   LinearSpec("k_proj", h, kv * hd, qb, "attention"),
-                   LinearSpec("v_proj", h, kv * hd, qb, "attention"),
-                   LinearSpec("o_proj", a * hd, h, bool(_cfg_get(cfg, "attention_bias",
-                                                                 default=False)), "attention"),
-                   LinearSpec("gate_proj", h, ff, mb, "mlp"),
-                   LinearSpec("up_proj", h, ff, mb, "mlp"),
-                   LinearSpec("down_proj", ff, h, mb, "mlp"))
-        family = "llama" if mt in _GATED else "generic"
+        ob = bool(_cfg_get(cfg, "attention_bias", default=False))
+        linears = (_attention(h, a * hd, kv * hd, "o_proj", qb, ob)
+                   + _mlp(h, ff, "gate_proj", "up_proj", "down_proj", bias=mb))
         return ModelShape(
-            name=name, family=family, vocab=V, hidden=h, layers=L, heads=a, kv_heads=kv,
-            head_dim=hd, intermediate=ff, context=ctx, tied_embeddings=tied, linears=linears,
-            norm="rmsnorm", norms_per_block=2, parallel_residual=False, activation=act,
-            gated_mlp=True,
+            **common, family="llama" if mt in _GATED else "generic", intermediate=ff,
+            linears=linears, norm="rmsnorm", activation=act, gated_mlp=True,
             buffer_bytes=_inv_freq_bytes(cfg, hd))
-    linears = (LinearSpec("q_proj", h, a * hd, True, "attention"),
-               LinearSpec("k_proj", h, kv * hd, True, "attention"),
-               LinearSpec("v_proj", h, kv * hd, True, "attention"),
-               LinearSpec("out_proj", a * hd, h, True, "attention"),
-               LinearSpec("fc_in", h, ff, True, "mlp"),
-               LinearSpec("fc_out", ff, h, True, "mlp"))
     return ModelShape(
-        name=name, family="generic", vocab=V, hidden=h, layers=L, heads=a, kv_heads=kv,
-        head_dim=hd, intermediate=ff, context=ctx, tied_embeddings=tied, linears=linears,
-        norm="layernorm", norms_per_block=2, parallel_residual=False, activation=act)
+        **common, family="generic", intermediate=ff, activation=act,
+        linears=_attention(h, a * hd, kv * hd, "out_proj", True) + _mlp(h, ff, "fc_in", "fc_out"))
+
+
+def _attention(h: int, q: int, kv: int, out: str, bias: bool, out_bias: bool | None = None):
+    """q_proj, k_proj, v_proj (widths ``q``, ``kv``, ``kv``) and the output projection ``out``."""
+    return (LinearSpec("q_proj", h, q, bias, "attention"),
+            LinearSpec("k_proj", h, kv, bias, "attention"),
+            LinearSpec("v_proj", h, kv, bias, "attention"),
+            LinearSpec(out, q, h, bias if out_bias is None else out_bias, "attention"))
+
+
+def _mlp(h: int, ff: int, *names: str, bias: bool = True):
+    """The MLP's linears: every one but the last widens to ``ff``, the last narrows back."""
+    return tuple(LinearSpec(n, h, ff, bias, "mlp") for n in names[:-1]) + (
+        LinearSpec(names[-1], ff, h, bias, "mlp"),)
 
 
 def _inv_freq_bytes(cfg, head_dim: int) -> int:

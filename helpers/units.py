@@ -57,9 +57,8 @@ def fmt_bytes(n: float | None) -> str:
 def logical_numel(param) -> int:
     """Elements a parameter stands for: a packed 4-bit weight holds two values per byte, so its
     true count is the product of ``quant_state.shape``, not ``numel()`` of its storage."""
-    state = getattr(param, "quant_state", None)
-    if _is_params4bit(param) and getattr(state, "shape", None) is not None:
-        return math.prod(state.shape)
+    if _is_params4bit(param):
+        return math.prod(param.quant_state.shape)
     return param.numel()
 
 

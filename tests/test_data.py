@@ -446,7 +446,7 @@ def test_saved_dataset_is_reused_and_rebuilt_when_settings_change(tmp_path, toke
     assert first.origin == "prepared"
     assert (tmp_path / "run" / "dataset").is_dir()
     stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
-    assert stats["fingerprint"] == first.fingerprint
+    assert stats["fingerprint"] == first.stats["fingerprint"] == data.fingerprint(cfg, tokenizer)
 
     again = data.load_or_prepare(cfg, tokenizer)
     assert again.origin == "reused" and again.metrics() == first.metrics()

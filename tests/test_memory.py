@@ -100,12 +100,7 @@ def test_fmt_bytes_uses_decimal_units():
     assert units.fmt_bytes(None) == "n/a"
 
 
-def test_snapshots_on_this_machine():
-    snap = footprint.gpu_snapshot()
-    assert set(snap) >= {"allocated", "reserved", "peak_allocated", "peak_reserved", "free",
-                         "total"}
-    if not torch.cuda.is_available():
-        assert snap["allocated"] == snap["peak_reserved"] == 0 and snap["total"] is None
+def test_cpu_readouts_on_this_machine():
     assert footprint.cpu_rss() > 10_000_000
     maxrss = footprint.cpu_maxrss()
     assert maxrss is None or maxrss >= footprint.cpu_rss() * 0.5
@@ -120,6 +115,8 @@ def test_track_records_the_cpu_peak_of_a_200_mb_tensor():
         del t
     rec = log.records[0]
     assert rec.cpu_rss_peak >= rss_with_tensor
+    if not torch.cuda.is_available():  # the GPU columns read 0 without CUDA
+        assert rec.gpu_allocated_before == rec.gpu_peak_allocated == rec.gpu_peak_reserved == 0
     assert rec.cpu_rss_peak - rec.cpu_rss_before > 150e6
     assert rec.seconds >= 0.1
     metrics = log.as_metrics(prefix="nb02_")
@@ -404,7 +401,7 @@ def test_rows_sum_to_the_totals():
         assert sum(est.breakdown().values()) == est.total_device
         assert est.total_device > est.total_allocated
         assert est.peak_phase in est.activation_detail["phases"]
-        json.dumps(est.as_metrics())
+        json.dumps(est.breakdown())  # plain ints
     assert "card memory needed" in est.text() and est._repr_html_().startswith("<table")
     assert est.frame()["item"].tolist()[-2:] == ["peak allocated (max_memory_allocated)",
                                                  "card memory needed"]
@@ -696,7 +693,7 @@ def test_track_sees_gpu_allocations():
         del x
     rec = log.records[0]
     assert rec.gpu_peak_allocated - rec.gpu_allocated_before >= 100_000_000
-    assert footprint.gpu_snapshot()["total"] > 0
+    assert rec.gpu_peak_reserved >= rec.gpu_peak_allocated
 
 
 @pytest.mark.gpu
