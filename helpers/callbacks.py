@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+
 import torch
 from accelerate.utils import gather_object
 from transformers import ProgressCallback, TrainerCallback
+
 from helpers import env
 from helpers.footprint import cpu_rss
 from helpers.tokens import IGNORE_INDEX
@@ -30,7 +32,7 @@ class TrainingStopped(RuntimeError):
 
     def __init__(self, explanation: str, kind: str = "", step: int = 0, history=None):
         super().__init__(explanation)
-        self.explanation, self.kind, self.step = explanation, kind, step
+        self.kind, self.step = kind, step
         self.history = list(history or [])
 
 
@@ -263,25 +265,19 @@ class TrainingGuard(TrainerCallback):
             return
         self.history.append(entry)
         loss, grad = entry["loss"], entry.get("grad_norm")
-        kind = None
-        if not _finite(loss):
-            kind = "nan"
-        elif not _finite(grad):
-            self._bad_grad_steps += 1
-            if not args.fp16 or self._bad_grad_steps >= self.fp16_patience:
-                kind = "nan"
-        elif loss == 0.0:
-            kind = "zero"
-        else:
-            self._bad_grad_steps = 0
-            self._last_good = {"step": state.global_step, "loss": loss}
-        if kind is None:
+        if _finite(loss) and _finite(grad) and loss != 0.0:
+            self._bad_grad_steps, self._last_good = 0, {"step": state.global_step, "loss": loss}
             return
-        self.kind, self.step = kind, state.global_step
+        if _finite(loss) and not _finite(grad):  # under fp16 the scaler skips a few such steps
+            self._bad_grad_steps += 1
+            if args.fp16 and self._bad_grad_steps < self.fp16_patience:
+                return
+        self.kind = "zero" if _finite(loss) and _finite(grad) else "nan"
+        self.step = state.global_step
         step_tokens = int(self._step_tokens) if self._hook is not None else None
         self.problem = (explain_nan(args, state.global_step, loss, grad, self._last_good,
                                     step_tokens, self._bad_grad_steps)
-                        if kind == "nan" else
+                        if self.kind == "nan" else
                         explain_zero(args, state.global_step, step_tokens,
                                      self.dataset_loss_tokens))
         control.should_training_stop = True
@@ -294,12 +290,6 @@ class TrainingGuard(TrainerCallback):
             self._hook = None
         if self.problem:
             raise TrainingStopped(self.problem, self.kind, self.step, self.history)
-
-
-def _capability() -> tuple | None:
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(0)
 
 
 def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_grad_steps=0) -> str:
@@ -316,7 +306,7 @@ def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_gr
             "0/0 = NaN. Check the label masking (RESPONSE_ONLY with prompts that fill MAX_LENGTH "
             "leaves nothing to learn): notebook 04 shows the labels of a few examples.")
     if args.fp16:
-        cap = _capability()
+        cap = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
         better = ("this GPU has compute capability "
                   f"{cap[0]}.{cap[1]} >= 8.0: use bfloat16 (COMPUTE_DTYPE = 'auto' or 'bfloat16')"
                   if cap and cap[0] >= 8 else

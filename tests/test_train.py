@@ -247,7 +247,7 @@ def test_micro_batch_search_helpers():
 
     assert budget.largest_micro_batch(est, 1000 + 10 * 4 * 100, 100) == 4
     assert budget.largest_micro_batch(est, 999, 100) == 0
-    assert budget.largest_seq_len(est, 1000 + 10 * 200, 512) == 192
+    assert budget.largest_seq_len(est, 1000 + 10 * 200, range(64, 513, 64)) == 192
 
 
 # --------------------------------------------------------------------------- tokens per second
@@ -458,7 +458,6 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny, optimizer, rank):
     assert first.metrics["train_steps"] == 5
     assert checkpoints.latest_checkpoint(cfg.run_dir).name == "checkpoint-4"
     resumed, _ = run(tiny, dataclasses.replace(cfg, resume=True), seed=123)  # other LoRA init
-    assert resumed.resumed_from.name == "checkpoint-4"
     assert resumed.metrics["train_steps"] == 8 and resumed.metrics["resumed_from_step"] == 4
 
     a = adapter_weights(straight.adapter_dir)
