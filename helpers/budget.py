@@ -106,11 +106,10 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
     alt = []
     if s["micro_batch"] > 1 and lf["micro_batch"]:
         alt.append(f"micro-batch {lf['micro_batch']} at {s['seq_len']} tokens would fit")
-    if not alt:
-        if lf["seq_len"]:
-            alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
-        elif not s["gradient_checkpointing"]:
-            alt.append("gradient checkpointing might make it fit")
+    elif lf["seq_len"]:
+        alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
+    elif not s["gradient_checkpointing"]:
+        alt.append("gradient checkpointing might make it fit")
     card = next((c for c in _CARDS_GB if v.needed <= c * GB * 0.97), None)
     alt.append(f"a {card} GB card" if card else "several GPUs")
     return (f"does not fit: needs {fmt_bytes(v.needed)} of {card_gb}; "

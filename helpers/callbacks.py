@@ -26,14 +26,13 @@ LOSS_CURVE = "loss_curve.png"
 class TrainingStopped(RuntimeError):
     """Training was stopped by :class:`TrainingGuard`; the message explains why and what to do.
 
-    ``kind`` is "nan" or "zero"; ``step`` the optimizer step it happened at; ``history`` the
-    logged steps up to it (for :func:`helpers.plots.loss_curve`).
+    ``kind`` is "nan" or "zero"; ``step`` the optimizer step it happened at (the loss curve
+    shows the steps up to it).
     """
 
-    def __init__(self, explanation: str, kind: str = "", step: int = 0, history=None):
+    def __init__(self, explanation: str, kind: str = "", step: int = 0):
         super().__init__(explanation)
         self.kind, self.step = kind, step
-        self.history = list(history or [])
 
 
 def _sync() -> None:
@@ -180,10 +179,9 @@ class LossCurveCallback(TrainerCallback):
             self.save()
 
     def _redraw(self, force: bool = False):
-        if not self.live or not self.history:
-            return
         now = time.perf_counter()
-        if not force and now - self._drawn < self.min_interval:
+        waiting = not force and now - self._drawn < self.min_interval
+        if not self.live or not self.history or waiting:
             return
         import io
 
@@ -241,7 +239,6 @@ class TrainingGuard(TrainerCallback):
         self.problem: str | None = None
         self.kind = ""
         self.step = 0
-        self.history: list[dict] = []
         self._bad_grad_steps = 0
         self._last_good: dict | None = None
         self._hook = None
@@ -263,7 +260,6 @@ class TrainingGuard(TrainerCallback):
         entry = _log_entry(state, logs or {})
         if entry is None or self.problem:
             return
-        self.history.append(entry)
         loss, grad = entry["loss"], entry.get("grad_norm")
         if _finite(loss) and _finite(grad) and loss != 0.0:
             self._bad_grad_steps, self._last_good = 0, {"step": state.global_step, "loss": loss}
@@ -289,7 +285,7 @@ class TrainingGuard(TrainerCallback):
             self._hook.remove()
             self._hook = None
         if self.problem:
-            raise TrainingStopped(self.problem, self.kind, self.step, self.history)
+            raise TrainingStopped(self.problem, self.kind, self.step)
 
 
 def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_grad_steps=0) -> str:
@@ -323,12 +319,10 @@ def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_gr
     if step_loss_tokens is None or step_loss_tokens > 0:
         causes.append("Data: a NaN can also come from the inputs; check that labels are -100 or "
                       "valid token ids (below the vocabulary size).")
-    lines.append("Likely causes, most likely first:")
-    lines += [f"  - {c}" for c in causes]
-    lines.append("The checkpoints before this step are intact; after changing the setting, start "
-                 "again with RESUME = False (or resume from the last checkpoint with a lower "
-                 "LEARNING_RATE only if the loss was healthy there).")
-    return "\n".join(lines)
+    return "\n".join(lines + ["Likely causes, most likely first:"] + [f"  - {c}" for c in causes]
+                     + ["The checkpoints before this step are intact; after changing the setting, "
+                        "start again with RESUME = False (or resume from the last checkpoint with "
+                        "a lower LEARNING_RATE only if the loss was healthy there)."])
 
 
 def explain_zero(args, step, step_loss_tokens, dataset_loss_tokens) -> str:
@@ -356,6 +350,4 @@ def explain_zero(args, step, step_loss_tokens, dataset_loss_tokens) -> str:
     causes.append("Memorized: a tiny train set seen for many epochs can be predicted perfectly; "
                   "compare the eval loss (it rises when the model memorizes), and use fewer "
                   "MAX_STEPS or more data.")
-    lines.append("Likely causes:")
-    lines += [f"  - {c}" for c in causes]
-    return "\n".join(lines)
+    return "\n".join(lines + ["Likely causes:"] + [f"  - {c}" for c in causes])

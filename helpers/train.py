@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from helpers import env, fsdp, losses, scaling
@@ -162,13 +164,11 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     total, count = 0.0, 0
     try:
         with torch.no_grad():
-            for batch in torch.utils.data.DataLoader(eval_dataset, batch_size, collate_fn=collator):
-                labels = batch.pop("labels").to(device)
-                inputs = {k: (v.to(device) if torch.is_tensor(v) else v)
-                          for k, v in batch.items()}
-                inputs.setdefault("use_cache", False)
+            for batch in DataLoader(eval_dataset, batch_size, collate_fn=collator):
+                batch = send_to_device(batch, device)
+                labels = batch.pop("labels")
                 with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
-                    logits = model(**inputs).logits
+                    logits = model(**batch, use_cache=False).logits
                 target = labels[:, 1:]
                 keep = target != IGNORE_INDEX
                 picked = logits[:, :-1][keep].float()

@@ -543,8 +543,6 @@ def test_nan_guard_stops_and_explains(tmp_path, tiny):
     last = checkpoints.latest_checkpoint(cfg.run_dir)
     assert last is None or int(last.name.split("-")[1]) < stop.step
     assert (tmp_path / "run" / "loss_curve.png").is_file()
-    assert not math.isfinite(stop.history[-1]["loss"]) or \
-        not math.isfinite(stop.history[-1]["grad_norm"])
 
 
 def test_nan_guard_names_fp16_and_empty_batches():
