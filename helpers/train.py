@@ -167,8 +167,9 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
             for batch in DataLoader(eval_dataset, batch_size, collate_fn=collator):
                 batch = send_to_device(batch, device)
                 labels = batch.pop("labels")
+                batch.setdefault("use_cache", False)
                 with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
-                    logits = model(**batch, use_cache=False).logits
+                    logits = model(**batch).logits
                 target = labels[:, 1:]
                 keep = target != IGNORE_INDEX
                 picked = logits[:, :-1][keep].float()
