@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device
-from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from helpers import env, fsdp, losses, scaling
@@ -164,8 +163,12 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     total, count = 0.0, 0
     try:
         with torch.no_grad():
-            for batch in DataLoader(eval_dataset, batch_size, collate_fn=collator):
-                batch = send_to_device(batch, device)
+            for start in range(0, len(eval_dataset), batch_size):
+                # rows by index, not a DataLoader: its iterator draws from the global random
+                # state, which would shift the dropout of the training that follows
+                end = min(start + batch_size, len(eval_dataset))
+                batch = send_to_device(collator([eval_dataset[i] for i in range(start, end)]),
+                                       device)
                 labels = batch.pop("labels")
                 batch.setdefault("use_cache", False)
                 with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
