@@ -340,7 +340,10 @@ def test_evaluate_loss_is_token_weighted(tmp_path, tiny):
     model = peft_model(tiny, cfg)
     ds = rows(tokenizer, [TEXTS[0], TEXTS[1] + " " + TEXTS[2] + " " + TEXTS[3]])
     collate = collator_for(tokenizer)
+    rng = torch.get_rng_state()
     loss, ppl = T.evaluate_loss(model, ds, collate, batch_size=1)
+    # the training that follows draws its dropout from the same random state: left untouched
+    assert torch.equal(torch.get_rng_state(), rng)
     sums, counts = [], []
     for i in range(2):
         b = collate([ds[i]])
