@@ -177,12 +177,11 @@ def use_chunked_loss(model) -> str:
     transformers has no loss that avoids the whole sequence's logits, and the Trainer computes
     the loss by calling the model, so the model's own ``forward`` is replaced by one that, in
     training mode and with ``labels`` (and no ``shift_labels``) for more than one chunk of
-    positions, runs the body and the chunked loss instead of the
-    head over every position; otherwise (evaluation, generation, short batches) it is the model's
-    own forward: up to one chunk the chunked loss would hold the same logits (recomputed in the
-    backward), saving nothing. The loss equals the model's own, divided by ``num_items_in_batch`` when the
-    Trainer passes it, so gradient accumulation and averaging across processes stay the
-    Trainer's. The Trainer's label smoothing or ``compute_loss_func`` take the labels out of the
+    positions, runs the body and the chunked loss instead of the head over every position;
+    otherwise (evaluation, generation, short batches) it is the model's own forward: up to one
+    chunk the chunked loss would hold the same logits (recomputed in the backward), saving
+    nothing. The loss equals the model's own, divided by ``num_items_in_batch`` when the Trainer
+    passes it, so gradient accumulation and averaging across processes stay the Trainer's. The Trainer's label smoothing or ``compute_loss_func`` take the labels out of the
     call, which then keeps the standard path. Models it does not apply to
     (:func:`unsupported_reason`) keep their own loss. The model gets ``uses_chunked_loss = True``,
     which the memory estimate of :func:`helpers.budget.default_estimate_fn` reads.

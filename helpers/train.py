@@ -304,8 +304,9 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     tests.
 
     In order: refuse a train set without label tokens; the chunked loss (CHUNKED_LOSS); the
-    micro-batch (:func:`helpers.budget.choose_micro_batch`; a resumed run keeps its micro-batch); the arguments; RESUME: check the latest checkpoint's run
-    signature, else start over (:func:`helpers.checkpoints.resume_point`); evaluate before;
+    micro-batch (:func:`helpers.budget.choose_micro_batch`; a resumed run keeps its
+    micro-batch); the arguments; RESUME: check the latest checkpoint's run signature, else start
+    over (:func:`helpers.checkpoints.resume_point`); evaluate before;
     train with the callbacks (live loss curve, memory, throughput, resume, progress, NaN/zero
     guard: :class:`TrainingStopped` if it stopped the run) plus ``callbacks``; evaluate after;
     save the adapter with its model card in ``RUN_DIR/adapter`` and the curve as
