@@ -181,9 +181,10 @@ def use_chunked_loss(model) -> str:
     otherwise (evaluation, generation, short batches) it is the model's own forward: up to one
     chunk the chunked loss would hold the same logits (recomputed in the backward), saving
     nothing. The loss equals the model's own, divided by ``num_items_in_batch`` when the Trainer
-    passes it, so gradient accumulation and averaging across processes stay the Trainer's. The Trainer's label smoothing or ``compute_loss_func`` take the labels out of the
-    call, which then keeps the standard path. Models it does not apply to
-    (:func:`unsupported_reason`) keep their own loss. The model gets ``uses_chunked_loss = True``,
+    passes it, so gradient accumulation and averaging across processes stay the Trainer's. The
+    Trainer's label smoothing or ``compute_loss_func`` take the labels out of the call, which
+    then keeps the standard path. Models it does not apply to (:func:`unsupported_reason`) keep
+    their own loss. The model gets ``uses_chunked_loss = True``,
     which the memory estimate of :func:`helpers.budget.default_estimate_fn` reads.
     """
     reason = unsupported_reason(model)
