@@ -38,40 +38,35 @@ def fits(est: Estimate, budget_bytes: float) -> Verdict:
                    headroom=budget - est.total_device)
 
 
-def largest_power_of_two(fits_at, limit: int = 64) -> int:
-    """The largest power of two ``n <= limit`` for which ``fits_at(n)`` holds, trying 1, 2, 4,
-    ... and stopping at the first that does not fit (memory grows with ``n``); 0 when not even
-    1 fits."""
+def _estimate_as(shape, n_gpus: int | None = None, mode: str = "ddp", prefetch: bool = True,
+                 offload: bool = False, **settings) -> Estimate:
+    """:func:`estimate`, or :func:`estimate_per_gpu` when ``n_gpus`` is given (an
+    :class:`Estimate`'s ``settings`` are either)."""
+    if n_gpus is None:
+        return estimate(shape, **settings)
+    return estimate_per_gpu(shape, n_gpus, mode, prefetch=prefetch, offload=offload, **settings)
+
+
+def largest_micro_batch(estimate_fn, budget: float, seq_len: int, limit: int = 64) -> int:
+    """The largest power-of-two micro-batch up to ``limit`` whose estimate
+    (``estimate_fn(micro_batch, seq_len) -> bytes``) fits ``budget``, trying 1, 2, 4, ... and
+    stopping at the first that does not (memory grows with it); 0 when not even 1 fits."""
     best, n = 0, 1
-    while n <= limit and fits_at(n):
+    while n <= limit and estimate_fn(n, seq_len) <= budget:
         best, n = n, n * 2
     return best
 
 
-def longest_fitting(fits_at, candidates) -> int:
-    """The last of the increasing ``candidates`` before the first for which ``fits_at`` fails
-    (memory grows with them); 0 when the first already fails."""
+def largest_seq_len(estimate_fn, budget: float, candidates) -> int:
+    """The last of the increasing sequence lengths ``candidates`` whose estimate at micro-batch 1
+    fits ``budget``, stopping at the first that does not (memory grows with them); 0 when the
+    first does not."""
     best = 0
-    for c in candidates:
-        if not fits_at(c):
+    for seq_len in candidates:
+        if estimate_fn(1, seq_len) > budget:
             break
-        best = c
+        best = seq_len
     return best
-
-
-
-# the settings an estimate of one GPU of several (estimate_per_gpu) adds to estimate's
-_PER_GPU_SETTINGS = ("n_gpus", "mode", "prefetch", "offload")
-
-
-def _estimate_as(shape, **settings) -> Estimate:
-    """:func:`estimate`, or :func:`estimate_per_gpu` when ``settings`` are an estimate of one GPU
-    of several (an :class:`Estimate`'s ``settings`` are either)."""
-    if "n_gpus" not in settings:
-        return estimate(shape, **settings)
-    per_gpu = {k: settings.pop(k) for k in _PER_GPU_SETTINGS}
-    return estimate_per_gpu(shape, per_gpu.pop("n_gpus"), per_gpu.pop("mode"), **per_gpu,
-                            **settings)
 
 
 def largest_fit(shape, budget_bytes: float, **settings) -> dict:
@@ -86,15 +81,14 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
         raise ValueError("largest_fit needs seq_len= (the sequence length to size the "
                          "micro-batch for)")
     settings.pop("micro_batch", None)
-    best_batch = largest_power_of_two(lambda b: bool(fits(
-        _estimate_as(shape, micro_batch=b, **settings), budget_bytes)))
-    seq_settings = {k: v for k, v in settings.items() if k != "seq_len"}
+    seq_len = settings.pop("seq_len")
+
+    def need(micro_batch: int, seq: int) -> int:
+        return _estimate_as(shape, seq_len=seq, micro_batch=micro_batch, **settings).total_device
+
     step = 64 if shape.context < 256 else 128
-    best_seq = longest_fitting(lambda s: bool(fits(
-        _estimate_as(shape, seq_len=s, micro_batch=1, **seq_settings), budget_bytes)),
-        range(step, shape.context + 1, step))
-    return {"micro_batch": best_batch, "seq_len": best_seq,
-            "at_seq_len": settings["seq_len"], "budget_bytes": int(budget_bytes)}
+    return {"micro_batch": largest_micro_batch(need, budget_bytes, seq_len),
+            "seq_len": largest_seq_len(need, budget_bytes, range(step, shape.context + 1, step))}
 
 
 _CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141)
@@ -112,11 +106,10 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
     alt = []
     if s["micro_batch"] > 1 and lf["micro_batch"]:
         alt.append(f"micro-batch {lf['micro_batch']} at {s['seq_len']} tokens would fit")
-    if not alt:
-        if lf["seq_len"]:
-            alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
-        elif not s["gradient_checkpointing"]:
-            alt.append("gradient checkpointing might make it fit")
+    elif lf["seq_len"]:
+        alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
+    elif not s["gradient_checkpointing"]:
+        alt.append("gradient checkpointing might make it fit")
     card = next((c for c in _CARDS_GB if v.needed <= c * GB * 0.97), None)
     alt.append(f"a {card} GB card" if card else "several GPUs")
     return (f"does not fit: needs {fmt_bytes(v.needed)} of {card_gb}; "
@@ -145,7 +138,6 @@ def estimate_for_config(cfg, shape=None) -> Estimate:
                     **config_settings(cfg))
 
 
-
 class MemoryBudgetError(ValueError):
     """A run that cannot fit the memory budget, refused before anything is loaded."""
 
@@ -161,6 +153,8 @@ def require_fit(est: Estimate, budget_bytes: float | None) -> str:
         raise MemoryBudgetError(sentence + " (refused before loading: change MAX_LENGTH, "
                                 "MICRO_BATCH or MEMORY_BUDGET_GB, or pick a smaller MODEL)")
     return sentence
+
+
 CPU_MICRO_BATCH = 8  # MICRO_BATCH=0 on CPU: no memory budget to size it by
 AUTO_MICRO_BATCH_LIMIT = 16  # the automatic choice stops here (see choose_micro_batch)
 UNPROBED_HEADROOM = 0.85  # share of the budget an unprobed (FSDP) micro-batch may be predicted to use
@@ -198,29 +192,15 @@ def default_estimate_fn(cfg, model):
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
         settings["lora_targets"] = "all-linear"
     launch = env.world()
-    mode = "fsdp" if launch["fsdp"] else "ddp"
-    offload = {"offload": launch["offload"]} if launch["fsdp"] else {}
+    if launch["world_size"] > 1:  # what each GPU of the launch holds
+        settings.update(n_gpus=launch["world_size"], mode="fsdp" if launch["fsdp"] else "ddp",
+                        offload=launch["offload"])
 
     def estimate_fn(micro_batch: int, seq_len: int) -> int:
-        if launch["world_size"] > 1:  # what each GPU of the launch holds
-            return estimate_per_gpu(shape, launch["world_size"], mode, seq_len=seq_len,
-                                    micro_batch=micro_batch, **offload, **settings).total_device
-        return estimate(shape, seq_len=seq_len, micro_batch=micro_batch, **settings).total_device
+        return _estimate_as(shape, seq_len=seq_len, micro_batch=micro_batch,
+                            **settings).total_device
 
     return estimate_fn
-
-
-def largest_micro_batch(estimate_fn, budget: int, seq_len: int, limit: int = 64) -> int:
-    """The largest power-of-two micro-batch up to ``limit`` whose estimate fits ``budget``
-    (0 when not even 1 fits)."""
-    return largest_power_of_two(lambda b: estimate_fn(b, seq_len) <= budget, limit)
-
-
-def largest_seq_len(estimate_fn, budget: int, upto: int) -> int:
-    """The longest sequence (a multiple of 64, or of 8 below 64) up to ``upto`` whose estimate at
-    micro-batch 1 fits ``budget``; 0 when none does."""
-    candidates = list(range(64, upto + 1, 64)) or list(range(8, upto + 1, 8))
-    return longest_fitting(lambda s: estimate_fn(1, s) <= budget, candidates)
 
 
 def _model_device(model) -> torch.device:
@@ -283,7 +263,8 @@ def _enforce_budget(budget: int, notes: list) -> None:
 
 
 def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:
-    seq = largest_seq_len(estimate_fn, budget, cfg.max_length)
+    upto = cfg.max_length
+    seq = largest_seq_len(estimate_fn, budget, range(64, upto + 1, 64) or range(8, upto + 1, 8))
     ways = []
     if seq:
         ways.append(f"MAX_LENGTH = {seq} would fit at micro-batch 1")
@@ -326,8 +307,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
         cuda, probe = True, False
     budget = budget_bytes(cfg)
     if budget is not None:
-        if estimate_fn is None:
-            estimate_fn = default_estimate_fn(cfg, model)
+        estimate_fn = estimate_fn or default_estimate_fn(cfg, model)
         if estimate_fn is None:
             notes.append("the estimator does not know this architecture: the probe decides")
         else:
@@ -354,20 +334,16 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
                          f"({estimate_fn(micro, cfg.max_length) / GB:.2f} GB): the probe checks")
         else:
             notes.append(f"micro-batch {micro} from MICRO_BATCH")
-    elif estimate_fn is not None and not probe:
-        # nothing will confirm it before training (FSDP shards only when training starts): keep
-        # headroom for the estimator's error (an FSDP run with CPU offload at micro-batch 16,
-        # predicted 22.9 of 24 GB, ran out of memory on 2 H200s)
-        room = int(budget * UNPROBED_HEADROOM)
-        micro = max(1, largest_micro_batch(estimate_fn, room, cfg.max_length, limit))
-        notes.append(f"micro-batch {micro}: the largest power of two up to {limit} that the "
-                     f"estimate fits with {1 - UNPROBED_HEADROOM:.0%} headroom "
-                     f"({estimate_fn(micro, cfg.max_length) / GB:.2f} GB; no probe can confirm it "
-                     "before training)")
     elif estimate_fn is not None:
-        micro = max(1, largest_micro_batch(estimate_fn, budget, cfg.max_length, limit))
+        # with no probe to confirm it before training (FSDP shards only when training starts),
+        # keep headroom for the estimator's error (an FSDP run with CPU offload at micro-batch
+        # 16, predicted 22.9 of 24 GB, ran out of memory on 2 H200s)
+        room = budget if probe else int(budget * UNPROBED_HEADROOM)
+        micro = max(1, largest_micro_batch(estimate_fn, room, cfg.max_length, limit))
+        headroom = "" if probe else f" with {1 - UNPROBED_HEADROOM:.0%} headroom"
         notes.append(f"micro-batch {micro}: the largest power of two up to {limit} that the "
-                     f"estimate fits ({estimate_fn(micro, cfg.max_length) / GB:.2f} GB)")
+                     f"estimate fits{headroom} ({estimate_fn(micro, cfg.max_length) / GB:.2f} GB"
+                     + ("" if probe else "; no probe can confirm it before training") + ")")
     else:
         micro = limit
         notes.append(f"micro-batch {micro} to start the probe from")
@@ -376,26 +352,24 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
 
     dtype = env.compute_dtype(cfg.compute_dtype)
     while True:
-        out_of_memory = False
         try:
             peak = probe_step(model, micro, cfg.max_length, dtype)
+            break
         except torch.cuda.OutOfMemoryError:
-            out_of_memory = True
-        if out_of_memory:  # outside the except block, so the failed step's tensors can go
-            free()
-            if micro == 1:
-                ways = ["lower MAX_LENGTH", "adapt fewer layers (LORA_TARGETS='attention')"]
-                if not cfg.gradient_checkpointing:
-                    ways.insert(1, "turn GRADIENT_CHECKPOINTING on")
-                raise BudgetError(
-                    f"out of GPU memory at micro-batch 1 and MAX_LENGTH={cfg.max_length} within "
-                    f"a {budget / GB:.2f} GB budget (the estimate said it would fit; the probe "
-                    f"step says otherwise): {', '.join(ways)}, or raise MEMORY_BUDGET_GB")
-            msg = f"out of memory at micro-batch {micro}: trying {micro // 2}"
-            print(msg)
-            notes.append(msg)
-            micro //= 2
-            continue
-        notes.append(f"probe: micro-batch {micro} x {cfg.max_length} tokens ran, peak "
-                     f"{peak / GB:.2f} GB allocated (optimizer state comes on top)")
-        return micro, notes
+            pass  # handled below, outside the except block, so the failed step's tensors can go
+        free()
+        if micro == 1:
+            ways = ["lower MAX_LENGTH", "adapt fewer layers (LORA_TARGETS='attention')"]
+            if not cfg.gradient_checkpointing:
+                ways.insert(1, "turn GRADIENT_CHECKPOINTING on")
+            raise BudgetError(
+                f"out of GPU memory at micro-batch 1 and MAX_LENGTH={cfg.max_length} within "
+                f"a {budget / GB:.2f} GB budget (the estimate said it would fit; the probe "
+                f"step says otherwise): {', '.join(ways)}, or raise MEMORY_BUDGET_GB")
+        msg = f"out of memory at micro-batch {micro}: trying {micro // 2}"
+        print(msg)
+        notes.append(msg)
+        micro //= 2
+    notes.append(f"probe: micro-batch {micro} x {cfg.max_length} tokens ran, peak "
+                 f"{peak / GB:.2f} GB allocated (optimizer state comes on top)")
+    return micro, notes

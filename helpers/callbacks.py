@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+
 import torch
 from accelerate.utils import gather_object
 from transformers import ProgressCallback, TrainerCallback
+
 from helpers import env
 from helpers.footprint import cpu_rss
 from helpers.tokens import IGNORE_INDEX
@@ -24,14 +26,13 @@ LOSS_CURVE = "loss_curve.png"
 class TrainingStopped(RuntimeError):
     """Training was stopped by :class:`TrainingGuard`; the message explains why and what to do.
 
-    ``kind`` is "nan" or "zero"; ``step`` the optimizer step it happened at; ``history`` the
-    logged steps up to it (for :func:`helpers.plots.loss_curve`).
+    ``kind`` is "nan" or "zero"; ``step`` the optimizer step it happened at (the loss curve
+    shows the steps up to it).
     """
 
-    def __init__(self, explanation: str, kind: str = "", step: int = 0, history=None):
+    def __init__(self, explanation: str, kind: str = "", step: int = 0):
         super().__init__(explanation)
-        self.explanation, self.kind, self.step = explanation, kind, step
-        self.history = list(history or [])
+        self.kind, self.step = kind, step
 
 
 def _sync() -> None:
@@ -178,10 +179,9 @@ class LossCurveCallback(TrainerCallback):
             self.save()
 
     def _redraw(self, force: bool = False):
-        if not self.live or not self.history:
-            return
         now = time.perf_counter()
-        if not force and now - self._drawn < self.min_interval:
+        waiting = not force and now - self._drawn < self.min_interval
+        if not self.live or not self.history or waiting:
             return
         import io
 
@@ -239,7 +239,6 @@ class TrainingGuard(TrainerCallback):
         self.problem: str | None = None
         self.kind = ""
         self.step = 0
-        self.history: list[dict] = []
         self._bad_grad_steps = 0
         self._last_good: dict | None = None
         self._hook = None
@@ -261,27 +260,20 @@ class TrainingGuard(TrainerCallback):
         entry = _log_entry(state, logs or {})
         if entry is None or self.problem:
             return
-        self.history.append(entry)
         loss, grad = entry["loss"], entry.get("grad_norm")
-        kind = None
-        if not _finite(loss):
-            kind = "nan"
-        elif not _finite(grad):
-            self._bad_grad_steps += 1
-            if not args.fp16 or self._bad_grad_steps >= self.fp16_patience:
-                kind = "nan"
-        elif loss == 0.0:
-            kind = "zero"
-        else:
-            self._bad_grad_steps = 0
-            self._last_good = {"step": state.global_step, "loss": loss}
-        if kind is None:
+        if _finite(loss) and _finite(grad) and loss != 0.0:
+            self._bad_grad_steps, self._last_good = 0, {"step": state.global_step, "loss": loss}
             return
-        self.kind, self.step = kind, state.global_step
+        if _finite(loss) and not _finite(grad):  # under fp16 the scaler skips a few such steps
+            self._bad_grad_steps += 1
+            if args.fp16 and self._bad_grad_steps < self.fp16_patience:
+                return
+        self.kind = "zero" if _finite(loss) and _finite(grad) else "nan"
+        self.step = state.global_step
         step_tokens = int(self._step_tokens) if self._hook is not None else None
         self.problem = (explain_nan(args, state.global_step, loss, grad, self._last_good,
                                     step_tokens, self._bad_grad_steps)
-                        if kind == "nan" else
+                        if self.kind == "nan" else
                         explain_zero(args, state.global_step, step_tokens,
                                      self.dataset_loss_tokens))
         control.should_training_stop = True
@@ -293,13 +285,7 @@ class TrainingGuard(TrainerCallback):
             self._hook.remove()
             self._hook = None
         if self.problem:
-            raise TrainingStopped(self.problem, self.kind, self.step, self.history)
-
-
-def _capability() -> tuple | None:
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(0)
+            raise TrainingStopped(self.problem, self.kind, self.step)
 
 
 def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_grad_steps=0) -> str:
@@ -316,7 +302,7 @@ def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_gr
             "0/0 = NaN. Check the label masking (RESPONSE_ONLY with prompts that fill MAX_LENGTH "
             "leaves nothing to learn): notebook 04 shows the labels of a few examples.")
     if args.fp16:
-        cap = _capability()
+        cap = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
         better = ("this GPU has compute capability "
                   f"{cap[0]}.{cap[1]} >= 8.0: use bfloat16 (COMPUTE_DTYPE = 'auto' or 'bfloat16')"
                   if cap and cap[0] >= 8 else
@@ -333,12 +319,10 @@ def explain_nan(args, step, loss, grad_norm, last_good, step_loss_tokens, bad_gr
     if step_loss_tokens is None or step_loss_tokens > 0:
         causes.append("Data: a NaN can also come from the inputs; check that labels are -100 or "
                       "valid token ids (below the vocabulary size).")
-    lines.append("Likely causes, most likely first:")
-    lines += [f"  - {c}" for c in causes]
-    lines.append("The checkpoints before this step are intact; after changing the setting, start "
-                 "again with RESUME = False (or resume from the last checkpoint with a lower "
-                 "LEARNING_RATE only if the loss was healthy there).")
-    return "\n".join(lines)
+    return "\n".join(lines + ["Likely causes, most likely first:"] + [f"  - {c}" for c in causes]
+                     + ["The checkpoints before this step are intact; after changing the setting, "
+                        "start again with RESUME = False (or resume from the last checkpoint with "
+                        "a lower LEARNING_RATE only if the loss was healthy there)."])
 
 
 def explain_zero(args, step, step_loss_tokens, dataset_loss_tokens) -> str:
@@ -366,6 +350,4 @@ def explain_zero(args, step, step_loss_tokens, dataset_loss_tokens) -> str:
     causes.append("Memorized: a tiny train set seen for many epochs can be predicted perfectly; "
                   "compare the eval loss (it rises when the model memorizes), and use fewer "
                   "MAX_STEPS or more data.")
-    lines.append("Likely causes:")
-    lines += [f"  - {c}" for c in causes]
-    return "\n".join(lines)
+    return "\n".join(lines + ["Likely causes:"] + [f"  - {c}" for c in causes])

@@ -11,9 +11,13 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
+
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
 from helpers import env
 
 
@@ -114,23 +118,20 @@ def signature_differences(saved: dict, current: dict) -> list:
     out = []
     for key in _MUST_MATCH:
         a, b = saved.get(key), current.get(key)
-        if a == b:
-            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            for sub in sorted(set(a) | set(b)):
-                if a.get(sub) != b.get(sub):
-                    out.append(f"{key}.{sub}: checkpoint {a.get(sub)!r}, now {b.get(sub)!r}")
-        else:
+            out += [f"{key}.{sub}: checkpoint {a.get(sub)!r}, now {b.get(sub)!r}"
+                    for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        elif a != b:
             out.append(f"{key}: checkpoint {a!r}, now {b!r}")
     return out
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    """The ``checkpoint-N`` folder with the highest N in ``RUN_DIR/checkpoints``, or None."""
+    """The ``checkpoint-N`` folder with the highest N in ``RUN_DIR/checkpoints`` (transformers'
+    ``get_last_checkpoint``), or None."""
     folder = Path(run_dir) / CHECKPOINTS
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir()
-             and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(last) if last else None
 
 
 def checkpoint_files(checkpoint, processes: int = 1, fsdp: bool = False) -> dict:
@@ -152,6 +153,11 @@ def checkpoint_files(checkpoint, processes: int = 1, fsdp: bool = False) -> dict
     return found
 
 
+def _saved_signature(checkpoint) -> dict:
+    path = Path(checkpoint) / SIGNATURE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -> Path | None:
     """The checkpoint to resume from when RESUME=True (None: start from step 0), after checking
     that it belongs to this run; raises :class:`ResumeError` naming what differs, or what is
@@ -160,15 +166,12 @@ def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -
     last = latest_checkpoint(cfg.run_dir)
     if last is None:
         return None
-    saved_path = last / SIGNATURE
-    if not saved_path.is_file():
-        saved_path = Path(cfg.run_dir) / CHECKPOINTS / SIGNATURE
+    saved = _saved_signature(last) or _saved_signature(Path(cfg.run_dir) / CHECKPOINTS)
     where = f"{Path(cfg.run_dir).name}/{CHECKPOINTS}/{last.name}"
-    if not saved_path.is_file():
+    if not saved:
         raise ResumeError(f"{where} has no {SIGNATURE}, so nothing shows that it belongs to this "
                           "model, data and settings. Resume only checkpoints this series wrote; "
                           "or set RESUME = False to start over (its checkpoints are replaced).")
-    saved = json.loads(saved_path.read_text())
     diffs = signature_differences(saved, signature)
     if diffs:
         raise ResumeError(f"cannot resume from {where}: it was written by a different run.\n  "
@@ -181,11 +184,6 @@ def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -
                           "Resume from an earlier checkpoint (delete this folder) or set RESUME = "
                           "False.")
     return last
-
-
-def _saved_signature(checkpoint) -> dict:
-    path = Path(checkpoint) / SIGNATURE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def keep_resumed_micro_batch(cfg):
@@ -264,12 +262,11 @@ class ResumeCallback(TrainerCallback):
                 write_signature(folder, self.signature)
 
 
-def save_adapter(model, folder, card: dict, save=None) -> Path:
-    """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a short model
-    card (README.md: base model, dataset, steps, losses, date) in ``folder``. ``save(folder)``
-    writes the weights where ``model.save_pretrained`` cannot (under FSDP:
-    :func:`helpers.fsdp.save_sharded_adapter`). A file without weights is an error, not an
-    adapter. Introduced in notebook 05."""
+def save_adapter(model, folder, card: str, save=None) -> Path:
+    """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and its model card
+    (README.md, :func:`model_card`) in ``folder``. ``save(folder)`` writes the weights where
+    ``model.save_pretrained`` cannot (under FSDP: :func:`helpers.fsdp.save_sharded_adapter`). A
+    file without weights is an error, not an adapter. Introduced in notebook 05."""
     folder = Path(folder)
     if save is not None:
         save(folder)
@@ -285,27 +282,31 @@ def save_adapter(model, folder, card: dict, save=None) -> Path:
             raise RuntimeError(f"the adapter saved in {folder} holds no weights: the LoRA "
                                "layers were not found under their names (see "
                                "helpers.fsdp.save_sharded_adapter)")
-    (folder / "README.md").write_text(model_card(card))
+    (folder / "README.md").write_text(card)
     return folder
 
 
-def model_card(card: dict) -> str:
-    """A short model card in Markdown from ``card`` (base_model, dataset, steps, losses, ...)."""
-    def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    lines = [f"# LoRA adapter for {card.get('base_model', 'a base model')}", "",
+def model_card(cfg, trainer, metrics: dict) -> str:
+    """A short model card in Markdown for the adapter that ``trainer`` trained: base model,
+    dataset, date, steps, batch, optimizer, learning rate, LoRA, MAX_LENGTH, and the figures of
+    :func:`helpers.train.training_metrics` (``metrics``). Introduced in notebook 05."""
+    m, lora_id, processes = metrics, _lora_identity(trainer.model), metrics["num_processes"]
+    rows = {"base model": cfg.model, "dataset": cfg.dataset, "trained": time.strftime("%Y-%m-%d"),
+            "optimizer steps": m["train_steps"],
+            "micro-batch x accumulation": f"{m['micro_batch']} x {m['grad_accum']}"
+                                          + (f" x {processes} processes" if processes > 1 else ""),
+            "optimizer": cfg.optimizer,
+            "learning rate": f"{trainer.args.learning_rate:g} ({cfg.lr_schedule})",
+            "LoRA": f"r={lora_id.get('r')}, alpha={lora_id.get('alpha')}, "
+                    f"targets {lora_id.get('targets')}",
+            "MAX_LENGTH": cfg.max_length,
+            "eval loss before": m["eval_loss_before"], "eval loss after": m["eval_loss_after"],
+            "eval perplexity before": m["perplexity_before"],
+            "eval perplexity after": m["perplexity_after"],
+            "final train loss": m["train_loss_final"], "tokens trained on": m["train_tokens_seen"]}
+    lines = [f"# LoRA adapter for {cfg.model}", "",
              ("A QLoRA adapter: the base model loaded in 4-bit, these low-rank weights trained on "
               "top of it. Load the base model, then this folder with "
-              "`peft.PeftModel.from_pretrained(base, path)`."), ""]
-    rows = [("base model", "base_model"), ("dataset", "dataset"), ("trained", "date"),
-            ("optimizer steps", "train_steps"), ("micro-batch x accumulation", "batch"),
-            ("optimizer", "optimizer"), ("learning rate", "learning_rate"),
-            ("LoRA", "lora"), ("MAX_LENGTH", "max_length"),
-            ("eval loss before", "eval_loss_before"), ("eval loss after", "eval_loss_after"),
-            ("eval perplexity before", "perplexity_before"),
-            ("eval perplexity after", "perplexity_after"),
-            ("final train loss", "train_loss_final"), ("tokens trained on", "train_tokens_seen")]
-    lines += ["| | |", "|---|---|"]
-    lines += [f"| {label} | {fmt(card[key])} |" for label, key in rows if key in card]
+              "`peft.PeftModel.from_pretrained(base, path)`."), "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {f'{v:.4f}' if isinstance(v, float) else v} |" for k, v in rows.items()]
     return "\n".join(lines) + "\n"

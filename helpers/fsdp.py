@@ -79,12 +79,10 @@ def match_peft_names_under_fsdp() -> bool:
     names without FSDP's segments (other models are passed through unchanged). Returns True when
     it wrapped them (False: already done, or a peft without these functions). Called by the
     training entry point under FSDP."""
-    try:
-        import peft
-        from peft.tuners import tuners_utils
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:
-        return False
+    import peft
+    from peft.tuners import tuners_utils
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
     prefixes_of = getattr(tuners_utils, "_get_tuner_state_dict_key_prefixes", None)
     set_state = getattr(peft, "set_peft_model_state_dict", None)
     if prefixes_of is None or set_state is None or getattr(set_state, "unwrapped_names", False):

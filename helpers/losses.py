@@ -11,25 +11,14 @@ through the head, to float32 and into ``cross_entropy(reduction="sum")`` inside 
 activation checkpoint, so one chunk's logits exist at a time, in the forward and in the backward.
 The sum is divided exactly as transformers divides it: by ``num_items_in_batch`` when the
 Trainer passes it (so gradient accumulation gives the gradients of the standard loss), else by
-the batch's label tokens.
-
-- :func:`chunked_cross_entropy` - the loss from hidden states, labels and the head;
-- :func:`use_chunked_loss` - installs it in the model's own forward (CHUNKED_LOSS, on by default),
-  so a plain ``transformers.Trainer`` trains with it: in training mode, with labels, the causal
-  LM computes this loss instead of its own;
-- :func:`unsupported_reason` - which models it applies to: the families whose
-  head reads the body's last hidden state unchanged (checked in tests/test_losses.py), with a
-  plain linear head (GPT-J's bias included) and no logit soft-capping or scaling; any other model
-  keeps the standard loss;
-- :func:`more_than_one_chunk` - whether a micro-batch is long enough for chunks to save memory:
-  up to one chunk (:func:`chunk_tokens`: 512 positions of a 128,256-token vocabulary, 8,192 of a
-  small model's) the model's own loss holds the same logits and is a little faster.
+the batch's label tokens: :func:`chunked_cross_entropy`, installed in the model's own forward by
+:func:`use_chunked_loss` (CHUNKED_LOSS, on by default) so that a plain ``transformers.Trainer``
+trains with it.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -60,28 +49,25 @@ def chunk_tokens(vocab: int) -> int:
 
 def unwrap(model):
     """The transformers causal LM inside ``model``: through DistributedDataParallel / DataParallel
-    (``.module``) and a peft model (``get_base_model()``)."""
-    for _ in range(8):  # wrappers in wrappers, a few deep at most
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-            model = model.get_base_model()
-        else:
-            break
-    return model
+    (accelerate's ``extract_model_from_parallel``) and a peft model (``get_base_model()``)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+    return model.get_base_model() if peft else model
 
 
 def _body(lm):
-    """The causal LM's body (``gpt_neox``, ``transformer``, ``model``)."""
-    prefix = getattr(lm, "base_model_prefix", "")
-    body = getattr(lm, prefix, None) if prefix else None
-    if body is None and hasattr(lm, "get_decoder"):
-        body = lm.get_decoder()
-    return body
+    """The causal LM's body (``gpt_neox``, ``transformer``, ``model``: its base_model_prefix)."""
+    return getattr(lm, lm.base_model_prefix)
 
 
 def unsupported_reason(model) -> str | None:
-    """Why the chunked loss cannot stand in for ``model``'s own loss (None: it can)."""
+    """Why the chunked loss cannot stand in for ``model``'s own loss (None: it can). It applies to
+    the families whose head reads the body's last hidden state unchanged (:data:`SUPPORTED`,
+    checked in tests/test_losses.py; each has its body under ``base_model_prefix`` and a forward
+    that takes ``logits_to_keep``), with a plain linear head (GPT-J's bias included) and no logit
+    soft-capping or scaling; any other model keeps the standard loss."""
     lm = unwrap(model)
     config = getattr(lm, "config", None)
     kind = getattr(config, "model_type", None)
@@ -91,32 +77,14 @@ def unsupported_reason(model) -> str | None:
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0, False):
             return f"config.{attr}={value!r} transforms the logits after the head"
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    head = lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the output head is a {type(head).__name__}, not a plain torch.nn.Linear"
-    body = _body(lm)
-    if not isinstance(body, torch.nn.Module) or body is lm:
-        return "the model's body (the module before the head) was not found"
-    if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
-        return "its forward has no logits_to_keep argument"
     return None
 
 
-def more_than_one_chunk(model, positions: int) -> bool:
-    """True when ``positions`` (micro-batch x sequence length) are more than one chunk of
-    ``model``'s vocabulary holds. Up to one chunk the chunked loss holds the same logits as the
-    model's own loss (recomputed in backward), so it saves nothing and the model's loss is used."""
-    head = unwrap(model).get_output_embeddings()
-    return positions > chunk_tokens(head.weight.shape[0])
-
-
 def _autocast_state(device_type: str) -> tuple:
-    try:
-        return (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-    except (TypeError, AttributeError):  # pragma: no cover - older torch
-        if device_type == "cuda":
-            return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 def _chunk_loss(head, hidden, targets):
@@ -209,13 +177,14 @@ def use_chunked_loss(model) -> str:
     transformers has no loss that avoids the whole sequence's logits, and the Trainer computes
     the loss by calling the model, so the model's own ``forward`` is replaced by one that, in
     training mode and with ``labels`` (and no ``shift_labels``) for more than one chunk of
-    positions (:func:`more_than_one_chunk`), runs the body and the chunked loss instead of the
-    head over every position; otherwise (evaluation, generation, short batches) it is the model's
-    own forward. The loss equals the model's own, divided by ``num_items_in_batch`` when the
-    Trainer passes it, so gradient accumulation and averaging across processes stay the
-    Trainer's. The Trainer's label smoothing or ``compute_loss_func`` take the labels out of the
-    call, which then keeps the standard path. Models it does not apply to
-    (:func:`unsupported_reason`) keep their own loss. The model gets ``uses_chunked_loss = True``,
+    positions, runs the body and the chunked loss instead of the head over every position;
+    otherwise (evaluation, generation, short batches) it is the model's own forward: up to one
+    chunk the chunked loss would hold the same logits (recomputed in the backward), saving
+    nothing. The loss equals the model's own, divided by ``num_items_in_batch`` when the Trainer
+    passes it, so gradient accumulation and averaging across processes stay the Trainer's. The
+    Trainer's label smoothing or ``compute_loss_func`` take the labels out of the call, which
+    then keeps the standard path. Models it does not apply to (:func:`unsupported_reason`) keep
+    their own loss. The model gets ``uses_chunked_loss = True``,
     which the memory estimate of :func:`helpers.budget.default_estimate_fn` reads.
     """
     reason = unsupported_reason(model)
@@ -231,7 +200,7 @@ def use_chunked_loss(model) -> str:
     @functools.wraps(own)
     def forward(*args, labels=None, **kwargs):
         if labels is None or args or not lm.training or "shift_labels" in kwargs \
-                or not more_than_one_chunk(lm, labels.numel()):
+                or labels.numel() <= size:
             return own(*args, labels=labels, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         return _forward_with_chunked_loss(lm, own, kwargs, labels, num_items)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
-import os
-import shlex
+
+from helpers import env
 from helpers.estimator import Estimate, Item, _dtype_bytes, _lora_specs, _outside_allocator, estimate
 from helpers.shapes import ModelShape
 from helpers.units import fmt_bytes, quantized_weight_bytes
@@ -22,7 +26,6 @@ from helpers.units import fmt_bytes, quantized_weight_bytes
 # NCCL's communicator buffers and kernels. Measured on 2 NVIDIA H200 (torch 2.11, NCCL for
 # CUDA 13, FSDP over NVLink): 2.49 GB outside the allocator per process against 0.80 GB alone.
 NCCL_BYTES = 1_700_000_000
-
 
 
 # ============================================================================ several GPUs
@@ -83,9 +86,8 @@ def estimate_per_gpu(shape, n_gpus: int, mode: str = "ddp", *, prefetch: bool = 
     by_key = {i.key: i for i in items}
     if mode == "ddp":
         grads = by_key["lora_grads"].bytes
-        extra = [Item("ddp_buckets", "DDP gradient buckets", grads, grads if n > 1 else 0,
-                      "a float32 copy of the LoRA gradients that the all-reduce averages")]
-        items += extra
+        items.append(Item("ddp_buckets", "DDP gradient buckets", grads, grads if n > 1 else 0,
+                          "a float32 copy of the LoRA gradients that the all-reduce averages"))
     else:
         for i in items:
             if i.key in _SHARDED and i.bytes:
@@ -170,8 +172,6 @@ def check_plan(cfg, num_processes: int, mode: str = "ddp", *, cuda_devices: int 
     :data:`FSDP_OPTIMIZERS`). Called by :func:`write_launch_config` and by
     ``python -m helpers.train`` with what the launcher started. Introduced in notebook 05.
     """
-    from helpers import env
-
     notes: list[str] = []
     if mode not in SCALING_MODES:
         raise LaunchError(f"mode={mode!r}: use 'ddp' (a whole model per GPU, the model fits one "
@@ -231,28 +231,10 @@ def check_plan(cfg, num_processes: int, mode: str = "ddp", *, cuda_devices: int 
 
 
 def _config_text(name: str, num_processes: int, *, offload: bool, port: int | None) -> str:
-    text = (LAUNCH_DIR / name).read_text()
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("num_processes:"):
-            line = f"num_processes: {num_processes}"
-        elif line.strip().startswith("fsdp_offload_params:"):
-            indent = line[:len(line) - len(line.lstrip())]
-            comment = line.split("#", 1)[1] if "#" in line else ""
-            line = f"{indent}fsdp_offload_params: {'true' if offload else 'false'}" + \
-                (f"  #{comment}" if comment else "")
-        lines.append(line)
-    if port is not None:
-        lines.append(f"main_process_port: {int(port)}")
-    return "\n".join(lines) + "\n"
-
-
-def config_name(mode: str, cuda_devices: int | None = None) -> str:
-    """The shipped config for ``mode`` on this machine: fsdp_qlora.yaml, ddp.yaml, or
-    ddp_cpu.yaml where there is no GPU."""
-    if mode == "fsdp":
-        return CONFIG_FILES["fsdp"]
-    return CONFIG_FILES["ddp" if _gpu_count(cuda_devices) > 0 else "ddp_cpu"]
+    text = re.sub(r"(?m)^num_processes: .*$", f"num_processes: {num_processes}",
+                  (LAUNCH_DIR / name).read_text())
+    text = re.sub(r"(?m)^(\s*fsdp_offload_params:) \w+", rf"\1 {str(offload).lower()}", text)
+    return text + (f"main_process_port: {int(port)}\n" if port is not None else "")
 
 
 def write_launch_config(cfg, num_processes: int, mode: str = "ddp", *, offload: bool = False,
@@ -272,7 +254,8 @@ def write_launch_config(cfg, num_processes: int, mode: str = "ddp", *, offload: 
     notes = check_plan(cfg, num_processes, mode, cuda_devices=cuda_devices, offload=offload)
     if not cfg.run_dir:
         raise LaunchError("RUN_DIR is empty: helpers.config.start(...) sets it")
-    name = config_name(mode, cuda_devices)
+    name = CONFIG_FILES["fsdp" if mode == "fsdp" else
+                        "ddp" if _gpu_count(cuda_devices) > 0 else "ddp_cpu"]
     run_dir = Path(cfg.run_dir)
     target = run_dir / f"accelerate_{name}"
     target.parent.mkdir(parents=True, exist_ok=True)

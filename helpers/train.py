@@ -1,44 +1,36 @@
 """Training: paged-optimizer QLoRA training that fits the card, shows its progress, survives an
 interruption and proves that it learned. Introduced in notebook 05, whose cells build the
-``TrainingArguments`` and the plain ``transformers.Trainer`` themselves; this module holds
-what those cells call and the same steps as one call for the command line.
-
-- :func:`training_arguments` - the ``TrainingArguments`` notebook 05 builds in a cell, from the
-  one Config (a test checks that both agree): ``paged_adamw_8bit`` by default, schedule,
-  micro-batch x gradient accumulation, fp16/bf16 flags from :func:`helpers.env.precision_flags`
-  of the dtype the 4-bit layers compute in, and :func:`series_arguments` for the rest.
-- :func:`evaluate_loss` - held-out loss and perplexity, weighted by label tokens.
-- :func:`training_metrics` / :func:`summary` / :func:`adapter_card` - the figures of a finished
-  Trainer for the manifest, as text, and for the adapter's model card.
-- :func:`train` - notebook 05's training cells in one call (micro-batch from
-  :func:`helpers.budget.choose_micro_batch`, the callbacks of :mod:`helpers.callbacks`, resume
-  from :mod:`helpers.checkpoints`, the chunked loss of :mod:`helpers.losses`), returning a
-  :class:`TrainResult`; :func:`train_from_config` loads model and data first.
-
-``python -m helpers.train RUN_DIR`` (or ``accelerate launch -m helpers.train RUN_DIR``) trains
-with the parameters recorded in ``RUN_DIR/manifest.json``.
+``TrainingArguments`` and the plain ``transformers.Trainer`` themselves; this module holds what
+those cells call (:func:`series_arguments`, :func:`evaluate_loss`, :func:`training_metrics`,
+:func:`summary`) and the same steps as one call for the command line (:func:`train`,
+:func:`train_from_config`): ``python -m helpers.train RUN_DIR`` (or ``accelerate launch -m
+helpers.train RUN_DIR``) trains with the parameters recorded in ``RUN_DIR/manifest.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
+from accelerate.utils import send_to_device
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
 from helpers import env, fsdp, losses, scaling
-from helpers.tokens import IGNORE_INDEX
-from helpers.units import free
 from helpers.budget import BudgetError, _model_device, choose_micro_batch
 from helpers.callbacks import (LOSS_CURVE, LossCurveCallback, MemoryCallback, ProgressBar,
                                ThroughputCallback, TrainingGuard, TrainingStopped)
-from helpers.checkpoints import (ADAPTER, CHECKPOINTS, ResumeCallback, ResumeError, _lora_identity,
-                                 keep_resumed_micro_batch, resume_point, run_signature,
-                                 save_adapter)
+from helpers.checkpoints import (ADAPTER, CHECKPOINTS, ResumeCallback, ResumeError,
+                                 keep_resumed_micro_batch, model_card, resume_point,
+                                 run_signature, save_adapter)
+from helpers.tokens import IGNORE_INDEX
+from helpers.units import free
 
 
 # ============================================================================ arguments
@@ -54,16 +46,6 @@ def auto_learning_rate(model) -> float:
     return float(min(1e-2, 2e-4 * 4096 / hidden))
 
 
-def checkpointing_arguments(enabled: bool) -> dict:
-    """The TrainingArguments that turn (non-reentrant) checkpointing on or off, under the names
-    this transformers has: ``activation_checkpointing`` from 5.2x, ``gradient_checkpointing``
-    before."""
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    prefix = "activation" if "activation_checkpointing" in names else "gradient"
-    return {f"{prefix}_checkpointing": enabled,
-            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
-
-
 def series_arguments(cfg) -> dict:
     """The TrainingArguments notebook 05 does not dwell on, from the Config: non-reentrant
     activation checkpointing; the epochs (used when MAX_STEPS is 0); logging every step with
@@ -74,11 +56,15 @@ def series_arguments(cfg) -> dict:
     decides what the model receives; the Trainer's log printing off (``disable_tqdm=True``, and
     :func:`make_trainer` removes its PrinterCallback: :class:`helpers.callbacks.ProgressBar`
     shows the loss); no external reporting. Introduced in notebook 05."""
-    cuda = torch.cuda.is_available()
+    cuda, checkpointing = torch.cuda.is_available(), cfg.gradient_checkpointing
+    # named activation_checkpointing from transformers 5.2x, gradient_checkpointing before
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation" if "activation_checkpointing" in fields else "gradient"
     save = {"save_strategy": "steps", "save_steps": cfg.save_steps} if cfg.save_steps > 0 else {
         "save_strategy": "no"}
     return {
-        **checkpointing_arguments(cfg.gradient_checkpointing),
+        f"{ckpt}_checkpointing": checkpointing,
+        f"{ckpt}_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
         "num_train_epochs": cfg.epochs,
         "max_grad_norm": cfg.max_grad_norm,
         "logging_steps": 1,
@@ -132,18 +118,14 @@ def require_label_tokens(dataset) -> int:
     """Label tokens the loss is computed on in ``dataset`` (labels other than -100, each row's
     first position excluded: nothing predicts it); ``ValueError`` when there are none, since
     training would learn nothing and log a NaN loss. Introduced in notebook 05."""
-    import numpy as np
     import pyarrow.compute as pc
 
     if len(dataset) == 0:
         raise ValueError("the train set is empty: prepare the dataset first (notebook 04)")
     total = 0
     for table in dataset.select_columns(["labels"]).with_format("arrow").iter(batch_size=4096):
-        labels = table.column("labels").combine_chunks()
-        flat = np.asarray(labels.flatten(), dtype=np.int64)
-        nonempty = labels.filter(pc.greater(pc.list_value_length(labels), 0))
-        first = np.asarray(pc.list_element(nonempty, 0), dtype=np.int64)
-        total += int((flat != IGNORE_INDEX).sum()) - int((first != IGNORE_INDEX).sum())
+        after_first = pc.list_flatten(pc.list_slice(table.column("labels"), 1))
+        total += pc.sum(pc.not_equal(after_first, IGNORE_INDEX), min_count=0).as_py()
     if total == 0:
         raise ValueError("the train set has no label tokens (every label is -100), so training "
                          "would learn nothing and log a NaN loss: check RESPONSE_ONLY and "
@@ -182,19 +164,17 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     try:
         with torch.no_grad():
             for start in range(0, len(eval_dataset), batch_size):
-                rows = [eval_dataset[i] for i in range(start, min(start + batch_size,
-                                                                  len(eval_dataset)))]
-                batch = collator(rows)
-                labels = batch.pop("labels").to(device)
-                inputs = {k: (v.to(device) if torch.is_tensor(v) else v)
-                          for k, v in batch.items()}
-                inputs.setdefault("use_cache", False)
+                # rows by index, not a DataLoader: its iterator draws from the global random
+                # state, which would shift the dropout of the training that follows
+                end = min(start + batch_size, len(eval_dataset))
+                batch = send_to_device(collator([eval_dataset[i] for i in range(start, end)]),
+                                       device)
+                labels = batch.pop("labels")
+                batch.setdefault("use_cache", False)
                 with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
-                    logits = model(**inputs).logits
+                    logits = model(**batch).logits
                 target = labels[:, 1:]
                 keep = target != IGNORE_INDEX
-                if not keep.any():
-                    continue
                 picked = logits[:, :-1][keep].float()
                 total += float(torch.nn.functional.cross_entropy(picked, target[keep],
                                                                  reduction="sum"))
@@ -282,23 +262,6 @@ def summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def adapter_card(cfg, trainer, metrics: dict) -> dict:
-    """What the adapter's model card says (:func:`helpers.checkpoints.save_adapter`): the
-    figures, base model, dataset, date, batch, optimizer, learning rate, LoRA and MAX_LENGTH.
-    Introduced in notebook 05."""
-    args, lora_id = trainer.args, _lora_identity(trainer.model)
-    processes = metrics["num_processes"]
-    return {**metrics, "base_model": cfg.model, "dataset": cfg.dataset,
-            "date": time.strftime("%Y-%m-%d"),
-            "batch": f"{metrics['micro_batch']} x {metrics['grad_accum']}"
-                     + (f" x {processes} processes" if processes > 1 else ""),
-            "optimizer": cfg.optimizer,
-            "learning_rate": f"{args.learning_rate:g} ({cfg.lr_schedule})",
-            "lora": f"r={lora_id.get('r')}, alpha={lora_id.get('alpha')}, "
-                    f"targets {lora_id.get('targets')}",
-            "max_length": cfg.max_length}
-
-
 # ============================================================================ one call
 
 
@@ -312,7 +275,6 @@ class TrainResult:
     history: list
     adapter_dir: Path | None
     notes: list = field(default_factory=list)
-    resumed_from: Path | None = None
     trainer: object = field(default=None, repr=False)
 
     def summary(self) -> str:
@@ -334,17 +296,17 @@ def make_trainer(cfg, model, tokenizer, train_dataset, collator, micro_batch: in
 
 
 def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
-          micro_batch: int | None = None, callbacks=(), estimate_fn=None,
-          live: bool | None = None, verbose: bool = True) -> TrainResult:
+          callbacks=(), estimate_fn=None, live: bool | None = None,
+          verbose: bool = True) -> TrainResult:
     """Notebook 05's training cells in one call: train the LoRA adapters of ``model`` (a peft
     model on a 4-bit base) on ``train_dataset`` with the Config's settings, and return a
     :class:`TrainResult`. For the command line, notebook 06 when notebook 05 has not run, and
     tests.
 
     In order: refuse a train set without label tokens; the chunked loss (CHUNKED_LOSS); the
-    micro-batch (:func:`helpers.budget.choose_micro_batch`, unless ``micro_batch`` is given; a
-    resumed run keeps its micro-batch); the arguments; RESUME: check the latest checkpoint's run
-    signature, else start over (:func:`helpers.checkpoints.resume_point`); evaluate before;
+    micro-batch (:func:`helpers.budget.choose_micro_batch`; a resumed run keeps its
+    micro-batch); the arguments; RESUME: check the latest checkpoint's run signature, else start
+    over (:func:`helpers.checkpoints.resume_point`); evaluate before;
     train with the callbacks (live loss curve, memory, throughput, resume, progress, NaN/zero
     guard: :class:`TrainingStopped` if it stopped the run) plus ``callbacks``; evaluate after;
     save the adapter with its model card in ``RUN_DIR/adapter`` and the curve as
@@ -362,8 +324,6 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
         fsdp.match_peft_names_under_fsdp()
     notes = [losses.use_chunked_loss(model)] if cfg.chunked_loss else []
     dtype = env.compute_dtype(cfg.compute_dtype)
-    if micro_batch is not None:
-        cfg = dataclasses.replace(cfg, micro_batch=micro_batch)
     micro, fit_notes = choose_micro_batch(keep_resumed_micro_batch(cfg), model,
                                           estimate_fn=estimate_fn)
     notes += fit_notes
@@ -378,14 +338,13 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     if eval_set is None or len(eval_set) == 0:
         eval_set = train_dataset.select(range(min(64, len(train_dataset))))
         notes.append("no eval split: before/after losses are measured on the first train rows")
-    before = (float("nan"), float("nan"))
     if sharded:  # the model is sharded only when training starts: measured after, not before
         notes.append("FSDP: the held-out loss before training is not measured (the model is "
                      "not sharded yet, and whole it may not fit one GPU)")
     if verbose:
         print("\n".join(notes))
-    if not sharded:
-        before = evaluate_loss(model, eval_set, collator, micro, dtype)
+    before = (math.nan, math.nan) if sharded else evaluate_loss(model, eval_set, collator, micro,
+                                                                 dtype)
 
     curve = LossCurveCallback(run_dir / LOSS_CURVE, live=live)
     curve.add_eval(0, before[0], "eval before")
@@ -408,20 +367,14 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
                           micro, dtype)
     curve.add_eval(trainer.state.global_step, after[0], "eval after")
     metrics = training_metrics(trainer, before, after, resume_from)
-    adapter_dir = None
     save = None
     if sharded:  # every process takes part in gathering the LoRA weights from the shards
-        gathered = fsdp.gather_trainable(trainer.model_wrapped)
-
-        def save(folder):
-            fsdp.save_sharded_adapter(model, folder, gathered)
-
-    if trainer.args.should_save:
-        adapter_dir = save_adapter(model, run_dir / ADAPTER,
-                                   adapter_card(cfg, trainer, metrics), save=save)
+        save = functools.partial(fsdp.save_sharded_adapter, model,
+                                 tensors=fsdp.gather_trainable(trainer.model_wrapped))
+    adapter_dir = save_adapter(model, run_dir / ADAPTER, model_card(cfg, trainer, metrics),
+                               save=save) if trainer.args.should_save else None
     return TrainResult(metrics=metrics, history=curve.history, adapter_dir=adapter_dir,
-                       notes=notes, trainer=trainer,
-                       resumed_from=Path(resume_from) if resume_from else None)
+                       notes=notes, trainer=trainer)
 
 
 # ============================================================================ command line
@@ -491,13 +444,16 @@ def main(argv=None) -> int:
     is_main = launch["rank"] == 0
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
 
+    def record(status: str, **entry) -> None:  # the manifest's train entry (main process)
+        if is_main and Path(args.run_dir).is_dir():
+            manifest.update(args.run_dir, lambda d: d.__setitem__("train", {
+                "status": status, "started": started, "metrics": {}, **entry}))
+
     def fail(err, code: int) -> int:
         where = f"[process {launch['rank']}] " if launch["world_size"] > 1 else ""
         print(f"{where}error: {err}", file=sys.stderr)
-        if is_main and Path(args.run_dir).is_dir():
-            manifest.update(args.run_dir, lambda d: d.__setitem__("train", {
-                "status": "refused" if code == 2 else "failed", "started": started,
-                "error": f"{type(err).__name__}: {str(err)[:1000]}", "metrics": {}}))
+        record("refused" if code == 2 else "failed",
+               error=f"{type(err).__name__}: {str(err)[:1000]}")
         return code
 
     if not manifest.path(args.run_dir).is_file():
@@ -507,10 +463,8 @@ def main(argv=None) -> int:
     try:
         recorded = manifest.load(args.run_dir).get("parameters", {})
         params = {k: v for k, v in recorded.items() if k in config_mod.PARAMETERS}
-        params["RUN_DIR"] = args.run_dir
-        if args.resume:
-            params["RESUME"] = True
-        cfg = config_mod.make_config(**params)
+        cfg = config_mod.make_config(**{**params, "RUN_DIR": args.run_dir,
+                                        **({"RESUME": True} if args.resume else {})})
         mode = "fsdp" if launch["fsdp"] else "ddp"
         notes = scaling.check_plan(cfg, launch["local_world_size"], mode,
                                        cuda_devices=torch.cuda.device_count())
@@ -534,10 +488,8 @@ def main(argv=None) -> int:
     if is_main:
         print(result.summary())
         print(json.dumps(result.metrics, indent=1))
-        manifest.update(args.run_dir, lambda d: d.__setitem__("train", {
-            "status": "ok", "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "launch": {"num_processes": launch["world_size"], "mode": mode},
-            "metrics": result.metrics}))
+    record("ok", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics=result.metrics,
+           launch={"num_processes": launch["world_size"], "mode": mode})
     return 0
 
 
