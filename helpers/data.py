@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
+import torch
 from transformers import DataCollatorForSeq2Seq
 
 from helpers.formats import (_BATCH, DEFAULT_CHAT_TEMPLATE, EMBEDDED_QUOTES, DatasetError,
@@ -136,15 +137,7 @@ def pack(tokenized, max_length: int):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. columns and counts
-
-
-def _column_array(ds, column) -> np.ndarray:
-    return np.asarray(ds.with_format("arrow")[column].to_numpy(zero_copy_only=False))
-
-
-# --------------------------------------------------------------------------------------------
-# 5. the whole preparation, saved and reused
+# 4. the whole preparation, saved and reused
 
 
 @dataclass
@@ -224,15 +217,6 @@ def fingerprint(cfg, tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def split_train_eval(train, evaluation, cfg):
-    """Keep the source's own eval split, else hold out EVAL_FRACTION of train (seeded)."""
-    if evaluation is not None or cfg.eval_fraction <= 0 or len(train) < 2:
-        return train, evaluation
-    n_eval = min(len(train) - 1, max(1, round(cfg.eval_fraction * len(train))))
-    parts = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
-    return parts["train"], parts["test"]
-
-
 def prepare(cfg, tokenizer) -> Prepared:
     """Source -> formatted -> tokenized (labels, EOS, truncation) -> optional packing, per split.
 
@@ -251,17 +235,21 @@ def prepare(cfg, tokenizer) -> Prepared:
     source = load_source(cfg)
     train_rows, eval_rows = pick_splits(source, cfg)
     check_columns(train_rows, cfg, "train")
-    own_eval = eval_rows is not None
+    own_eval = eval_rows is not None  # the source's own eval split is kept
     if own_eval:
         check_columns(eval_rows, cfg, "eval")
-    train_rows, eval_rows = split_train_eval(train_rows, eval_rows, cfg)
+    elif cfg.eval_fraction > 0 and len(train_rows) >= 2:  # hold out EVAL_FRACTION (seeded)
+        n_eval = min(len(train_rows) - 1, max(1, round(cfg.eval_fraction * len(train_rows))))
+        parts = train_rows.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        train_rows, eval_rows = parts["train"], parts["test"]
 
     def build(rows):
         """Format and tokenize; drop the examples left without a loss token; pack (PACKING)."""
         formatted = format_examples(rows, cfg, tokenizer)  # checked above
         tok = tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
                                 add_leading_special=cfg.data_format != "chat")
-        lengths, loss = _column_array(tok, "full_length"), _column_array(tok, "loss_tokens")
+        counts = tok.select_columns(["full_length", "loss_tokens"]).with_format("numpy")[:]
+        lengths, loss = counts["full_length"], counts["loss_tokens"]
         keep = loss > 0
         if not keep.all():
             tok = tok.select(np.flatnonzero(keep), keep_in_memory=True)
@@ -381,7 +369,7 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
 
 
 # --------------------------------------------------------------------------------------------
-# 6. batches
+# 5. batches
 
 
 class CompletionCollator(DataCollatorForSeq2Seq):
@@ -412,8 +400,6 @@ class CompletionCollator(DataCollatorForSeq2Seq):
                          label_pad_token_id=IGNORE_INDEX)
 
     def __call__(self, features: list) -> dict:
-        import torch
-
         positions = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
         batch = dict(super().__call__([{"input_ids": f["input_ids"],
                                         "labels": f.get("labels", f["input_ids"])}
@@ -428,7 +414,7 @@ class CompletionCollator(DataCollatorForSeq2Seq):
 
 
 # --------------------------------------------------------------------------------------------
-# 7. showing examples
+# 6. showing examples
 
 
 class TokenView:
