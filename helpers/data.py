@@ -35,7 +35,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
+from datasets import DatasetDict, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
 from helpers.formats import (_BATCH, DEFAULT_CHAT_TEMPLATE, EMBEDDED_QUOTES, DatasetError,
@@ -269,8 +271,6 @@ def prepare(cfg, tokenizer) -> Prepared:
     no_eval = None, None, dict.fromkeys(("examples", "dropped", "tokens", "loss_tokens"), 0)
     eval_ds, _, ev = build(eval_rows) if eval_rows is not None and len(eval_rows) else no_eval
     truncated = lengths > cfg.max_length
-    import pandas as pd
-
     ls = pd.Series(lengths).describe(percentiles=[0.5, 0.95])  # per example, before truncation
     figures = {
         "train_examples": train["examples"], "eval_examples": ev["examples"],
@@ -305,8 +305,6 @@ def save(prepared: Prepared, run_dir) -> Path:
     The stats file is written last, so a save cut short is rebuilt rather than reused.
     Introduced in notebook 04; read by :func:`load_or_prepare` in notebook 05.
     """
-    from datasets import DatasetDict
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
@@ -340,8 +338,6 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
     (format, MAX_LENGTH, packing, source, ...); otherwise it is rebuilt and saved, and the
     differences are printed. Introduced in notebook 05.
     """
-    from datasets import load_from_disk
-
     run_dir = Path(run_dir or cfg.run_dir)
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
     say = print if verbose else (lambda *_: None)

@@ -27,8 +27,6 @@ TRANSIENT_SLACK = 0.35
 CUBLAS_WORKSPACE_BYTES = 64_000_000
 
 
-# ============================================================================== the estimator
-
 # the optimizers the estimator knows, with what each keeps per trainable parameter
 _OPTIMIZERS = {
     "paged_adamw_8bit": "2 states in 8 bits (+ absmax); large tensors paged (below)",

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-_BATCH = 1000
+from datasets import DatasetDict, get_dataset_split_names, load_dataset
 
 
+_BATCH = 1000  # rows per batch of datasets' map
 EMBEDDED_QUOTES = Path(__file__).parent / "data" / "quotes.jsonl"
 
 # file extension -> the `datasets` builder that reads it
@@ -51,8 +52,6 @@ def load_source(cfg):
     A local folder or a Hub id: ``datasets.load_dataset(id, DATASET_CONFIG, split=DATASET_SPLIT)``
     plus the source's own validation/test split when it has one. Introduced in notebook 04.
     """
-    from datasets import DatasetDict
-
     name = str(cfg.dataset).strip()
     if name in ("", "embedded"):
         if not EMBEDDED_QUOTES.exists():
@@ -82,8 +81,6 @@ def _looks_like_a_path(name: str) -> bool:
 
 
 def _load_file(path: Path):
-    from datasets import load_dataset
-
     builder = SUPPORTED_EXTENSIONS.get(path.suffix.lower())
     if builder is None:
         raise DatasetError(
@@ -105,8 +102,6 @@ def _load_file(path: Path):
 
 def _load_repository(name: str, cfg):
     """A Hub dataset id, or a local folder of data files in the same layout."""
-    from datasets import DatasetDict, get_dataset_split_names, load_dataset
-
     config = cfg.dataset_config or None
     split = cfg.dataset_split or "train"
     local = Path(name).is_dir()
