@@ -52,14 +52,6 @@ FORMAT_VERSION = 1  # part of the fingerprint: bump when the prepared layout cha
 # 3. tokens and labels
 
 
-def _leading_special_ids(tokenizer) -> list:
-    """The ids a tokenizer puts before every text by itself (BOS for Llama-style tokenizers)."""
-    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
-    n = len(plain)
-    start = next((k for k in range(len(full) - n + 1) if full[k: k + n] == plain), 0)
-    return list(full[:start])  # what comes before the text's own ids
-
-
 def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool = True,
                       add_leading_special: bool = True):
     """``pieces``/``trained`` -> ``input_ids`` and ``labels`` (plus per-example bookkeeping).
@@ -76,7 +68,11 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
     if eos is None:
         raise DatasetError("the tokenizer has no EOS token; set tokenizer.eos_token (the model "
                            "must learn where an example ends)")
-    lead = _leading_special_ids(tokenizer) if add_leading_special else []
+    lead = []  # the ids the tokenizer puts before every text by itself (BOS for Llama's)
+    if add_leading_special:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full, n = tokenizer("a")["input_ids"], len(plain)
+        lead = full[:next((k for k in range(len(full) - n + 1) if full[k: k + n] == plain), 0)]
 
     def fn(batch):
         flat = [p for pieces in batch["pieces"] for p in pieces]

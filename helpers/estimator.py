@@ -172,7 +172,6 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(_OPTIMIZERS)}")
     compute_dtype = _as_dtype(compute_dtype)
     cb = compute_dtype.itemsize  # bytes of the compute dtype (2 or 4)
-    fp32 = cb == 4
     if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)
         autocast = compute_dtype == torch.float16
     settings.update(compute_dtype=str(compute_dtype).replace("torch.", ""), autocast=autocast)
@@ -223,11 +222,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     #   stream's dtype (helpers.lora.attach), so the stream's own tensor.
     # - norm_out: a norm's output (what the linears after it read): float32 from a LayerNorm
     #   under autocast, else the stream's dtype.
-    hb = 4 if (upcast_fp32 or fp32 or (autocast and shape.norm == "layernorm")) else 2
+    hb = 4 if (upcast_fp32 or cb == 4 or (autocast and shape.norm == "layernorm")) else 2
     c16 = 2 if autocast else hb
     norm_out = 4 if (shape.norm == "layernorm" and autocast) else hb
     norm_save = 4 if (autocast or hb == 4 or shape.norm == "rmsnorm") else hb
-    q_dim = shape.heads * shape.head_dim
 
     # Without checkpointing every block keeps, per token, the sum of the parts below. For
     # comparison, Korthikanti et al. (2022) count s*b*h*(34 + 5*a*s/h) bytes per block for
@@ -248,7 +246,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
     # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
     # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
-    per_tok["attention"] = 4 * q_dim * c16 + 4 * shape.heads
+    per_tok["attention"] = 4 * shape.heads * shape.head_dim * c16 + 4 * shape.heads
     # MLP: the activation function saves its input (and a written-out formula its
     # intermediates); a gated MLP also keeps act(gate) and up for their product.
     per_tok["mlp"] = (_ACT_SAVES.get(shape.activation, 1) + 2 * shape.gated_mlp) * ff * hb

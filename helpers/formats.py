@@ -64,20 +64,16 @@ def load_source(cfg):
         return DatasetDict({"train": _load_file(path)})
     if path.is_dir():
         return _load_repository(str(path), cfg)
-    if _looks_like_a_path(name):
+    # a name meant as a file (not a Hub id: ``owner/name``, or a bare ``name``) is a missing file
+    suffix = path.suffix.lower()
+    file_like = suffix in SUPPORTED_EXTENSIONS or suffix in (
+        ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".xml", ".html", ".md", ".yaml")
+    if (file_like or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or ("/" not in name and bool(suffix))):
         raise FileNotFoundError(
             f"DATASET={name!r}: no such file or folder ({path.resolve()}); check the path "
             '(relative paths start from the notebook\'s folder), or use DATASET="embedded"')
     return _load_repository(name, cfg)
-
-
-def _looks_like_a_path(name: str) -> bool:
-    """A name that is meant as a file, not a Hub id (``owner/name``, or a bare ``name``)."""
-    suffix = Path(name).suffix.lower()
-    file_like = suffix in SUPPORTED_EXTENSIONS or suffix in (
-        ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".xml", ".html", ".md", ".yaml")
-    return (file_like or name.startswith(("/", ".", "~")) or name.count("/") > 1
-            or "\\" in name or ("/" not in name and bool(suffix)))
 
 
 def _load_file(path: Path):
@@ -169,18 +165,16 @@ def instruction_prompt(instruction: str, input: str = "") -> str:
 
 
 def required_columns(cfg) -> list:
-    """The columns a format reads (``input`` of the instruction format is optional)."""
-    if cfg.data_format == "template":
-        return template_columns(cfg.template)
+    """The columns a format reads (``input`` of the instruction format is optional); for the
+    template format, the column names its ``{placeholders}`` refer to, in order."""
     fixed = {"text": [cfg.text_column], "instruction": ["instruction", "output"],
              "chat": ["messages"]}
     if cfg.data_format in fixed:
         return fixed[cfg.data_format]
-    raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or chat")
-
-
-def template_columns(template: str) -> list:
-    """The column names a TEMPLATE's ``{placeholders}`` refer to, in order."""
+    if cfg.data_format != "template":
+        raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or "
+                           "chat")
+    template = cfg.template
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
