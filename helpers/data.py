@@ -35,6 +35,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
+import pandas as pd
+import torch
+from datasets import DatasetDict, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
 from helpers.formats import (_BATCH, DEFAULT_CHAT_TEMPLATE, EMBEDDED_QUOTES, DatasetError,
@@ -47,14 +50,6 @@ FORMAT_VERSION = 1  # part of the fingerprint: bump when the prepared layout cha
 
 # --------------------------------------------------------------------------------------------
 # 3. tokens and labels
-
-
-def _leading_special_ids(tokenizer) -> list:
-    """The ids a tokenizer puts before every text by itself (BOS for Llama-style tokenizers)."""
-    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
-    n = len(plain)
-    start = next((k for k in range(len(full) - n + 1) if full[k: k + n] == plain), 0)
-    return list(full[:start])  # what comes before the text's own ids
 
 
 def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool = True,
@@ -73,7 +68,11 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
     if eos is None:
         raise DatasetError("the tokenizer has no EOS token; set tokenizer.eos_token (the model "
                            "must learn where an example ends)")
-    lead = _leading_special_ids(tokenizer) if add_leading_special else []
+    lead = []  # the ids the tokenizer puts before every text by itself (BOS for Llama's)
+    if add_leading_special:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full, n = tokenizer("a")["input_ids"], len(plain)
+        lead = full[:next((k for k in range(len(full) - n + 1) if full[k: k + n] == plain), 0)]
 
     def fn(batch):
         flat = [p for pieces in batch["pieces"] for p in pieces]
@@ -136,15 +135,7 @@ def pack(tokenized, max_length: int):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. columns and counts
-
-
-def _column_array(ds, column) -> np.ndarray:
-    return np.asarray(ds.with_format("arrow")[column].to_numpy(zero_copy_only=False))
-
-
-# --------------------------------------------------------------------------------------------
-# 5. the whole preparation, saved and reused
+# 4. the whole preparation, saved and reused
 
 
 @dataclass
@@ -224,15 +215,6 @@ def fingerprint(cfg, tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def split_train_eval(train, evaluation, cfg):
-    """Keep the source's own eval split, else hold out EVAL_FRACTION of train (seeded)."""
-    if evaluation is not None or cfg.eval_fraction <= 0 or len(train) < 2:
-        return train, evaluation
-    n_eval = min(len(train) - 1, max(1, round(cfg.eval_fraction * len(train))))
-    parts = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
-    return parts["train"], parts["test"]
-
-
 def prepare(cfg, tokenizer) -> Prepared:
     """Source -> formatted -> tokenized (labels, EOS, truncation) -> optional packing, per split.
 
@@ -251,17 +233,21 @@ def prepare(cfg, tokenizer) -> Prepared:
     source = load_source(cfg)
     train_rows, eval_rows = pick_splits(source, cfg)
     check_columns(train_rows, cfg, "train")
-    own_eval = eval_rows is not None
+    own_eval = eval_rows is not None  # the source's own eval split is kept
     if own_eval:
         check_columns(eval_rows, cfg, "eval")
-    train_rows, eval_rows = split_train_eval(train_rows, eval_rows, cfg)
+    elif cfg.eval_fraction > 0 and len(train_rows) >= 2:  # hold out EVAL_FRACTION (seeded)
+        n_eval = min(len(train_rows) - 1, max(1, round(cfg.eval_fraction * len(train_rows))))
+        parts = train_rows.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        train_rows, eval_rows = parts["train"], parts["test"]
 
     def build(rows):
         """Format and tokenize; drop the examples left without a loss token; pack (PACKING)."""
         formatted = format_examples(rows, cfg, tokenizer)  # checked above
         tok = tokenize_examples(formatted, tokenizer, cfg.max_length, cfg.response_only,
                                 add_leading_special=cfg.data_format != "chat")
-        lengths, loss = _column_array(tok, "full_length"), _column_array(tok, "loss_tokens")
+        counts = tok.select_columns(["full_length", "loss_tokens"]).with_format("numpy")[:]
+        lengths, loss = counts["full_length"], counts["loss_tokens"]
         keep = loss > 0
         if not keep.all():
             tok = tok.select(np.flatnonzero(keep), keep_in_memory=True)
@@ -281,8 +267,6 @@ def prepare(cfg, tokenizer) -> Prepared:
     no_eval = None, None, dict.fromkeys(("examples", "dropped", "tokens", "loss_tokens"), 0)
     eval_ds, _, ev = build(eval_rows) if eval_rows is not None and len(eval_rows) else no_eval
     truncated = lengths > cfg.max_length
-    import pandas as pd
-
     ls = pd.Series(lengths).describe(percentiles=[0.5, 0.95])  # per example, before truncation
     figures = {
         "train_examples": train["examples"], "eval_examples": ev["examples"],
@@ -317,8 +301,6 @@ def save(prepared: Prepared, run_dir) -> Path:
     The stats file is written last, so a save cut short is rebuilt rather than reused.
     Introduced in notebook 04; read by :func:`load_or_prepare` in notebook 05.
     """
-    from datasets import DatasetDict
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
@@ -352,8 +334,6 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
     (format, MAX_LENGTH, packing, source, ...); otherwise it is rebuilt and saved, and the
     differences are printed. Introduced in notebook 05.
     """
-    from datasets import load_from_disk
-
     run_dir = Path(run_dir or cfg.run_dir)
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
     say = print if verbose else (lambda *_: None)
@@ -381,7 +361,7 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
 
 
 # --------------------------------------------------------------------------------------------
-# 6. batches
+# 5. batches
 
 
 class CompletionCollator(DataCollatorForSeq2Seq):
@@ -412,8 +392,6 @@ class CompletionCollator(DataCollatorForSeq2Seq):
                          label_pad_token_id=IGNORE_INDEX)
 
     def __call__(self, features: list) -> dict:
-        import torch
-
         positions = [f["position_ids"] for f in features] if "position_ids" in features[0] else None
         batch = dict(super().__call__([{"input_ids": f["input_ids"],
                                         "labels": f.get("labels", f["input_ids"])}
@@ -428,7 +406,7 @@ class CompletionCollator(DataCollatorForSeq2Seq):
 
 
 # --------------------------------------------------------------------------------------------
-# 7. showing examples
+# 6. showing examples
 
 
 class TokenView:

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 import torch
 from helpers.shapes import LinearSpec, ModelShape, as_shape
-from helpers.units import BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ, fmt_bytes, quantized_weight_bytes
+from helpers.units import (BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ, fmt_bytes,
+                           quantized_weight_bytes)
 
 
 # What the card holds outside torch's allocator: the CUDA context with the kernels torch and
@@ -25,8 +26,6 @@ TRANSIENT_SLACK = 0.35
 # first matmul (so they are in max_memory_allocated): 64 MB measured on an H200 (4 MiB x 8 each).
 CUBLAS_WORKSPACE_BYTES = 64_000_000
 
-
-# ============================================================================== the estimator
 
 # the optimizers the estimator knows, with what each keeps per trainable parameter
 _OPTIMIZERS = {
@@ -144,7 +143,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              lora_r: int = 16, lora_targets="all-linear", optimizer: str = "paged_adamw_8bit",
              compute_dtype=torch.bfloat16, double_quant: bool = True, cuda_context: bool = True,
              upcast_fp32: bool = False, autocast: bool | None = None,
-             lora_dropout: float = 0.05, chunked_loss: bool = True, context_bytes: int = CUDA_CONTEXT_BYTES,
+             lora_dropout: float = 0.05, chunked_loss: bool = True,
+             context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
     """Predict the peak GPU memory of a QLoRA training step, item by item.
 
@@ -154,10 +154,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     4-bit layers and of the 16-bit ones; ``upcast_fp32``: embeddings, head and norms cast to
     float32 as ``prepare_model_for_kbit_training`` does (the original recipe; the series makes it
     optional); ``autocast``: the Trainer's fp16/bf16 mixed-precision flag (default: on unless the
-    compute dtype is float32); ``chunked_loss``: the loss of :mod:`helpers.losses` (the series' default,
-    CHUNKED_LOSS), whose logits exist one chunk of positions at a time, instead of the standard
-    loss over the whole sequence's logits (False: the original recipe, a plain Trainer);
-    ``cuda_context``: False on CPU.
+    compute dtype is float32); ``chunked_loss``: the loss of :mod:`helpers.losses` (the series'
+    default, CHUNKED_LOSS), whose logits exist one chunk of positions at a time, instead of the
+    standard loss over the whole sequence's logits (False: the original recipe, a plain
+    Trainer); ``cuda_context``: False on CPU.
 
     The activation model follows what autograd really saves in transformers 5 with bitsandbytes
     4-bit layers and peft LoRA (checked with saved-tensor hooks on each family); the module's
@@ -172,7 +172,6 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(_OPTIMIZERS)}")
     compute_dtype = _as_dtype(compute_dtype)
     cb = compute_dtype.itemsize  # bytes of the compute dtype (2 or 4)
-    fp32 = cb == 4
     if autocast is None:  # the series' flags: autocast for float16 only (env.precision_flags)
         autocast = compute_dtype == torch.float16
     settings.update(compute_dtype=str(compute_dtype).replace("torch.", ""), autocast=autocast)
@@ -192,9 +191,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
 
     # ---------------------------------------------------------------- LoRA and the optimizer
     lora = _lora_specs(shape, lora_targets)
-    lora_mats = []  # numel of every LoRA matrix (A: r x d_in, B: d_out x r)
-    for s in lora:
-        lora_mats += [lora_r * s.d_in, s.d_out * lora_r] * shape.layers
+    # numel of every LoRA matrix (A: r x d_in, B: d_out x r) of every block
+    lora_mats = [lora_r * d for s in lora for d in (s.d_in, s.d_out)] * shape.layers
     n_lora = sum(lora_mats)
     lora_b = 4  # peft 0.21 creates LoRA weights in float32 (autocast_adapter_dtype=True)
     opt_alloc = opt_paged = 0
@@ -224,14 +222,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     #   stream's dtype (helpers.lora.attach), so the stream's own tensor.
     # - norm_out: a norm's output (what the linears after it read): float32 from a LayerNorm
     #   under autocast, else the stream's dtype.
-    if shape.norm == "layernorm":
-        hb = 4 if (autocast or upcast_fp32 or fp32) else 2
-    else:
-        hb = 4 if (upcast_fp32 or fp32) else 2
+    hb = 4 if (upcast_fp32 or cb == 4 or (autocast and shape.norm == "layernorm")) else 2
     c16 = 2 if autocast else hb
     norm_out = 4 if (shape.norm == "layernorm" and autocast) else hb
     norm_save = 4 if (autocast or hb == 4 or shape.norm == "rmsnorm") else hb
-    q_dim = shape.heads * shape.head_dim
 
     # Without checkpointing every block keeps, per token, the sum of the parts below. For
     # comparison, Korthikanti et al. (2022) count s*b*h*(34 + 5*a*s/h) bytes per block for
@@ -252,7 +246,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
     # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
     # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
-    per_tok["attention"] = 4 * q_dim * c16 + 4 * shape.heads
+    per_tok["attention"] = 4 * shape.heads * shape.head_dim * c16 + 4 * shape.heads
     # MLP: the activation function saves its input (and a written-out formula its
     # intermediates); a gated MLP also keeps act(gate) and up for their product.
     per_tok["mlp"] = (_ACT_SAVES.get(shape.activation, 1) + 2 * shape.gated_mlp) * ff * hb
@@ -280,11 +274,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     from helpers.losses import chunk_tokens
 
     chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
-    if chunked_loss:
-        logit_tokens = chunk_tokens(V)
-        gathered = 3 * T * h * norm_out  # the final norm's output
-    else:
-        logit_tokens, gathered = T, 0
+    # with the chunked loss: one chunk's logits, and the final norm's output gathered
+    logit_tokens, gathered = (chunk_tokens(V), 3 * T * h * norm_out) if chunked_loss else (T, 0)
     logits_fwd = 10 * logit_tokens * V + gathered // 3
     logits = 12 * logit_tokens * V + gathered
 
@@ -333,18 +324,14 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     }
     peak_phase = max(phases, key=phases.get)
     at_fwd, _at_loss, at_block = (peak_phase == p for p in phases)
-
-    def on(x, when):
-        return x if when else 0
-
     items = [Item(key, label, n, n, why) for key, label, n, why in persistent] + [
-        Item("block_recompute", "one block in backward", block_bwd, on(block_bwd, at_block),
+        Item("block_recompute", "one block in backward", block_bwd, block_bwd if at_block else 0,
              "the recomputed block's saved tensors and the gradients in flight"
              if gradient_checkpointing else "gradients in flight through one block"),
-        Item("dequant_temp", "4-bit dequantization buffer", dequant, on(dequant, at_block),
+        Item("dequant_temp", "4-bit dequantization buffer", dequant, dequant if at_block else 0,
              "the largest 4-bit weight dequantized for a matmul"),
         Item("head_copy", "16-bit copy of the head", head_copy,
-             on(head_copy, not at_block), "autocast's copy of the float32 head, kept for backward"
+             0 if at_block else head_copy, "autocast's copy of the float32 head, kept for backward"
              if head_copy else "none: the head is already 16-bit"),
         Item("logits", "logits and loss", logits + final_norm,
              (logits_fwd if at_fwd else logits) + final_norm if not at_block else 0,
@@ -408,8 +395,9 @@ def _lora_saved_per_token(shape, lora, r, dropout, lc, *, norm_out, attn_out, ml
     """Bytes per token that the LoRA adapters of one block save for backward.
 
     lora_A keeps its input, lora_B its r-wide input (``lc`` bytes each: the 16-bit compute dtype
-    under autocast or in the series' LoRA layers, float32 when the stream is float32). With dropout each adapter has its own dropout output and a 1-byte
-    mask (CUDA; a float mask on CPU). Without dropout an input that needs a cast gets one copy
+    under autocast or in the series' LoRA layers, float32 when the stream is float32). With
+    dropout each adapter has its own dropout output and a 1-byte mask (CUDA; a float mask on
+    CPU). Without dropout an input that needs a cast gets one copy
     per adapter (autocast caches casts of weights, not of activations); one that already has
     the right dtype is shared by every adapter reading it, and a ReLU's output (kept by ReLU
     itself) costs nothing more.

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 import torch
 from helpers.shapes import as_shape
-from helpers.units import BLOCKSIZE, _is_params4bit, fmt_bytes, logical_numel, quantized_weight_bytes
+from helpers.units import (BLOCKSIZE, _is_params4bit, fmt_bytes, logical_numel,
+                           quantized_weight_bytes)
 
 
 def cpu_rss() -> int:
@@ -88,8 +89,9 @@ _COLUMNS = [  # (title, attribute) of the printed table
 class MemoryLog:
     """Every tracked stage of a notebook, in order. ``with log.track("load"): ...`` adds one.
 
-    :meth:`frame` gives the stages as a pandas DataFrame, ``print(log)`` its text, and in a notebook
-    the log shows as its HTML table; :meth:`as_metrics` flattens it for the run manifest. Introduced in notebook 02.
+    :meth:`frame` gives the stages as a pandas DataFrame, ``print(log)`` its text, and in a
+    notebook the log shows as its HTML table; :meth:`as_metrics` flattens it for the run
+    manifest. Introduced in notebook 02.
     """
 
     def __init__(self, sample_interval: float = 0.02):
@@ -158,7 +160,7 @@ class MemoryLog:
         ``peak_cpu_rss_bytes_load`` for stage "load" (a repeated stage keeps its last record)."""
         out = {}
         for r in self.records:
-            s = _slug(r.stage)
+            s = re.sub(r"[^0-9a-zA-Z]+", "_", r.stage).strip("_").lower() or "stage"
             out.update({
                 f"{prefix}peak_gpu_bytes_{s}": r.gpu_peak_allocated,
                 f"{prefix}peak_gpu_reserved_bytes_{s}": r.gpu_peak_reserved,
@@ -168,10 +170,6 @@ class MemoryLog:
                 f"{prefix}seconds_{s}": r.seconds,
             })
         return out
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower() or "stage"
 
 
 LOG = MemoryLog()  # the notebook's log: ``track`` adds to it unless given another
@@ -199,10 +197,7 @@ def footprint_breakdown(model) -> list[dict]:
     get_memory_footprint(), all rows together to what the weights really occupy.
     Introduced in notebook 02.
     """
-    try:
-        out_emb = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        out_emb = None
+    out_emb = model.get_output_embeddings()  # None for a model without a head
     head_ids = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
 
     parts = {}  # part -> [bytes, params, set(dtypes), in_footprint, note]
@@ -345,18 +340,14 @@ def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
     """
     import bitsandbytes.functional as bnbf
 
-    weights = {}
-    for mname, module in model_16bit.named_modules():
-        if isinstance(module, torch.nn.Linear) and not _SKIP_PAT.search(mname):
-            if _is_params4bit(module.weight):
-                raise ValueError(f"{mname} is already 4-bit: give quantization_error the "
-                                 "16-bit model, not the quantized one")
-            weights[mname] = module.weight
-    if not weights:
-        raise ValueError("no linear weights found to quantize")
     acc = {}  # (group, qtype) -> [(squared error, squared norm, params) of each weight]
-    for name, w in weights.items():
-        w = w.detach()
+    for name, module in model_16bit.named_modules():
+        if not isinstance(module, torch.nn.Linear) or _SKIP_PAT.search(name):
+            continue
+        if _is_params4bit(module.weight):
+            raise ValueError(f"{name} is already 4-bit: give quantization_error the "
+                             "16-bit model, not the quantized one")
+        w = module.weight.detach()
         if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             w = w.float()
         group = ("MLP" if _MLP_PAT.search(name.lower()) else
@@ -367,6 +358,8 @@ def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
             deq = bnbf.dequantize_4bit(q, state)
             err2 = (w.float() - deq.float()).pow(2).sum().item()
             acc.setdefault((group, qt), []).append((err2, ref2, w.nelement()))
+    if not acc:
+        raise ValueError("no linear weights found to quantize")
     rows = []
     for (group, qt), each in sorted(acc.items()):
         err2, ref2, npar = map(sum, zip(*each))

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-_BATCH = 1000
+from datasets import DatasetDict, get_dataset_split_names, load_dataset
 
 
+_BATCH = 1000  # rows per batch of datasets' map
 EMBEDDED_QUOTES = Path(__file__).parent / "data" / "quotes.jsonl"
 
 # file extension -> the `datasets` builder that reads it
@@ -51,8 +52,6 @@ def load_source(cfg):
     A local folder or a Hub id: ``datasets.load_dataset(id, DATASET_CONFIG, split=DATASET_SPLIT)``
     plus the source's own validation/test split when it has one. Introduced in notebook 04.
     """
-    from datasets import DatasetDict
-
     name = str(cfg.dataset).strip()
     if name in ("", "embedded"):
         if not EMBEDDED_QUOTES.exists():
@@ -65,25 +64,19 @@ def load_source(cfg):
         return DatasetDict({"train": _load_file(path)})
     if path.is_dir():
         return _load_repository(str(path), cfg)
-    if _looks_like_a_path(name):
+    # a name meant as a file (not a Hub id: ``owner/name``, or a bare ``name``) is a missing file
+    suffix = path.suffix.lower()
+    file_like = suffix in SUPPORTED_EXTENSIONS or suffix in (
+        ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".xml", ".html", ".md", ".yaml")
+    if (file_like or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or ("/" not in name and bool(suffix))):
         raise FileNotFoundError(
             f"DATASET={name!r}: no such file or folder ({path.resolve()}); check the path "
             '(relative paths start from the notebook\'s folder), or use DATASET="embedded"')
     return _load_repository(name, cfg)
 
 
-def _looks_like_a_path(name: str) -> bool:
-    """A name that is meant as a file, not a Hub id (``owner/name``, or a bare ``name``)."""
-    suffix = Path(name).suffix.lower()
-    file_like = suffix in SUPPORTED_EXTENSIONS or suffix in (
-        ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip", ".xml", ".html", ".md", ".yaml")
-    return (file_like or name.startswith(("/", ".", "~")) or name.count("/") > 1
-            or "\\" in name or ("/" not in name and bool(suffix)))
-
-
 def _load_file(path: Path):
-    from datasets import load_dataset
-
     builder = SUPPORTED_EXTENSIONS.get(path.suffix.lower())
     if builder is None:
         raise DatasetError(
@@ -105,8 +98,6 @@ def _load_file(path: Path):
 
 def _load_repository(name: str, cfg):
     """A Hub dataset id, or a local folder of data files in the same layout."""
-    from datasets import DatasetDict, get_dataset_split_names, load_dataset
-
     config = cfg.dataset_config or None
     split = cfg.dataset_split or "train"
     local = Path(name).is_dir()
@@ -174,18 +165,16 @@ def instruction_prompt(instruction: str, input: str = "") -> str:
 
 
 def required_columns(cfg) -> list:
-    """The columns a format reads (``input`` of the instruction format is optional)."""
-    if cfg.data_format == "template":
-        return template_columns(cfg.template)
+    """The columns a format reads (``input`` of the instruction format is optional); for the
+    template format, the column names its ``{placeholders}`` refer to, in order."""
     fixed = {"text": [cfg.text_column], "instruction": ["instruction", "output"],
              "chat": ["messages"]}
     if cfg.data_format in fixed:
         return fixed[cfg.data_format]
-    raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or chat")
-
-
-def template_columns(template: str) -> list:
-    """The column names a TEMPLATE's ``{placeholders}`` refer to, in order."""
+    if cfg.data_format != "template":
+        raise DatasetError(f"DATA_FORMAT={cfg.data_format!r}: use text, template, instruction or "
+                           "chat")
+    template = cfg.template
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:

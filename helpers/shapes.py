@@ -16,9 +16,6 @@ import torch
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-# ============================================================================ model shapes
-
-
 @dataclass(frozen=True)
 class LinearSpec:
     """One linear layer of a transformer block: name, in/out features, bias, group."""
@@ -107,21 +104,6 @@ def _cfg_get(cfg, *names, default=None):
     return default
 
 
-def _as_config(config):
-    """A transformers config object from a config, a dict (with a model_type transformers
-    knows) or a model; any other dict is read as it is."""
-    if isinstance(config, torch.nn.Module):
-        return config.config
-    if isinstance(config, Mapping):
-        from transformers import CONFIG_MAPPING
-
-        d = dict(config)
-        if d.get("model_type") in CONFIG_MAPPING:
-            return CONFIG_MAPPING[d.pop("model_type")](**d)
-        return d
-    return config
-
-
 _GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo",
           "olmo2", "granite", "stablelm", "cohere", "internlm2", "yi", "deepseek"}
 
@@ -135,7 +117,14 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
     fc2); anything else is read from the usual config names as a Llama-like block when its
     activation is SiLU, else as a GPT-like one.
     """
-    cfg = _as_config(config)
+    from transformers import CONFIG_MAPPING
+
+    cfg = config.config if isinstance(config, torch.nn.Module) else config
+    if isinstance(cfg, Mapping) and cfg.get("model_type") in CONFIG_MAPPING:
+        # a dict with a model_type transformers knows becomes its config (with its defaults);
+        # any other dict is read as it is
+        d = dict(cfg)
+        cfg = CONFIG_MAPPING[d.pop("model_type")](**d)
     mt = str(_cfg_get(cfg, "model_type", default="")).lower()
     h = int(_cfg_get(cfg, "hidden_size", "n_embd", "d_model", "dim"))
     a = int(_cfg_get(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads"))
@@ -154,11 +143,10 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
         ff = int(_cfg_get(cfg, "intermediate_size", default=4 * h))
         bias = bool(_cfg_get(cfg, "attention_bias", default=True))
         linears = (LinearSpec("query_key_value", h, 3 * h, bias, "attention"),
-                   LinearSpec("dense", h, h, bias, "attention"),
-                   LinearSpec("dense_h_to_4h", h, ff, True, "mlp"),
-                   LinearSpec("dense_4h_to_h", ff, h, True, "mlp"))
+                   LinearSpec("dense", h, h, bias, "attention"))
         return ModelShape(
-            **common, family="gpt_neox", intermediate=ff, linears=linears,
+            **common, family="gpt_neox", intermediate=ff,
+            linears=linears + _mlp(h, ff, "dense_h_to_4h", "dense_4h_to_h"),
             parallel_residual=bool(_cfg_get(cfg, "use_parallel_residual", default=True)),
             activation=str(_cfg_get(cfg, "hidden_act", default="gelu")),
             resid_dropout=float(_cfg_get(cfg, "hidden_dropout", default=0.0)),

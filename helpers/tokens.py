@@ -2,10 +2,6 @@
 Imports nothing from the package.
 """
 
-from __future__ import annotations
-
-
-
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 IGNORE_INDEX = -100  # a label the loss skips (PyTorch's cross-entropy default)

@@ -66,19 +66,16 @@ def _is_params4bit(p) -> bool:
     return type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None
 
 
-def quantized_weight_bytes(n: int, *, double_quant: bool = True, blocksize: int = BLOCKSIZE,
-                           tables: bool = True) -> dict:
+def quantized_weight_bytes(n: int, *, double_quant: bool = True) -> dict:
     """Bytes of one weight of ``n`` values in bitsandbytes 4-bit (NF4 and FP4 alike).
 
     ``packed``: ceil(n/2). ``constants``: without double quantization one float32 absmax per
-    block of ``blocksize``; with it one uint8 absmax per block, one float32 per 256 of those,
+    block of 64 (BLOCKSIZE); with it one uint8 absmax per block, one float32 per 256 of those,
     a 256-entry float32 table and a float32 offset; both add the 16-entry 4-bit value table.
     """
-    blocks = math.ceil(n / blocksize)
+    blocks = math.ceil(n / BLOCKSIZE)
     if double_quant:
-        const = blocks + 4 * math.ceil(blocks / DQ_BLOCKSIZE)
-        table = 4 * 256 + 4 + 4 * 16
+        const = blocks + 4 * math.ceil(blocks / DQ_BLOCKSIZE) + 4 * 256 + 4
     else:
         const = 4 * blocks
-        table = 4 * 16
-    return {"packed": (n + 1) // 2, "constants": const + (table if tables else 0)}
+    return {"packed": (n + 1) // 2, "constants": const + 4 * 16}
