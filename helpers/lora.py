@@ -240,19 +240,25 @@ def prepare_for_training(model, gradient_checkpointing: bool = True,
     before = param_bytes(model)
     # what a float32 upcast adds: numel x (4 - current element size) over the 16-bit ones
     would_cost = sum(p.numel() * (4 - p.dtype.itemsize) for _, p in _upcast_candidates(model))
-    frozen = 0
-    for p in model.parameters():
-        p.requires_grad_(False)
-        frozen += 1
+    model.requires_grad_(False)
     upcast = []
     if upcast_norms_and_head:
         for name, p in list(_upcast_candidates(model)):
             p.data = p.data.to(torch.float32)
             upcast.append(name)
     if gradient_checkpointing:
-        _enable_checkpointing(model)
-        if not getattr(model, "_require_grads_hooks", None) and not getattr(
-                model, "_require_grads_hook", None):
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"{type(model).__name__} does not support gradient checkpointing; "
+                "set GRADIENT_CHECKPOINTING = False (it then needs more activation memory)"
+            )
+        # activation_checkpointing_enable in transformers 5.x, gradient_checkpointing_enable before
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not hasattr(model, "_require_grads_hook"):  # transformers 5.x already added it
             model.enable_input_require_grads()
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
@@ -264,26 +270,10 @@ def prepare_for_training(model, gradient_checkpointing: bool = True,
         "upcast_bytes_avoided": 0 if upcast_norms_and_head else would_cost,
         "upcast_applied": bool(upcast_norms_and_head),
         "upcast_params": upcast,
-        "frozen_params": frozen,
+        "frozen_params": sum(1 for _ in model.parameters()),
         "gradient_checkpointing": bool(gradient_checkpointing),
-        "input_require_grads": bool(getattr(model, "_require_grads_hooks", None)
-                                    or getattr(model, "_require_grads_hook", None)),
+        "input_require_grads": hasattr(model, "_require_grads_hook"),
     }
-
-
-def _enable_checkpointing(model) -> None:
-    """Non-reentrant checkpointing, under the method name this transformers version has
-    (``activation_checkpointing_enable`` in 5.x, ``gradient_checkpointing_enable`` before)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"{type(model).__name__} does not support gradient checkpointing; "
-            "set GRADIENT_CHECKPOINTING = False (it then needs more activation memory)"
-        )
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # --------------------------------------------------------------------------- LoRA config
@@ -362,17 +352,6 @@ def attach(model, cfg):
 # --------------------------------------------------------------------------- reports
 
 
-def _lora_layers(peft_model):
-    """(path, peft layer, rank) of every adapted layer instance."""
-    out = []
-    for path, module in peft_model.named_modules():
-        if _is_adapter_wrapper(module):
-            ranks = getattr(module, "r", {})
-            if ADAPTER in ranks:
-                out.append((path, module, ranks[ADAPTER]))
-    return out
-
-
 def trainable_report(peft_model) -> dict:
     """peft's trainable-parameter count beside the LoRA formula, by target module type and in
     total (notebook 03).
@@ -383,11 +362,12 @@ def trainable_report(peft_model) -> dict:
     ``totals``: ``trainable`` and ``total_params`` from peft's ``get_nb_trainable_parameters()``
     (each 4-bit weight counted as the elements it stands for, not its packed bytes; shared
     weights once), ``trainable_percent``, ``formula_count`` (r x sum(d_in + d_out) over adapted
-    layers), ``counted``, ``equal``, ``lora_target_count`` (adapted layer instances),
+    layers), ``equal``, ``lora_target_count`` (adapted layer instances),
     ``adapter_bytes``, ``bytes_after`` (:func:`param_bytes`) and ``bytes_before`` (the same less
     the adapters: what the model took before attaching).
     """
-    layers = _lora_layers(peft_model)
+    layers = [(path, module, module.r[ADAPTER]) for path, module in peft_model.named_modules()
+              if _is_adapter_wrapper(module) and ADAPTER in getattr(module, "r", {})]
     if not layers:
         raise ValueError("no LoRA layers found: pass the model returned by get_peft_model")
     rows: dict = {}
@@ -410,7 +390,6 @@ def trainable_report(peft_model) -> dict:
         "total_params": total,
         "trainable_percent": 100.0 * counted / total if total else 0.0,
         "formula_count": formula,
-        "counted": counted,
         "equal": formula == counted,
         "lora_target_count": len(layers),
         "bytes_before": after - adapter_bytes,

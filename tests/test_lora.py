@@ -232,7 +232,7 @@ def test_trainable_count_equals_formula_and_it_trains(saved, family):
     report = lora.trainable_report(wrapped)
     t = report["totals"]
     assert t["bytes_before"] == before  # measured before attaching, not only derived
-    assert t["equal"] and t["formula_count"] == t["counted"] == t["trainable"] > 0
+    assert t["equal"] and t["formula_count"] == t["trainable"] > 0
     assert t["lora_target_count"] == 2 * len(ATTENTION[family] | MLP[family])
     assert sum(r["trainable"] for r in report["rows"]) == t["trainable"]
     assert all(r["trainable"] == r["formula"] for r in report["rows"])
@@ -259,7 +259,7 @@ def test_attention_scope_counts(saved):
     wrapped = lora.attach(model, cfg(lora_targets="attention", lora_r=8))
     t = lora.trainable_report(wrapped)["totals"]
     # 2 layers x r=8 x ((64 + 192) + (64 + 64))
-    assert t["counted"] == t["formula_count"] == 2 * 8 * (256 + 128)
+    assert t["trainable"] == t["formula_count"] == 2 * 8 * (256 + 128)
     assert t["lora_target_count"] == 4
 
 
