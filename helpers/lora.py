@@ -195,17 +195,12 @@ def param_bytes(model) -> int:
     return footprint_totals(footprint_breakdown(model))["resident"]
 
 
-def _upcast_candidates(model):
+def _upcast_candidates(model) -> list:
     """The parameters peft's ``prepare_model_for_kbit_training`` casts to float32: every
     float16/bfloat16 parameter that is not a packed 4-bit weight (embeddings, head, norms,
-    biases)."""
-    seen: set = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p):
-            yield name, p
+    biases), each shared one once (``named_parameters`` skips repeats)."""
+    return [(name, p) for name, p in model.named_parameters()
+            if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p)]
 
 
 # --------------------------------------------------------------------------- k-bit preparation
@@ -243,7 +238,7 @@ def prepare_for_training(model, gradient_checkpointing: bool = True,
     model.requires_grad_(False)
     upcast = []
     if upcast_norms_and_head:
-        for name, p in list(_upcast_candidates(model)):
+        for name, p in _upcast_candidates(model):
             p.data = p.data.to(torch.float32)
             upcast.append(name)
     if gradient_checkpointing:
@@ -304,11 +299,9 @@ class StreamDtypeLinear(nn.Linear):
     for each adapted layer). The state dict is unchanged, so saved adapters are plain peft."""
 
     def forward(self, x):
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return nn.functional.linear(x, weight, bias)
+        # .to() returns the tensor itself when the dtype already matches
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
 def compute_lora_in_stream_dtype(peft_model) -> int:

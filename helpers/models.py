@@ -62,14 +62,6 @@ def _device_map(dev: torch.device) -> dict:
     return {"": dev.index} if dev.type == "cuda" else {"": str(dev)}
 
 
-def _dtype_kwarg(dtype) -> dict:
-    """``dtype=`` (transformers >= 4.56) or ``torch_dtype=`` (older)."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 def cpu_safe(model):
     """Keep 4-bit layers trainable on CPU (notebooks 02-06).
 

@@ -431,5 +431,5 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QLORA_SERIES_CACHE", str(tmp_path))
     assert embedded_model.embedded_path(build=False) == tmp_path / embedded_model.EMBEDDED_VERSION
     monkeypatch.delenv("QLORA_SERIES_CACHE")
-    assert str(embedded_model.cache_root()) == os.path.expanduser(os.path.join("~", ".cache",
-                                                                       "qlora-series"))
+    assert str(embedded_model.embedded_path(build=False)) == os.path.expanduser(
+        os.path.join("~", ".cache", "qlora-series", embedded_model.EMBEDDED_VERSION))
