@@ -127,7 +127,7 @@ def describe(model) -> dict:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     four_bit = other = 0
     dtypes: dict = {}
     for param in base.parameters():

@@ -21,6 +21,7 @@ GPT-J stops with "Target modules not found". Here the targets come from the load
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -47,9 +48,8 @@ def _is_adapter_wrapper(module) -> bool:
 
 
 def _head(model):
-    """The output head (``get_output_embeddings()``), or None where a model has none."""
-    if hasattr(model, "get_base_model"):  # a peft model
-        model = model.get_base_model()
+    """The output head (``get_output_embeddings()``, which a peft model passes on to its base),
+    or None where a model has none."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head.base_layer if head is not None and _is_adapter_wrapper(head) else head
 
@@ -397,23 +397,11 @@ def trainable_report(peft_model) -> dict:
 # --------------------------------------------------------------------------- it trains
 
 
-def _packed_checksums(model) -> dict:
-    """An exact integer checksum of each packed 4-bit weight, computed on its own device in
-    slices (no copy of the whole model): sum of bytes and a position-weighted sum."""
-    sums = {}
-    for name, p in model.named_parameters():
-        if not _is_4bit(p):
-            continue
-        flat = p.data.reshape(-1)
-        plain = weighted = 0
-        step = 1 << 22
-        for start in range(0, flat.numel(), step):
-            chunk = flat[start:start + step].to(torch.int64)
-            pos = torch.arange(start, start + chunk.numel(), device=chunk.device) % 65521 + 1
-            plain += int(chunk.sum())
-            weighted += int((chunk * pos).sum())
-        sums[name] = (plain, weighted)
-    return sums
+def _packed_hashes(model) -> dict:
+    """A SHA-1 of the bytes of each packed 4-bit weight, copied to the CPU one weight at a time
+    (never the whole model)."""
+    return {name: hashlib.sha1(p.data.reshape(-1).view(torch.uint8).cpu().numpy()).hexdigest()
+            for name, p in model.named_parameters() if _is_4bit(p)}
 
 
 def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
@@ -460,9 +448,9 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     non_lora_grad = [n for n in grads if "lora_" not in n]
     non_lora_trainable = [n for n in trainable if "lora_" not in n]
 
-    before = _packed_checksums(model)
+    before = _packed_hashes(model)
     torch.optim.SGD(trainable.values(), lr=lr).step()
-    after = _packed_checksums(model)
+    after = _packed_hashes(model)
     b_changed = any(not torch.equal(p.detach(), saved[n]) for n, p in trainable.items()
                     if "lora_B" in n)
 

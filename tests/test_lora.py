@@ -275,6 +275,17 @@ def test_gradient_check_catches_a_trainable_base_weight(saved):
         lora.prepare_for_training(wrapped)
 
 
+def test_packed_hash_sees_one_changed_byte(saved):
+    model = load_4bit(saved, "llama")
+    before = lora._packed_hashes(model)
+    name, weight = next((n, p) for n, p in model.named_parameters()
+                        if type(p).__name__ == "Params4bit")
+    weight.data.view(-1)[0] ^= 1
+    after = lora._packed_hashes(model)
+    assert len(before) > 0 and before.keys() == after.keys()
+    assert [n for n in before if before[n] != after[n]] == [name]
+
+
 def test_checkpointing_is_non_reentrant(saved):
     model = load_4bit(saved, "gptj")
     lora.prepare_for_training(model)

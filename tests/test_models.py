@@ -389,7 +389,8 @@ def test_rehearsal_list_matches_the_shipped_files():
     assert shipped == set(models.REHEARSALS)
     choices = models.list_choices()
     assert all(f"rehearsal:{name}" in choices for name in models.REHEARSALS)
-    assert set(models.REHEARSAL_HUB_IDS) <= set(models.REHEARSALS)
+    assert models.resolve("rehearsal:gpt-j-6b").hub_id == "EleutherAI/gpt-j-6b"
+    assert models.resolve("rehearsal:tiny-neox").hub_id is None
 
 
 def test_rehearsal_loads_through_load_model():
