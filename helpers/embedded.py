@@ -148,13 +148,11 @@ def build_embedded(dest, seed: int = 0, *, _steps: int | None = None,
         try:
             _build_into(work, seed=seed, steps=_steps, recipe=_recipe)
             work.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
-            if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            if dest.exists():  # moved aside first: a folder cannot be renamed onto a full one
                 os.replace(dest, old / "model")
-                os.replace(work, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(work, dest)
+            os.replace(work, dest)
+            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -43,8 +43,7 @@ def fit_embeddings(model, tokenizer) -> bool:
     """Grow the embeddings (and head) when the tokenizer has more tokens than the model has rows
     (it gained ``<|pad|>``), and tell the model which ids pad and end; True if it grew
     (notebook 02)."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    grew = len(tokenizer) > rows
+    grew = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
     if grew:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     for config in (model.config, getattr(model, "generation_config", None)):

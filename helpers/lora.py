@@ -88,8 +88,7 @@ def _walk(model):
 
 def _dtype_name(layer) -> str:
     if _is_4bit(layer.weight):
-        state = getattr(layer.weight, "quant_state", None)
-        return f"4-bit {getattr(state, 'quant_type', '')}".strip()
+        return f"4-bit {layer.weight.quant_state.quant_type}"
     return str(layer.weight.dtype).replace("torch.", "")
 
 
@@ -131,13 +130,9 @@ def _names_for(selected: list[str], every: list[str]) -> list[str]:
     names: list[str] = []
     for path in selected:
         parts = path.split(".")
-        name = path
-        for n in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-n:])
-            matches = [p for p in every if p == suffix or p.endswith("." + suffix)]
-            if all(p in chosen for p in matches):
-                name = suffix
-                break
+        suffixes = (".".join(parts[-n:]) for n in range(1, len(parts) + 1))  # shortest first
+        name = next((s for s in suffixes
+                     if all(p in chosen for p in every if p == s or p.endswith("." + s))), path)
         if name not in names:
             names.append(name)
     return names
@@ -421,8 +416,7 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     ``lora_B_changed``, and ``ok`` (all of these as they should be). Introduced in notebook 03.
     """
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        cpu_safe(model)
+    cpu_safe(model)  # nothing to undo on a GPU
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "input_ids" not in batch:
         raise ValueError("the batch needs input_ids (and attention_mask, labels)")
