@@ -186,23 +186,14 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
         raise ConfigError(
             f"cannot write to RUN_DIR={cfg.run_dir!r} ({err.strerror}); choose a writable folder"
         ) from None
-    import transformers
-
-    transformers.set_seed(cfg.seed)  # Python, NumPy and torch (CPU and every GPU)
-    _display_options()
-    manifest.begin_notebook(cfg.run_dir, notebook, cfg.as_parameters())
-    return cfg
-
-
-def _display_options() -> None:
-    """Quiet, readable output: fewer library warnings, no progress-bar spam from loading, whole
-    texts in pandas tables."""
     import warnings
 
     import matplotlib
     import pandas  # installed with datasets
     import transformers
 
+    transformers.set_seed(cfg.seed)  # Python, NumPy and torch (CPU and every GPU)
+    # quiet, readable output: fewer library warnings, no progress-bar spam from loading
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -210,3 +201,5 @@ def _display_options() -> None:
     transformers.utils.logging.disable_progress_bar()
     matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
     pandas.set_option("display.max_colwidth", None)  # tables show whole generated texts
+    manifest.begin_notebook(cfg.run_dir, notebook, cfg.as_parameters())
+    return cfg

@@ -83,12 +83,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def cache_root() -> Path:
-    """Where built models are kept: ``QLORA_SERIES_CACHE``, else ``~/.cache/qlora-series``."""
-    root = os.environ.get("QLORA_SERIES_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "qlora-series"
-
-
 def _expected(seed: int, steps: int | None, recipe: dict | None) -> dict:
     """What a build's report must say for the build to be the one asked for."""
     full = {**EMBEDDED_RECIPE, **(recipe or {})}
@@ -112,9 +106,12 @@ def _is_built(folder: Path, expected: dict) -> bool:
 def embedded_path(build: bool = True) -> Path:
     """The folder of the embedded model, built first if it is not in the cache (notebook 02).
 
-    With ``build=False`` the path is returned whether or not the model is there yet.
+    Built models are kept in ``QLORA_SERIES_CACHE``, else ``~/.cache/qlora-series``. With
+    ``build=False`` the path is returned whether or not the model is there yet.
     """
-    folder = (cache_root() / EMBEDDED_VERSION).absolute()
+    root = os.environ.get("QLORA_SERIES_CACHE")
+    cache = Path(root).expanduser() if root else Path.home() / ".cache" / "qlora-series"
+    folder = (cache / EMBEDDED_VERSION).absolute()
     if not build or _is_built(folder, _expected(0, None, None)):
         return folder
     return build_embedded(folder)
@@ -151,13 +148,11 @@ def build_embedded(dest, seed: int = 0, *, _steps: int | None = None,
         try:
             _build_into(work, seed=seed, steps=_steps, recipe=_recipe)
             work.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
-            if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            if dest.exists():  # moved aside first: a folder cannot be renamed onto a full one
                 os.replace(dest, old / "model")
-                os.replace(work, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(work, dest)
+            os.replace(work, dest)
+            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -270,19 +265,6 @@ def train_tokenizer(docs: list[str], vocab_size: int, context: int):
         model_max_length=context, padding_side="right", chat_template=CHAT_TEMPLATE)
 
 
-def _embedded_config(recipe: dict, tokenizer):
-    from transformers import GPTNeoXConfig
-
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe["hidden_size"],
-        num_hidden_layers=recipe["num_layers"], num_attention_heads=recipe["num_heads"],
-        intermediate_size=recipe["intermediate_size"], max_position_embeddings=recipe["context"],
-        rotary_pct=recipe["rotary_pct"], use_parallel_residual=True, hidden_act="gelu",
-        tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
-        architectures=["GPTNeoXForCausalLM"])
-
-
 @torch.no_grad()
 def _eval_loss(model, blocks: torch.Tensor, batch: int) -> float:
     model.eval()
@@ -329,7 +311,7 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
     """
     import tokenizers
     import transformers
-    from transformers import GenerationConfig, GPTNeoXForCausalLM
+    from transformers import GenerationConfig, GPTNeoXConfig, GPTNeoXForCausalLM
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     recipe = {**EMBEDDED_RECIPE, **(recipe or {})}
@@ -363,7 +345,15 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
         held_out = shuffled[: recipe["eval_blocks"]].to(device)
         train_blocks = shuffled[recipe["eval_blocks"]:]
 
-        model = GPTNeoXForCausalLM(_embedded_config(recipe, tokenizer)).to(device)
+        config = GPTNeoXConfig(
+            vocab_size=len(tokenizer), hidden_size=recipe["hidden_size"],
+            num_hidden_layers=recipe["num_layers"], num_attention_heads=recipe["num_heads"],
+            intermediate_size=recipe["intermediate_size"],
+            max_position_embeddings=recipe["context"], rotary_pct=recipe["rotary_pct"],
+            use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False,
+            bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+            architectures=["GPTNeoXForCausalLM"])
+        model = GPTNeoXForCausalLM(config).to(device)
         model.train()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from helpers import env
 from helpers.units import logical_numel
-from helpers.models import (_compute_dtype, _device, _device_map, _dtype_kwarg, _from_pretrained,
-                            cpu_safe, quantization_config, resolve)
+from helpers.models import (_compute_dtype, _device, _device_map, _from_pretrained, cpu_safe,
+                            quantization_config, resolve)
 from helpers.rehearsal import _rehearsal_tokenizer, build_rehearsal
 from helpers.tokens import PAD_TOKEN
 
@@ -43,8 +43,7 @@ def fit_embeddings(model, tokenizer) -> bool:
     """Grow the embeddings (and head) when the tokenizer has more tokens than the model has rows
     (it gained ``<|pad|>``), and tell the model which ids pad and end; True if it grew
     (notebook 02)."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    grew = len(tokenizer) > rows
+    grew = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
     if grew:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     for config in (model.config, getattr(model, "generation_config", None)):
@@ -93,8 +92,7 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
         placement = {"device_map": _device_map(dev)} if not fsdp else {}
         load_dtype = storage if (fsdp and storage.is_floating_point) else dtype
         loaded = _from_pretrained(AutoModelForCausalLM, source, quantization_config=qc,
-                                  low_cpu_mem_usage=True, **placement,
-                                  **_dtype_kwarg(load_dtype))
+                                  low_cpu_mem_usage=True, dtype=load_dtype, **placement)
         if dev.type == "cpu":  # build_rehearsal does it for a rehearsal
             cpu_safe(loaded)
     fit_embeddings(loaded, tokenizer if tokenizer is not None else load_tokenizer(source))
@@ -117,7 +115,7 @@ def load_16bit(model, dtype=None, *, device=None, tokenizer=None):
         loaded = build_rehearsal(source, dtype=dtype, device=dev)
     else:
         loaded = _from_pretrained(AutoModelForCausalLM, source, device_map=_device_map(dev),
-                                  low_cpu_mem_usage=True, **_dtype_kwarg(dtype))
+                                  low_cpu_mem_usage=True, dtype=dtype)
     fit_embeddings(loaded, tokenizer if tokenizer is not None else load_tokenizer(source))
     return loaded
 
@@ -128,7 +126,7 @@ def describe(model) -> dict:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     four_bit = other = 0
     dtypes: dict = {}
     for param in base.parameters():

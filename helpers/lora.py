@@ -21,6 +21,7 @@ GPT-J stops with "Target modules not found". Here the targets come from the load
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -47,9 +48,8 @@ def _is_adapter_wrapper(module) -> bool:
 
 
 def _head(model):
-    """The output head (``get_output_embeddings()``), or None where a model has none."""
-    if hasattr(model, "get_base_model"):  # a peft model
-        model = model.get_base_model()
+    """The output head (``get_output_embeddings()``, which a peft model passes on to its base),
+    or None where a model has none."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head.base_layer if head is not None and _is_adapter_wrapper(head) else head
 
@@ -88,8 +88,7 @@ def _walk(model):
 
 def _dtype_name(layer) -> str:
     if _is_4bit(layer.weight):
-        state = getattr(layer.weight, "quant_state", None)
-        return f"4-bit {getattr(state, 'quant_type', '')}".strip()
+        return f"4-bit {layer.weight.quant_state.quant_type}"
     return str(layer.weight.dtype).replace("torch.", "")
 
 
@@ -131,13 +130,9 @@ def _names_for(selected: list[str], every: list[str]) -> list[str]:
     names: list[str] = []
     for path in selected:
         parts = path.split(".")
-        name = path
-        for n in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-n:])
-            matches = [p for p in every if p == suffix or p.endswith("." + suffix)]
-            if all(p in chosen for p in matches):
-                name = suffix
-                break
+        suffixes = (".".join(parts[-n:]) for n in range(1, len(parts) + 1))  # shortest first
+        name = next((s for s in suffixes
+                     if all(p in chosen for p in every if p == s or p.endswith("." + s))), path)
         if name not in names:
             names.append(name)
     return names
@@ -195,17 +190,12 @@ def param_bytes(model) -> int:
     return footprint_totals(footprint_breakdown(model))["resident"]
 
 
-def _upcast_candidates(model):
+def _upcast_candidates(model) -> list:
     """The parameters peft's ``prepare_model_for_kbit_training`` casts to float32: every
     float16/bfloat16 parameter that is not a packed 4-bit weight (embeddings, head, norms,
-    biases)."""
-    seen: set = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p):
-            yield name, p
+    biases), each shared one once (``named_parameters`` skips repeats)."""
+    return [(name, p) for name, p in model.named_parameters()
+            if p.dtype in (torch.float16, torch.bfloat16) and not _is_4bit(p)]
 
 
 # --------------------------------------------------------------------------- k-bit preparation
@@ -240,19 +230,25 @@ def prepare_for_training(model, gradient_checkpointing: bool = True,
     before = param_bytes(model)
     # what a float32 upcast adds: numel x (4 - current element size) over the 16-bit ones
     would_cost = sum(p.numel() * (4 - p.dtype.itemsize) for _, p in _upcast_candidates(model))
-    frozen = 0
-    for p in model.parameters():
-        p.requires_grad_(False)
-        frozen += 1
+    model.requires_grad_(False)
     upcast = []
     if upcast_norms_and_head:
-        for name, p in list(_upcast_candidates(model)):
+        for name, p in _upcast_candidates(model):
             p.data = p.data.to(torch.float32)
             upcast.append(name)
     if gradient_checkpointing:
-        _enable_checkpointing(model)
-        if not getattr(model, "_require_grads_hooks", None) and not getattr(
-                model, "_require_grads_hook", None):
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"{type(model).__name__} does not support gradient checkpointing; "
+                "set GRADIENT_CHECKPOINTING = False (it then needs more activation memory)"
+            )
+        # activation_checkpointing_enable in transformers 5.x, gradient_checkpointing_enable before
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not hasattr(model, "_require_grads_hook"):  # transformers 5.x already added it
             model.enable_input_require_grads()
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
@@ -264,26 +260,10 @@ def prepare_for_training(model, gradient_checkpointing: bool = True,
         "upcast_bytes_avoided": 0 if upcast_norms_and_head else would_cost,
         "upcast_applied": bool(upcast_norms_and_head),
         "upcast_params": upcast,
-        "frozen_params": frozen,
+        "frozen_params": sum(1 for _ in model.parameters()),
         "gradient_checkpointing": bool(gradient_checkpointing),
-        "input_require_grads": bool(getattr(model, "_require_grads_hooks", None)
-                                    or getattr(model, "_require_grads_hook", None)),
+        "input_require_grads": hasattr(model, "_require_grads_hook"),
     }
-
-
-def _enable_checkpointing(model) -> None:
-    """Non-reentrant checkpointing, under the method name this transformers version has
-    (``activation_checkpointing_enable`` in 5.x, ``gradient_checkpointing_enable`` before)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"{type(model).__name__} does not support gradient checkpointing; "
-            "set GRADIENT_CHECKPOINTING = False (it then needs more activation memory)"
-        )
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # --------------------------------------------------------------------------- LoRA config
@@ -314,11 +294,9 @@ class StreamDtypeLinear(nn.Linear):
     for each adapted layer). The state dict is unchanged, so saved adapters are plain peft."""
 
     def forward(self, x):
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return nn.functional.linear(x, weight, bias)
+        # .to() returns the tensor itself when the dtype already matches
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
 def compute_lora_in_stream_dtype(peft_model) -> int:
@@ -362,17 +340,6 @@ def attach(model, cfg):
 # --------------------------------------------------------------------------- reports
 
 
-def _lora_layers(peft_model):
-    """(path, peft layer, rank) of every adapted layer instance."""
-    out = []
-    for path, module in peft_model.named_modules():
-        if _is_adapter_wrapper(module):
-            ranks = getattr(module, "r", {})
-            if ADAPTER in ranks:
-                out.append((path, module, ranks[ADAPTER]))
-    return out
-
-
 def trainable_report(peft_model) -> dict:
     """peft's trainable-parameter count beside the LoRA formula, by target module type and in
     total (notebook 03).
@@ -383,11 +350,12 @@ def trainable_report(peft_model) -> dict:
     ``totals``: ``trainable`` and ``total_params`` from peft's ``get_nb_trainable_parameters()``
     (each 4-bit weight counted as the elements it stands for, not its packed bytes; shared
     weights once), ``trainable_percent``, ``formula_count`` (r x sum(d_in + d_out) over adapted
-    layers), ``counted``, ``equal``, ``lora_target_count`` (adapted layer instances),
+    layers), ``equal``, ``lora_target_count`` (adapted layer instances),
     ``adapter_bytes``, ``bytes_after`` (:func:`param_bytes`) and ``bytes_before`` (the same less
     the adapters: what the model took before attaching).
     """
-    layers = _lora_layers(peft_model)
+    layers = [(path, module, module.r[ADAPTER]) for path, module in peft_model.named_modules()
+              if _is_adapter_wrapper(module) and ADAPTER in getattr(module, "r", {})]
     if not layers:
         raise ValueError("no LoRA layers found: pass the model returned by get_peft_model")
     rows: dict = {}
@@ -410,7 +378,6 @@ def trainable_report(peft_model) -> dict:
         "total_params": total,
         "trainable_percent": 100.0 * counted / total if total else 0.0,
         "formula_count": formula,
-        "counted": counted,
         "equal": formula == counted,
         "lora_target_count": len(layers),
         "bytes_before": after - adapter_bytes,
@@ -425,23 +392,11 @@ def trainable_report(peft_model) -> dict:
 # --------------------------------------------------------------------------- it trains
 
 
-def _packed_checksums(model) -> dict:
-    """An exact integer checksum of each packed 4-bit weight, computed on its own device in
-    slices (no copy of the whole model): sum of bytes and a position-weighted sum."""
-    sums = {}
-    for name, p in model.named_parameters():
-        if not _is_4bit(p):
-            continue
-        flat = p.data.reshape(-1)
-        plain = weighted = 0
-        step = 1 << 22
-        for start in range(0, flat.numel(), step):
-            chunk = flat[start:start + step].to(torch.int64)
-            pos = torch.arange(start, start + chunk.numel(), device=chunk.device) % 65521 + 1
-            plain += int(chunk.sum())
-            weighted += int((chunk * pos).sum())
-        sums[name] = (plain, weighted)
-    return sums
+def _packed_hashes(model) -> dict:
+    """A SHA-1 of the bytes of each packed 4-bit weight, copied to the CPU one weight at a time
+    (never the whole model)."""
+    return {name: hashlib.sha1(p.data.reshape(-1).view(torch.uint8).cpu().numpy()).hexdigest()
+            for name, p in model.named_parameters() if _is_4bit(p)}
 
 
 def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
@@ -461,8 +416,7 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     ``lora_B_changed``, and ``ok`` (all of these as they should be). Introduced in notebook 03.
     """
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        cpu_safe(model)
+    cpu_safe(model)  # nothing to undo on a GPU
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "input_ids" not in batch:
         raise ValueError("the batch needs input_ids (and attention_mask, labels)")
@@ -488,9 +442,9 @@ def gradient_check(model, batch: dict, lr: float = 1e-2) -> dict:
     non_lora_grad = [n for n in grads if "lora_" not in n]
     non_lora_trainable = [n for n in trainable if "lora_" not in n]
 
-    before = _packed_checksums(model)
+    before = _packed_hashes(model)
     torch.optim.SGD(trainable.values(), lr=lr).step()
-    after = _packed_checksums(model)
+    after = _packed_hashes(model)
     b_changed = any(not torch.equal(p.detach(), saved[n]) for n, p in trainable.items()
                     if "lora_B" in n)
 

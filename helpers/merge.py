@@ -19,7 +19,7 @@ from peft import PeftModel
 from helpers import footprint, units
 from helpers.adapters import _adapter_files, check_adapter
 from helpers.generate import _generation_mode, generate
-from helpers.models import _device_map, _dtype_kwarg, cpu_safe
+from helpers.models import _device_map, cpu_safe
 
 
 SOURCE_RELOADED = "reloaded 16-bit base"
@@ -243,7 +243,7 @@ class MergeCheck:
         with self.memory.track("reload merged"):
             reloaded = AutoModelForCausalLM.from_pretrained(
                 self.out_dir, device_map=_device_map(torch.device(self.device)),
-                **_dtype_kwarg(getattr(torch, self.dtype)))
+                dtype=getattr(torch, self.dtype))
         tok = self.tokenizer
         self.reload_max_abs_diff = compare_logit_sets(
             self._merged, logits_for(reloaded, tok, self._texts))["max_abs_diff"]

@@ -62,14 +62,6 @@ def _device_map(dev: torch.device) -> dict:
     return {"": dev.index} if dev.type == "cuda" else {"": str(dev)}
 
 
-def _dtype_kwarg(dtype) -> dict:
-    """``dtype=`` (transformers >= 4.56) or ``torch_dtype=`` (older)."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 def cpu_safe(model):
     """Keep 4-bit layers trainable on CPU (notebooks 02-06).
 
@@ -111,10 +103,6 @@ REHEARSALS: dict = {
                    "than one 24 GB card holds (FSDP over several GPUs)",
     "tiny-neox": "a GPT-NeoX of 0.36M parameters (the embedded tokenizer's vocabulary), for tests",
 }
-# The Hub model each shipped rehearsal stands for, the id its description starts with (its
-# tokenizer is used when the Hub is reachable).
-REHEARSAL_HUB_IDS: dict = {name: text.split(",")[0] for name, text in REHEARSALS.items()
-                           if "/" in text.split(",")[0]}
 
 
 class ModelUnavailableError(ConfigError):
@@ -168,9 +156,10 @@ def resolve(model, build: bool = True) -> ModelSource:
         return ModelSource("embedded", EMBEDDED_VERSION, path=embedded_path(build=build))
     if text.lower().startswith(REHEARSAL_PREFIX):
         name = text[len(REHEARSAL_PREFIX):].strip()
-        if name in REHEARSALS:
+        if name in REHEARSALS:  # the Hub id its description starts with, if any (its tokenizer)
+            hub_id = REHEARSALS[name].split(",")[0]
             return ModelSource("rehearsal", name, path=CONFIGS_DIR / f"{name}.json",
-                               hub_id=REHEARSAL_HUB_IDS.get(name))
+                               hub_id=hub_id if "/" in hub_id else None)
         if "/" in name and _HUB_ID.match(name):
             return ModelSource("rehearsal", name, hub_id=name)
         raise ConfigError(f"MODEL={text!r}: no rehearsal named {name!r}; shipped: "

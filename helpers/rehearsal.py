@@ -11,8 +11,7 @@ from torch import nn
 from helpers.units import BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ
 from helpers.embedded import embedded_path
 from helpers.models import (REHEARSAL_PREFIX, REHEARSALS, ModelSource, ModelUnavailableError,
-                            _compute_dtype, _device, _dtype_kwarg, _from_pretrained, cpu_safe,
-                            rehearsal_config)
+                            _compute_dtype, _device, _from_pretrained, cpu_safe, rehearsal_config)
 
 
 def _rehearsal_tokenizer(source: ModelSource):
@@ -28,11 +27,6 @@ def _rehearsal_tokenizer(source: ModelSource):
             print(f"note: no tokenizer of {source.hub_id} here ({str(err).split(' [')[0]}); "
                   "the rehearsal uses the embedded model's tokenizer")
     return AutoTokenizer.from_pretrained(str(embedded_path()))
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    """A seed per parameter, from the build seed and the parameter's name (stable across runs)."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
 def _free_bytes(dev: torch.device) -> int:
@@ -94,7 +88,7 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
     make = torch.device(build_device) if build_device is not None else dev
     dtype = qc.bnb_4bit_compute_dtype if qc is not None else _compute_dtype(dtype)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     settings = {}
     if qc is not None:
         settings = {"quant_type": qc.bnb_4bit_quant_type,
@@ -112,7 +106,8 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
             if not param.is_meta:
                 continue
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            generator.manual_seed(_tensor_seed(seed, full_name))
+            # a seed per parameter, from the build seed and its name (stable across runs)
+            generator.manual_seed((seed * 1_000_003 + zlib.crc32(full_name.encode())) % (2**63 - 1))
             if param_name == "bias":
                 value = torch.zeros(param.shape, dtype=dtype, device=make)
             elif "norm" in type(module).__name__.lower():  # a norm's weight

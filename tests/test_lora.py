@@ -232,7 +232,7 @@ def test_trainable_count_equals_formula_and_it_trains(saved, family):
     report = lora.trainable_report(wrapped)
     t = report["totals"]
     assert t["bytes_before"] == before  # measured before attaching, not only derived
-    assert t["equal"] and t["formula_count"] == t["counted"] == t["trainable"] > 0
+    assert t["equal"] and t["formula_count"] == t["trainable"] > 0
     assert t["lora_target_count"] == 2 * len(ATTENTION[family] | MLP[family])
     assert sum(r["trainable"] for r in report["rows"]) == t["trainable"]
     assert all(r["trainable"] == r["formula"] for r in report["rows"])
@@ -259,7 +259,7 @@ def test_attention_scope_counts(saved):
     wrapped = lora.attach(model, cfg(lora_targets="attention", lora_r=8))
     t = lora.trainable_report(wrapped)["totals"]
     # 2 layers x r=8 x ((64 + 192) + (64 + 64))
-    assert t["counted"] == t["formula_count"] == 2 * 8 * (256 + 128)
+    assert t["trainable"] == t["formula_count"] == 2 * 8 * (256 + 128)
     assert t["lora_target_count"] == 4
 
 
@@ -273,6 +273,17 @@ def test_gradient_check_catches_a_trainable_base_weight(saved):
     assert any("embed_tokens" in n for n in check["non_lora_with_grad"])
     with pytest.raises(ValueError, match="before|attach"):
         lora.prepare_for_training(wrapped)
+
+
+def test_packed_hash_sees_one_changed_byte(saved):
+    model = load_4bit(saved, "llama")
+    before = lora._packed_hashes(model)
+    name, weight = next((n, p) for n, p in model.named_parameters()
+                        if type(p).__name__ == "Params4bit")
+    weight.data.view(-1)[0] ^= 1
+    after = lora._packed_hashes(model)
+    assert len(before) > 0 and before.keys() == after.keys()
+    assert [n for n in before if before[n] != after[n]] == [name]
 
 
 def test_checkpointing_is_non_reentrant(saved):

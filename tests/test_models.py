@@ -389,7 +389,8 @@ def test_rehearsal_list_matches_the_shipped_files():
     assert shipped == set(models.REHEARSALS)
     choices = models.list_choices()
     assert all(f"rehearsal:{name}" in choices for name in models.REHEARSALS)
-    assert set(models.REHEARSAL_HUB_IDS) <= set(models.REHEARSALS)
+    assert models.resolve("rehearsal:gpt-j-6b").hub_id == "EleutherAI/gpt-j-6b"
+    assert models.resolve("rehearsal:tiny-neox").hub_id is None
 
 
 def test_rehearsal_loads_through_load_model():
@@ -431,5 +432,5 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QLORA_SERIES_CACHE", str(tmp_path))
     assert embedded_model.embedded_path(build=False) == tmp_path / embedded_model.EMBEDDED_VERSION
     monkeypatch.delenv("QLORA_SERIES_CACHE")
-    assert str(embedded_model.cache_root()) == os.path.expanduser(os.path.join("~", ".cache",
-                                                                       "qlora-series"))
+    assert str(embedded_model.embedded_path(build=False)) == os.path.expanduser(
+        os.path.join("~", ".cache", "qlora-series", embedded_model.EMBEDDED_VERSION))
