@@ -45,11 +45,6 @@ def unwrap(model):
     return model.get_base_model() if peft else model
 
 
-def _body(lm):
-    """The causal LM's body (``gpt_neox``, ``transformer``, ``model``: its base_model_prefix)."""
-    return getattr(lm, lm.base_model_prefix)
-
-
 def unsupported_reason(model) -> str | None:
     """Why the chunked loss cannot stand in for ``model``'s own loss (None: it can). It applies to
     the families whose head reads the body's last hidden state unchanged (:data:`SUPPORTED`,
@@ -136,7 +131,7 @@ def _forward_with_chunked_loss(lm, call, inputs: dict, labels, num_items_in_batc
     its ``last_hidden_state`` and the autocast state of the forward, and
     :func:`chunked_cross_entropy` computes the loss. Returns the model's output with ``loss``
     set; its ``logits`` are the last position's only."""
-    body = _body(lm)
+    body = getattr(lm, lm.base_model_prefix)  # gpt_neox, transformer, model
     seen = {}
 
     def grab(_module, _args, output):

@@ -107,15 +107,6 @@ def set_status(run_dir, notebook: str, status: str, seconds: float, **extra) -> 
         status=status, seconds=round(seconds, 2), **extra))
 
 
-def metrics(run_dir_or_file, notebook: str) -> dict:
-    """One notebook's figures, for tests and comparisons."""
-    data = load(run_dir_or_file)
-    matches = [k for k in data.get("notebooks", {}) if k == notebook or k.startswith(notebook + "_")]
-    if not matches:
-        raise KeyError(f"no notebook {notebook!r} in the manifest; it has {list(data.get('notebooks', {}))}")
-    return data["notebooks"][matches[0]]["metrics"]
-
-
 def _clean(obj):
     """JSON-safe: NaN/inf become strings so the file stays valid JSON."""
     if isinstance(obj, dict):

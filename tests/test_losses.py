@@ -111,7 +111,7 @@ def test_the_body_feeds_the_head_its_last_hidden_state(model):
     def grab(_module, _args, out):
         seen["h"] = out[0]
 
-    handle = losses._body(lm).register_forward_hook(grab)
+    handle = getattr(lm, lm.base_model_prefix).register_forward_hook(grab)
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits
     handle.remove()
