@@ -59,12 +59,6 @@ def dumps(nb: dict) -> str:
     return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write(path, nb: dict) -> Path:
-    path = Path(path)
-    path.write_text(dumps(normalize(nb)))
-    return path
-
-
 def parameters_of(nb: dict) -> dict:
     """Names and literal values of the notebook's parameters cell."""
     import ast
@@ -129,7 +123,7 @@ def main(argv=None) -> int:
     bad = 0
     for p in paths:
         if verb == "normalize":
-            write(p, json.loads(Path(p).read_text()))
+            Path(p).write_text(dumps(normalize(json.loads(Path(p).read_text()))))
         for problem in problems(p):
             print(problem)
             bad += 1
