@@ -203,6 +203,10 @@ def default_estimate_fn(cfg, model):
     return estimate_fn
 
 
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
     """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
     all of them labelled: the largest activations a training step at this size can have. Returns
@@ -212,7 +216,7 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
     computes in training (the chunked loss where :func:`helpers.losses.use_chunked_loss`
     installed it), so the probe measures what training will hold. Introduced in notebook 05.
     """
-    device = next(model.parameters()).device
+    device = _model_device(model)
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
@@ -297,7 +301,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     Introduced in notebook 05.
     """
     notes: list[str] = []
-    cuda = torch.cuda.is_available() and next(model.parameters()).device.type == "cuda"
+    cuda = torch.cuda.is_available() and _model_device(model).type == "cuda"
     if env.fsdp_active() and torch.cuda.is_available():
         # FSDP places the shards when training starts: no probe on the unsharded model
         cuda, probe = True, False
