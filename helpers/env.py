@@ -47,6 +47,9 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def compute_dtype(requested: str = "auto") -> torch.dtype:
     """The dtype 4-bit layers compute in and training runs in.
 
@@ -57,8 +60,7 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
     """
     if requested != "auto":
         try:
-            return {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                    "float32": torch.float32}[requested]
+            return FLOAT_DTYPES[requested]
         except KeyError:
             raise ValueError(
                 f"COMPUTE_DTYPE={requested!r}: use auto, bfloat16, float16 or float32") from None
@@ -90,11 +92,9 @@ def quant_storage_dtype(requested: str = "auto", compute: torch.dtype | None = N
     the run is sharded (default: this process's launch, :func:`fsdp_active`; a plan checked
     before launching says it). Introduced with scaling out (notebook 05).
     """
-    names = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "float32": torch.float32}
     if requested != "auto":
         try:
-            return names[requested]
+            return {"uint8": torch.uint8, **FLOAT_DTYPES}[requested]
         except KeyError:
             raise ValueError(f"QUANT_STORAGE={requested!r}: use auto, uint8, bfloat16, float16 "
                              "or float32") from None

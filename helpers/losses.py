@@ -118,11 +118,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head, *,
                 total = total + _chunk_loss(head, h, y)
     if count == 0:
         total = total + picked.sum() * 0.0  # keep the graph (and a zero gradient)
-    if num_items_in_batch is None:
-        return total / count if count else total / 0.0
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return total / (count if num_items_in_batch is None else num_items_in_batch)  # 0 / 0: NaN
 
 
 def _forward_with_chunked_loss(lm, call, inputs: dict, labels, num_items_in_batch=None):

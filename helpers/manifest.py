@@ -83,14 +83,10 @@ def record(metrics: dict, *, run_dir=None, notebook=None) -> dict:
     notebook = notebook or _CURRENT.get("notebook")
     if not run_dir or not notebook:
         raise RuntimeError("call helpers.config.start(...) before recording figures")
-    clean = {}
     for k, v in metrics.items():
-        if isinstance(v, bool):
-            v = int(v)
-        if not isinstance(v, (int, float)):
+        if not isinstance(v, (int, float)):  # bool is an int
             raise TypeError(f"manifest figure {k!r} must be a number, got {type(v).__name__}")
-        clean[k] = v
-
+    clean = {k: int(v) if isinstance(v, bool) else v for k, v in metrics.items()}
     update(run_dir, lambda data: _entry(data, notebook)["metrics"].update(clean))
     return clean
 

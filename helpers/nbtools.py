@@ -30,10 +30,8 @@ except ImportError:
 
 
 def badge_url(stem: str) -> str:
-    return (
-        f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{REVISION}"
-        f"/notebooks/{stem}.ipynb"
-    )
+    return (f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{REVISION}"
+            f"/notebooks/{stem}.ipynb")
 
 
 def normalize(nb: dict) -> dict:

@@ -224,7 +224,7 @@ def load_baseline(path: str) -> dict:
 # ------------------------------------------------------------------------------ command line
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m helpers.run",
         description="Execute the QLoRA notebook series with papermill into a run directory.")
@@ -235,11 +235,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare", metavar="BASELINE_MANIFEST",
                     help="after the run, compare every figure with a baseline manifest")
     ap.add_argument("--list", action="store_true", help="list notebooks and parameters, then exit")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = ap.parse_args(argv)
     try:
         if args.list:
             print("notebooks:", ", ".join(available()))
