@@ -114,15 +114,13 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
         problems.append(f"it was made for a {made_for}, this base is a {type(base_model).__name__}")
 
     modules = dict(base_model.named_modules())
-    shapes = []
     with safe_open(str(weights_file), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-            shapes.append((key, tuple(f.get_slice(key).get_shape())))
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
                          r"lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
     bad_layers = []
     lora_layers = set()
-    for key, shape in shapes:
+    for key, shape in shapes.items():
         m = pattern.match(key)
         if not m:
             continue

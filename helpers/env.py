@@ -37,6 +37,7 @@ def has_frontend() -> bool:
         return False
     return "PAPERMILL_EXECUTION" not in os.environ and "papermill" not in sys.modules
 
+
 KEY_PACKAGES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets",
                 "ipywidgets", "matplotlib", "papermill")
 
@@ -46,34 +47,26 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def native_bf16(index: int = 0) -> bool:
-    """bf16 only where the card computes it natively: compute capability >= 8 (Ampere and later).
-
-    ``torch.cuda.is_bf16_supported()`` answers True on a T4 (capability 7.5) because bf16 is
-    emulated there, slowly; the capability is the honest test.
-    """
-    if not torch.cuda.is_available():
-        return False
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 8
+FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def compute_dtype(requested: str = "auto") -> torch.dtype:
     """The dtype 4-bit layers compute in and training runs in.
 
-    auto: bfloat16 on GPUs of capability >= 8; float16 on older GPUs (T4, V100); float32 on CPU,
+    auto: bfloat16 on GPUs of compute capability >= 8 (Ampere and later), which compute it
+    natively; float16 on older GPUs (T4, V100), where ``torch.cuda.is_bf16_supported()`` answers
+    True although bf16 is emulated, slowly, so the capability is the honest test; float32 on CPU,
     where bf16 autocast is slow on most processors and the embedded model is small enough.
     """
     if requested != "auto":
         try:
-            return {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                    "float32": torch.float32}[requested]
+            return FLOAT_DTYPES[requested]
         except KeyError:
             raise ValueError(
                 f"COMPUTE_DTYPE={requested!r}: use auto, bfloat16, float16 or float32") from None
     if not torch.cuda.is_available():
         return torch.float32
-    return torch.bfloat16 if native_bf16() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(0)[0] >= 8 else torch.float16
 
 
 def flag(name: str) -> bool:
@@ -99,11 +92,9 @@ def quant_storage_dtype(requested: str = "auto", compute: torch.dtype | None = N
     the run is sharded (default: this process's launch, :func:`fsdp_active`; a plan checked
     before launching says it). Introduced with scaling out (notebook 05).
     """
-    names = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "float32": torch.float32}
     if requested != "auto":
         try:
-            return names[requested]
+            return {"uint8": torch.uint8, **FLOAT_DTYPES}[requested]
         except KeyError:
             raise ValueError(f"QUANT_STORAGE={requested!r}: use auto, uint8, bfloat16, float16 "
                              "or float32") from None

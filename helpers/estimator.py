@@ -271,7 +271,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # micro-batch of at most one chunk keeps the model's own loss.
     head_copy = V * h * 2 if (upcast_fp32 and autocast) else 0
     final_norm = T * (norm_save * h + 8)
-    from helpers.losses import chunk_tokens
+    from helpers.units import chunk_tokens
 
     chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
     # with the chunked loss: one chunk's logits, and the final norm's output gathered

@@ -146,8 +146,7 @@ def default_prompts(cfg, tokenizer=None) -> list[str]:
     user turns rendered with the tokenizer's chat template and the assistant header (needs the
     tokenizer). Introduced in notebook 05.
     """
-    given = [p.strip() for p in (getattr(cfg, "prompts", "") or "").split("|")]
-    given = [p for p in given if p]
+    given = [p.strip() for p in (getattr(cfg, "prompts", "") or "").split("|") if p.strip()]
     if given:
         return given
     kind = getattr(cfg, "data_format", "template")

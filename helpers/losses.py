@@ -25,26 +25,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from helpers.tokens import IGNORE_INDEX
+from helpers.units import chunk_tokens
 
-# One chunk's float32 logits take about this many bytes: 512 tokens of a 128,256-token vocabulary
-# (Llama 3), 1,024 of a 50,000-token one, the whole sequence of a small model.
-CHUNK_LOGIT_BYTES = 2 ** 28
-MAX_CHUNK_TOKENS = 8192
-MIN_CHUNK_TOKENS = 64
 # model_type -> the body whose last_hidden_state the head reads as is (verified numerically:
 # head(body(x).last_hidden_state) equals the model's logits).
 SUPPORTED = ("gpt_neox", "gptj", "llama", "mistral", "qwen2")
 # config attributes that change the logits after the head (soft-capping, scaling)
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "output_logits_scaling")
-
-
-def chunk_tokens(vocab: int) -> int:
-    """Positions per chunk: a power of two whose float32 logits fill about
-    :data:`CHUNK_LOGIT_BYTES`, between 64 and 8,192."""
-    n = max(1, CHUNK_LOGIT_BYTES // (4 * max(1, int(vocab))))
-    n = 1 << (n.bit_length() - 1)
-    return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, n)))
 
 
 def unwrap(model):
@@ -55,11 +43,6 @@ def unwrap(model):
     model = extract_model_from_parallel(model)
     peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
     return model.get_base_model() if peft else model
-
-
-def _body(lm):
-    """The causal LM's body (``gpt_neox``, ``transformer``, ``model``: its base_model_prefix)."""
-    return getattr(lm, lm.base_model_prefix)
 
 
 def unsupported_reason(model) -> str | None:
@@ -101,7 +84,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head, *,
     ``hidden``: [batch, seq, h], what the head reads; ``labels``: [batch, seq], not shifted
     (position i predicts label i + 1; -100 is ignored); ``head``: the output layer (a module or
     function mapping [n, h] to [n, vocab] logits). Only labelled positions go through the head,
-    ``chunk_size`` of them at a time (default :func:`chunk_tokens` of the vocabulary), each chunk
+    ``chunk_size`` of them at a time (default :func:`helpers.units.chunk_tokens` of the vocabulary), each chunk
     under a non-reentrant checkpoint: its logits are freed after its loss and recomputed in the
     backward. The result is the sum over label tokens divided by ``num_items_in_batch`` when
     given (the Trainer's count over the accumulated micro-batches), else by this batch's label
@@ -135,11 +118,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head, *,
                 total = total + _chunk_loss(head, h, y)
     if count == 0:
         total = total + picked.sum() * 0.0  # keep the graph (and a zero gradient)
-    if num_items_in_batch is None:
-        return total / count if count else total / 0.0
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return total / (count if num_items_in_batch is None else num_items_in_batch)  # 0 / 0: NaN
 
 
 def _forward_with_chunked_loss(lm, call, inputs: dict, labels, num_items_in_batch=None):
@@ -148,7 +129,7 @@ def _forward_with_chunked_loss(lm, call, inputs: dict, labels, num_items_in_batc
     its ``last_hidden_state`` and the autocast state of the forward, and
     :func:`chunked_cross_entropy` computes the loss. Returns the model's output with ``loss``
     set; its ``logits`` are the last position's only."""
-    body = _body(lm)
+    body = getattr(lm, lm.base_model_prefix)  # gpt_neox, transformer, model
     seen = {}
 
     def grab(_module, _args, output):

@@ -83,14 +83,10 @@ def record(metrics: dict, *, run_dir=None, notebook=None) -> dict:
     notebook = notebook or _CURRENT.get("notebook")
     if not run_dir or not notebook:
         raise RuntimeError("call helpers.config.start(...) before recording figures")
-    clean = {}
     for k, v in metrics.items():
-        if isinstance(v, bool):
-            v = int(v)
-        if not isinstance(v, (int, float)):
+        if not isinstance(v, (int, float)):  # bool is an int
             raise TypeError(f"manifest figure {k!r} must be a number, got {type(v).__name__}")
-        clean[k] = v
-
+    clean = {k: int(v) if isinstance(v, bool) else v for k, v in metrics.items()}
     update(run_dir, lambda data: _entry(data, notebook)["metrics"].update(clean))
     return clean
 
@@ -105,15 +101,6 @@ def set_status(run_dir, notebook: str, status: str, seconds: float, **extra) -> 
     """A notebook's status ("ok", "failed") and seconds, as ``python -m helpers.run`` saw them."""
     update(run_dir, lambda data: _entry(data, notebook).update(
         status=status, seconds=round(seconds, 2), **extra))
-
-
-def metrics(run_dir_or_file, notebook: str) -> dict:
-    """One notebook's figures, for tests and comparisons."""
-    data = load(run_dir_or_file)
-    matches = [k for k in data.get("notebooks", {}) if k == notebook or k.startswith(notebook + "_")]
-    if not matches:
-        raise KeyError(f"no notebook {notebook!r} in the manifest; it has {list(data.get('notebooks', {}))}")
-    return data["notebooks"][matches[0]]["metrics"]
 
 
 def _clean(obj):

@@ -244,10 +244,9 @@ class MergeCheck:
             reloaded = AutoModelForCausalLM.from_pretrained(
                 self.out_dir, device_map=_device_map(torch.device(self.device)),
                 dtype=getattr(torch, self.dtype))
-        tok = self.tokenizer
         self.reload_max_abs_diff = compare_logit_sets(
-            self._merged, logits_for(reloaded, tok, self._texts))["max_abs_diff"]
-        self.merged_text = list(generate(reloaded, tok, self.prompts,
+            self._merged, logits_for(reloaded, self.tokenizer, self._texts))["max_abs_diff"]
+        self.merged_text = list(generate(reloaded, self.tokenizer, self.prompts,
                                          max_new_tokens=self.max_new_tokens))
         self.generation_matches = self.merged_text == self.reference_text
         if not self.generation_matches:

@@ -30,10 +30,8 @@ except ImportError:
 
 
 def badge_url(stem: str) -> str:
-    return (
-        f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{REVISION}"
-        f"/notebooks/{stem}.ipynb"
-    )
+    return (f"https://colab.research.google.com/github/{GITHUB_REPOSITORY}/blob/{REVISION}"
+            f"/notebooks/{stem}.ipynb")
 
 
 def normalize(nb: dict) -> dict:
@@ -57,12 +55,6 @@ def normalize(nb: dict) -> dict:
 
 def dumps(nb: dict) -> str:
     return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def write(path, nb: dict) -> Path:
-    path = Path(path)
-    path.write_text(dumps(normalize(nb)))
-    return path
 
 
 def parameters_of(nb: dict) -> dict:
@@ -129,7 +121,7 @@ def main(argv=None) -> int:
     bad = 0
     for p in paths:
         if verb == "normalize":
-            write(p, json.loads(Path(p).read_text()))
+            Path(p).write_text(dumps(normalize(json.loads(Path(p).read_text()))))
         for problem in problems(p):
             print(problem)
             bad += 1

@@ -100,16 +100,6 @@ def execute(stem: str, run_dir: Path, parameters: dict) -> None:
     )
 
 
-def failure_message(stem: str, run_dir: Path, err: Exception) -> str:
-    """Name the notebook and the cell that failed, with the error's last line."""
-    cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
-    ename = getattr(err, "ename", type(err).__name__)
-    evalue = str(getattr(err, "evalue", err)).strip().splitlines()
-    where = f"cell {cell}" if cell is not None else "a cell"
-    return (f"{stem} failed in {where}: {ename}: {evalue[-1] if evalue else ''}\n"
-            f"  the executed copy is kept: {run_dir / (stem + '.ipynb')}")
-
-
 def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
     """Execute the notebooks in order; record status and seconds; stop at the first failure."""
     from helpers import env
@@ -129,11 +119,16 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
             execute(stem, run_dir, parameters)
         except Exception as err:  # papermill's execution error, or kernel death
             secs = time.perf_counter() - t0
-            manifest.set_status(run_dir, stem, "failed", secs,
-                                error=f"{getattr(err, 'ename', type(err).__name__)}: "
-                                      f"{str(getattr(err, 'evalue', err))[:500]}")
+            ename = getattr(err, "ename", type(err).__name__)
+            evalue = str(getattr(err, "evalue", err))
+            manifest.set_status(run_dir, stem, "failed", secs, error=f"{ename}: {evalue[:500]}")
             echo(f"[{i}/{len(stems)}] {stem} FAILED after {secs:.1f} s", flush=True)
-            echo(failure_message(stem, run_dir, err))
+            # the notebook and the cell that failed, with the error's last line
+            cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
+            last = evalue.strip().splitlines()
+            echo(f"{stem} failed in {f'cell {cell}' if cell is not None else 'a cell'}: "
+                 f"{ename}: {last[-1] if last else ''}\n"
+                 f"  the executed copy is kept: {run_dir / (stem + '.ipynb')}")
             return False
         secs = time.perf_counter() - t0
         manifest.set_status(run_dir, stem, "ok", secs)
@@ -167,12 +162,6 @@ TOLERANCES = [
 ]
 
 
-def rule_for(name: str):
-    """(direction, relative, absolute tolerance) of the first pattern in TOLERANCES that matches
-    (the last, "*", matches every name)."""
-    return next(rule[1:] for rule in TOLERANCES if fnmatch.fnmatch(name, rule[0]))
-
-
 def compare(current: dict, baseline: dict) -> list[dict]:
     """Every figure of the baseline manifest against the current one, with a verdict each."""
     rows = []
@@ -182,7 +171,9 @@ def compare(current: dict, baseline: dict) -> list[dict]:
             continue  # not run this time (--only)
         cur = cur_nbs[stem].get("metrics", {})
         for name, base in entry.get("metrics", {}).items():
-            direction, rel, abs_ = rule_for(name)
+            # the first pattern of TOLERANCES that matches (the last, "*", matches every name)
+            direction, rel, abs_ = next(rule[1:] for rule in TOLERANCES
+                                        if fnmatch.fnmatch(name, rule[0]))
             row = {"notebook": stem, "figure": name, "baseline": base, "current": cur.get(name),
                    "rule": direction, "verdict": "ok"}
             if direction == "ignore":
@@ -233,7 +224,7 @@ def load_baseline(path: str) -> dict:
 # ------------------------------------------------------------------------------ command line
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m helpers.run",
         description="Execute the QLoRA notebook series with papermill into a run directory.")
@@ -244,11 +235,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare", metavar="BASELINE_MANIFEST",
                     help="after the run, compare every figure with a baseline manifest")
     ap.add_argument("--list", action="store_true", help="list notebooks and parameters, then exit")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = ap.parse_args(argv)
     try:
         if args.list:
             print("notebooks:", ", ".join(available()))

@@ -230,13 +230,6 @@ def check_plan(cfg, num_processes: int, mode: str = "ddp", *, cuda_devices: int 
     return notes
 
 
-def _config_text(name: str, num_processes: int, *, offload: bool, port: int | None) -> str:
-    text = re.sub(r"(?m)^num_processes: .*$", f"num_processes: {num_processes}",
-                  (LAUNCH_DIR / name).read_text())
-    text = re.sub(r"(?m)^(\s*fsdp_offload_params:) \w+", rf"\1 {str(offload).lower()}", text)
-    return text + (f"main_process_port: {int(port)}\n" if port is not None else "")
-
-
 def write_launch_config(cfg, num_processes: int, mode: str = "ddp", *, offload: bool = False,
                         port: int | None = None, cuda_devices: int | None = None) -> Launch:
     """Write the accelerate config for ``num_processes`` processes in ``mode`` into RUN_DIR and
@@ -259,7 +252,10 @@ def write_launch_config(cfg, num_processes: int, mode: str = "ddp", *, offload: 
     run_dir = Path(cfg.run_dir)
     target = run_dir / f"accelerate_{name}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(_config_text(name, int(num_processes), offload=offload, port=port))
+    text = re.sub(r"(?m)^num_processes: .*$", f"num_processes: {int(num_processes)}",
+                  (LAUNCH_DIR / name).read_text())
+    text = re.sub(r"(?m)^(\s*fsdp_offload_params:) \w+", rf"\1 {str(offload).lower()}", text)
+    target.write_text(text + (f"main_process_port: {int(port)}\n" if port is not None else ""))
     manifest.record_parameters(run_dir, cfg.as_parameters())
     command = ["accelerate", "launch", "--config_file", str(target), "-m", "helpers.train",
                str(run_dir)]

@@ -79,3 +79,19 @@ def quantized_weight_bytes(n: int, *, double_quant: bool = True) -> dict:
     else:
         const = 4 * blocks
     return {"packed": (n + 1) // 2, "constants": const + 4 * 16}
+
+
+# Chunk size of the chunked loss (helpers.losses), here because the memory estimate reads it too.
+# One chunk's float32 logits take about this many bytes: 512 tokens of a 128,256-token vocabulary
+# (Llama 3), 1,024 of a 50,000-token one, the whole sequence of a small model.
+CHUNK_LOGIT_BYTES = 2 ** 28
+MAX_CHUNK_TOKENS = 8192
+MIN_CHUNK_TOKENS = 64
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Positions per chunk: a power of two whose float32 logits fill about
+    :data:`CHUNK_LOGIT_BYTES`, between 64 and 8,192."""
+    n = max(1, CHUNK_LOGIT_BYTES // (4 * max(1, int(vocab))))
+    n = 1 << (n.bit_length() - 1)
+    return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, n)))

@@ -268,7 +268,7 @@ def test_notebook_06_uses_the_adapter_of_two_processes(ddp_run):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert adapter.stat().st_mtime_ns == before  # used, not trained again
-    m = manifest.metrics(run_dir, "06_inference_and_merge")
+    m = manifest.load(run_dir)["notebooks"]["06_inference_and_merge"]["metrics"]
     assert m["merge_top1_agreement"] == 1.0 and m["merged_generation_matches"] == 1
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTJConfig, LlamaConfig, OPTConfig
 
-from helpers import losses, lora, loading
+from helpers import losses, lora, loading, units
 from helpers import budget
 from helpers.config import Config
 
@@ -111,7 +111,7 @@ def test_the_body_feeds_the_head_its_last_hidden_state(model):
     def grab(_module, _args, out):
         seen["h"] = out[0]
 
-    handle = losses._body(lm).register_forward_hook(grab)
+    handle = getattr(lm, lm.base_model_prefix).register_forward_hook(grab)
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits
     handle.remove()
@@ -170,10 +170,10 @@ def test_chunked_cross_entropy_alone():
 
 
 def test_chunk_tokens_by_vocabulary():
-    assert losses.chunk_tokens(128256) == 512  # Llama 3: 256 MiB of float32 logits per chunk
-    assert losses.chunk_tokens(50432) == 1024  # GPT-NeoX-20B
-    assert losses.chunk_tokens(300) == losses.MAX_CHUNK_TOKENS
-    assert losses.chunk_tokens(10**9) == losses.MIN_CHUNK_TOKENS
+    assert units.chunk_tokens(128256) == 512  # Llama 3: 256 MiB of float32 logits per chunk
+    assert units.chunk_tokens(50432) == 1024  # GPT-NeoX-20B
+    assert units.chunk_tokens(300) == units.MAX_CHUNK_TOKENS
+    assert units.chunk_tokens(10**9) == units.MIN_CHUNK_TOKENS
 
 
 def test_other_models_keep_their_own_loss():

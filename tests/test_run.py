@@ -75,7 +75,7 @@ def test_failure_names_notebook_and_cell_and_keeps_the_copy(tmp_path):
     nb["cells"] = nb["cells"][:4] + [  # title, setup, parameters, config; then a failing cell
         {"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None}
         for src in ("x = 1", "raise ValueError('deliberate failure')", "y = 2")]
-    nbtools.write(nbdir / "01_environment_and_cuda.ipynb", nb)
+    (nbdir / "01_environment_and_cuda.ipynb").write_text(nbtools.dumps(nbtools.normalize(nb)))
     out = tmp_path / "run"
     proc = _main("--run-dir", str(out), env={"QLORA_NOTEBOOKS": str(nbdir)})
     assert proc.returncode == 1
