@@ -14,7 +14,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
+from accelerate import PartialState
+from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -30,15 +34,9 @@ class ResumeError(ValueError):
     """RESUME=True found checkpoints of another run; the message names the differences."""
 
 
-# ============================================================================ 5. checkpoints
-
-
 def dataset_fingerprint(dataset) -> str:
     """A hash of a dataset's token content (input_ids, labels, position_ids, attention_mask) and
     row count: equal for the same rows in the same order, however they were prepared."""
-    import numpy as np
-    import pyarrow.compute as pc
-
     cols = [c for c in ("input_ids", "labels", "position_ids", "attention_mask")
             if c in dataset.column_names]
     h = hashlib.sha256(json.dumps([len(dataset), cols]).encode())
@@ -62,10 +60,9 @@ def _lora_identity(model) -> dict:
 
 
 def _model_identity(cfg, model) -> dict:
-    config = getattr(model, "config", None)
-    name_or_path = str(getattr(config, "_name_or_path", "") or "")
-    return {"model": cfg.model, "name": Path(name_or_path).name if name_or_path else "",
-            "type": getattr(config, "model_type", type(model).__name__),
+    config = model.config  # a peft model's is its base model's
+    return {"model": cfg.model, "name": Path(str(config._name_or_path or "")).name,
+            "type": config.model_type,
             "hidden": getattr(config, "hidden_size", None),
             "layers": getattr(config, "num_hidden_layers", None),
             "vocab": getattr(config, "vocab_size", None),
@@ -75,10 +72,6 @@ def _model_identity(cfg, model) -> dict:
 # fields that must agree to resume; the rest of a signature is informative
 _MUST_MATCH = ("model", "lora", "max_length", "data", "micro_batch", "grad_accum", "optimizer",
                "learning_rate", "lr_schedule", "warmup_steps")
-
-
-def _value(setting) -> str:
-    return str(getattr(setting, "value", setting))  # TrainingArguments keeps enums
 
 
 def run_signature(cfg, model, train_dataset, args) -> dict:
@@ -93,9 +86,9 @@ def run_signature(cfg, model, train_dataset, args) -> dict:
         "data": {"rows": len(train_dataset), "fingerprint": dataset_fingerprint(train_dataset)},
         "micro_batch": args.per_device_train_batch_size,
         "grad_accum": args.gradient_accumulation_steps,
-        "optimizer": _value(args.optim),
+        "optimizer": args.optim.value,  # TrainingArguments keeps enums
         "learning_rate": args.learning_rate,
-        "lr_schedule": _value(args.lr_scheduler_type),
+        "lr_schedule": args.lr_scheduler_type.value,
         "warmup_steps": args.warmup_steps,
         "max_steps": args.max_steps,
         "epochs": args.num_train_epochs,
@@ -205,8 +198,6 @@ def resume_point(cfg, signature: dict) -> tuple:
     learning rate to the new schedule). RESUME = False: an earlier run's checkpoints are removed,
     so the folder holds this run's only. The main process then writes ``signature`` beside the
     checkpoints. Introduced in notebook 05."""
-    from accelerate import PartialState
-
     notes, found = [], None
     if cfg.resume:
         sharded = env.fsdp_active() and torch.cuda.is_available()
@@ -275,8 +266,6 @@ def save_adapter(model, folder, card: str, save=None) -> Path:
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise RuntimeError(f"the adapter was not saved as safetensors in {folder}")
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="pt") as f:
         if not list(f.keys()):  # an adapter that would load as the untrained one
             raise RuntimeError(f"the adapter saved in {folder} holds no weights: the LoRA "
