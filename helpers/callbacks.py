@@ -1,21 +1,23 @@
 """The Trainer callbacks the series adds (notebook 05): the live loss curve
 (:class:`LossCurveCallback`), the NaN / zero-loss guard that explains the likely cause
-(:class:`TrainingGuard`), memory per step (:class:`MemoryCallback`), real tokens per second
-(:class:`ThroughputCallback`) and a progress bar. Each is passed to a plain
-``transformers.Trainer`` in ``callbacks=[...]``.
+(:class:`TrainingGuard`), memory per step (:class:`MemoryCallback`) and real tokens per second
+(:class:`ThroughputCallback`). Each is passed to a plain ``transformers.Trainer`` in
+``callbacks=[...]``; the progress bar is the Trainer's own.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from transformers import ProgressCallback, TrainerCallback
+from IPython.display import Image, display
+from transformers import TrainerCallback
 
-from helpers import env
+from helpers import env, plots
 from helpers.footprint import cpu_rss
 from helpers.tokens import IGNORE_INDEX
 
@@ -101,36 +103,6 @@ class MemoryCallback(TrainerCallback):
         self.peak_gpu_bytes_every_process = gather_object([self.peak_gpu_bytes])
 
 
-class ProgressBar(ProgressCallback):
-    """The Trainer's progress bar over the optimizer steps, showing the latest loss and learning
-    rate instead of writing every step's log as a line: a widget in Jupyter
-    (:func:`helpers.env.has_frontend`), text elsewhere (papermill, scripts), where it redraws at
-    most every ``text_interval`` seconds."""
-
-    def __init__(self, live: bool | None = None, text_interval: float = 10.0):
-        super().__init__()
-        self.live = env.has_frontend() if live is None else live
-        self.text_interval = text_interval
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.current_step = state.global_step
-        if not state.is_world_process_zero:
-            return
-        if self.live:
-            from tqdm.auto import tqdm
-        else:
-            from tqdm import tqdm
-        self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step",
-                                 desc="training", dynamic_ncols=True,
-                                 mininterval=0.1 if self.live else self.text_interval)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if self.training_bar is not None and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}",
-                                          lr=f"{logs.get('learning_rate', 0):.2g}", refresh=False)
-
-
 def _log_entry(state, logs) -> dict | None:
     if "loss" not in logs:
         return None  # the end-of-training summary, or an evaluation
@@ -158,13 +130,9 @@ class LossCurveCallback(TrainerCallback):
         self._saved = False
 
     def figure(self):
-        from helpers import plots
-
         return plots.loss_curve(self.history, eval_points=self.eval_points)
 
     def save(self):
-        from helpers import plots
-
         if not self.history:
             return None
         self._saved = True
@@ -183,10 +151,6 @@ class LossCurveCallback(TrainerCallback):
         waiting = not force and now - self._drawn < self.min_interval
         if not self.live or not self.history or waiting:
             return
-        import io
-
-        from IPython.display import Image, display
-
         buf = io.BytesIO()
         self.figure().savefig(buf, format="png", dpi=90, bbox_inches="tight")
         image = Image(data=buf.getvalue())

@@ -14,7 +14,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
+from accelerate import PartialState
+from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -30,15 +34,9 @@ class ResumeError(ValueError):
     """RESUME=True found checkpoints of another run; the message names the differences."""
 
 
-# ============================================================================ 5. checkpoints
-
-
 def dataset_fingerprint(dataset) -> str:
     """A hash of a dataset's token content (input_ids, labels, position_ids, attention_mask) and
     row count: equal for the same rows in the same order, however they were prepared."""
-    import numpy as np
-    import pyarrow.compute as pc
-
     cols = [c for c in ("input_ids", "labels", "position_ids", "attention_mask")
             if c in dataset.column_names]
     h = hashlib.sha256(json.dumps([len(dataset), cols]).encode())
@@ -62,10 +60,9 @@ def _lora_identity(model) -> dict:
 
 
 def _model_identity(cfg, model) -> dict:
-    config = getattr(model, "config", None)
-    name_or_path = str(getattr(config, "_name_or_path", "") or "")
-    return {"model": cfg.model, "name": Path(name_or_path).name if name_or_path else "",
-            "type": getattr(config, "model_type", type(model).__name__),
+    config = model.config  # a peft model's is its base model's
+    return {"model": cfg.model, "name": Path(str(config._name_or_path or "")).name,
+            "type": config.model_type,
             "hidden": getattr(config, "hidden_size", None),
             "layers": getattr(config, "num_hidden_layers", None),
             "vocab": getattr(config, "vocab_size", None),
@@ -75,10 +72,6 @@ def _model_identity(cfg, model) -> dict:
 # fields that must agree to resume; the rest of a signature is informative
 _MUST_MATCH = ("model", "lora", "max_length", "data", "micro_batch", "grad_accum", "optimizer",
                "learning_rate", "lr_schedule", "warmup_steps")
-
-
-def _value(setting) -> str:
-    return str(getattr(setting, "value", setting))  # TrainingArguments keeps enums
 
 
 def run_signature(cfg, model, train_dataset, args) -> dict:
@@ -93,9 +86,9 @@ def run_signature(cfg, model, train_dataset, args) -> dict:
         "data": {"rows": len(train_dataset), "fingerprint": dataset_fingerprint(train_dataset)},
         "micro_batch": args.per_device_train_batch_size,
         "grad_accum": args.gradient_accumulation_steps,
-        "optimizer": _value(args.optim),
+        "optimizer": args.optim.value,  # TrainingArguments keeps enums
         "learning_rate": args.learning_rate,
-        "lr_schedule": _value(args.lr_scheduler_type),
+        "lr_schedule": args.lr_scheduler_type.value,
         "warmup_steps": args.warmup_steps,
         "max_steps": args.max_steps,
         "epochs": args.num_train_epochs,
@@ -158,34 +151,6 @@ def _saved_signature(checkpoint) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def check_resume(cfg, signature: dict, processes: int = 1, fsdp: bool = False) -> Path | None:
-    """The checkpoint to resume from when RESUME=True (None: start from step 0), after checking
-    that it belongs to this run; raises :class:`ResumeError` naming what differs, or what is
-    missing (for a launch of ``processes`` processes, sharded under ``fsdp``: see
-    :func:`checkpoint_files`). Introduced in notebook 05."""
-    last = latest_checkpoint(cfg.run_dir)
-    if last is None:
-        return None
-    saved = _saved_signature(last) or _saved_signature(Path(cfg.run_dir) / CHECKPOINTS)
-    where = f"{Path(cfg.run_dir).name}/{CHECKPOINTS}/{last.name}"
-    if not saved:
-        raise ResumeError(f"{where} has no {SIGNATURE}, so nothing shows that it belongs to this "
-                          "model, data and settings. Resume only checkpoints this series wrote; "
-                          "or set RESUME = False to start over (its checkpoints are replaced).")
-    diffs = signature_differences(saved, signature)
-    if diffs:
-        raise ResumeError(f"cannot resume from {where}: it was written by a different run.\n  "
-                          + "\n  ".join(diffs)
-                          + "\nUse the same parameters as that run, choose another RUN_DIR, or set "
-                            "RESUME = False to start over (its checkpoints are replaced).")
-    missing = [n for n, ok in checkpoint_files(last, processes, fsdp).items() if not ok]
-    if missing:
-        raise ResumeError(f"{where} lacks {', '.join(missing)}: it cannot be resumed exactly. "
-                          "Resume from an earlier checkpoint (delete this folder) or set RESUME = "
-                          "False.")
-    return last
-
-
 def keep_resumed_micro_batch(cfg):
     """``cfg`` with MICRO_BATCH set to the micro-batch of the checkpoints it resumes (RESUME =
     True, MICRO_BATCH = 0 and checkpoints there): a resumed run keeps its micro-batch, which a
@@ -200,26 +165,44 @@ def resume_point(cfg, signature: dict) -> tuple:
     """``(checkpoint, notes)``: the checkpoint folder to pass to ``trainer.train(
     resume_from_checkpoint=...)`` (None: start from step 0), and what was decided.
 
-    RESUME = True: the latest checkpoint, after :func:`check_resume` found it belongs to this run
-    (else :class:`ResumeError`); a changed MAX_STEPS is noted (:class:`ResumeCallback` moves the
-    learning rate to the new schedule). RESUME = False: an earlier run's checkpoints are removed,
-    so the folder holds this run's only. The main process then writes ``signature`` beside the
-    checkpoints. Introduced in notebook 05."""
-    from accelerate import PartialState
-
-    notes, found = [], None
-    if cfg.resume:
+    RESUME = True: the latest checkpoint, after checking that it belongs to this run: else
+    :class:`ResumeError` naming what differs, or which files an exact resume needs it lacks (for
+    this launch's processes, sharded under FSDP: see :func:`checkpoint_files`); a changed
+    MAX_STEPS is noted (:class:`ResumeCallback` moves the learning rate to the new schedule).
+    RESUME = False: an earlier run's checkpoints are removed, so the folder holds this run's
+    only. The main process then writes ``signature`` beside the checkpoints. Introduced in
+    notebook 05."""
+    notes, last = [], latest_checkpoint(cfg.run_dir)
+    where = f"{Path(cfg.run_dir).name}/{CHECKPOINTS}/{last.name}" if last else ""
+    if cfg.resume and last is None:
+        notes.append("RESUME = True, but no checkpoint yet: starting from step 0")
+    elif cfg.resume:
+        saved = _saved_signature(last) or _saved_signature(Path(cfg.run_dir) / CHECKPOINTS)
+        if not saved:
+            raise ResumeError(f"{where} has no {SIGNATURE}, so nothing shows that it belongs to "
+                              "this model, data and settings. Resume only checkpoints this series "
+                              "wrote; or set RESUME = False to start over (its checkpoints are "
+                              "replaced).")
+        diffs = signature_differences(saved, signature)
+        if diffs:
+            raise ResumeError(f"cannot resume from {where}: it was written by a different run.\n  "
+                              + "\n  ".join(diffs)
+                              + "\nUse the same parameters as that run, choose another RUN_DIR, "
+                                "or set RESUME = False to start over (its checkpoints are "
+                                "replaced).")
         sharded = env.fsdp_active() and torch.cuda.is_available()
-        found = check_resume(cfg, signature, PartialState().num_processes, sharded)
-        if found is None:
-            notes.append("RESUME = True, but no checkpoint yet: starting from step 0")
-        else:
-            notes.append(f"resuming from {found.name}")
-            before = _saved_signature(found).get("max_steps", signature["max_steps"])
-            if before != signature["max_steps"]:
-                notes.append(f"MAX_STEPS changed from {before} to {signature['max_steps']}: "
-                             "the learning-rate schedule now ends at the new last step")
-    elif latest_checkpoint(cfg.run_dir) is not None and env.is_main_process():
+        found = checkpoint_files(last, PartialState().num_processes, sharded)
+        missing = [n for n, ok in found.items() if not ok]
+        if missing:
+            raise ResumeError(f"{where} lacks {', '.join(missing)}: it cannot be resumed exactly. "
+                              "Resume from an earlier checkpoint (delete this folder) or set "
+                              "RESUME = False.")
+        notes.append(f"resuming from {last.name}")
+        before = saved.get("max_steps", signature["max_steps"])
+        if before != signature["max_steps"]:
+            notes.append(f"MAX_STEPS changed from {before} to {signature['max_steps']}: "
+                         "the learning-rate schedule now ends at the new last step")
+    elif last is not None and env.is_main_process():
         old = sorted(p for p in (Path(cfg.run_dir) / CHECKPOINTS).glob("checkpoint-*")
                      if p.is_dir())
         for folder in old:
@@ -229,7 +212,7 @@ def resume_point(cfg, signature: dict) -> tuple:
                      "from them)")
     if env.is_main_process():
         write_signature(Path(cfg.run_dir) / CHECKPOINTS, signature)
-    return (str(found) if found else None), notes
+    return (str(last) if cfg.resume and last else None), notes
 
 
 class ResumeCallback(TrainerCallback):
@@ -275,8 +258,6 @@ def save_adapter(model, folder, card: str, save=None) -> Path:
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise RuntimeError(f"the adapter was not saved as safetensors in {folder}")
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="pt") as f:
         if not list(f.keys()):  # an adapter that would load as the untrained one
             raise RuntimeError(f"the adapter saved in {folder} holds no weights: the LoRA "

@@ -9,28 +9,34 @@ helpers.train RUN_DIR``) trains with the parameters recorded in ``RUN_DIR/manife
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
+from accelerate import PartialState
 from accelerate.utils import send_to_device
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
-from helpers import env, fsdp, losses, scaling
+from helpers import config as config_mod
+from helpers import data, env, fsdp, loading, lora, losses, manifest, scaling
 from helpers.budget import BudgetError, _model_device, choose_micro_batch
-from helpers.callbacks import (LOSS_CURVE, LossCurveCallback, MemoryCallback, ProgressBar,
-                               ThroughputCallback, TrainingGuard, TrainingStopped)
+from helpers.callbacks import (LOSS_CURVE, LossCurveCallback, MemoryCallback, ThroughputCallback,
+                               TrainingGuard, TrainingStopped)
 from helpers.checkpoints import (ADAPTER, CHECKPOINTS, ResumeCallback, ResumeError,
                                  keep_resumed_micro_batch, model_card, resume_point,
                                  run_signature, save_adapter)
 from helpers.tokens import IGNORE_INDEX
-from helpers.units import free
+from helpers.models import cpu_safe
+from helpers.units import fmt_bytes, free
 
 
 # ============================================================================ arguments
@@ -41,8 +47,8 @@ def auto_learning_rate(model) -> float:
     7B-13B models (hidden 4096-5120) and 1e-4 for 33B-65B (6656-8192), and proportionally more
     for narrow models such as the embedded one (hidden 128), whose adapters barely move at 2e-4.
     Introduced in notebook 05."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = getattr(base.config, "hidden_size", None) or getattr(base.config, "n_embd", 4096)
+    config = model.config  # a peft model's is its base model's
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 4096)
     return float(min(1e-2, 2e-4 * 4096 / hidden))
 
 
@@ -53,9 +59,8 @@ def series_arguments(cfg) -> dict:
     them, so a diverging run would look healthy); checkpoints every SAVE_STEPS (the adapter as
     safetensors, optimizer, scheduler and RNG state: resume is exact); the gradient clipping;
     seeds; CPU or GPU; ``remove_unused_columns=False`` because the collator, not the Trainer,
-    decides what the model receives; the Trainer's log printing off (``disable_tqdm=True``, and
-    :func:`make_trainer` removes its PrinterCallback: :class:`helpers.callbacks.ProgressBar`
-    shows the loss); no external reporting. Introduced in notebook 05."""
+    decides what the model receives; no external reporting. The Trainer shows its own progress
+    bar. Introduced in notebook 05."""
     cuda, checkpointing = torch.cuda.is_available(), cfg.gradient_checkpointing
     # named activation_checkpointing from transformers 5.2x, gradient_checkpointing before
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -76,7 +81,6 @@ def series_arguments(cfg) -> dict:
         "dataloader_pin_memory": cuda,
         "remove_unused_columns": False,
         "ddp_find_unused_parameters": False,  # every LoRA weight is used in every step (DDP)
-        "disable_tqdm": True,
         "report_to": "none",
     }
 
@@ -118,8 +122,6 @@ def require_label_tokens(dataset) -> int:
     """Label tokens the loss is computed on in ``dataset`` (labels other than -100, each row's
     first position excluded: nothing predicts it); ``ValueError`` when there are none, since
     training would learn nothing and log a NaN loss. Introduced in notebook 05."""
-    import pyarrow.compute as pc
-
     if len(dataset) == 0:
         raise ValueError("the train set is empty: prepare the dataset first (notebook 04)")
     total = 0
@@ -154,8 +156,6 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
         # FSDP computes on this process's GPU, wherever the shards are kept (CPU with offload)
         device = torch.device("cuda", torch.cuda.current_device())
     elif device.type == "cpu":
-        from helpers.models import cpu_safe
-
         cpu_safe(model)
     use_autocast = device.type == "cuda" and dtype is not None and env.uses_autocast(dtype)
     was_training = model.training
@@ -238,8 +238,6 @@ def training_metrics(trainer, before: tuple, after: tuple, resume_from=None) -> 
 def summary(metrics: dict) -> str:
     """The figures a person reads first (of :func:`training_metrics`), as a few lines of text.
     Introduced in notebook 05."""
-    from helpers.units import fmt_bytes
-
     m = metrics
     lines = [
         (f"held-out loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
@@ -285,14 +283,10 @@ class TrainResult:
 
 def make_trainer(cfg, model, tokenizer, train_dataset, collator, micro_batch: int,
                  callbacks=(), dtype=None) -> Trainer:
-    """The plain ``Trainer`` of notebook 05 for this Config, with ``callbacks`` and without the
-    Trainer's printing of every step's log (:class:`helpers.callbacks.ProgressBar` shows the
-    loss instead)."""
-    trainer = Trainer(model=model, args=training_arguments(cfg, micro_batch, dtype, model),
-                      train_dataset=train_dataset, data_collator=collator,
-                      processing_class=tokenizer, callbacks=list(callbacks))
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+    """The plain ``Trainer`` of notebook 05 for this Config, with ``callbacks``."""
+    return Trainer(model=model, args=training_arguments(cfg, micro_batch, dtype, model),
+                   train_dataset=train_dataset, data_collator=collator,
+                   processing_class=tokenizer, callbacks=list(callbacks))
 
 
 def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
@@ -306,13 +300,12 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     In order: refuse a train set without label tokens; the chunked loss (CHUNKED_LOSS); the
     micro-batch (:func:`helpers.budget.choose_micro_batch`; a resumed run keeps its
     micro-batch); the arguments; RESUME: check the latest checkpoint's run signature, else start
-    over (:func:`helpers.checkpoints.resume_point`); evaluate before;
-    train with the callbacks (live loss curve, memory, throughput, resume, progress, NaN/zero
-    guard: :class:`TrainingStopped` if it stopped the run) plus ``callbacks``; evaluate after;
-    save the adapter with its model card in ``RUN_DIR/adapter`` and the curve as
-    ``RUN_DIR/loss_curve.png``. ``metrics``: :func:`training_metrics`. ``live``: draw the loss
-    curve and progress bar for Jupyter (default: when a front end is attached); ``verbose``:
-    print the notes as they are made.
+    over (:func:`helpers.checkpoints.resume_point`); evaluate before; train with the callbacks
+    (live loss curve, memory, throughput, resume, NaN/zero guard: :class:`TrainingStopped` if it
+    stopped the run) plus ``callbacks``; evaluate after; save the adapter with its model card in
+    ``RUN_DIR/adapter`` and the curve as ``RUN_DIR/loss_curve.png``. ``metrics``:
+    :func:`training_metrics`. ``live``: draw the loss curve for Jupyter (default: when a front
+    end is attached); ``verbose``: print the notes as they are made.
     """
     if not cfg.run_dir:
         raise ValueError("RUN_DIR is empty: helpers.config.start(...) sets it (runs/interactive)")
@@ -350,7 +343,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     curve.add_eval(0, before[0], "eval before")
     trainer = make_trainer(cfg, model, tokenizer, train_dataset, collator, micro, dtype=dtype,
                            callbacks=[curve, MemoryCallback(), ThroughputCallback(),
-                                      ResumeCallback(signature), ProgressBar(live), *callbacks,
+                                      ResumeCallback(signature), *callbacks,
                                       TrainingGuard(loss_tokens)])
     try:
         trainer.train(resume_from_checkpoint=resume_from)
@@ -389,10 +382,6 @@ def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = T
     GPU; FSDP: see :func:`helpers.loading.load_model`); the main process prepares the dataset
     first and the others then read it (accelerate's ``main_process_first``), so no two
     processes write RUN_DIR at once."""
-    from accelerate import PartialState
-
-    from helpers import data, lora, loading
-
     tokenizer = loading.load_tokenizer(cfg.model)
     model = loading.load_model(cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                               compute_dtype=cfg.compute_dtype, device=device, tokenizer=tokenizer,
@@ -430,12 +419,6 @@ def main(argv=None) -> int:
     curve, and the final figures in the manifest's ``train`` entry (``metrics``, ``status``).
     Exit status: 0 trained; 2 refused before starting (the message says what to change);
     1 failed while running (the manifest's ``train.error`` says how)."""
-    import argparse
-    import sys
-
-    from helpers import config as config_mod
-    from helpers import manifest
-
     ap = argparse.ArgumentParser(prog="python -m helpers.train", description=main.__doc__)
     ap.add_argument("run_dir")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

@@ -619,9 +619,7 @@ def test_live_curve_redraws_one_display(tmp_path, monkeypatch):
         shown.append(("display", obj))
         return Handle()
 
-    import IPython.display
-
-    monkeypatch.setattr(IPython.display, "display", display)
+    monkeypatch.setattr(callbacks, "display", display)
     curve = callbacks.LossCurveCallback(tmp_path / "loss_curve.png", live=True, min_interval=0.0)
     args = types.SimpleNamespace(should_save=True)
     for step in range(1, 4):
