@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 from IPython.display import Image, display
-from transformers import TrainerCallback
+from tqdm import tqdm
+from tqdm.auto import tqdm as tqdm_notebook
+from transformers import ProgressCallback, TrainerCallback
 
 from helpers import env, plots
 from helpers.footprint import cpu_rss
@@ -101,6 +103,33 @@ class MemoryCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.peak_gpu_bytes_every_process = gather_object([self.peak_gpu_bytes])
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's progress bar over the optimizer steps, showing the latest loss and learning
+    rate instead of writing every step's log as a line: a widget in Jupyter
+    (:func:`helpers.env.has_frontend`), text elsewhere (papermill, scripts), where it redraws at
+    most every ``text_interval`` seconds."""
+
+    def __init__(self, live: bool | None = None, text_interval: float = 10.0):
+        super().__init__()
+        self.live = env.has_frontend() if live is None else live
+        self.text_interval = text_interval
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.current_step = state.global_step
+        if not state.is_world_process_zero:
+            return
+        bar = tqdm_notebook if self.live else tqdm
+        self.training_bar = bar(total=state.max_steps, initial=state.global_step, unit="step",
+                                desc="training", dynamic_ncols=True,
+                                mininterval=0.1 if self.live else self.text_interval)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if self.training_bar is not None and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}",
+                                          lr=f"{logs.get('learning_rate', 0):.2g}", refresh=False)
 
 
 def _log_entry(state, logs) -> dict | None:

@@ -24,13 +24,13 @@ import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from accelerate.utils import send_to_device
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from helpers import config as config_mod
 from helpers import data, env, fsdp, loading, lora, losses, manifest, scaling
 from helpers.budget import BudgetError, _model_device, choose_micro_batch
-from helpers.callbacks import (LOSS_CURVE, LossCurveCallback, MemoryCallback, ThroughputCallback,
-                               TrainingGuard, TrainingStopped)
+from helpers.callbacks import (LOSS_CURVE, LossCurveCallback, MemoryCallback, ProgressBar,
+                               ThroughputCallback, TrainingGuard, TrainingStopped)
 from helpers.checkpoints import (ADAPTER, CHECKPOINTS, ResumeCallback, ResumeError,
                                  keep_resumed_micro_batch, model_card, resume_point,
                                  run_signature, save_adapter)
@@ -59,8 +59,9 @@ def series_arguments(cfg) -> dict:
     them, so a diverging run would look healthy); checkpoints every SAVE_STEPS (the adapter as
     safetensors, optimizer, scheduler and RNG state: resume is exact); the gradient clipping;
     seeds; CPU or GPU; ``remove_unused_columns=False`` because the collator, not the Trainer,
-    decides what the model receives; no external reporting. The Trainer shows its own progress
-    bar. Introduced in notebook 05."""
+    decides what the model receives; no external reporting; the Trainer's printing of every
+    step's log off (:class:`helpers.callbacks.ProgressBar` shows one bar with the loss instead).
+    Introduced in notebook 05."""
     cuda, checkpointing = torch.cuda.is_available(), cfg.gradient_checkpointing
     # named activation_checkpointing from transformers 5.2x, gradient_checkpointing before
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -73,6 +74,7 @@ def series_arguments(cfg) -> dict:
         "num_train_epochs": cfg.epochs,
         "max_grad_norm": cfg.max_grad_norm,
         "logging_steps": 1,
+        "disable_tqdm": True,  # with PrinterCallback removed: ProgressBar instead
         "logging_nan_inf_filter": False,
         **save,
         "seed": cfg.seed,
@@ -283,10 +285,13 @@ class TrainResult:
 
 def make_trainer(cfg, model, tokenizer, train_dataset, collator, micro_batch: int,
                  callbacks=(), dtype=None) -> Trainer:
-    """The plain ``Trainer`` of notebook 05 for this Config, with ``callbacks``."""
-    return Trainer(model=model, args=training_arguments(cfg, micro_batch, dtype, model),
-                   train_dataset=train_dataset, data_collator=collator,
-                   processing_class=tokenizer, callbacks=list(callbacks))
+    """The plain ``Trainer`` of notebook 05 for this Config, with ``callbacks``, without the
+    Trainer's printing of every step's log."""
+    trainer = Trainer(model=model, args=training_arguments(cfg, micro_batch, dtype, model),
+                      train_dataset=train_dataset, data_collator=collator,
+                      processing_class=tokenizer, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
@@ -343,7 +348,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     curve.add_eval(0, before[0], "eval before")
     trainer = make_trainer(cfg, model, tokenizer, train_dataset, collator, micro, dtype=dtype,
                            callbacks=[curve, MemoryCallback(), ThroughputCallback(),
-                                      ResumeCallback(signature), *callbacks,
+                                      ResumeCallback(signature), ProgressBar(live), *callbacks,
                                       TrainingGuard(loss_tokens)])
     try:
         trainer.train(resume_from_checkpoint=resume_from)
