@@ -23,9 +23,6 @@ class AdapterMismatch(ValueError):
     """The adapter was saved for a different base model; the message says how they differ."""
 
 
-# ====================================================================== loading an adapter (06)
-
-
 def _adapter_files(adapter_path) -> tuple[Path, Path]:
     """The adapter's config and weights files, or a FileNotFoundError naming what is missing."""
     path = Path(adapter_path)

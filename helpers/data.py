@@ -48,7 +48,6 @@ from helpers.tokens import IGNORE_INDEX
 FORMAT_VERSION = 1  # part of the fingerprint: bump when the prepared layout changes
 
 
-# --------------------------------------------------------------------------------------------
 # 3. tokens and labels
 
 
@@ -134,7 +133,6 @@ def pack(tokenized, max_length: int):
                          remove_columns=tokenized.column_names, keep_in_memory=True, desc="pack")
 
 
-# --------------------------------------------------------------------------------------------
 # 4. the whole preparation, saved and reused
 
 
@@ -360,7 +358,6 @@ def load_or_prepare(cfg, tokenizer, run_dir=None, verbose: bool = True) -> Prepa
     return prepared
 
 
-# --------------------------------------------------------------------------------------------
 # 5. batches
 
 
@@ -405,7 +402,6 @@ class CompletionCollator(DataCollatorForSeq2Seq):
         return batch
 
 
-# --------------------------------------------------------------------------------------------
 # 6. showing examples
 
 

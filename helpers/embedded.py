@@ -25,11 +25,6 @@ from helpers import env
 from helpers.tokens import EOS_TOKEN, PAD_TOKEN
 
 
-# =============================================================================================
-# 1. The embedded model: a small GPT-NeoX pretrained by the series on the standard library's
-#    docstrings (introduced in notebook 02, used by every notebook when MODEL="embedded")
-# =============================================================================================
-
 # Change the version whenever the recipe below changes: the cache folder is named after it, so a
 # new recipe builds a new model instead of reusing an old one.
 EMBEDDED_VERSION = "embedded-gpt-neox-v2"  # v2: transformers' cosine schedule (v1 hand-written)

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 import torch
+import pandas as pd
 from helpers.shapes import as_shape
 from helpers.units import (BLOCKSIZE, _is_params4bit, fmt_bytes, logical_numel,
                            quantized_weight_bytes)
@@ -140,8 +141,6 @@ class MemoryLog:
 
     def frame(self):
         """The log as a pandas DataFrame with human units (one row per stage)."""
-        import pandas as pd
-
         return pd.DataFrame([[r.stage, f"{r.seconds:.1f}"]
                              + [fmt_bytes(getattr(r, a)) for _, a in _COLUMNS[2:]]
                              for r in self.records], columns=[t for t, _ in _COLUMNS])
@@ -272,8 +271,6 @@ def footprint_totals(rows: list[dict]) -> dict:
 def footprint_text(rows: list[dict]) -> str:
     """A :func:`footprint_breakdown` as a text table with its two totals (``*``: not counted by
     get_memory_footprint)."""
-    import pandas as pd
-
     tot = footprint_totals(rows)
     table = pd.DataFrame({
         "part": [r["part"] for r in rows],

@@ -39,7 +39,6 @@ class DatasetError(ValueError):
     """The data cannot be used as configured; the message says what to change."""
 
 
-# --------------------------------------------------------------------------------------------
 # 1. sources
 
 
@@ -148,7 +147,6 @@ def pick_splits(source, cfg):
     return train, evaluation
 
 
-# --------------------------------------------------------------------------------------------
 # 2. formats
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-# ============================================================================ the adapter under FSDP
-
 # module names FSDP (and its checkpoint wrapper) insert between a model's own module names
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 

@@ -28,9 +28,6 @@ INSTRUCTIONS = (
 )
 
 
-# ============================================================================ generation (05)
-
-
 class Generations(list):
     """The generated texts (a list of str), with what happened to each.
 

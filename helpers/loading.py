@@ -7,6 +7,7 @@ Introduced in notebook 02.
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM
 from helpers import env
 from helpers.units import logical_numel
 from helpers.models import (_compute_dtype, _device, _device_map, _from_pretrained, cpu_safe,
@@ -73,8 +74,6 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
     loading expects (FSDP places the shards), and a rehearsal is built in CPU RAM, where FSDP
     takes it from (``fsdp_sync_module_states``).
     """
-    from transformers import AutoModelForCausalLM
-
     source = resolve(model)
     fsdp = env.fsdp_active() and device is None
     dev = torch.device("cpu") if fsdp and source.kind == "rehearsal" else _device(device)
@@ -106,8 +105,6 @@ def load_16bit(model, dtype=None, *, device=None, tokenizer=None):
     The embeddings grow as in :func:`load_model`, so an adapter trained there fits. A rehearsal
     gives the same random weights its 4-bit build quantized (same seed), unquantized.
     """
-    from transformers import AutoModelForCausalLM
-
     source = resolve(model)
     dev = _device(device)
     dtype = _compute_dtype(torch.float32 if dtype is None and dev.type == "cpu" else dtype)

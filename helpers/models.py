@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 import torch
+from transformers import AutoConfig
 from helpers import env
 from helpers.config import ConfigError
 from helpers.embedded import EMBEDDED_VERSION, embedded_path
@@ -258,8 +259,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def rehearsal_config(name):
     """The transformers config of a rehearsal: a shipped file, or a Hub id's ``config.json``."""
-    from transformers import AutoConfig
-
     source = name if isinstance(name, ModelSource) else resolve(
         name if str(name).startswith(REHEARSAL_PREFIX) else REHEARSAL_PREFIX + str(name))
     if source.kind != "rehearsal":
@@ -277,8 +276,6 @@ def rehearsal_config(name):
 def load_config(model):
     """MODEL's transformers config without its weights (for the estimator, notebook 02): the
     embedded model's, a local folder's, a Hub id's, or a rehearsal's shipped config."""
-    from transformers import AutoConfig
-
     source = model if isinstance(model, ModelSource) else resolve(model)
     if source.kind == "rehearsal":
         return rehearsal_config(source)

@@ -12,6 +12,7 @@ if not matplotlib.get_backend().lower().startswith(("module://", "inline", "nbag
     matplotlib.use("Agg")  # headless (papermill, CI); notebooks keep their inline backend
 
 from pathlib import Path  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def save(fig, path) -> Path:
@@ -29,7 +30,6 @@ def length_histogram(lengths, max_length: int, title: str = "Tokens per example"
     Introduced in notebook 04 (dataset preparation).
     """
     import numpy as np
-    from matplotlib.figure import Figure
 
     a = np.asarray(list(lengths), dtype=np.int64)
     fig = Figure(figsize=(7, 3.2))
@@ -81,8 +81,6 @@ def memory_bars(estimates: dict, budget_bytes: float | None = None,
     Segments group the estimate's items as held at the predicted peak (see MEMORY_SEGMENTS).
     Introduced in notebook 01 (will it fit?).
     """
-    from matplotlib.figure import Figure
-
     labels = list(estimates)
     fig = Figure(figsize=(max(5.5, 1.4 * len(labels) + 4.5), 3.8))
     ax = fig.add_subplot()
@@ -116,8 +114,6 @@ def footprint_bars(rows: list, title: str = "What the loaded model weighs, part 
     """Horizontal bars of :func:`helpers.footprint.footprint_breakdown` rows; hatched bars are the
     quantization constants that ``get_memory_footprint()`` leaves out. Introduced in notebook 02.
     """
-    from matplotlib.figure import Figure
-
     from helpers.units import fmt_bytes
 
     rows = list(rows)
@@ -155,7 +151,6 @@ def loss_curve(history, eval_points=None, title: str = "Training"):
     import math
 
     import pandas as pd
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.8))
     ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})

@@ -28,8 +28,6 @@ from helpers.units import fmt_bytes, quantized_weight_bytes
 NCCL_BYTES = 1_700_000_000
 
 
-# ============================================================================ several GPUs
-
 # Items FSDP shards: every persistent tensor of the model, its gradients and optimizer state.
 _SHARDED = ("weights_4bit", "quant_constants", "embeddings", "lm_head", "norms_biases",
             "lora_params", "lora_grads", "optimizer", "optimizer_paged")

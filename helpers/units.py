@@ -23,9 +23,6 @@ BITS_PER_PARAM_DQ = 4 + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * DQ_BLOCKSIZE)  # 4.127
 BITS_PER_PARAM_NO_DQ = 4 + 32 / BLOCKSIZE  # 4.5
 
 
-# =============================================================================== readouts
-
-
 def free() -> None:
     """Return freed memory: Python objects now, and the GPU allocator's cache."""
     import gc
@@ -49,9 +46,6 @@ def fmt_bytes(n: float | None) -> str:
     if n >= 1e3:
         return f"{sign}{n / 1e3:.1f} kB"
     return f"{sign}{n:.0f} B"
-
-
-# ===================================================================== a model, part by part
 
 
 def logical_numel(param) -> int:

@@ -7,8 +7,6 @@ from __future__ import annotations
 from helpers import env
 
 
-# ------------------------------------------------------------------ memory calculator (02)
-
 _SEQ_CHOICES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 _RANK_CHOICES = (4, 8, 16, 32, 64, 128)
