@@ -1,8 +1,8 @@
 """The Trainer callbacks the series adds (notebook 05): the live loss curve
 (:class:`LossCurveCallback`), the NaN / zero-loss guard that explains the likely cause
 (:class:`TrainingGuard`), memory per step (:class:`MemoryCallback`) and real tokens per second
-(:class:`ThroughputCallback`). Each is passed to a plain ``transformers.Trainer`` in
-``callbacks=[...]``; the progress bar is the Trainer's own.
+(:class:`ThroughputCallback`) and one progress bar with the loss (:class:`ProgressBar`). Each is
+passed to a plain ``transformers.Trainer`` in ``callbacks=[...]``.
 """
 
 from __future__ import annotations

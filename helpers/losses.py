@@ -84,9 +84,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head, *,
     ``hidden``: [batch, seq, h], what the head reads; ``labels``: [batch, seq], not shifted
     (position i predicts label i + 1; -100 is ignored); ``head``: the output layer (a module or
     function mapping [n, h] to [n, vocab] logits). Only labelled positions go through the head,
-    ``chunk_size`` of them at a time (default :func:`helpers.units.chunk_tokens` of the vocabulary), each chunk
-    under a non-reentrant checkpoint: its logits are freed after its loss and recomputed in the
-    backward. The result is the sum over label tokens divided by ``num_items_in_batch`` when
+    ``chunk_size`` of them at a time (default :func:`helpers.units.chunk_tokens` of the
+    vocabulary), each chunk under a non-reentrant checkpoint: its logits are freed after its loss
+    and recomputed in the backward. The result is the sum over label tokens divided by ``num_items_in_batch`` when
     given (the Trainer's count over the accumulated micro-batches), else by this batch's label
     tokens (NaN when there are none, as in transformers). ``autocast``: ``(enabled, dtype)`` to
     run the head under (default: the current state), so the head computes in the dtype it would

@@ -286,8 +286,8 @@ def merge_adapter(base_16bit_loader, adapter_path, *, tokenizer, prompts, out_di
                   quantized_model=None, max_new_tokens: int = 20,
                   check_base_name: bool = True) -> MergeCheck:
     """Notebook 06's merge in one call: the 16-bit base (``base_16bit_loader``, or dequantized
-    from ``quantized_model``), the adapter on it (checked by :func:`helpers.adapters.check_adapter`),
-    the reference outputs, ``merge_and_unload()``, the comparisons, and with ``out_dir`` the save
+    from ``quantized_model``), the adapter on it (checked by
+    :func:`helpers.adapters.check_adapter`), the reference outputs, ``merge_and_unload()``, the comparisons, and with ``out_dir`` the save
     and the reload (the merged model is freed before the reload). ``quantized_model``: the 4-bit
     base, with or without the adapter loaded (a plain one gets it for comparison (b) and is given
     back plain). Returns the :class:`MergeCheck`; raises :class:`MergeMismatch` when comparison

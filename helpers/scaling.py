@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from helpers import env
-from helpers.estimator import Estimate, Item, _dtype_bytes, _lora_specs, _outside_allocator, estimate
+from helpers.estimator import (Estimate, Item, _dtype_bytes, _lora_specs, _outside_allocator,
+                               estimate)
 from helpers.shapes import ModelShape
 from helpers.units import fmt_bytes, quantized_weight_bytes
 

@@ -284,10 +284,12 @@ class TrainResult:
 
 
 def make_trainer(cfg, model, tokenizer, train_dataset, collator, micro_batch: int,
-                 callbacks=(), dtype=None) -> Trainer:
+                 callbacks=(), dtype=None, args: TrainingArguments | None = None) -> Trainer:
     """The plain ``Trainer`` of notebook 05 for this Config, with ``callbacks``, without the
-    Trainer's printing of every step's log."""
-    trainer = Trainer(model=model, args=training_arguments(cfg, micro_batch, dtype, model),
+    Trainer's printing of every step's log. ``args``: arguments already built for this Config
+    (default: :func:`training_arguments` at ``micro_batch`` and ``dtype``)."""
+    args = args or training_arguments(cfg, micro_batch, dtype, model)
+    trainer = Trainer(model=model, args=args,
                       train_dataset=train_dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)
@@ -346,7 +348,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
 
     curve = LossCurveCallback(run_dir / LOSS_CURVE, live=live)
     curve.add_eval(0, before[0], "eval before")
-    trainer = make_trainer(cfg, model, tokenizer, train_dataset, collator, micro, dtype=dtype,
+    trainer = make_trainer(cfg, model, tokenizer, train_dataset, collator, micro, args=args,
                            callbacks=[curve, MemoryCallback(), ThroughputCallback(),
                                       ResumeCallback(signature), ProgressBar(live), *callbacks,
                                       TrainingGuard(loss_tokens)])
@@ -455,7 +457,7 @@ def main(argv=None) -> int:
                                         **({"RESUME": True} if args.resume else {})})
         mode = "fsdp" if launch["fsdp"] else "ddp"
         notes = scaling.check_plan(cfg, launch["local_world_size"], mode,
-                                       cuda_devices=torch.cuda.device_count())
+                                   cuda_devices=torch.cuda.device_count())
     except (config_mod.ConfigError, scaling.LaunchError, ValueError) as err:
         return fail(err, 2)
     if is_main and launch["world_size"] > 1:
