@@ -164,7 +164,7 @@ class BudgetError(ValueError):
     """MEMORY_BUDGET_GB cannot hold even micro-batch 1 at MAX_LENGTH; the message says what would."""
 
 
-# ============================================================================ 2. fit the card
+# ============================================================================ the training's micro-batch
 
 
 def budget_bytes(cfg) -> int | None:
