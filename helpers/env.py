@@ -181,6 +181,37 @@ def _requirements() -> list[str]:
     return [ln for ln in lines if ln]
 
 
+# The packages that must work together for the recipe (the setup cell checks them after an
+# install, in a fresh process, before any notebook imports them).
+STACK = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets")
+
+
+def stack_problems() -> list[str]:
+    """What stops the installed stack from working together, one sentence each (empty: none)."""
+    rows = [r for r in requirement_check() if r["package"] in STACK and not r["ok"]]
+    out = [f"{r['package']} {r['installed'] or '(missing)'} is outside the tested range "
+           f"{r['tested']}" for r in rows]
+    try:  # the imports the notebooks make; an incompatible pair fails here
+        from peft import LoraConfig, PeftModel, get_peft_model  # noqa: F401
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure is the finding
+        out.append(f"transformers and peft do not import together: {type(err).__name__}: {err}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m helpers.env``: the stack's versions, and whether they work together."""
+    have = versions()
+    print("installed: " + ", ".join(f"{k} {have.get(k)}" for k in STACK))
+    problems = stack_problems()
+    for line in problems:
+        print(f"  problem: {line}")
+    if problems:
+        print("fix: pip install --upgrade transformers peft accelerate, then restart the runtime "
+              "(Colab: Runtime > Restart session) and run the notebook from the top")
+    return 1 if problems else 0
+
+
 # Notebook 01's bitsandbytes self-test: a random 256 x 256 weight quantized to NF4 multiplies
 # about 10% off the dense result; twice that means broken kernels, not rounding.
 BNB_MAX_ERROR = 0.2
@@ -257,3 +288,7 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,6 +13,26 @@ from pathlib import Path
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
+def accept_indexed_cpu_locations() -> None:
+    """Let ``torch.load`` restore storages to a location named ``cpu:N``.
+
+    Under a CPU launch of several processes (gloo) the Trainer can ask ``torch.load`` for its
+    own device, ``cpu:0``, when it restores a checkpoint's optimizer; torch's CPU deserializer
+    accepts only the exact name ``cpu`` and fails with "don't know how to restore data location
+    ... (tagged with cpu:0)". Registered once; other locations are left to torch.
+    """
+    import torch.serialization as ser
+
+    if getattr(ser, "_qlora_series_cpu_index", False):
+        return
+
+    def restore(obj, location):
+        return obj if location.startswith("cpu:") and location[4:].isdigit() else None
+
+    ser.register_package(15, lambda _obj: None, restore)
+    ser._qlora_series_cpu_index = True
+
+
 def unwrapped_name(name: str) -> str:
     """``name`` (a module or parameter path) without the segments FSDP's wrappers add, i.e. the
     name the same module has in the model before wrapping."""

@@ -16,17 +16,26 @@ from helpers import GITHUB_REPOSITORY, REVISION
 
 SETUP_SOURCE = f'''# Setup, the same in every notebook. On Colab it installs this series' `helpers` package
 # (and with it the packages Colab lacks); locally, after `pip install -e .`, it does nothing.
-import os, subprocess, sys
+import os, subprocess, sys, time
 SERIES = "git+https://github.com/{GITHUB_REPOSITORY}@{REVISION}"  # repository @ revision
 source = os.environ.get("QLORA_SERIES_SOURCE", SERIES)  # or a local path / file:// URL
 if "google.colab" in sys.modules or "QLORA_SERIES_SOURCE" in os.environ:
     if "://" not in source and not source.startswith("git+"):
         source = "file://" + os.path.abspath(source)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"qlora-series @ {{source}}"], check=True)
+    print("installing helpers and the packages this runtime lacks (1-3 minutes) ...", flush=True)
+    t0, pip = time.time(), [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run(pip + [f"qlora-series @ {{source}}"], check=True)
+    # a fresh process imports what was installed: transformers and peft must work together
+    check = subprocess.run([sys.executable, "-m", "helpers.env"], capture_output=True, text=True)
+    print(check.stdout.strip(), f"({{time.time() - t0:.0f}} s)")
+    if check.returncode:
+        raise SystemExit("the installed packages do not work together (above); nothing else ran")
 try:
     import helpers
 except ImportError:
-    raise SystemExit("helpers is not installed: run `pip install -e .` in the repository root") from None'''
+    raise SystemExit("helpers is not installed: in a clone of the repository run "
+                     f"`pip install -e .`, anywhere else `pip install 'qlora-series @ {{SERIES}}'`"
+                     ) from None'''
 
 
 def badge_url(stem: str) -> str:

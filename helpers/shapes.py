@@ -58,6 +58,9 @@ class ModelShape:
     extra_linears: tuple = ()  # quantized linears outside the blocks (OPT's project_in/out)
     embed_dim: int = 0  # width of the token embeddings and head when it differs from hidden
     buffer_bytes: int = 0  # rotary tables (float32 buffers; get_memory_footprint counts them)
+    # attention written out (scores kept for backward) where the installed transformers has no
+    # sdpa path for the family (GPT-J before transformers 5.24)
+    eager_attention: bool = False
 
     # ---- parameter counts
     def n_linear_params(self) -> int:
@@ -102,6 +105,15 @@ def _cfg_get(cfg, *names, default=None):
         if v is not None:
             return v
     return default
+
+
+def _gptj_tables_per_layer() -> bool:
+    """GPT-J as the installed transformers writes it: before 5.24 each attention layer holds its
+    own sin/cos table and computes attention in eager mode; since, one shared rotary module
+    and sdpa."""
+    from transformers.models.gptj import modeling_gptj
+
+    return "GPTJRotaryEmbedding" not in modeling_gptj.GPTJModel.__init__.__code__.co_names
 
 
 _GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo",
@@ -153,14 +165,17 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
             buffer_bytes=_inv_freq_bytes(cfg, h // a))
     if mt == "gptj":
         ff = int(_cfg_get(cfg, "n_inner", default=4 * h) or 4 * h)
+        old = _gptj_tables_per_layer()
+        tables = common["layers"] if old else 1
         return ModelShape(
             **common, family="gptj", intermediate=ff,
             linears=_attention(h, h, h, "out_proj", False) + _mlp(h, ff, "fc_in", "fc_out"),
             norms_per_block=1, parallel_residual=True,
             activation=str(_cfg_get(cfg, "activation_function", default="gelu_new")),
             head_bias=True, resid_dropout=float(_cfg_get(cfg, "resid_pdrop", default=0.0)),
-            # one sin/cos table of context x rotary_dim float32 values
-            buffer_bytes=4 * ctx * int(_cfg_get(cfg, "rotary_dim", default=h // a) or h))
+            # sin/cos tables of context x rotary_dim float32 values
+            buffer_bytes=tables * 4 * ctx * int(_cfg_get(cfg, "rotary_dim", default=h // a) or h),
+            eager_attention=old)
     if mt == "opt":
         ff = int(_cfg_get(cfg, "ffn_dim", default=4 * h))
         bias = bool(_cfg_get(cfg, "enable_bias", default=True))

@@ -322,6 +322,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     sharded = env.fsdp_active() and torch.cuda.is_available()
     if sharded:  # the Trainer's sharded checkpoints then hold the adapter, and resuming restores it
         fsdp.match_peft_names_under_fsdp()
+    if env.world()["world_size"] > 1:
+        fsdp.accept_indexed_cpu_locations()
     notes = [losses.use_chunked_loss(model)] if cfg.chunked_loss else []
     dtype = env.compute_dtype(cfg.compute_dtype)
     micro, fit_notes = choose_micro_batch(keep_resumed_micro_batch(cfg), model,

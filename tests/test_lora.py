@@ -308,7 +308,7 @@ def test_lora_computes_in_the_stream_dtype_with_float32_master_weights(tmp_path)
     seen = []
     hooks = [m.lora_B["default"].register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
              for m in adapted]
-    ids = torch.randint(0, 100, (2, 16))
+    ids = torch.randint(0, 100, (2, 16)).to(peft_model.device)  # on the GPU where there is one
     with torch.no_grad():  # make lora_B non-zero so gradients reach lora_A too
         for m in adapted:
             m.lora_B["default"].weight.normal_(0, 0.02)

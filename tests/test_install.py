@@ -1,0 +1,136 @@
+"""The setup cell on environments shaped like Colab images, and the lowest versions the ranges
+admit. Each test builds its environment from this machine's packages (tests/_envs.py) and takes
+the rest from the package index, so the tests skip, saying why, where no index can be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import _envs
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_INDEX = _envs.index_reachable()
+pytestmark = pytest.mark.skipif(
+    NO_INDEX is not None, reason=f"no package index reachable ({NO_INDEX}): these tests install "
+    "packages; run them where pip can download")
+
+# Colab images as they come, before the setup cell: an older one (transformers 4, a peft that
+# no transformers 5 works with, ipywidgets 7, no datasets, no bitsandbytes) and a current one.
+OLDER_COLAB = ["transformers==4.57.1", "peft==0.17.1", "accelerate==1.10.1", "ipywidgets==7.7.1",
+               "safetensors==0.6.2"]
+CURRENT_COLAB = ["transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0", "datasets==5.2.0",
+                 "ipywidgets==7.7.1", "safetensors==0.8.0"]
+
+
+def lower_bounds() -> list[str]:
+    """``name==X`` for every ``name>=X`` of the package's requirements (torch excepted: the one
+    here is the CPU build on disk, and its bound is the GPU card's torch)."""
+    from packaging.requirements import Requirement
+
+    pins = []
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        low = [s.version for s in req.specifier if s.operator == ">="]
+        if low and req.name != "torch":
+            pins.append(f"{req.name}=={low[0]}")
+    return pins
+
+
+def source_repo(tmp_path: Path) -> str:
+    """A git URL of this checkout as it is now (committed or not): the files git tracks or
+    would track, committed into a repository of their own."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    repo = tmp_path / "source"
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "source"], check=True)
+    return f"git+file://{repo}"
+
+
+def run_notebook_alone(py: Path, name: str, source: str, tmp_path: Path) -> dict:
+    """Notebook ``name`` executed by a kernel of that environment, as on a fresh runtime: its
+    setup cell installs the series from ``source``; returns the run's manifest."""
+    kernels = tmp_path / "jupyter"
+    subprocess.run([str(py), "-m", "ipykernel", "install", "--prefix", str(kernels),
+                    "--name", "colab-shaped"], check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QLORA_RUN_DIR")}
+    env.update(QLORA_SERIES_SOURCE=source, JUPYTER_PATH=str(kernels / "share" / "jupyter"),
+               PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_ROOT_USER_ACTION="ignore")
+    run_dir, out = tmp_path / "run", tmp_path / f"{name}.ipynb"
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{name}.ipynb"),
+                           str(out), "-k", "colab-shaped", "--cwd", str(tmp_path),
+                           "-p", "RUN_DIR", str(run_dir)], env=env, capture_output=True,
+                          text=True, timeout=1200)
+    cells = json.loads(out.read_text())["cells"] if out.exists() else []
+    setup_output = "".join(o.get("text", "") for o in (cells[1]["outputs"] if len(cells) > 1
+                                                      else []) if isinstance(o.get("text"), str))
+    assert proc.returncode == 0, f"{setup_output}\n{proc.stderr[-4000:]}"
+    return {"manifest": json.loads((run_dir / "manifest.json").read_text()),
+            "setup_output": setup_output}
+
+
+STACK = ("transformers", "peft", "accelerate", "huggingface-hub", "tokenizers", "datasets",
+         "bitsandbytes", "ipywidgets")
+
+
+@pytest.mark.parametrize("image", ["older", "current"])
+def test_setup_cell_on_a_colab_image_leaves_a_working_stack(image, tmp_path):
+    """The setup cell, from a local git URL, on a Colab-shaped environment: what it installs
+    works together (transformers and peft above all), and notebook 03 then runs alone."""
+    pins = OLDER_COLAB if image == "older" else CURRENT_COLAB
+    py = _envs.make_env(tmp_path / "env", _envs.HF_STACK | _envs.WIDGETS, pins)
+    before = _envs.versions(py, *STACK)
+    assert before["bitsandbytes"] is None and before["ipywidgets"] == "7.7.1"
+    done = run_notebook_alone(py, "03_lora_setup", source_repo(tmp_path), tmp_path)
+    after = _envs.versions(py, *STACK)
+    print(image, "before:", before, "\nafter:", after, "\n", done["setup_output"])
+    assert "problem" not in done["setup_output"] and "installed:" in done["setup_output"]
+    check = subprocess.run([str(py), "-m", "helpers.env"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert after["bitsandbytes"] and after["datasets"]  # what Colab lacks was installed
+    if image == "current":  # nothing that already worked was changed
+        assert {k: after[k] for k in ("transformers", "peft", "accelerate")} == {
+            k: before[k] for k in ("transformers", "peft", "accelerate")}
+    entry = done["manifest"]["notebooks"]["03_lora_setup"]
+    assert entry["status"] == "ok"
+    assert entry["metrics"]["trainable_params"] > 0
+
+
+def test_the_lowest_versions_the_ranges_admit(tmp_path):
+    """Every range's lower bound installed together (transformers, peft, accelerate, datasets,
+    bitsandbytes, ...), then the LoRA tests and notebooks 02-04 alone on them."""
+    pins = lower_bounds()
+    hide = _envs.HF_STACK | _envs.WIDGETS | {p.split("==")[0] for p in pins}
+    py = _envs.make_env(tmp_path / "env", hide, pins)
+    from packaging.version import Version
+
+    want = dict(p.split("==") for p in pins)
+    got = _envs.versions(py, *want)
+    assert all(got[n] and Version(got[n]) == Version(v) for n, v in want.items()), got
+    env = {**{k: v for k, v in os.environ.items() if k != "QLORA_RUN_DIR"}, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_lora.py", "-x"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    proc = subprocess.run([str(py), "-m", "helpers.run", "--only", "02,03,04", "--run-dir",
+                           str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
