@@ -111,7 +111,7 @@ class _ShardWriter:
         self.file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def close(self) -> None:
-        self.file.close()
+        self.file.close()  # closing twice does nothing
         if self.expected:
             raise RuntimeError(f"shard closed with {len(self.expected)} tensors unwritten")
 
@@ -527,7 +527,8 @@ def stream_merge(plan: MergePlan, out_dir, *, tokenizer=None, activations: dict 
                     writer.write(key, tensor)
                     del tensor
             finally:
-                writer.close()
+                writer.file.close()
+            writer.close()
         _write_index(tmp, files, plan)
         _write_config(tmp, plan, base)
         if tokenizer is not None:
