@@ -21,6 +21,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+class MergeMismatch(RuntimeError):
+    """The merged model does not reproduce the adapter on the same base; nothing was saved.
+
+    ``figures`` holds the comparison (max_abs_diff, top1_agreement, ...), ``tolerance`` the limits.
+    """
+
+    def __init__(self, message: str, figures: dict, tolerance: dict):
+        super().__init__(message)
+        self.figures = figures
+        self.tolerance = tolerance
+
+
 class AdapterMismatch(ValueError):
     """The adapter was saved for a different base model; the message says how they differ."""
 
@@ -161,8 +173,9 @@ def capture_activations(peft_model, tokenizer, texts, rows: int = 16) -> dict:
     """Real inputs of every LoRA layer of ``peft_model`` (the adapter on the base it was trained
     on) while it reads ``texts``, and what the adapter adds to them: base weight name ->
     ``(x, delta)`` in float32 on the CPU, ``rows`` positions each (spread over the texts),
-    ``delta = scaling * B(A(x))`` from peft's own modules and scaling. :func:`helpers.streammerge.stream_merge`
-    checks each merged layer against them. A few MB per layer."""
+    ``delta = scaling * B(A(x))`` from peft's own modules and scaling.
+    :func:`helpers.streammerge.stream_merge` checks each merged layer against them. A few MB per
+    layer."""
     from peft.tuners.lora import LoraLayer
 
     found, hooks = {}, []

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from helpers import footprint, units
-from helpers.adapters import _adapter_files, check_adapter
+from helpers.adapters import MergeMismatch, _adapter_files, check_adapter
 from helpers.generate import _generation_mode, generate
-from helpers.streammerge import MergeMismatch
 from helpers.models import _device_map, cpu_safe
 
 

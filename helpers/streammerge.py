@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from helpers import env
-from helpers.adapters import _adapter_files
+from helpers.adapters import MergeMismatch, _adapter_files
 from helpers.footprint import cpu_rss
 from helpers.models import _compute_dtype, resolve
 from helpers.units import GB
@@ -40,23 +40,11 @@ _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                        r"(?:\.[^.]+)?(?:\.weight)?$")
-MAX_SHARD_BYTES = 2 * 10**9  # shards of the merged model (what save_pretrained(max_shard_size="2GB") writes)
+MAX_SHARD_BYTES = 2 * 10**9  # the merged model's files, as save_pretrained(max_shard_size="2GB")
 # The layer check: the largest difference between the merged layer's output and the base's plus
 # the adapter's, over the largest of those outputs, by the dtype the merged weights are stored in
 # (float32: summation order only; 16-bit: the merged weight rounded to 11 or 8 significant bits).
 LAYER_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
-
-class MergeMismatch(RuntimeError):
-    """The merged model does not reproduce the adapter on the same base; nothing was saved.
-
-    ``figures`` holds the comparison (max_abs_diff, top1_agreement, ...), ``tolerance`` the limits.
-    """
-
-    def __init__(self, message: str, figures: dict, tolerance: dict):
-        super().__init__(message)
-        self.figures = figures
-        self.tolerance = tolerance
 
 
 class MergeBudgetError(ValueError):
@@ -67,7 +55,7 @@ class MergeBudgetError(ValueError):
 
 
 def _header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    """A safetensors file's header (name -> dtype, shape, data_offsets), where its data starts."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
@@ -375,8 +363,10 @@ def plan_merge(model, adapter_dir, *, dtype=None, tokenizer=None, host_budget: i
                  for k, shape, d in items]
     sizes = {k: math.prod(s) for k, s, _ in out_items}
     read_dtype = {k: d for k, _, d in items}
-    # the tensor read, its float32 sum, the merged tensor and, in the layer check, float32 copies
-    working = {k: sizes[k] * (read_dtype[k].itemsize + 8 + d.itemsize) for k, _, d in out_items}
+    # the tensor read, the merged one (a copy where it changes) and, adapted, float32 copies
+    working = {k: sizes[k] * (read_dtype[k].itemsize + (8 if k in updates else 0) + (
+        d.itemsize if k in updates or k in grow or d != read_dtype[k] else 0))
+        for k, _, d in out_items}
     largest = max(working.items(), key=lambda kv: kv[1])
     adapter_bytes = sum(u.A.numel() + u.B.numel() for u in updates.values()) * 4 + sum(
         t.numel() * t.element_size() for t in replacements.values())
@@ -414,9 +404,10 @@ def _refuse_over_budget(plan: MergePlan, gpu_allocated: int) -> None:
     problems, ways = [], []
     if plan.host_need > plan.host_budget:
         problems.append(
-            f"it needs about {plan.host_need / GB:.2f} GB of host RAM ({plan.host_baseline / GB:.2f}"
-            f" GB the process holds now, {plan.largest[1] / GB:.2f} GB for its largest tensor "
-            f"{plan.largest[0]} while merged) and the host budget is {plan.host_budget / GB:.2f} GB")
+            f"it needs about {plan.host_need / GB:.2f} GB of host RAM "
+            f"({plan.host_baseline / GB:.2f} GB the process holds now, {plan.largest[1] / GB:.2f} GB for its largest tensor "
+            f"{plan.largest[0]} while merged) and the host budget is "
+            f"{plan.host_budget / GB:.2f} GB")
         ways.append(f"HOST_MEMORY_BUDGET_GB >= {math.ceil(plan.host_need / GB * 10) / 10:.1f} "
                     "on a machine with that much RAM")
         ways.append("free what the process holds (del the model, helpers.units.free()) so that "
@@ -425,8 +416,8 @@ def _refuse_over_budget(plan: MergePlan, gpu_allocated: int) -> None:
         problems.append(f"drawing the rehearsal's largest tensor needs {plan.gpu_need / GB:.2f} "
                         f"GB of GPU memory beside the {gpu_allocated / GB:.2f} GB allocated, over "
                         f"the {plan.gpu_budget / GB:.2f} GB budget")
-        ways.append(f"MEMORY_BUDGET_GB >= {math.ceil((plan.gpu_need + gpu_allocated) / GB * 10) / 10:.1f}"
-                    ", or free the 4-bit model first")
+        need = math.ceil((plan.gpu_need + gpu_allocated) / GB * 10) / 10
+        ways.append(f"MEMORY_BUDGET_GB >= {need:.1f}, or free the 4-bit model first")
     if problems:
         raise MergeBudgetError(
             f"the streamed merge of {plan.model} does not fit: {'; '.join(problems)}. Nothing "
