@@ -31,7 +31,7 @@ from helpers import env
 from helpers.adapters import MergeMismatch, _adapter_files
 from helpers.footprint import cpu_rss
 from helpers.models import _compute_dtype, resolve
-from helpers.units import GB
+from helpers.units import GB, fmt_bytes
 
 _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8",
@@ -293,12 +293,12 @@ class MergePlan:
         return "\n".join([
             f"Streamed merge of {self.model} ({self.kind}) into {str(self.dtype)[6:]}: "
             f"{len(self.items)} tensors, {self.adapted} with a LoRA update, written as "
-            f"{len(self.shards)} shard(s), {self.output_bytes / GB:.2f} GB.",
+            f"{len(self.shards)} shard(s), {fmt_bytes(self.output_bytes)}.",
             f"Holds at most one tensor at a time: the largest, {self.largest[0]}, takes "
-            f"{self.largest[1] / GB:.2f} GB while merged; host RAM {self.host_need / GB:.2f} GB "
-            f"(with the {self.host_baseline / GB:.2f} GB the process holds) of a "
-            f"{self.host_budget / GB:.2f} GB budget; GPU {self.gpu_need / GB:.2f} GB of "
-            + (f"{self.gpu_budget / GB:.2f} GB." if self.gpu_budget else "none (no GPU)."),
+            f"{fmt_bytes(self.largest[1])} while merged; host RAM {fmt_bytes(self.host_need)} "
+            f"(with the {fmt_bytes(self.host_baseline)} the process holds) of a "
+            f"{fmt_bytes(self.host_budget)} budget; GPU {fmt_bytes(self.gpu_need)} of "
+            + (f"{fmt_bytes(self.gpu_budget)}." if self.gpu_budget else "none (no GPU)."),
             "merge_and_unload in memory (the model whole, twice) "
             + ("fits too." if self.in_memory_fits else "does not fit the budgets."),
         ])
@@ -445,11 +445,11 @@ class StreamResult:
 
     def text(self) -> str:
         return (f"Merged into {self.out_dir}: {len(self.files)} file(s), "
-                f"{self.size_bytes / GB:.2f} GB; {self.layers_checked} layers checked on real "
+                f"{fmt_bytes(self.size_bytes)}; {self.layers_checked} layers checked on real "
                 f"activations, largest relative difference from base + adapter "
                 f"{self.layer_max_rel_diff:.1e} ({self.worst_layer}; tolerance "
                 f"{self.tolerance:.0e}); host RSS peak during the merge "
-                f"{self.peak_host_rss / GB:.2f} GB; {self.seconds:.1f} s.")
+                f"{fmt_bytes(self.peak_host_rss)}; {self.seconds:.1f} s.")
 
     __str__ = __repr__ = text
 
