@@ -5,6 +5,8 @@ modules, shapes (:func:`check_adapter`). Introduced in notebook 06.
 trained on another base of the same architecture either fails with a long list of size
 mismatches or, when the shapes agree (another vocabulary, another checkpoint), loads silently.
 The check says which base the adapter was made for and which layers do not fit.
+:func:`capture_activations` records what an adapter does on real inputs, layer by layer (the
+streamed merge checks each merged layer against it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,18 @@ import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class MergeMismatch(RuntimeError):
+    """The merged model does not reproduce the adapter on the same base; nothing was saved.
+
+    ``figures`` holds the comparison (max_abs_diff, top1_agreement, ...), ``tolerance`` the limits.
+    """
+
+    def __init__(self, message: str, figures: dict, tolerance: dict):
+        super().__init__(message)
+        self.figures = figures
+        self.tolerance = tolerance
 
 
 class AdapterMismatch(ValueError):
@@ -153,3 +167,50 @@ def check_adapter(base_model, adapter_path, *, check_base_name: bool = True) -> 
     return {"r": settings.get("r"), "lora_alpha": settings.get("lora_alpha"),
             "base_model_name_or_path": theirs, "target_modules": settings.get("target_modules"),
             "lora_layers": len(lora_layers)}
+
+
+def capture_activations(peft_model, tokenizer, texts, rows: int = 16) -> dict:
+    """Real inputs of every LoRA layer of ``peft_model`` (the adapter on the base it was trained
+    on) while it reads ``texts``, and what the adapter adds to them: base weight name ->
+    ``(x, delta)`` in float32 on the CPU, ``rows`` positions each (spread over the texts),
+    ``delta = scaling * B(A(x))`` from peft's own modules and scaling.
+    :func:`helpers.streammerge.stream_merge` checks each merged layer against them. A few MB per
+    layer."""
+    from peft.tuners.lora import LoraLayer
+
+    found, hooks = {}, []
+    adapter = peft_model.active_adapter
+
+    def keep(name, module):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            found.setdefault(name, []).append(x.float().cpu())
+        return hook
+
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
+            key = (name[len(prefix):] if name.startswith(prefix) else name) + ".weight"
+            hooks.append(module.register_forward_pre_hook(keep(key, module)))
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            for text in texts:
+                enc = tokenizer(text, return_tensors="pt").to(peft_model.device)
+                peft_model(**enc)
+    finally:
+        peft_model.train(was_training)
+        for h in hooks:
+            h.remove()
+    modules = {(n[len(prefix):] if n.startswith(prefix) else n) + ".weight": m
+               for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    out = {}
+    for key, xs in found.items():
+        x = torch.cat(xs)
+        x = x[torch.linspace(0, len(x) - 1, min(rows, len(x))).long()]
+        m = modules[key]
+        a, b = (m.lora_A[adapter].weight.detach().float().cpu(),
+                m.lora_B[adapter].weight.detach().float().cpu())
+        out[key] = (x, (x @ a.t() @ b.t()) * float(m.scaling[adapter]))
+    return out

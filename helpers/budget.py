@@ -228,7 +228,7 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
         with torch.random.fork_rng(devices=devices):
             if cuda:
                 torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
+                env.reset_gpu_peak(device)
             model.train()
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
             with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
@@ -246,20 +246,9 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
 
 
 def _enforce_budget(budget: int, notes: list) -> None:
-    """Cap torch's allocator so that the process uses at most ``budget`` bytes of the card,
-    counting what is already held outside the allocator (CUDA context, libraries)."""
-    gpu = torch.cuda.current_device()
-    available, total = torch.cuda.mem_get_info(gpu)
-    outside = max(0, (total - available) - torch.cuda.memory_reserved(gpu))
-    if budget >= total:
-        notes.append(f"MEMORY_BUDGET_GB={budget / GB:.1f} is not below the card's "
-                     f"{total / GB:.1f} GB: nothing to enforce")
-        return
-    fraction = max(0.01, (budget - outside) / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, gpu)
-    notes.append(f"budget enforced: torch may allocate {fraction * total / GB:.2f} GB of this "
-                 f"{total / GB:.1f} GB card ({budget / GB:.1f} GB budget less "
-                 f"{outside / GB:.2f} GB of CUDA context), as on a {budget / GB:.0f} GB card")
+    """Cap torch's allocator at ``budget`` bytes of the card (:func:`helpers.env.enforce_gpu_budget`,
+    which every notebook's start applies too), with the sentence saying so in ``notes``."""
+    notes.append(env.enforce_gpu_budget(budget))
 
 
 def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:

@@ -94,7 +94,7 @@ class MemoryCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+            env.reset_gpu_peak()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():

@@ -39,6 +39,7 @@ class Config:
     # auto: uint8 in one process, the compute dtype under FSDP
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     memory_budget_gb: float = 0.0  # 0 = the card's memory (CPU: no budget)
+    host_memory_budget_gb: float = 0.0  # 0 = detected: the machine's RAM or its container limit
     # LoRA (helpers.lora)
     lora_r: int = 16
     lora_alpha: int = 32
@@ -153,6 +154,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"LEARNING_RATE={cfg.learning_rate} must be positive (or 0 = auto)")
     if cfg.memory_budget_gb < 0:
         raise ConfigError("MEMORY_BUDGET_GB must be >= 0 (0 = the card's whole memory)")
+    if cfg.host_memory_budget_gb < 0:
+        raise ConfigError("HOST_MEMORY_BUDGET_GB must be >= 0 (0 = the machine's RAM, detected)")
 
 
 def default_run_dir() -> str:
@@ -201,5 +204,20 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
     transformers.utils.logging.disable_progress_bar()
     matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
     pandas.set_option("display.max_colwidth", None)  # tables show whole generated texts
-    manifest.begin_notebook(cfg.run_dir, notebook, cfg.as_parameters())
+    manifest.begin_notebook(cfg.run_dir, notebook, cfg.as_parameters(), budgets(cfg))
     return cfg
+
+
+def budgets(cfg: Config) -> dict:
+    """The notebook's memory budgets in bytes, ``gpu_bytes`` (MEMORY_BUDGET_GB, or the card; 0
+    without a GPU) and ``host_bytes`` (HOST_MEMORY_BUDGET_GB, or the RAM detected); a GPU budget
+    below the card's memory is enforced from here on, in every notebook."""
+    import torch
+    from helpers import env
+
+    gpu = 0
+    if torch.cuda.is_available():
+        card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        gpu = int(cfg.memory_budget_gb * 1e9) if cfg.memory_budget_gb > 0 else card
+        env.enforce_gpu_budget(gpu)
+    return {"gpu_bytes": gpu, "host_bytes": env.host_budget_bytes(cfg.host_memory_budget_gb)}

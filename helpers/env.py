@@ -290,5 +290,124 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+# ---------------------------------------------------------------- memory budgets, GPU and host
+
+
+def _read_int(path: str) -> int | None:
+    """The integer in a one-line system file (cgroup limits), None when absent or unlimited."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def host_memory() -> dict:
+    """This machine's RAM as a process sees it, in bytes: ``total`` (``/proc/meminfo`` MemTotal,
+    else psutil), ``available`` (MemAvailable: what can be had without swapping),
+    ``cgroup_limit`` (the container's limit, cgroup v2 or v1; None without one) and ``limit``,
+    the smaller of total and the cgroup limit: what the process may use at most. A free Colab
+    runtime has a total of about 12.7 GB."""
+    info = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                info[key] = int(rest.split()[0]) * 1024
+    if len(info) < 2:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        info = {"MemTotal": vm.total, "MemAvailable": vm.available}
+    cgroup = _read_int("/sys/fs/cgroup/memory.max")
+    if cgroup is None:
+        cgroup = _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    if cgroup is not None and cgroup >= info["MemTotal"]:
+        cgroup = None  # v1 writes a huge number for no limit
+    limit = min(info["MemTotal"], cgroup or info["MemTotal"])
+    return {"total": info["MemTotal"], "available": min(info["MemAvailable"], limit),
+            "cgroup_limit": cgroup, "limit": limit}
+
+
+def host_budget_bytes(budget_gb: float = 0.0) -> int:
+    """The host-RAM budget (HOST_MEMORY_BUDGET_GB; 0 = detected: :func:`host_memory`'s limit).
+    The process's resident memory must stay below it: a Colab runtime that exceeds its RAM is
+    killed."""
+    return int(budget_gb * 1e9) if budget_gb > 0 else host_memory()["limit"]
+
+
+def peak_host_rss(restart: bool = False) -> int:
+    """This process's resident-memory high-water mark in bytes: Linux's VmHWM, which
+    ``restart=True`` sets back to the current RSS (a notebook's start, so that a notebook run
+    again in the same kernel is measured alone); elsewhere ``ru_maxrss``, the process's lifetime
+    peak."""
+    if restart:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports kB
+
+
+_GPU_PEAK: dict = {}  # device index -> the largest peak seen before a reset
+
+
+def reset_gpu_peak(device=None) -> None:
+    """Reset torch's peak-allocation counter for a new measurement (a tracked stage, a probe)
+    while keeping what it had reached for :func:`gpu_peak_allocated`, the notebook's peak."""
+    if not torch.cuda.is_available():
+        return
+    if device is None or isinstance(device, int):
+        index = torch.cuda.current_device() if device is None else device
+    else:
+        index = torch.device(device).index or 0
+    _GPU_PEAK[index] = max(_GPU_PEAK.get(index, 0), torch.cuda.max_memory_allocated(index))
+    torch.cuda.reset_peak_memory_stats(index)
+
+
+def gpu_peak_allocated(restart: bool = False) -> int:
+    """The peak GPU memory allocated by torch in this process, over every GPU it used, since the
+    last ``restart=True`` (a notebook's start), across the resets of :func:`reset_gpu_peak`;
+    0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    if restart:
+        _GPU_PEAK.clear()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+        return 0
+    peaks = [max(_GPU_PEAK.get(i, 0), torch.cuda.max_memory_allocated(i))
+             for i in range(torch.cuda.device_count())]
+    return max(peaks, default=0)
+
+
+def enforce_gpu_budget(budget: int, device: int | None = None) -> str:
+    """Cap torch's allocator so that this process uses at most ``budget`` bytes of the card,
+    counting what is already held outside the allocator (CUDA context, libraries); a budget not
+    below the card's memory lifts an earlier cap. Returns a sentence saying what was done. Every
+    notebook applies MEMORY_BUDGET_GB this way at its start (:func:`helpers.config.start`)."""
+    gpu = torch.cuda.current_device() if device is None else device
+    available, total = torch.cuda.mem_get_info(gpu)
+    if budget <= 0 or budget >= total:
+        torch.cuda.set_per_process_memory_fraction(1.0, gpu)
+        return (f"MEMORY_BUDGET_GB={budget / 1e9:.1f} is not below the card's "
+                f"{total / 1e9:.1f} GB: nothing to enforce")
+    outside = max(0, (total - available) - torch.cuda.memory_reserved(gpu))
+    fraction = max(0.01, (budget - outside) / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, gpu)
+    return (f"budget enforced: torch may allocate {fraction * total / 1e9:.2f} GB of this "
+            f"{total / 1e9:.1f} GB card ({budget / 1e9:.1f} GB budget less "
+            f"{outside / 1e9:.2f} GB of CUDA context), as on a {budget / 1e9:.0f} GB card")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

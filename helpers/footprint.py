@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 import torch
 import pandas as pd
+from helpers import env
 from helpers.shapes import as_shape
 from helpers.units import (BLOCKSIZE, _is_params4bit, fmt_bytes, logical_numel,
                            quantized_weight_bytes)
@@ -112,7 +113,7 @@ class MemoryLog:
         cuda = torch.cuda  # its readouts are 0 on a machine without CUDA
         if cuda.is_available():
             cuda.synchronize(device)
-            cuda.reset_peak_memory_stats(device)
+            env.reset_gpu_peak(device)
         gpu_before = cuda.memory_allocated(device)
         maxrss_before = cpu_maxrss()
         sampler = _RssSampler(self.sample_interval)

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
+from helpers import env
 
 FILE = "manifest.json"
 
@@ -60,21 +61,65 @@ def record_parameters(run_dir, parameters: dict) -> None:
     update(run_dir, lambda data: data.setdefault("parameters", {}).update(parameters))
 
 
-def begin_notebook(run_dir, notebook: str, parameters: dict) -> None:
-    """Record that a notebook started, with its parameters (no secrets are ever parameters)."""
+_CURRENT: dict = {}
+
+
+def begin_notebook(run_dir, notebook: str, parameters: dict, budgets: dict | None = None) -> None:
+    """Record that a notebook started, with its parameters (no secrets are ever parameters) and
+    its memory ``budgets`` (bytes); start measuring its peaks (:func:`record_peaks`)."""
 
     def fn(data):
         # a fresh entry: figures, status and errors of an earlier run of this notebook go
         data.setdefault("notebooks", {})[notebook] = {
-            "metrics": {}, "parameters": parameters,
+            "metrics": {}, "parameters": parameters, "budgets": budgets or {},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         data.setdefault("parameters", {}).update(parameters)
 
     update(run_dir, fn)
-    _CURRENT["run_dir"], _CURRENT["notebook"] = str(run_dir), notebook
+    _CURRENT.update(run_dir=str(run_dir), notebook=notebook, budgets=budgets or {}, recorded={},
+                    warned=set())
+    env.gpu_peak_allocated(restart=True)
+    env.peak_host_rss(restart=True)
+    _after_every_cell()
 
 
-_CURRENT: dict = {}
+def record_peaks() -> dict:
+    """The current notebook's peaks so far, recorded: ``peak_gpu_allocated_bytes``
+    (``torch.cuda.max_memory_allocated`` since the notebook's start) and ``peak_host_rss_bytes``
+    (the kernel's resident-memory high-water mark); a peak over its budget is said once. In a
+    notebook this runs after every cell, so the figures are there even when a cell fails."""
+    if not _CURRENT.get("notebook"):
+        return {}
+    peaks = {"peak_gpu_allocated_bytes": env.gpu_peak_allocated(),
+             "peak_host_rss_bytes": env.peak_host_rss()}
+    if peaks != _CURRENT["recorded"]:
+        record(peaks)
+        _CURRENT["recorded"] = peaks
+    for name, key in (("GPU", "gpu_bytes"), ("host RAM", "host_bytes")):
+        limit = _CURRENT["budgets"].get(key)
+        peak = peaks["peak_gpu_allocated_bytes" if key == "gpu_bytes" else "peak_host_rss_bytes"]
+        if limit and peak > limit and key not in _CURRENT["warned"]:
+            _CURRENT["warned"].add(key)
+            print(f"warning: this notebook's {name} peak {peak / 1e9:.2f} GB is over its "
+                  f"{limit / 1e9:.2f} GB budget")
+    return peaks
+
+
+def _post_cell(*_) -> None:
+    if Path(_CURRENT.get("run_dir", "")).is_dir():  # a run directory deleted since is left alone
+        record_peaks()
+
+
+def _after_every_cell() -> None:
+    """Have :func:`record_peaks` run after every cell of the IPython kernel this runs in (once per
+    kernel); elsewhere (a script) call it when the figures are wanted."""
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError:
+        return
+    if shell is not None and _post_cell not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", _post_cell)
 
 
 def record(metrics: dict, *, run_dir=None, notebook=None) -> dict:

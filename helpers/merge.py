@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from helpers import footprint, units
-from helpers.adapters import _adapter_files, check_adapter
+from helpers.adapters import MergeMismatch, _adapter_files, check_adapter
 from helpers.generate import _generation_mode, generate
 from helpers.models import _device_map, cpu_safe
 
@@ -34,18 +34,6 @@ MERGE_TOLERANCE = {
     torch.float16: {"rtol": 0.02, "min_top1": 0.9},
     torch.bfloat16: {"rtol": 0.08, "min_top1": 0.9},
 }
-
-
-class MergeMismatch(RuntimeError):
-    """The merged model does not reproduce the adapter on the same base; nothing was saved.
-
-    ``figures`` holds the comparison (max_abs_diff, top1_agreement, ...), ``tolerance`` the limits.
-    """
-
-    def __init__(self, message: str, figures: dict, tolerance: dict):
-        super().__init__(message)
-        self.figures = figures
-        self.tolerance = tolerance
 
 
 def _unload(peft_model):
@@ -136,6 +124,7 @@ class MergeCheck:
         self.tolerance = self.vs_same_base = self.vs_4bit = None
         self.reference_text = self.merged_text = None
         self.generation_matches, self.reload_max_abs_diff, self.size_bytes = True, 0.0, 0
+        self.vs_reloaded = None
 
     def base_16bit(self, loader, quantized_model=None):
         """The 16-bit base to merge into: ``loader()`` (e.g. ``lambda: loading.load_16bit(MODEL)``)
@@ -255,9 +244,32 @@ class MergeCheck:
                                                       if self.dtype != "float32" else "."))
         return reloaded
 
+    def compare(self, model) -> dict:
+        """Report-only: ``model`` (e.g. the streamed merged model loaded in 4-bit, where the
+        16-bit one does not fit) against the reference, its logits (``self.vs_reloaded``, as
+        :func:`compare_logit_sets`) and greedy text (``merged_text``, ``generation_matches``).
+        Rounding to 4 bits after the merge moves logits, so nothing is required here; the
+        streamed merge checked every layer before writing it."""
+        if self.reference_text is None:
+            raise RuntimeError("no reference yet: call reference(peft_model) first")
+        self.vs_reloaded = compare_logit_sets(self._reference,
+                                              logits_for(model, self.tokenizer, self._texts))
+        self.merged_text = list(generate(model, self.tokenizer, self.prompts,
+                                         max_new_tokens=self.max_new_tokens))
+        self.generation_matches = self.merged_text == self.reference_text
+        return self.vs_reloaded
+
     def text(self) -> str:
         """The report: where the base came from, comparisons (a) and (b), the save and reload."""
         a, b = self.vs_same_base, self.vs_4bit
+        if a is None and self.vs_reloaded is not None:
+            r = self.vs_reloaded
+            return (f"The merged model in 4-bit vs the adapter on the 4-bit base: max |logit "
+                    f"diff| {r['max_abs_diff']:.2e} (the adapter itself moves logits by up to "
+                    f"{self.adapter_effect:.3f}), top-1 agreement {r['top1_agreement']:.3f} over "
+                    f"{r['positions']} positions; greedy text "
+                    + ("identical." if self.generation_matches else "different (4-bit rounding "
+                       "of the merged weights moves near-ties)."))
         if a is None:
             return "MergeCheck: not verified yet"
         lines = [
@@ -271,7 +283,11 @@ class MergeCheck:
         if b is not None:
             lines.append(f"(b) merged vs adapter on the 4-bit training base: max |logit diff| "
                          f"{b['max_abs_diff']:.2e}, top-1 agreement {b['top1_agreement']:.3f}.")
-        if self.merged_text is not None:
+        if self.merged_text is not None and self.out_dir is None:
+            lines.append("Greedy text of the merged model " + (
+                "identical to" if self.generation_matches else "DIFFERENT from")
+                + " the adapter's on the 16-bit base.")
+        elif self.merged_text is not None:
             lines.append(f"Saved {self.size_bytes / 1e6:.1f} MB of safetensors to {self.out_dir}; "
                          f"reloaded: logits equal to the merged model within "
                          f"{self.reload_max_abs_diff:.1e}, greedy text "
@@ -342,4 +358,44 @@ def merge_metrics(check: MergeCheck) -> dict:
         out["merge_max_abs_logit_diff_vs_4bit"] = check.vs_4bit["max_abs_diff"]
         out["merge_top1_agreement_vs_4bit"] = check.vs_4bit["top1_agreement"]
     out.update(check.memory.as_metrics(prefix="merge_"))
+    return out
+
+
+def compare_weights(reference, other) -> dict:
+    """Two models' weights, tensor by tensor, in float32: ``max_abs_diff`` over all,
+    ``tensors`` compared, names only one of them has (``missing``). Notebook 06 compares the
+    streamed merge with peft's ``merge_and_unload`` this way, where both fit."""
+    ours, theirs = reference.state_dict(), other.state_dict()
+    common = [k for k in ours if k in theirs]
+    diff = max((float((ours[k].float() - theirs[k].float()).abs().max()) for k in common),
+               default=0.0)
+    return {"max_abs_diff": diff, "tensors": len(common),
+            "missing": sorted(set(ours) ^ set(theirs))}
+
+
+def stream_metrics(result, check4: MergeCheck, check: MergeCheck | None = None,
+                   weights: dict | None = None) -> dict:
+    """The streamed merge's figures for the run manifest (notebook 06): the layer check
+    (``result``, :class:`helpers.streammerge.StreamResult`), the merged model in 4-bit against the
+    adapter on the 4-bit base (``check4``), and where the 16-bit model fitted, the in-memory
+    comparison (``check``: :func:`merge_metrics`; ``weights``: :func:`compare_weights` against
+    peft's ``merge_and_unload``)."""
+    r = check4.vs_reloaded
+    out = {
+        "merge_streamed": 1, "merge_layers_checked": result.layers_checked,
+        "merge_layer_max_rel_diff": result.layer_max_rel_diff,
+        "merged_size_bytes": result.size_bytes,
+        "merge_stream_peak_host_rss_bytes": result.peak_host_rss,
+        "merge_stream_seconds": result.seconds,
+        "merged_4bit_max_abs_logit_diff": r["max_abs_diff"],
+        "merged_4bit_top1_agreement": r["top1_agreement"],
+        "merged_4bit_generation_matches": int(check4.generation_matches),
+        "merge_adapter_effect_4bit_max_abs": check4.adapter_effect,
+        "merge_dequantized": 0,
+    }
+    if check is not None and check.vs_same_base is not None:
+        out.update({k: v for k, v in merge_metrics(check).items()
+                    if k not in ("merged_size_bytes", "merge_dequantized")})
+    if weights is not None:
+        out["merge_weights_max_abs_diff_vs_peft"] = weights["max_abs_diff"]
     return out

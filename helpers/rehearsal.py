@@ -58,6 +58,21 @@ def _check_room(model, name: str, dev: torch.device, dtype: torch.dtype, qc) -> 
             f"free; choose a smaller model ({others}) or a machine with more memory")
 
 
+def draw(module, full_name: str, shape, dtype, generator, *, seed: int = 0, std: float = 0.02):
+    """One parameter of a rehearsal, on the generator's device: zeros for a bias, ones for a
+    norm's weight, else normal with ``std``, from a seed per parameter (the build seed and the
+    parameter's name, stable across runs), so a parameter can be drawn again alone (the streamed
+    merge draws the 16-bit base one tensor at a time, :mod:`helpers.streammerge`)."""
+    device = generator.device
+    if full_name.rsplit(".", 1)[-1] == "bias":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if "norm" in type(module).__name__.lower():  # a norm's weight
+        return torch.ones(shape, dtype=dtype, device=device)
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(full_name.encode())) % (2**63 - 1))
+    value = torch.empty(shape, dtype=dtype, device=device)
+    return value.normal_(0.0, std, generator=generator)
+
+
 def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, seed: int = 0,
                     build_device=None):
     """A real architecture with random weights, built directly in 4-bit (notebook 02).
@@ -106,15 +121,7 @@ def build_rehearsal(name, quantization_config=None, *, dtype=None, device=None, 
             if not param.is_meta:
                 continue
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            # a seed per parameter, from the build seed and its name (stable across runs)
-            generator.manual_seed((seed * 1_000_003 + zlib.crc32(full_name.encode())) % (2**63 - 1))
-            if param_name == "bias":
-                value = torch.zeros(param.shape, dtype=dtype, device=make)
-            elif "norm" in type(module).__name__.lower():  # a norm's weight
-                value = torch.ones(param.shape, dtype=dtype, device=make)
-            else:
-                value = torch.empty(param.shape, dtype=dtype, device=make)
-                value.normal_(0.0, std, generator=generator)
+            value = draw(module, full_name, param.shape, dtype, generator, seed=seed, std=std)
             if isinstance(module, bnb.nn.Linear4bit) and param_name == "weight":
                 # quantized on its way to the device; the 16-bit tensor is dropped right after
                 module.weight = bnb.nn.Params4bit(

@@ -403,16 +403,28 @@ def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = T
                  data.CompletionCollator(tokenizer), live=live, verbose=verbose)
 
 
-def ensure_adapter(cfg) -> Path:
-    """``RUN_DIR/adapter`` when notebook 05 saved one there; otherwise train it now with these
-    parameters (so notebook 06 runs alone). Introduced in notebook 06."""
+QUICK_ADAPTER_STEPS = 20  # what a notebook run alone trains when it finds no adapter
+
+
+def ensure_adapter(cfg, steps: int = QUICK_ADAPTER_STEPS) -> Path:
+    """``RUN_DIR/adapter`` when notebook 05 saved one there; otherwise a short one trained now
+    (at most ``steps`` optimizer steps, notebook 05's settings otherwise), so that notebook 06
+    run alone is quick; it says so, and records ``adapter_quick_steps`` in the manifest.
+    Notebook 05 (run later in the same RUN_DIR) trains the full adapter over it. Introduced in
+    notebook 06."""
     folder = Path(cfg.run_dir) / ADAPTER
     if (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists():
         return folder
-    print(f"no adapter in {folder}: training one first, as notebook 05 would")
-    result = train_from_config(cfg)
+    quick = dataclasses.replace(cfg, max_steps=min(cfg.max_steps or steps, steps), epochs=0.0,
+                                resume=False)
+    print(f"no adapter in {folder}: training a short one first ({quick.max_steps} steps, "
+          f"notebook 05 trains {cfg.max_steps or 'the epochs'}), enough to show the steps here; "
+          "run notebook 05 in this RUN_DIR for the real one")
+    result = train_from_config(quick, verbose=False)
     del result.trainer
     free()
+    if manifest._CURRENT.get("notebook"):  # inside a notebook started by helpers.config.start
+        manifest.record({"adapter_quick_steps": quick.max_steps})
     return Path(result.adapter_dir)
 
 
