@@ -94,6 +94,12 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
 _CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141)
 
 
+def _a(number) -> str:
+    """The article before a number said aloud: "an 8 GB card", "an 11 GB card", "a 12 GB card"."""
+    said = str(number)
+    return "an" if said.startswith("8") or said in ("11", "18") else "a"
+
+
 def verdict_text(est: Estimate, budget_bytes: float) -> str:
     """One sentence: "fits: predicted 9.8 GB of 12 GB" or "does not fit: needs 14.1 GB of 12 GB;
     micro-batch 1 at 512 tokens would fit, or a 16 GB card"."""
@@ -111,7 +117,7 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
     elif not s["gradient_checkpointing"]:
         alt.append("gradient checkpointing might make it fit")
     card = next((c for c in _CARDS_GB if v.needed <= c * GB * 0.97), None)
-    alt.append(f"a {card} GB card" if card else "several GPUs")
+    alt.append(f"{_a(card)} {card} GB card" if card else "several GPUs")
     return (f"does not fit: needs {fmt_bytes(v.needed)} of {card_gb}; "
             + ", or ".join(alt))
 
@@ -259,7 +265,8 @@ def _enforce_budget(budget: int, notes: list) -> None:
     torch.cuda.set_per_process_memory_fraction(fraction, gpu)
     notes.append(f"budget enforced: torch may allocate {fraction * total / GB:.2f} GB of this "
                  f"{total / GB:.1f} GB card ({budget / GB:.1f} GB budget less "
-                 f"{outside / GB:.2f} GB of CUDA context), as on a {budget / GB:.0f} GB card")
+                 f"{outside / GB:.2f} GB of CUDA context), as on {_a(round(budget / GB))} "
+                 f"{budget / GB:.0f} GB card")
 
 
 def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:
@@ -272,7 +279,7 @@ def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:
         ways.append("GRADIENT_CHECKPOINTING = True saves activation memory")
     ways.append(f"a budget of at least {math.ceil(needed_1 / GB * 10) / 10:.1f} GB "
                 "(MEMORY_BUDGET_GB, or a larger card)")
-    return (f"MEMORY_BUDGET_GB={budget / GB:.2f} is too small: one training step at micro-batch 1 "
+    return (f"MEMORY_BUDGET_GB={budget / GB:.3g} is too small: one training step at micro-batch 1 "
             f"and MAX_LENGTH={cfg.max_length} needs about {needed_1 / GB:.2f} GB (predicted by "
             "helpers.estimator.estimate). "
             f"What would fit: {'; or '.join(ways)}.")
