@@ -171,9 +171,8 @@ def _rules(cfg: Config, fsdp: bool):
     yield (cfg.max_length < 8, f"MAX_LENGTH={cfg.max_length} must be at least 8 tokens")
     yield (not 0 <= cfg.eval_fraction < 1, f"EVAL_FRACTION={cfg.eval_fraction} must be in [0, 1)")
     yield (cfg.max_examples < 0, f"MAX_EXAMPLES={cfg.max_examples} must be >= 0 (0 = all)")
-    yield (not 0 <= cfg.learning_rate <= 1,
-           f"LEARNING_RATE={cfg.learning_rate:g} must be from 0 (auto) to 1; LoRA uses 1e-4 to "
-           "1e-3")
+    yield (cfg.learning_rate < 0,
+           f"LEARNING_RATE={cfg.learning_rate:g} must be positive (or 0 = auto)")
     yield (cfg.warmup_steps < 0, f"WARMUP_STEPS={cfg.warmup_steps} must be >= 0")
     yield (cfg.max_steps < 0 or cfg.epochs < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0),
            "set MAX_STEPS > 0, or MAX_STEPS = 0 and EPOCHS > 0")
