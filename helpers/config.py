@@ -244,7 +244,8 @@ def check_run_dir(cfg: Config, training: bool, own_run: int | None = None,
     Folders a kill left aside while they were replaced are put back (:func:`helpers.rundir.
     recover`). A run killed in a notebook (the manifest's running mark, of a process that is gone)
     is noted and recorded as interrupted; a run still going on in the same folder is refused
-    (``own_run``: the process id of the ``python -m helpers.run`` that this notebook belongs to).
+    (``own_run``: the process id of the ``python -m helpers.run`` that this process belongs to;
+    default: the one it said in ``QLORA_RUNNER_PID`` to the notebooks it runs).
     When ``training`` (notebook 05, or a run that includes it), the checkpoints, adapter and
     merged model of an earlier run are never deleted: ``RESUME`` continues from them,
     ``START_OVER`` moves them (``whole``: everything RUN_DIR holds, as ``python -m helpers.run``
@@ -253,6 +254,8 @@ def check_run_dir(cfg: Config, training: bool, own_run: int | None = None,
     from helpers import manifest, rundir
 
     run_dir, notes = Path(cfg.run_dir), []
+    if own_run is None and os.environ.get("QLORA_RUNNER_PID", "").isdigit():
+        own_run = int(os.environ["QLORA_RUNNER_PID"])
     back = rundir.recover(run_dir)
     if back:
         notes.append(f"put back {', '.join(back)}: a kill had left the earlier version aside "
@@ -318,9 +321,7 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
         raise ConfigError(
             f"cannot write to RUN_DIR={cfg.run_dir!r} ({err.strerror}); choose a writable folder"
         ) from None
-    runner = os.environ.get("QLORA_RUNNER_PID", "")
-    for note in check_run_dir(cfg, notebook == TRAINING_NOTEBOOK,
-                              int(runner) if runner.isdigit() else None):
+    for note in check_run_dir(cfg, training=notebook == TRAINING_NOTEBOOK):
         print(note)
     import warnings
 

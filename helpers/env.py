@@ -200,8 +200,8 @@ def verdict(requirements: list[dict], bnb_error: float, dtype: torch.dtype) -> s
         hint = " on Colab choose Runtime > Change runtime type > T4 GPU" if (
             "google.colab" in sys.modules) else (
             " for real models use a CUDA GPU (Colab's free T4 is enough for 7B)")
-        return ("no GPU: the embedded demo runs on CPU (4-bit layers and the paged optimizer "
-                "work there, slowly);" + hint)
+        return ("no GPU: the embedded demo runs on CPU (4-bit layers work there, slowly; the "
+                "paged optimizers run as their non-paged versions);" + hint)
     gpu = torch.cuda.get_device_properties(0)
     return (f"ready for 4-bit training on {gpu.name} ({gpu.total_memory / 1e9:.0f} GB, "
             f"capability {gpu.major}.{gpu.minor}, {str(dtype).replace('torch.', '')})")
