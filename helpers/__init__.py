@@ -1,11 +1,12 @@
 """helpers: the small package behind the QLoRA notebook series.
 
 One module per concept, bottom to top (a module imports only those before it; the README's
-layout table lists them with what each owns): ``units``, ``tokens``, ``env`` (01), ``manifest``
-and ``config`` (every notebook), ``shapes``, ``footprint``, ``estimator``, ``scaling``,
-``budget`` (02, 05), the model modules (02), ``lora`` (03), ``formats`` and ``data`` (04), the
-training modules (05), generation, ``adapters``, ``streammerge`` and ``merge`` (06), ``widgets``, and the runner: ``nbtools`` and
-``run``, the main job that executes the series with papermill.
+layout table lists them with what each owns): ``units``, ``tokens``, ``env`` (01), ``rundir``,
+``manifest`` and ``config`` (every notebook), ``shapes``, ``footprint``, ``estimator``,
+``scaling``, ``budget`` (02, 05), the model modules (02), ``lora`` (03), ``formats`` and
+``data`` (04), the training modules (05), generation, ``adapters``, ``streammerge`` and
+``merge`` (06), ``widgets``, and the runner: ``nbtools`` and ``run``, the main job that executes
+the series with papermill.
 """
 
 __version__ = "0.1.0"
@@ -23,10 +24,10 @@ NOTEBOOKS = (
     "06_inference_and_merge",
 )
 
-_MODULES = ("units", "tokens", "env", "config", "manifest", "footprint", "shapes", "estimator",
-            "scaling", "budget", "embedded", "models", "rehearsal", "loading", "lora", "formats",
-            "data", "losses", "plots", "callbacks", "checkpoints", "fsdp", "train", "generate",
-            "adapters", "streammerge", "merge", "widgets", "nbtools", "run")
+_MODULES = ("units", "tokens", "env", "rundir", "config", "manifest", "footprint", "shapes",
+            "estimator", "scaling", "budget", "embedded", "models", "rehearsal", "loading", "lora",
+            "formats", "data", "losses", "plots", "callbacks", "checkpoints", "fsdp", "train",
+            "generate", "adapters", "streammerge", "merge", "widgets", "nbtools", "run")
 
 
 def __getattr__(name):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import torch
-from helpers import env
+from helpers import env, units
 from helpers.estimator import Estimate, estimate
 from helpers.scaling import estimate_per_gpu
 from helpers.shapes import as_shape, shape_from_config
@@ -111,7 +111,7 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
     elif not s["gradient_checkpointing"]:
         alt.append("gradient checkpointing might make it fit")
     card = next((c for c in _CARDS_GB if v.needed <= c * GB * 0.97), None)
-    alt.append(f"a {card} GB card" if card else "several GPUs")
+    alt.append(f"{units.article(card)} {card} GB card" if card else "several GPUs")
     return (f"does not fit: needs {fmt_bytes(v.needed)} of {card_gb}; "
             + ", or ".join(alt))
 
@@ -261,7 +261,7 @@ def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:
         ways.append("GRADIENT_CHECKPOINTING = True saves activation memory")
     ways.append(f"a budget of at least {math.ceil(needed_1 / GB * 10) / 10:.1f} GB "
                 "(MEMORY_BUDGET_GB, or a larger card)")
-    return (f"MEMORY_BUDGET_GB={budget / GB:.2f} is too small: one training step at micro-batch 1 "
+    return (f"MEMORY_BUDGET_GB={budget / GB:.3g} is too small: one training step at micro-batch 1 "
             f"and MAX_LENGTH={cfg.max_length} needs about {needed_1 / GB:.2f} GB (predicted by "
             "helpers.estimator.estimate). "
             f"What would fit: {'; or '.join(ways)}.")

@@ -3,6 +3,11 @@ another run's checkpoints, the check before resuming (:func:`resume_point`), the
 keeps checkpoints and schedule in step with it, and the final adapter with its model card in
 ``RUN_DIR/adapter``. The checkpoints themselves are the Trainer's (adapter, optimizer,
 scheduler and RNG state), so a resumed run continues to the same result.
+
+Nothing here survives only if no kill comes: a checkpoint counts as complete once the run
+signature is written into it, atomically, after the Trainer wrote its last file, and resume takes
+the newest complete one (:func:`latest_checkpoint`); the adapter is written beside
+``RUN_DIR/adapter`` and swapped in whole (:func:`save_adapter`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -20,13 +24,12 @@ import torch
 from accelerate import PartialState
 from safetensors import safe_open
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from helpers import env
+from helpers import env, rundir
+from helpers.config import ConfigError, check_run_dir
 
-
-CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints: the Trainer's checkpoint-N folders
-ADAPTER = "adapter"  # RUN_DIR/adapter: the final adapter, its config and model card
+CHECKPOINTS = rundir.CHECKPOINTS  # RUN_DIR/checkpoints: the Trainer's checkpoint-N folders
+ADAPTER = rundir.ADAPTER  # RUN_DIR/adapter: the final adapter, its config and model card
 SIGNATURE = "run_signature.json"
 
 
@@ -100,10 +103,9 @@ def run_signature(cfg, model, train_dataset, args) -> dict:
 
 
 def write_signature(folder, signature: dict) -> Path:
-    path = Path(folder) / SIGNATURE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(signature, indent=1, default=str) + "\n")
-    return path
+    """``folder/run_signature.json``, written atomically (in a checkpoint: its completion mark)."""
+    return rundir.write_text(Path(folder) / SIGNATURE,
+                             json.dumps(signature, indent=1, default=str) + "\n")
 
 
 def signature_differences(saved: dict, current: dict) -> list:
@@ -119,12 +121,28 @@ def signature_differences(saved: dict, current: dict) -> list:
     return out
 
 
-def latest_checkpoint(run_dir) -> Path | None:
-    """The ``checkpoint-N`` folder with the highest N in ``RUN_DIR/checkpoints`` (transformers'
-    ``get_last_checkpoint``), or None."""
+def _checkpoints_newest_first(run_dir) -> list:
     folder = Path(run_dir) / CHECKPOINTS
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    return Path(last) if last else None
+    found = [p for p in folder.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def is_complete(checkpoint, processes: int = 1, fsdp: bool = False) -> bool:
+    """Whether a checkpoint was written to the end: its run signature (written last, atomically,
+    by :class:`ResumeCallback`) reads, and it holds every file :func:`checkpoint_files` names."""
+    try:
+        json.loads((Path(checkpoint) / SIGNATURE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(checkpoint_files(checkpoint, processes, fsdp).values())
+
+
+def latest_checkpoint(run_dir, processes: int = 1, fsdp: bool = False) -> Path | None:
+    """The complete ``checkpoint-N`` folder (:func:`is_complete`) with the highest N in
+    ``RUN_DIR/checkpoints``, or None: one a kill cut short while it was written is passed over."""
+    return next((p for p in _checkpoints_newest_first(run_dir)
+                 if is_complete(p, processes, fsdp)), None)
 
 
 def checkpoint_files(checkpoint, processes: int = 1, fsdp: bool = False) -> dict:
@@ -148,16 +166,21 @@ def checkpoint_files(checkpoint, processes: int = 1, fsdp: bool = False) -> dict
 
 def _saved_signature(checkpoint) -> dict:
     path = Path(checkpoint) / SIGNATURE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
 
 
 def keep_resumed_micro_batch(cfg):
     """``cfg`` with MICRO_BATCH set to the micro-batch of the checkpoints it resumes (RESUME =
     True, MICRO_BATCH = 0 and checkpoints there): a resumed run keeps its micro-batch, which a
     different card might choose otherwise. Introduced in notebook 05."""
-    if not cfg.resume or cfg.micro_batch or latest_checkpoint(cfg.run_dir) is None:
+    if not cfg.resume or cfg.micro_batch:
         return cfg
-    saved = _saved_signature(Path(cfg.run_dir) / CHECKPOINTS).get("micro_batch")
+    last = latest_checkpoint(cfg.run_dir, PartialState().num_processes,
+                             env.fsdp_active() and torch.cuda.is_available())
+    saved = _saved_signature(last).get("micro_batch") if last else None
     return dataclasses.replace(cfg, micro_batch=int(saved)) if saved else cfg
 
 
@@ -165,51 +188,52 @@ def resume_point(cfg, signature: dict) -> tuple:
     """``(checkpoint, notes)``: the checkpoint folder to pass to ``trainer.train(
     resume_from_checkpoint=...)`` (None: start from step 0), and what was decided.
 
-    RESUME = True: the latest checkpoint, after checking that it belongs to this run: else
-    :class:`ResumeError` naming what differs, or which files an exact resume needs it lacks (for
-    this launch's processes, sharded under FSDP: see :func:`checkpoint_files`); a changed
-    MAX_STEPS is noted (:class:`ResumeCallback` moves the learning rate to the new schedule).
-    RESUME = False: an earlier run's checkpoints are removed, so the folder holds this run's
-    only. The main process then writes ``signature`` beside the checkpoints. Introduced in
-    notebook 05."""
-    notes, last = [], latest_checkpoint(cfg.run_dir)
+    RESUME = True: the newest complete checkpoint (:func:`latest_checkpoint`; newer ones a kill
+    cut short are named and passed over), after checking that it belongs to this run: else
+    :class:`ResumeError` naming what differs. A changed MAX_STEPS is noted
+    (:class:`ResumeCallback` moves the learning rate to the new schedule). RESUME = False:
+    checkpoints of an earlier run are never deleted: START_OVER = True moves them aside with
+    the adapter and merged model (:func:`helpers.config.check_run_dir`), otherwise
+    :class:`ResumeError` names the choices. The main process then writes ``signature`` beside
+    the checkpoints. Introduced in notebook 05."""
+    sharded = env.fsdp_active() and torch.cuda.is_available()
+    processes = PartialState().num_processes
+    notes, last = [], latest_checkpoint(cfg.run_dir, processes, sharded)
+    newer = [p.name for p in _checkpoints_newest_first(cfg.run_dir)
+             if last is None or int(p.name.split("-")[-1]) > int(last.name.split("-")[-1])]
     where = f"{Path(cfg.run_dir).name}/{CHECKPOINTS}/{last.name}" if last else ""
+    unsigned = [n for n in newer if all(checkpoint_files(Path(cfg.run_dir) / CHECKPOINTS / n,
+                                                         processes, sharded).values())]
+    if cfg.resume and unsigned and not _saved_signature(Path(cfg.run_dir) / CHECKPOINTS):
+        raise ResumeError(f"{Path(cfg.run_dir).name}/{CHECKPOINTS}/{unsigned[0]} has no "
+                          f"{SIGNATURE}, so nothing shows that it belongs to this model, data and "
+                          "settings. Resume only checkpoints this series wrote; or set "
+                          "START_OVER = True to start again (the checkpoints are moved to "
+                          "RUN_DIR/previous-<time>/).")
+    if cfg.resume and newer:
+        notes.append(f"{', '.join(newer)}: incomplete (cut short while it was written), "
+                     "passed over")
     if cfg.resume and last is None:
-        notes.append("RESUME = True, but no checkpoint yet: starting from step 0")
+        notes.append("RESUME = True, but no complete checkpoint yet: starting from step 0")
     elif cfg.resume:
-        saved = _saved_signature(last) or _saved_signature(Path(cfg.run_dir) / CHECKPOINTS)
-        if not saved:
-            raise ResumeError(f"{where} has no {SIGNATURE}, so nothing shows that it belongs to "
-                              "this model, data and settings. Resume only checkpoints this series "
-                              "wrote; or set RESUME = False to start over (its checkpoints are "
-                              "replaced).")
+        saved = _saved_signature(last)
         diffs = signature_differences(saved, signature)
         if diffs:
             raise ResumeError(f"cannot resume from {where}: it was written by a different run.\n  "
                               + "\n  ".join(diffs)
                               + "\nUse the same parameters as that run, choose another RUN_DIR, "
-                                "or set RESUME = False to start over (its checkpoints are "
-                                "replaced).")
-        sharded = env.fsdp_active() and torch.cuda.is_available()
-        found = checkpoint_files(last, PartialState().num_processes, sharded)
-        missing = [n for n, ok in found.items() if not ok]
-        if missing:
-            raise ResumeError(f"{where} lacks {', '.join(missing)}: it cannot be resumed exactly. "
-                              "Resume from an earlier checkpoint (delete this folder) or set "
-                              "RESUME = False.")
+                                "or set START_OVER = True to start again (its checkpoints are "
+                                "moved to RUN_DIR/previous-<time>/).")
         notes.append(f"resuming from {last.name}")
         before = saved.get("max_steps", signature["max_steps"])
         if before != signature["max_steps"]:
             notes.append(f"MAX_STEPS changed from {before} to {signature['max_steps']}: "
                          "the learning-rate schedule now ends at the new last step")
-    elif last is not None and env.is_main_process():
-        old = sorted(p for p in (Path(cfg.run_dir) / CHECKPOINTS).glob("checkpoint-*")
-                     if p.is_dir())
-        for folder in old:
-            shutil.rmtree(folder)
-        notes.append(f"RESUME = False: starting over; removed the earlier run's "
-                     f"{', '.join(p.name for p in old)} (RESUME = True would have continued "
-                     "from them)")
+    elif env.is_main_process():
+        try:  # refused, or moved aside under START_OVER: never deleted
+            notes += check_run_dir(cfg, training=True)
+        except ConfigError as err:
+            raise ResumeError(str(err)) from None
     if env.is_main_process():
         write_signature(Path(cfg.run_dir) / CHECKPOINTS, signature)
     return (str(last) if cfg.resume and last else None), notes
@@ -217,13 +241,15 @@ def resume_point(cfg, signature: dict) -> tuple:
 
 class ResumeCallback(TrainerCallback):
     """Keeps the Trainer's checkpoints resumable as this series checks them: copies the run
-    signature into every checkpoint folder (a checkpoint moved elsewhere still says which run it
-    belongs to), and at the start of training puts the current schedule's learning rate into the
-    optimizer. The Trainer restores the optimizer state with the rate of the schedule it was
-    saved under, and the scheduler sets the new one only after the next step, so a run resumed
-    with a different MAX_STEPS would take its first step at the old rate (for an unchanged
-    schedule, and a fresh run, the rate written is the one already there). For the Trainer's
-    schedules, which are ``LambdaLR``."""
+    signature into every checkpoint folder once the Trainer has written it whole (its completion
+    mark, :func:`is_complete`; a checkpoint moved elsewhere still says which run it belongs to;
+    put this callback first, so that the mark comes as soon as the files are there), and at the
+    start of training puts the current schedule's learning rate into the optimizer. The Trainer
+    restores the optimizer state with the rate of the schedule it was saved under, and the
+    scheduler sets the new one only after the next step, so a run resumed with a different
+    MAX_STEPS would take its first step at the old rate (for an unchanged schedule, and a fresh
+    run, the rate written is the one already there). For the Trainer's schedules, which are
+    ``LambdaLR``."""
 
     def __init__(self, signature: dict):
         self.signature = signature
@@ -238,8 +264,14 @@ class ResumeCallback(TrainerCallback):
             group["lr"] = rate
         lr_scheduler._last_lr = rates
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # a checkpoint about to be written again (over one a kill cut short) is not complete
+        if control.should_save and args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / SIGNATURE).unlink(missing_ok=True)
+
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
+        if args.should_save:  # after the Trainer's last file: the checkpoint is complete
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 write_signature(folder, self.signature)
@@ -249,13 +281,16 @@ def save_adapter(model, folder, card: str, save=None) -> Path:
     """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and its model card
     (README.md, :func:`model_card`) in ``folder``. ``save(folder)`` writes the weights where
     ``model.save_pretrained`` cannot (under FSDP: :func:`helpers.fsdp.save_sharded_adapter`). A
-    file without weights is an error, not an adapter. Introduced in notebook 05."""
+    file without weights is an error, not an adapter. Everything is written into a folder beside
+    ``folder`` and swapped in whole (:func:`helpers.rundir.replace_folder`): a kill while it is
+    written leaves the earlier adapter as it was. Introduced in notebook 05."""
     folder = Path(folder)
+    work = rundir.partial_folder(folder)
     if save is not None:
-        save(folder)
+        save(work)
     else:
-        model.save_pretrained(str(folder), safe_serialization=True)
-    weights = folder / "adapter_model.safetensors"
+        model.save_pretrained(str(work), safe_serialization=True)
+    weights = work / "adapter_model.safetensors"
     if not weights.is_file():
         raise RuntimeError(f"the adapter was not saved as safetensors in {folder}")
     with safe_open(str(weights), framework="pt") as f:
@@ -263,8 +298,8 @@ def save_adapter(model, folder, card: str, save=None) -> Path:
             raise RuntimeError(f"the adapter saved in {folder} holds no weights: the LoRA "
                                "layers were not found under their names (see "
                                "helpers.fsdp.save_sharded_adapter)")
-    (folder / "README.md").write_text(card)
-    return folder
+    (work / "README.md").write_text(card)
+    return rundir.replace_folder(work, folder)
 
 
 def model_card(cfg, trainer, metrics: dict) -> str:

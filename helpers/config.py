@@ -12,6 +12,7 @@ The same names mean the same thing in every notebook; :data:`PARAMETERS` is the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class Config:
     max_grad_norm: float = 1.0
     save_steps: int = 50
     resume: bool = False
+    start_over: bool = False  # an earlier run's checkpoints/adapter: moved to previous-<time>/
     chunked_loss: bool = True  # the loss over chunks of positions: no full-sequence logits
     # generation (helpers.generate)
     max_new_tokens: int = 40
@@ -103,6 +105,9 @@ def make_config(**parameters) -> Config:
     return cfg
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
 def coerce(name: str, value, default):
     """Turn a value (possibly a command-line string) into the type of the parameter's default."""
     kind = type(default)
@@ -121,41 +126,175 @@ def coerce(name: str, value, default):
             return int(float(text)) if float(text).is_integer() else int(text)
         if kind is float:
             return float(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(
-            f"{name}={value!r} is not a {kind.__name__}; the default is {default!r}"
+            f"{name}={value!r} is not {_KIND_NAMES[kind]}; the default is {default!r}"
         ) from None
     return text
 
 
-def check(cfg: Config) -> None:
-    """Refuse values outside their valid range, saying what the range is."""
-    for name, kind in typing.get_type_hints(Config).items():
+# Optimizers whose state FSDP can shard and save: bitsandbytes' 8-bit states are blockwise
+# quantized tensors of their own shapes, which FSDP1's optimizer state dict cannot gather
+# (bitsandbytes issue #89), and flattening changes which tensors get 8-bit state (issue #2080).
+FSDP_OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")
+MIN_MEMORY_BUDGET_GB = 0.5  # about what the CUDA context alone takes on a card
+
+
+def _rules(cfg: Config, fsdp: bool):
+    """(broken, message) for every rule a parameter or a pair of them must keep."""
+    budget = cfg.memory_budget_gb
+    yield (cfg.seed < 0 or cfg.seed >= 2**32,
+           f"SEED={cfg.seed} must be a whole number from 0 to 4294967295")
+    yield (not cfg.model.strip() or cfg.model.strip() == "rehearsal:",
+           f"MODEL={cfg.model!r}: give 'embedded', a Hub id, a local folder or 'rehearsal:<name>'")
+    yield (budget < 0, f"MEMORY_BUDGET_GB={budget:g} must be >= 0 (0 = the card's whole memory)")
+    yield (0 < budget < MIN_MEMORY_BUDGET_GB,
+           f"MEMORY_BUDGET_GB={budget:g} is {budget * 1000:.3g} MB (the budget is in GB): a card "
+           f"needs about {MIN_MEMORY_BUDGET_GB} GB for its CUDA context alone. Give the memory of "
+           "the card to rehearse (e.g. 8 for an 8 GB card), or 0 for the whole card")
+    host = cfg.host_memory_budget_gb
+    yield (host < 0, f"HOST_MEMORY_BUDGET_GB={host:g} must be >= 0 (0 = the machine's RAM, "
+           "detected)")
+    yield (0 < host < MIN_MEMORY_BUDGET_GB,
+           f"HOST_MEMORY_BUDGET_GB={host:g} is {host * 1000:.3g} MB (the budget is in GB): "
+           "give the RAM of the machine to rehearse (e.g. 12.7 for Colab), or 0 to detect it")
+    yield (cfg.lora_r <= 0, f"LORA_R={cfg.lora_r} must be a positive integer (8, 16, 64 are usual)")
+    yield (cfg.lora_alpha <= 0, f"LORA_ALPHA={cfg.lora_alpha} must be positive (often 2 x LORA_R)")
+    yield (not 0 <= cfg.lora_dropout < 1, f"LORA_DROPOUT={cfg.lora_dropout} must be in [0, 1)")
+    yield (not cfg.lora_targets.strip(),
+           "LORA_TARGETS is empty: use all-linear, attention, or comma-separated module names")
+    yield (not cfg.dataset.strip(),
+           "DATASET is empty: use 'embedded', a .jsonl/.json/.csv/.parquet/.txt file or a Hub id")
+    yield (not cfg.dataset_split.strip(), "DATASET_SPLIT is empty: use 'train' (the usual name)")
+    yield (cfg.data_format == "text" and not cfg.text_column.strip(),
+           "DATA_FORMAT='text' needs TEXT_COLUMN, the column that holds the text")
+    fields = _template_fields(cfg.template)
+    yield (cfg.data_format == "template" and isinstance(fields, str),
+           f"TEMPLATE={cfg.template!r} is not a valid template ({fields}): write column names in "
+           "braces and double a literal brace ({{ or }})")
+    yield (cfg.data_format == "template" and fields == [],
+           f"TEMPLATE={cfg.template!r} names no column: write the columns in braces, e.g. "
+           "'{quote} ({author})'")
+    yield (cfg.max_length < 8, f"MAX_LENGTH={cfg.max_length} must be at least 8 tokens")
+    yield (not 0 <= cfg.eval_fraction < 1, f"EVAL_FRACTION={cfg.eval_fraction} must be in [0, 1)")
+    yield (cfg.max_examples < 0, f"MAX_EXAMPLES={cfg.max_examples} must be >= 0 (0 = all)")
+    yield (cfg.learning_rate < 0,
+           f"LEARNING_RATE={cfg.learning_rate:g} must be positive (or 0 = auto)")
+    yield (cfg.warmup_steps < 0, f"WARMUP_STEPS={cfg.warmup_steps} must be >= 0")
+    yield (cfg.max_steps < 0 or cfg.epochs < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0),
+           "set MAX_STEPS > 0, or MAX_STEPS = 0 and EPOCHS > 0")
+    yield (cfg.micro_batch < 0 or cfg.grad_accum < 1,
+           "MICRO_BATCH must be >= 0 (0 = automatic) and GRAD_ACCUM >= 1")
+    yield (cfg.max_grad_norm < 0, f"MAX_GRAD_NORM={cfg.max_grad_norm} must be >= 0 (0 = no "
+                                  "clipping; 1.0 is usual)")
+    yield (cfg.save_steps < 0, f"SAVE_STEPS={cfg.save_steps} must be >= 0 (0 = no checkpoints)")
+    yield (cfg.resume and cfg.start_over,
+           "RESUME and START_OVER are both True: RESUME continues the run in RUN_DIR, START_OVER "
+           "moves it aside and starts again; choose one")
+    yield (cfg.max_new_tokens < 1, f"MAX_NEW_TOKENS={cfg.max_new_tokens} must be at least 1")
+    yield (fsdp and cfg.optimizer not in FSDP_OPTIMIZERS,
+           f"OPTIMIZER={cfg.optimizer!r} under FSDP: bitsandbytes' 8-bit optimizer state cannot "
+           "be gathered into FSDP checkpoints; use " + " or ".join(FSDP_OPTIMIZERS))
+    yield (fsdp and cfg.quant_storage == "uint8",
+           "QUANT_STORAGE='uint8' under FSDP: FSDP shards floating-point tensors only; use "
+           "'auto' (the compute dtype under FSDP)")
+
+
+def _template_fields(template: str) -> list | str:
+    """The column names a TEMPLATE fills in, or why it cannot be read."""
+    import string
+
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError as err:
+        return str(err)
+
+
+def check(cfg: Config, fsdp: bool | None = None) -> None:
+    """Refuse a value outside its valid range, or a pair of values that cannot go together,
+    saying what would work: the one list of rules, used by ``python -m helpers.run`` before any
+    notebook starts, by :func:`start` in every notebook and by ``python -m helpers.train``.
+    ``fsdp``: the run is an FSDP launch (default: as ``accelerate launch`` said)."""
+    hints = typing.get_type_hints(Config)
+    for name, kind in hints.items():
+        value = getattr(cfg, name)
         choices = typing.get_args(kind)
-        if choices and getattr(cfg, name) not in choices:
-            raise ConfigError(
-                f"{name.upper()}={getattr(cfg, name)!r} is not one of: {', '.join(choices)}"
-            )
-    if cfg.lora_r <= 0:
-        raise ConfigError(f"LORA_R={cfg.lora_r} must be a positive integer (8, 16, 64 are usual)")
-    if cfg.lora_alpha <= 0:
-        raise ConfigError(f"LORA_ALPHA={cfg.lora_alpha} must be positive (often 2 x LORA_R)")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise ConfigError(f"LORA_DROPOUT={cfg.lora_dropout} must be in [0, 1)")
-    if cfg.max_length < 8:
-        raise ConfigError(f"MAX_LENGTH={cfg.max_length} must be at least 8 tokens")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise ConfigError(f"EVAL_FRACTION={cfg.eval_fraction} must be in [0, 1)")
-    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0):
-        raise ConfigError("set MAX_STEPS > 0, or MAX_STEPS = 0 and EPOCHS > 0")
-    if cfg.micro_batch < 0 or cfg.grad_accum < 1:
-        raise ConfigError("MICRO_BATCH must be >= 0 (0 = automatic) and GRAD_ACCUM >= 1")
-    if cfg.learning_rate < 0:
-        raise ConfigError(f"LEARNING_RATE={cfg.learning_rate} must be positive (or 0 = auto)")
-    if cfg.memory_budget_gb < 0:
-        raise ConfigError("MEMORY_BUDGET_GB must be >= 0 (0 = the card's whole memory)")
-    if cfg.host_memory_budget_gb < 0:
-        raise ConfigError("HOST_MEMORY_BUDGET_GB must be >= 0 (0 = the machine's RAM, detected)")
+        if choices and value not in choices:
+            import difflib
+
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+            raise ConfigError(f"{name.upper()}={value!r} is not one of: {', '.join(choices)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name.upper()}={value} is not a finite number")
+    if fsdp is None:  # env (and with it torch) is imported only inside an accelerate launch
+        fsdp = "ACCELERATE_USE_FSDP" in os.environ and _fsdp_launch()
+    for broken, message in _rules(cfg, fsdp):
+        if broken:
+            raise ConfigError(message)
+
+
+def _fsdp_launch() -> bool:
+    from helpers import env
+
+    return env.fsdp_active()
+
+
+TRAINING_NOTEBOOK = "05_paged_optimizer_training"  # the notebook that writes checkpoints, adapter
+
+
+def check_run_dir(cfg: Config, training: bool, own_run: int | None = None,
+                  whole: bool = False) -> list:
+    """What RUN_DIR holds from an earlier run, before anything is written there: the notes to
+    print, or :class:`ConfigError` when nothing should start.
+
+    Folders a kill left aside while they were replaced are put back (:func:`helpers.rundir.
+    recover`). A run killed in a notebook (the manifest's running mark, of a process that is gone)
+    is noted and recorded as interrupted; a run still going on in the same folder is refused
+    (``own_run``: the process id of the ``python -m helpers.run`` that this process belongs to;
+    default: the one it said in ``QLORA_RUNNER_PID`` to the notebooks it runs).
+    When ``training`` (notebook 05, or a run that includes it), the checkpoints, adapter and
+    merged model of an earlier run are never deleted: ``RESUME`` continues from them,
+    ``START_OVER`` moves them (``whole``: everything RUN_DIR holds, as ``python -m helpers.run``
+    does) to ``RUN_DIR/previous-<time>/``, and neither is refused with the choices. Used by
+    ``python -m helpers.run`` before any notebook starts and by :func:`start`."""
+    from helpers import manifest, rundir
+
+    run_dir, notes = Path(cfg.run_dir), []
+    if own_run is None and os.environ.get("QLORA_RUNNER_PID", "").isdigit():
+        own_run = int(os.environ["QLORA_RUNNER_PID"])
+    back = rundir.recover(run_dir)
+    if back:
+        notes.append(f"put back {', '.join(back)}: a kill had left the earlier version aside "
+                     "while a new one replaced it")
+    mark = manifest.interrupted(run_dir)
+    interruption = ""
+    if mark and mark.get("pid") != own_run:
+        if mark["alive"]:
+            raise ConfigError(f"a run (process {mark['pid']}, started {mark.get('started')}) is "
+                              f"executing {mark.get('notebook')} in RUN_DIR={str(run_dir)!r} "
+                              "now; two runs in one folder overwrite each other's files. Wait "
+                              "for it, or choose another RUN_DIR")
+        interruption = manifest.interruption_note(mark)
+        notes.append(interruption)
+        manifest.close_interrupted(run_dir, mark)
+    found = rundir.earlier_products(run_dir) if training else {}
+    if cfg.start_over and (found or whole):
+        moved = rundir.move_aside(run_dir, None if whole else rundir.TRAINING_FILES)
+        notes += [rundir.describe_moved(moved)] if moved else []
+    elif found and cfg.resume:
+        notes.append(f"RESUME = True: continuing the run whose {', '.join(found.values())} "
+                     f"{str(run_dir)!r} holds")
+    elif found:
+        raise ConfigError(
+            f"RUN_DIR={str(run_dir)!r} holds an earlier run's {'; '.join(found.values())}"
+            + (f" ({interruption})" if interruption else "") + ". A new training would replace "
+            "them, so nothing was started and nothing changed. Choose one:\n"
+            "  - continue that run: RESUME = True (python -m helpers.run: -p RESUME true)\n"
+            "  - keep it and train elsewhere: another RUN_DIR (python -m helpers.run: --run-dir)\n"
+            "  - start over: START_OVER = True (-p START_OVER true), which moves the earlier "
+            "files into RUN_DIR/previous-<time>/ (nothing is deleted)")
+    return notes
 
 
 def default_run_dir() -> str:
@@ -189,6 +328,8 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
         raise ConfigError(
             f"cannot write to RUN_DIR={cfg.run_dir!r} ({err.strerror}); choose a writable folder"
         ) from None
+    for note in check_run_dir(cfg, training=notebook == TRAINING_NOTEBOOK):
+        print(note)
     import warnings
 
     import matplotlib

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 from datasets import DatasetDict, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
+from helpers import rundir
 from helpers.formats import (_BATCH, DEFAULT_CHAT_TEMPLATE, EMBEDDED_QUOTES, DatasetError,
                              check_columns, format_examples, load_source, pick_splits)
 from helpers.tokens import IGNORE_INDEX
@@ -296,20 +296,21 @@ STATS_FILE = "dataset_stats.json"
 def save(prepared: Prepared, run_dir) -> Path:
     """Write ``RUN_DIR/dataset`` (a DatasetDict: train, eval) and ``RUN_DIR/dataset_stats.json``.
 
-    The stats file is written last, so a save cut short is rebuilt rather than reused.
-    Introduced in notebook 04; read by :func:`load_or_prepare` in notebook 05.
+    The dataset is written beside the earlier one and swapped in whole
+    (:func:`helpers.rundir.replace_folder`), and the stats file, which vouches for it, is
+    removed only then and written last (atomically): a save cut short leaves the earlier dataset
+    usable, or none, which is rebuilt, never a mix. Introduced in notebook 04; read by
+    :func:`load_or_prepare` in notebook 05.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target, stats_path = run_dir / DATASET_DIR, run_dir / STATS_FILE
-    stats_path.unlink(missing_ok=True)
     splits = {"train": prepared.train, "eval": prepared.eval}
-    tmp = run_dir / (DATASET_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = rundir.partial_folder(target)
     DatasetDict({k: v for k, v in splits.items() if v is not None}).save_to_disk(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    stats_path.write_text(json.dumps(prepared.stats, indent=1, default=str) + "\n")
+    stats_path.unlink(missing_ok=True)
+    rundir.replace_folder(tmp, target)
+    rundir.write_text(stats_path, json.dumps(prepared.stats, indent=1, default=str) + "\n")
     return target
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import units
+
 
 def has_frontend() -> bool:
     """True only inside an IPython kernel that a live front end (Jupyter, Colab) is attached to.
@@ -231,8 +233,8 @@ def verdict(requirements: list[dict], bnb_error: float, dtype: torch.dtype) -> s
         hint = " on Colab choose Runtime > Change runtime type > T4 GPU" if (
             "google.colab" in sys.modules) else (
             " for real models use a CUDA GPU (Colab's free T4 is enough for 7B)")
-        return ("no GPU: the embedded demo runs on CPU (4-bit layers and the paged optimizer "
-                "work there, slowly);" + hint)
+        return ("no GPU: the embedded demo runs on CPU (4-bit layers work there, slowly; the "
+                "paged optimizers run as their non-paged versions);" + hint)
     gpu = torch.cuda.get_device_properties(0)
     return (f"ready for 4-bit training on {gpu.name} ({gpu.total_memory / 1e9:.0f} GB, "
             f"capability {gpu.major}.{gpu.minor}, {str(dtype).replace('torch.', '')})")
@@ -406,7 +408,8 @@ def enforce_gpu_budget(budget: int, device: int | None = None) -> str:
     torch.cuda.set_per_process_memory_fraction(fraction, gpu)
     return (f"budget enforced: torch may allocate {fraction * total / 1e9:.2f} GB of this "
             f"{total / 1e9:.1f} GB card ({budget / 1e9:.1f} GB budget less "
-            f"{outside / 1e9:.2f} GB of CUDA context), as on a {budget / 1e9:.0f} GB card")
+            f"{outside / 1e9:.2f} GB of CUDA context), as on "
+            f"{units.article(round(budget / 1e9))} {budget / 1e9:.0f} GB card")
 
 
 if __name__ == "__main__":

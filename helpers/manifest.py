@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from helpers import env
+
+from helpers import rundir
 
 FILE = "manifest.json"
 
@@ -35,13 +38,8 @@ def load(run_dir_or_file) -> dict:
 
 
 def save(run_dir, data: dict) -> Path:
-    """Write atomically (a crash never leaves half a manifest)."""
-    p = path(run_dir)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_clean(data), indent=1, sort_keys=False) + "\n")
-    tmp.replace(p)
-    return p
+    """Write atomically (a kill never leaves half a manifest: :func:`helpers.rundir.write_text`)."""
+    return rundir.write_text(path(run_dir), json.dumps(_clean(data), indent=1) + "\n")
 
 
 def update(run_dir, fn) -> dict:
@@ -143,9 +141,71 @@ def record_info(section: str, info: dict, *, run_dir=None) -> None:
 
 
 def set_status(run_dir, notebook: str, status: str, seconds: float, **extra) -> None:
-    """A notebook's status ("ok", "failed") and seconds, as ``python -m helpers.run`` saw them."""
-    update(run_dir, lambda data: _entry(data, notebook).update(
-        status=status, seconds=round(seconds, 2), **extra))
+    """A notebook's status ("ok", "failed") and seconds, as ``python -m helpers.run`` saw them;
+    the run is no longer marked as running it (:func:`mark_running`)."""
+
+    def fn(data):
+        _entry(data, notebook).update(status=status, seconds=round(seconds, 2), **extra)
+        data.pop(RUNNING, None)
+
+    update(run_dir, fn)
+
+
+RUNNING = "running"  # the manifest's mark of the notebook a run is executing now
+
+
+def mark_running(run_dir, notebook: str) -> None:
+    """Mark ``notebook`` as being executed by this process (``python -m helpers.run`` does, before
+    each notebook; :func:`set_status` clears it): a mark whose process is gone shows a run that
+    was killed in that notebook (:func:`interrupted`)."""
+    update(run_dir, lambda data: data.__setitem__(RUNNING, {
+        "notebook": notebook, "pid": os.getpid(), "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+
+def interrupted(run_dir) -> dict | None:
+    """The running mark (:func:`mark_running`) of ``run_dir``'s manifest with ``alive``: whether
+    its process still runs ``python -m helpers.run`` on this machine (a run going on now) or not
+    (the run was killed in that notebook); None without a mark."""
+    try:
+        mark = load(run_dir).get(RUNNING) if path(run_dir).is_file() else None
+    except ValueError:
+        return None
+    if not isinstance(mark, dict):
+        return None
+    return {**mark, "alive": mark.get("host") == socket.gethostname()
+            and _runs_the_series(mark.get("pid"))}
+
+
+def _runs_the_series(pid) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.exists():  # no /proc (macOS): a live process of that id is taken as the run
+        return True
+    return b"helpers.run" in cmdline.read_bytes()
+
+
+def interruption_note(mark: dict) -> str:
+    """A line saying that the run of ``mark`` (:func:`interrupted`) was killed, and where."""
+    return (f"the earlier run in this RUN_DIR was interrupted in {mark.get('notebook')} (started "
+            f"{mark.get('started')}, never finished)")
+
+
+def close_interrupted(run_dir, mark: dict) -> None:
+    """Record the notebook a killed run left unfinished as ``interrupted`` and clear the mark."""
+
+    def fn(data):
+        _entry(data, mark.get("notebook", "?")).update(status="interrupted")
+        data.pop(RUNNING, None)
+
+    update(run_dir, fn)
 
 
 def _clean(obj):

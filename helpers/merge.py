@@ -12,11 +12,10 @@ it with ``peft.PeftModel.from_pretrained``, the outputs the merge must reproduce
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 import torch
 from peft import PeftModel
-from helpers import footprint, units
+from helpers import footprint, rundir, units
 from helpers.adapters import MergeMismatch, _adapter_files, check_adapter
 from helpers.generate import _generation_mode, generate
 from helpers.models import _device_map, cpu_safe
@@ -202,22 +201,20 @@ class MergeCheck:
 
     def save(self, merged, out_dir) -> None:
         """Save the verified model and the tokenizer to ``out_dir`` as safetensors in shards of at
-        most 2 GB, written to a temporary folder first so a failure leaves no half-saved model
-        (an earlier saved model there is replaced; any other folder is refused)."""
+        most 2 GB, written to a folder beside it and swapped in whole, so a failure or a kill
+        leaves no half-saved model (an earlier saved model there is replaced; any other folder is
+        refused)."""
         if self.vs_same_base is None:
             raise RuntimeError("not verified: call verify(merged) before saving")
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
             raise FileExistsError(f"{out} exists and is not a saved model; choose another "
                                   "folder or empty it")
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
         with self.memory.track("save merged"):
-            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp = rundir.partial_folder(out)
             merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
             self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)  # an earlier saved model
-            tmp.rename(out)
+            rundir.replace_folder(tmp, out)  # the earlier saved model stays whole until swapped
         self.out_dir = str(out)
         self.size_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
 

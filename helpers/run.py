@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from helpers import NOTEBOOKS, __version__, manifest
-from helpers.config import PARAMETERS, ConfigError, coerce, default_run_dir
+from helpers.config import (PARAMETERS, TRAINING_NOTEBOOK, ConfigError, check_run_dir, coerce,
+                            default_run_dir, make_config)
 
 REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -57,7 +58,9 @@ def select(only: str | None) -> list[str]:
 
 
 def parse_parameters(pairs: list[list[str]]) -> dict:
-    """``-p NAME VALUE`` pairs -> typed values; unknown names are refused with the valid list."""
+    """``-p NAME VALUE`` pairs -> typed values; unknown names are refused with the valid list,
+    and every value is checked as the notebooks will check it (:func:`helpers.config.check`:
+    types, ranges, choices, rules between parameters), so no notebook starts with a bad one."""
     out = {}
     for name, value in pairs:
         if name not in PARAMETERS:
@@ -71,11 +74,30 @@ def parse_parameters(pairs: list[list[str]]) -> dict:
             out[name] = coerce(name, value, PARAMETERS[name])
         except ConfigError as err:
             raise RunError(str(err)) from None
+    try:
+        make_config(**out)
+    except ConfigError as err:
+        raise RunError(str(err)) from None
     return out
 
 
-def prepare_run_dir(run_dir: str | None) -> Path:
+def prepare_run_dir(run_dir: str | None, parameters: dict | None = None,
+                    stems: list | None = None) -> tuple:
+    """``(path, notes)``: the run directory, created, after checking what an earlier run left
+    there (:func:`helpers.config.check_run_dir`: an earlier training's checkpoints, adapter and
+    merged model are resumed with RESUME, moved aside with the whole earlier run by START_OVER,
+    or refused; a run killed in a notebook is noted)."""
     path = Path(run_dir or default_run_dir()).resolve()
+    notes = []
+    if path.is_dir():
+        cfg = make_config(**(parameters or {}), RUN_DIR=str(path))
+        try:
+            notes = check_run_dir(cfg, training=TRAINING_NOTEBOOK in (stems or []), whole=True)
+        except ConfigError as err:
+            raise RunError(str(err)) from None
+        except OSError as err:
+            raise RunError(f"cannot use the run directory {path} ({err}); choose another with "
+                           "--run-dir") from None
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -84,7 +106,7 @@ def prepare_run_dir(run_dir: str | None) -> Path:
     except OSError as err:
         raise RunError(f"cannot write to the run directory {path} ({err.strerror or err}); "
                        "choose another with --run-dir") from None
-    return path
+    return path, notes
 
 
 def execute(stem: str, run_dir: Path, parameters: dict) -> None:
@@ -105,6 +127,7 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
     from helpers import env
 
     os.environ["QLORA_SERIES_STATIC"] = "1"  # widgets render their static twins
+    os.environ["QLORA_RUNNER_PID"] = str(os.getpid())  # the notebooks' running mark is this run's
     logging.getLogger("papermill").setLevel(logging.ERROR)
     manifest.update(run_dir, lambda d: d.update(
         series_version=__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -114,6 +137,7 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
     ))
     for i, stem in enumerate(stems, 1):
         echo(f"[{i}/{len(stems)}] {stem} running", flush=True)
+        manifest.mark_running(run_dir, stem)  # cleared by set_status; left behind by a kill
         t0 = time.perf_counter()
         try:
             execute(stem, run_dir, parameters)
@@ -244,11 +268,13 @@ def main(argv=None) -> int:
         stems = select(args.only)
         parameters = parse_parameters(args.parameter)
         baseline = load_baseline(args.compare) if args.compare else None
-        run_dir = prepare_run_dir(args.run_dir)
+        run_dir, notes = prepare_run_dir(args.run_dir, parameters, stems)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"run directory: {run_dir}")
+    for note in notes:
+        print(f"  {note}")
     ok = run(stems, run_dir, parameters)
     print(f"manifest: {run_dir / manifest.FILE}")
     if not ok:

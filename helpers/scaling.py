@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from helpers import env
+from helpers.config import FSDP_OPTIMIZERS  # the parameter rule lives with the other rules
 from helpers.estimator import (Estimate, Item, _dtype_bytes, _lora_specs, _outside_allocator,
                                estimate)
 from helpers.shapes import ModelShape
@@ -124,10 +125,6 @@ def estimate_per_gpu(shape, n_gpus: int, mode: str = "ddp", *, prefetch: bool = 
 
 LAUNCH_DIR = Path(__file__).resolve().parent / "launch"
 CONFIG_FILES = {"ddp": "ddp.yaml", "ddp_cpu": "ddp_cpu.yaml", "fsdp": "fsdp_qlora.yaml"}
-# Optimizers whose state FSDP can shard and save: bitsandbytes' 8-bit states are blockwise
-# quantized tensors of their own shapes, which FSDP1's optimizer state dict cannot gather
-# (bitsandbytes issue #89), and flattening changes which tensors get 8-bit state (issue #2080).
-FSDP_OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")
 
 
 class LaunchError(ValueError):

@@ -206,14 +206,16 @@ def training_metrics(trainer, before: tuple, after: tuple, resume_from=None) -> 
     the series' callbacks (:class:`~helpers.callbacks.LossCurveCallback`,
     :class:`~helpers.callbacks.ThroughputCallback`, :class:`~helpers.callbacks.MemoryCallback`):
     eval_loss_before/after and perplexity_before/after (``before``/``after``: what
-    :func:`evaluate_loss` returned), train_loss_first/final (this run's logged steps),
+    :func:`evaluate_loss` returned), train_loss_first/final (this run's logged steps) and
+    train_loss_first_step (the step of the first: 1, or the step after the resumed checkpoint),
     train_steps, train_tokens_seen (real tokens of every process, all runs of a resumed
     training), train_seconds (the Trainer's ``train_runtime``), tokens_per_second (real tokens,
     this run, warm-up step excluded), peak_gpu_bytes_train (this process) and its largest and
     smallest over the processes, peak_cpu_rss_bytes_train, micro_batch, grad_accum,
     num_processes, global_batch and resumed_from_step. Introduced in notebook 05."""
     state, args = trainer.state, trainer.args
-    logged = [e["loss"] for e in _callback(trainer, LossCurveCallback).history]
+    history = _callback(trainer, LossCurveCallback).history
+    logged = [e["loss"] for e in history]
     memory = _callback(trainer, MemoryCallback)
     runtime = [e["train_runtime"] for e in state.log_history if "train_runtime" in e]
     processes = trainer.accelerator.num_processes
@@ -222,6 +224,7 @@ def training_metrics(trainer, before: tuple, after: tuple, resume_from=None) -> 
         "eval_loss_before": before[0], "eval_loss_after": after[0],
         "perplexity_before": before[1], "perplexity_after": after[1],
         "train_loss_first": logged[0] if logged else float("nan"),
+        "train_loss_first_step": history[0]["step"] if history else 0,
         "train_loss_final": logged[-1] if logged else float("nan"),
         "train_steps": state.global_step,
         "train_tokens_seen": int(state.num_input_tokens_seen),
@@ -244,8 +247,8 @@ def summary(metrics: dict) -> str:
     lines = [
         (f"held-out loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
          f"(perplexity {m['perplexity_before']:.1f} -> {m['perplexity_after']:.1f})"),
-        (f"train loss {m['train_loss_first']:.4f} (first step) -> "
-         f"{m['train_loss_final']:.4f} (step {m['train_steps']})"),
+        (f"train loss {m['train_loss_first']:.4f} (step {m.get('train_loss_first_step', 1)}) "
+         f"-> {m['train_loss_final']:.4f} (step {m['train_steps']})"),
         (f"{m['train_tokens_seen']:,} real tokens trained on; "
          f"{m['tokens_per_second']:,.0f} tokens/s (padding not counted, first step left "
          f"out); {m['train_seconds']:.1f} s"),
@@ -351,8 +354,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     curve = LossCurveCallback(run_dir / LOSS_CURVE, live=live)
     curve.add_eval(0, before[0], "eval before")
     trainer = make_trainer(cfg, model, tokenizer, train_dataset, collator, micro, args=args,
-                           callbacks=[curve, MemoryCallback(), ThroughputCallback(),
-                                      ResumeCallback(signature), ProgressBar(live), *callbacks,
+                           callbacks=[ResumeCallback(signature), curve, MemoryCallback(),
+                                      ThroughputCallback(), ProgressBar(live), *callbacks,
                                       TrainingGuard(loss_tokens)])
     try:
         trainer.train(resume_from_checkpoint=resume_from)
@@ -382,7 +385,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
 # ============================================================================ command line
 
 
-def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = True) -> TrainResult:
+def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = True,
+                      callbacks=()) -> TrainResult:
     """Notebook 05's steps in one call: load the model in 4-bit, prepare and attach LoRA, load or
     prepare the dataset, train. For scripts, ``python -m helpers.train`` and notebooks that need
     an adapter when notebook 05 has not run (:func:`ensure_adapter`).
@@ -400,7 +404,8 @@ def train_from_config(cfg, *, device=None, live: bool = False, verbose: bool = T
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
         prepared = data.load_or_prepare(cfg, tokenizer, verbose=verbose and env.is_main_process())
     return train(cfg, model, tokenizer, prepared.train, prepared.eval,
-                 data.CompletionCollator(tokenizer), live=live, verbose=verbose)
+                 data.CompletionCollator(tokenizer), live=live, verbose=verbose,
+                 callbacks=callbacks)
 
 
 QUICK_ADAPTER_STEPS = 20  # what a notebook run alone trains when it finds no adapter
@@ -429,20 +434,24 @@ def ensure_adapter(cfg, steps: int = QUICK_ADAPTER_STEPS) -> Path:
 
 
 def main(argv=None) -> int:
-    """``python -m helpers.train RUN_DIR [--resume]``: train with the parameters recorded in
-    ``RUN_DIR/manifest.json`` - the path notebook 05 takes, for scripts and for
+    """``python -m helpers.train RUN_DIR [--resume | --start-over]``: train with the parameters
+    recorded in ``RUN_DIR/manifest.json`` - the path notebook 05 takes, for scripts and for
     ``accelerate launch --config_file RUN_DIR/accelerate_ddp.yaml -m helpers.train RUN_DIR``
     on several GPUs (see :mod:`helpers.scaling`).
 
     Before anything is loaded the launch is checked (:func:`helpers.scaling.check_plan`:
-    processes against visible GPUs, FSDP's needs). One model per process, on the GPU of its
-    LOCAL_RANK. Only the main process prints the summary and writes: the adapter, the loss
+    processes against visible GPUs, FSDP's needs), and so is RUN_DIR: an earlier run's
+    checkpoints and adapter are continued (``--resume``), moved aside (``--start-over``) or the
+    command is refused (:func:`helpers.config.check_run_dir`). One model per process, on the GPU
+    of its LOCAL_RANK. Only the main process prints the summary and writes: the adapter, the loss
     curve, and the final figures in the manifest's ``train`` entry (``metrics``, ``status``).
     Exit status: 0 trained; 2 refused before starting (the message says what to change);
     1 failed while running (the manifest's ``train.error`` says how)."""
     ap = argparse.ArgumentParser(prog="python -m helpers.train", description=main.__doc__)
     ap.add_argument("run_dir")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    ap.add_argument("--start-over", action="store_true",
+                    help="move an earlier run's checkpoints and adapter aside and start again")
     args = ap.parse_args(argv)
     launch = env.world()
     is_main = launch["rank"] == 0
@@ -466,17 +475,22 @@ def main(argv=None) -> int:
             "helpers.scaling.write_launch_config, or python -m helpers.run)"), 2)
     try:
         recorded = manifest.load(args.run_dir).get("parameters", {})
-        params = {k: v for k, v in recorded.items() if k in config_mod.PARAMETERS}
+        # what this command says, not what a notebook recorded, decides about earlier results
+        params = {k: v for k, v in recorded.items()
+                  if k in config_mod.PARAMETERS and k not in ("RESUME", "START_OVER")}
         cfg = config_mod.make_config(**{**params, "RUN_DIR": args.run_dir,
-                                        **({"RESUME": True} if args.resume else {})})
+                                        "RESUME": args.resume, "START_OVER": args.start_over})
         mode = "fsdp" if launch["fsdp"] else "ddp"
         notes = scaling.check_plan(cfg, launch["local_world_size"], mode,
                                    cuda_devices=torch.cuda.device_count())
+        if is_main:  # the others wait for it in the dataset's main_process_first
+            notes += config_mod.check_run_dir(cfg, training=True)
     except (config_mod.ConfigError, scaling.LaunchError, ValueError) as err:
         return fail(err, 2)
     if is_main and launch["world_size"] > 1:
-        print(f"{launch['world_size']} processes ({mode.upper()})"
-              + "".join(f"\n  {n}" for n in notes))
+        print(f"{launch['world_size']} processes ({mode.upper()})")
+    if is_main and notes:
+        print("\n".join(f"  {n}" for n in notes))
     set_seed(cfg.seed)
     device = None
     if torch.cuda.is_available() and not launch["fsdp"] and "LOCAL_RANK" in os.environ:

@@ -89,3 +89,9 @@ def chunk_tokens(vocab: int) -> int:
     n = max(1, CHUNK_LOGIT_BYTES // (4 * max(1, int(vocab))))
     n = 1 << (n.bit_length() - 1)
     return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, n)))
+
+
+def article(number) -> str:
+    """The article before a number said aloud: "an 8 GB card", "an 11 GB card", "a 12 GB card"."""
+    said = str(number)
+    return "an" if said.startswith("8") or said in ("11", "18") else "a"

@@ -133,9 +133,13 @@ def test_the_entry_point_refuses_before_loading(tmp_path, monkeypatch, capsys):
     assert "4 processes asked for" in capsys.readouterr().err
     entry = manifest.load(run_dir)["train"]
     assert entry["status"] == "refused" and "LaunchError" in entry["error"]
-    # FSDP on a machine without GPUs
+    # FSDP with the default 8-bit optimizer: the parameter check refuses it first
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert T.main([str(run_dir)]) == 2
+    assert "OPTIMIZER='paged_adamw_8bit' under FSDP" in capsys.readouterr().err
+    # FSDP on a machine without GPUs
+    manifest.update(run_dir, lambda d: d["parameters"].update(OPTIMIZER="adamw_torch"))
     assert T.main([str(run_dir)]) == 2
     assert "FSDP needs CUDA GPUs" in capsys.readouterr().err
 
