@@ -239,9 +239,12 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
 
 # ------------------------------------------------------------------ what the notebooks show
 
-# Warnings that every run of the series meets and that ask nothing of its user, by the start of
-# their message (module, message): each is filtered alone, so any other warning still shows.
+# Warnings that runs of the series meet and that ask nothing of its user, by the start of their
+# message: (category, module that warns, message). Each is filtered alone; any other shows.
 HARMLESS_WARNINGS = (
+    # peft asks transformers 5 for the old name of a property; nothing for a user to change
+    (FutureWarning, "transformers.modeling_utils",
+     "`is_gradient_checkpointing` is deprecated and will be removed in v6"),
 )
 # Log records of the same kind: (logger, start of the message).
 HARMLESS_LOG_RECORDS = (
@@ -267,8 +270,8 @@ def quiet_known_warnings() -> None:
     import re
     import warnings
 
-    for module, message in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=re.escape(message), module=module)
+    for category, module, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", re.escape(message), category, re.escape(module))
     by_logger: dict = {}
     for name, start in HARMLESS_LOG_RECORDS:
         by_logger.setdefault(name, []).append(start)
@@ -304,5 +307,18 @@ def bars_only_on_long_waits(delay: float = BAR_DELAY_S) -> None:
 
     delayed._qlora_original = init
     tqdm.std.tqdm.__init__ = delayed
+    # a bar's refresh (a new description, say) would show it before its delay: not until then
+    refresh = tqdm.std.tqdm.__dict__["refresh"]
+    refresh = getattr(refresh, "_qlora_original", refresh)
+
+    @functools.wraps(refresh)
+    def refresh_after_delay(self, *args, **kwargs):
+        started = getattr(self, "start_t", None)
+        if started is not None and self.delay and self._time() - started < self.delay:
+            return None
+        return refresh(self, *args, **kwargs)
+
+    refresh_after_delay._qlora_original = refresh
+    tqdm.std.tqdm.refresh = refresh_after_delay
     transformers.utils.logging.enable_progress_bar()
     huggingface_hub.utils.enable_progress_bars()
