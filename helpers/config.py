@@ -245,6 +245,9 @@ HARMLESS_WARNINGS = (
     # peft asks transformers 5 for the old name of a property; nothing for a user to change
     (FutureWarning, "transformers.modeling_utils",
      "`is_gradient_checkpointing` is deprecated and will be removed in v6"),
+    # on CPU (the embedded demo without a GPU) there is no unified memory to page to; the same
+    # 8-bit optimizer runs, as notebook 01 said it would
+    (UserWarning, "bitsandbytes.optim.optimizer", "Paged optimizers are not supported on CPU"),
 )
 # Log records of the same kind: (logger, start of the message).
 HARMLESS_LOG_RECORDS = (

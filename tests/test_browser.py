@@ -79,8 +79,10 @@ def shots(request):
     folder.mkdir(parents=True)
     yield folder
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"\nbrowser screenshots: {folder}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nbrowser screenshots: {folder}")
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,125 @@ def test_notebook_in_the_browser(stem, lab, shots):
         assert change["found"], f"no dropdown offering {CALCULATOR_CHOICE}"
         assert change["changed"], f"the chart was not redrawn: {change}"
         assert change["text_after"] != change["text_before"]
+
+
+# ------------------------------------------------- the same outputs, checked without a browser
+
+
+def test_a_figure_displays_as_png_with_a_text_description():
+    from types import SimpleNamespace
+
+    from IPython.core.formatters import DisplayFormatter
+
+    from helpers import plots
+
+    shell = SimpleNamespace(display_formatter=DisplayFormatter())
+    assert plots.display_figures_as_images(shell)
+    data, _ = shell.display_formatter.format(plots.length_histogram([3, 5, 9], 8))
+    assert data["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["text/plain"].startswith("[figure: Tokens per example: n=3")
+    assert not plots.display_figures_as_images(SimpleNamespace())  # not an IPython shell
+
+
+def test_config_shows_what_differs_from_the_defaults():
+    from IPython.lib.pretty import pretty
+
+    from helpers.config import make_config
+
+    cfg = make_config(RUN_DIR="runs/x", QUANT_TYPE="fp4", LORA_R=8)
+    assert [row[:3] for row in cfg.changed()] == [
+        ("run", "RUN_DIR", "runs/x"), ("model", "QUANT_TYPE", "fp4"), ("LoRA", "LORA_R", 8)]
+    text = pretty(cfg)
+    assert text.startswith("Config: 3 of") and "LORA_R" in text and "SEED" not in text
+    assert "<table>" in cfg._repr_html_() and "fp4" in cfg._repr_html_()
+
+
+def test_recorded_figures_show_with_units():
+    from IPython.lib.pretty import pretty
+
+    from helpers.manifest import Figures
+
+    figures = Figures({"footprint_bytes": 2_308_128, "eval_loss": 5.847339258289777, "steps": 200})
+    assert figures == {"footprint_bytes": 2_308_128, "eval_loss": 5.847339258289777, "steps": 200}
+    text = pretty(figures)
+    assert "2.3 MB (2,308,128)" in text and "5.847" in text and "5.8473392" not in text
+
+
+def test_counts_print_with_a_unit_that_fits():
+    from helpers.units import fmt_count
+
+    assert [fmt_count(n) for n in (512, 65_536, 921_088, 1.2e6, 6.05e9)] == [
+        "512", "65.5k", "921k", "1.20M", "6.05B"]
+
+
+def test_the_calculator_twin_shows_no_estimate_dump(monkeypatch):
+    from helpers import shapes, widgets
+
+    monkeypatch.setenv("QLORA_SERIES_STATIC", "1")
+    out = widgets.memory_calculator({"gpt-j-6b": shapes.PRESETS["gpt-j-6b"]}, gpu_gb=16)
+    text = repr(out)
+    assert text.startswith("Will it fit? fits") and "card memory needed" in text
+    assert "Estimate(" not in text and "ModelShape(" not in text
+
+
+def test_progress_bars_wait_for_their_delay():
+    import io
+
+    from tqdm.auto import tqdm
+
+    from helpers.config import bars_only_on_long_waits
+
+    bars_only_on_long_waits(0.3)
+    try:
+        quick = io.StringIO()
+        with tqdm(total=2, file=quick, desc="quick") as bar:
+            bar.set_description("renamed")  # a refresh: still too early to show
+            bar.update(2)
+        assert quick.getvalue() == ""
+        slow = io.StringIO()
+        with tqdm(total=2, file=slow, desc="slow", mininterval=0) as bar:
+            time.sleep(0.4)
+            bar.update(2)
+        assert "slow: 100%" in slow.getvalue()
+    finally:
+        bars_only_on_long_waits()
+
+
+def test_known_warnings_are_silenced_by_message_only():
+    import warnings
+
+    from helpers.config import HARMLESS_WARNINGS, quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        for category, module, message in HARMLESS_WARNINGS:
+            warnings.warn_explicit(message + " (details)", category, "x.py", 1, module=module)
+            warnings.warn_explicit("another message", category, "x.py", 1, module=module)
+    assert [str(w.message) for w in seen] == ["another message"] * len(HARMLESS_WARNINGS)
+
+
+def test_the_kernel_stderr_keeps_everything_but_the_tcp_notice(capfd):
+    from helpers.run import _forward_kernel_stderr
+
+    read, write = os.pipe()
+    os.write(write, b"[IPKernelApp] WARNING | Kernel is running over TCP without encryption. "
+                    b"All communication ...\nSegmentation fault in a cell\n")
+    os.close(write)
+    _forward_kernel_stderr(read)
+    assert capfd.readouterr().err == "Segmentation fault in a cell\n"
+
+
+def test_choice_parameters_need_their_dropdown():
+    nb = json.loads((ROOT / "notebooks" / "05_paged_optimizer_training.ipynb").read_text())
+    assert nbtools.dropdown_problems(nb) == []
+    forms = nbtools.form_dropdowns(nb)
+    assert forms["OPTIMIZER"] == (["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit",
+                                   "adamw_torch"], False)
+    assert forms["MODEL"][1] and forms["LORA_TARGETS"][1]  # free values allowed
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    cell["source"] = cell["source"].replace('# @param ["nf4", "fp4"]', '# @param {type:"string"}')
+    cell["source"] = cell["source"].replace(' {allow-input: true}', '', 1)
+    problems = nbtools.dropdown_problems(nb)
+    assert any("QUANT_TYPE needs the dropdown" in p for p in problems), problems
+    assert any("MODEL takes free values" in p for p in problems), problems
