@@ -153,6 +153,8 @@ class LossCurveCallback(TrainerCallback):
         self.history: list[dict] = []
         self.eval_points: list = []
         self.live = env.has_frontend() if live is None else live
+        # headless in a kernel (papermill): no redraws while training, the finished curve shown
+        self.final = self.live or (live is None and _in_kernel())
         self.min_interval = min_interval
         self._handle = None
         self._drawn = 0.0
@@ -178,7 +180,7 @@ class LossCurveCallback(TrainerCallback):
     def _redraw(self, force: bool = False):
         now = time.perf_counter()
         waiting = not force and now - self._drawn < self.min_interval
-        if not self.live or not self.history or waiting:
+        if not (self.live or (force and self.final)) or not self.history or waiting:
             return
         buf = io.BytesIO()
         self.figure().savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -203,6 +205,15 @@ class LossCurveCallback(TrainerCallback):
         self._redraw(force=True)
         if args.should_save:
             self.save()
+
+
+def _in_kernel() -> bool:
+    """Inside an IPython kernel (a notebook, live or run by papermill), not a plain process."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return hasattr(get_ipython(), "kernel")
 
 
 def _finite(x) -> bool:

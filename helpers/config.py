@@ -89,6 +89,40 @@ class Config:
         """The UPPER-case parameter mapping (what the manifest records)."""
         return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def changed(self) -> list[tuple[str, str, object, object]]:
+        """(group, NAME, value, default) of every parameter that differs from its default."""
+        rows, group = [], ""
+        for f in dataclasses.fields(self):
+            group = GROUPS.get(f.name, group)
+            if getattr(self, f.name) != f.default:
+                rows.append((group, f.name.upper(), getattr(self, f.name), f.default))
+        return rows
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython's text form: the changed ones
+        rows = self.changed()
+        width = max((len(name) for _, name, _, _ in rows), default=0)
+        lines = [f"Config: {len(rows)} of {len(PARAMETERS)} parameters differ from the defaults"]
+        lines += [f"  {name:<{width}} = {value!r}   (default {default!r})"
+                  for _, name, value, default in rows]
+        printer.text("\n".join(lines))
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        rows = self.changed()
+        body = "".join(f"<tr><td>{escape(g)}</td><td><code>{escape(n)}</code></td>"
+                       f"<td><code>{escape(repr(v))}</code></td>"
+                       f"<td><code>{escape(repr(d))}</code></td></tr>" for g, n, v, d in rows)
+        return (f"<b>Config</b>: {len(rows)} of {len(PARAMETERS)} parameters differ from the "
+                "defaults (<code>cfg.as_parameters()</code> lists all)"
+                "<table><thead><tr><th>group</th><th>parameter</th><th>value</th>"
+                f"<th>default</th></tr></thead><tbody>{body}</tbody></table>")
+
+
+# The first field of each group of Config (its sections above), and the group's name.
+GROUPS = {"run_dir": "run", "model": "model", "lora_r": "LoRA", "dataset": "data",
+          "optimizer": "training", "max_new_tokens": "generation"}
+
 
 PARAMETERS: dict = {f.name.upper(): f.default for f in dataclasses.fields(Config)}
 
@@ -328,21 +362,19 @@ def start(notebook: str, namespace: dict | None = None, **parameters) -> Config:
         raise ConfigError(
             f"cannot write to RUN_DIR={cfg.run_dir!r} ({err.strerror}); choose a writable folder"
         ) from None
+    quiet_known_warnings()  # first: importing transformers may import bitsandbytes
     for note in check_run_dir(cfg, training=notebook == TRAINING_NOTEBOOK):
         print(note)
-    import warnings
-
     import matplotlib
     import pandas  # installed with datasets
     import transformers
 
     transformers.set_seed(cfg.seed)  # Python, NumPy and torch (CPU and every GPU)
-    # quiet, readable output: fewer library warnings, no progress-bar spam from loading
+    # readable output: the warnings known to be harmless here are silenced by their message,
+    # any other still shows; progress bars appear only on waits longer than BAR_DELAY_S
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    bars_only_on_long_waits()
     matplotlib.rcParams.update({"figure.dpi": 100, "figure.figsize": (7, 3.5)})
     pandas.set_option("display.max_colwidth", None)  # tables show whole generated texts
     manifest.begin_notebook(cfg.run_dir, notebook, cfg.as_parameters(), budgets(cfg))
@@ -362,3 +394,93 @@ def budgets(cfg: Config) -> dict:
         gpu = int(cfg.memory_budget_gb * 1e9) if cfg.memory_budget_gb > 0 else card
         env.enforce_gpu_budget(gpu)
     return {"gpu_bytes": gpu, "host_bytes": env.host_budget_bytes(cfg.host_memory_budget_gb)}
+
+
+# ------------------------------------------------------------------ what the notebooks show
+
+# Warnings that runs of the series meet and that ask nothing of its user, by the start of their
+# message: (category, module that warns, message). Each is filtered alone; any other shows.
+HARMLESS_WARNINGS = (
+    # peft asks transformers 5 for the old name of a property; nothing for a user to change
+    (FutureWarning, "transformers.modeling_utils",
+     "`is_gradient_checkpointing` is deprecated and will be removed in v6"),
+    # on CPU (the embedded demo without a GPU) there is no unified memory to page to; the same
+    # 8-bit optimizer runs, as notebook 01 said it would
+    (UserWarning, "bitsandbytes.optim.optimizer", "Paged optimizers are not supported on CPU"),
+)
+# Log records of the same kind: (logger, start of the message).
+HARMLESS_LOG_RECORDS = (
+    # bitsandbytes >= 0.49 on CPU: an optional faster kernel from the `kernels` package is missing;
+    # its own CPU code runs instead
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+
+
+class _DropMessages:
+    """A logging filter that drops the records whose message starts with one of ``starts``."""
+
+    def __init__(self, starts):
+        self.starts = tuple(starts)
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_known_warnings() -> None:
+    """Silence :data:`HARMLESS_WARNINGS` and :data:`HARMLESS_LOG_RECORDS`, each by its message."""
+    import logging
+    import re
+    import warnings
+
+    for category, module, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", re.escape(message), category, re.escape(module))
+    by_logger: dict = {}
+    for name, start in HARMLESS_LOG_RECORDS:
+        by_logger.setdefault(name, []).append(start)
+    for name, starts in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(starts))
+
+
+BAR_DELAY_S = 3.0
+
+
+def bars_only_on_long_waits(delay: float = BAR_DELAY_S) -> None:
+    """Every tqdm progress bar (the Hub's downloads, transformers' loading, datasets' steps, the
+    training) appears only once its wait has lasted ``delay`` seconds: long waits show progress,
+    a step that takes a moment shows nothing. It is tqdm's own ``delay`` (``TQDM_DELAY``), set
+    for bars made from now on in this process; a bar that passes ``delay`` itself keeps it."""
+    import functools
+
+    import huggingface_hub.utils
+    import tqdm.std
+    import transformers
+
+    os.environ["TQDM_DELAY"] = str(delay)  # tqdm reads it when first imported
+    init = tqdm.std.tqdm.__dict__["__init__"]
+    init = getattr(init, "_qlora_original", init)
+    original = getattr(init, "func", init)  # a partialmethod holding other TQDM_* settings
+    preset = getattr(init, "keywords", {})
+
+    @functools.wraps(original)
+    def delayed(self, *args, **kwargs):
+        return original(self, *args, **{**preset, "delay": delay, **kwargs})
+
+    delayed._qlora_original = init
+    tqdm.std.tqdm.__init__ = delayed
+    # a bar's refresh (a new description, say) would show it before its delay: not until then
+    refresh = tqdm.std.tqdm.__dict__["refresh"]
+    refresh = getattr(refresh, "_qlora_original", refresh)
+
+    @functools.wraps(refresh)
+    def refresh_after_delay(self, *args, **kwargs):
+        started = getattr(self, "start_t", None)
+        if started is not None and self.delay and self._time() - started < self.delay:
+            return None
+        return refresh(self, *args, **kwargs)
+
+    refresh_after_delay._qlora_original = refresh
+    tqdm.std.tqdm.refresh = refresh_after_delay
+    transformers.utils.logging.enable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()

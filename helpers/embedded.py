@@ -269,6 +269,18 @@ def _eval_loss(model, blocks: torch.Tensor, batch: int) -> float:
     return sum(losses) / len(losses)
 
 
+def _progress(steps: int):
+    """A bar over the pretraining steps: a widget in Jupyter, text redrawn every 10 s elsewhere."""
+    if env.has_frontend():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=steps, desc="pretraining the embedded model", unit="step")
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="pretraining the embedded model", unit="step",
+                mininterval=10, dynamic_ncols=True)
+
+
 @contextlib.contextmanager
 def _quiet_progress():
     """No progress bar while saving a 5 MB model."""
@@ -363,6 +375,7 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
         batch, log_every = recipe["batch"], recipe["log_every"]
         curve, window, position = [], [], len(train_blocks)
         epoch_order = torch.arange(0)
+        bar = _progress(steps)
         for step in range(steps):
             if position + batch > len(train_blocks):
                 epoch_order, position = torch.randperm(len(train_blocks), generator=order), 0
@@ -377,7 +390,10 @@ def _build_into(folder: Path, seed: int, steps: int | None, recipe: dict | None)
             window.append(loss.item())
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 4)})
+                bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", refresh=False)
                 window = []
+            bar.update(1)
+        bar.close()
         final_eval = _eval_loss(model, held_out, recipe["batch"])
     seconds["pretraining"] = time.perf_counter() - mark
 

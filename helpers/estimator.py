@@ -278,7 +278,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # micro-batch of at most one chunk keeps the model's own loss.
     head_copy = V * h * 2 if (upcast_fp32 and autocast) else 0
     final_norm = T * (norm_save * h + 8)
-    from helpers.units import chunk_tokens
+    from helpers.units import chunk_tokens, fmt_count
 
     chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
     # with the chunked loss: one chunk's logits, and the final norm's output gathered
@@ -295,20 +295,20 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     workspace = CUBLAS_WORKSPACE_BYTES if cuda_context else 0
     persistent = [  # held through the whole step
         ("weights_4bit", "4-bit weights", packed,
-         f"{shape.n_linear_params() / 1e9:.2f}B linear weights, 2 per byte"),
+         f"{fmt_count(shape.n_linear_params())} linear weights, 2 per byte"),
         ("quant_constants", "quantization constants", const,
          ("absmax in 8 bits + float32 per 256 blocks (double quantization): "
           f"{BITS_PER_PARAM_DQ:.3f} bits/weight in all") if double_quant else
          f"float32 absmax per block of 64: {BITS_PER_PARAM_NO_DQ} bits/weight in all"),
         ("embeddings", "embeddings", n_emb * wb,
-         f"{n_emb / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+         f"{fmt_count(n_emb)} parameters x {wb} bytes (never quantized)"),
         ("lm_head", "output head", n_head * wb,
          "tied to the embeddings" if shape.tied_embeddings and not shape.head_bias else
-         f"{n_head / 1e6:.0f}M parameters x {wb} bytes (never quantized)"),
+         f"{fmt_count(n_head)} parameters x {wb} bytes (never quantized)"),
         ("norms_biases", "norms, biases, buffers", n_small * wb + shape.buffer_bytes,
-         f"{n_small / 1e6:.2f}M parameters x {wb} bytes, rotary tables"),
+         f"{fmt_count(n_small)} parameters x {wb} bytes, rotary tables"),
         ("lora_params", "LoRA parameters", n_lora * lora_b,
-         f"{n_lora / 1e6:.2f}M trainable parameters in float32 (peft's default)"),
+         f"{fmt_count(n_lora)} trainable parameters in float32 (peft's default)"),
         ("lora_grads", "LoRA gradients", n_lora * lora_b,
          "float32, kept across gradient accumulation"),
         ("optimizer", "optimizer state", opt_alloc, _OPTIMIZERS[optimizer]),

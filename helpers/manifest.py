@@ -131,7 +131,38 @@ def record(metrics: dict, *, run_dir=None, notebook=None) -> dict:
             raise TypeError(f"manifest figure {k!r} must be a number, got {type(v).__name__}")
     clean = {k: int(v) if isinstance(v, bool) else v for k, v in metrics.items()}
     update(run_dir, lambda data: _entry(data, notebook)["metrics"].update(clean))
-    return clean
+    return Figures(clean)
+
+
+class Figures(dict):
+    """Recorded figures; a notebook shows them as a table with readable units (bytes in GB/MB,
+    fractions to four significant digits), the values themselves unchanged."""
+
+    @staticmethod
+    def readable(name: str, value) -> str:
+        from helpers.units import fmt_bytes
+
+        if "bytes" in name and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{fmt_bytes(value)} ({value:,})" if abs(value) >= 1e3 else f"{value} B"
+        if isinstance(value, float):
+            return f"{value:,.4g}" if math.isfinite(value) else str(value)
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    def _rows(self):
+        return [(name, self.readable(name, value)) for name, value in self.items()]
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        width = max((len(k) for k in self), default=0)
+        printer.text(f"recorded in the manifest ({len(self)} figures):\n" + "\n".join(
+            f"  {name:<{width}}  {text}" for name, text in self._rows()))
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        body = "".join(f"<tr><td><code>{escape(n)}</code></td><td>{escape(t)}</td></tr>"
+                       for n, t in self._rows())
+        return (f"recorded in the manifest ({len(self)} figures)<table><thead><tr><th>figure"
+                f"</th><th>value</th></tr></thead><tbody>{body}</tbody></table>")
 
 
 def record_info(section: str, info: dict, *, run_dir=None) -> None:

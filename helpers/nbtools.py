@@ -80,6 +80,44 @@ def parameters_of(nb: dict) -> dict:
     return values
 
 
+def form_dropdowns(nb: dict) -> dict:
+    """NAME -> (options, free values allowed) of the parameters cell's Colab dropdowns
+    (``NAME = 'a'  # @param ["a", "b"]``, with ``{allow-input: true}`` for free values)."""
+    import ast
+    import re
+
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    found = {}
+    for line in (cells[0]["source"].splitlines() if cells else []):
+        m = re.match(r"^(\w+)\s*=.*#\s*@param\s*(\[.*\])\s*(\{.*\})?\s*$", line)
+        if m:
+            found[m.group(1)] = (ast.literal_eval(m.group(2)),
+                                 "allow-input: true" in (m.group(3) or ""))
+    return found
+
+
+def dropdown_problems(nb: dict) -> list[str]:
+    """A parameter with a fixed set of values (a ``Literal`` in helpers.config.Config) must be a
+    dropdown of exactly those values; a dropdown of another parameter must allow free input."""
+    import typing
+
+    from helpers.config import Config
+
+    fixed = {n.upper(): list(typing.get_args(t))
+             for n, t in typing.get_type_hints(Config).items() if typing.get_args(t)}
+    params, forms, out = parameters_of(nb), form_dropdowns(nb), []
+    for name in params:
+        options, free = forms.get(name, (None, False))
+        if name in fixed and (options != fixed[name] or free):
+            out.append(f"parameter {name} needs the dropdown  # @param {fixed[name]}".replace(
+                "'", '"'))
+        elif name not in fixed and options is not None and not free:
+            out.append(f"parameter {name} takes free values: add {{allow-input: true}}")
+        if options is not None and params[name] not in options and not free:
+            out.append(f"parameter {name}={params[name]!r} is not among its dropdown's options")
+    return out
+
+
 def problems(path) -> list[str]:
     """Every convention the notebook breaks (empty when it keeps them all)."""
     path = Path(path)
@@ -118,6 +156,7 @@ def problems(path) -> list[str]:
         bad = sorted(set(params) - set(PARAMETERS))
         if bad:
             out.append(f"{path.name}: parameters not in helpers.config.PARAMETERS: {bad}")
+        out += [f"{path.name}: {problem}" for problem in dropdown_problems(nb)]
     return out
 
 

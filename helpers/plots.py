@@ -1,7 +1,9 @@
 """Matplotlib figures for the series (memory bars, length histograms, loss curves).
 
 Every function returns a ``matplotlib.figure.Figure`` and draws nothing global, so a notebook can
-show it and a run can save it as PNG in RUN_DIR.
+show it and a run can save it as PNG in RUN_DIR. Inside IPython (Jupyter, Colab, papermill) a
+figure displays as a PNG image wherever it is a cell's value or passed to ``display``, whatever
+the matplotlib backend (:func:`display_figures_as_images`, done on import).
 """
 
 from __future__ import annotations
@@ -13,6 +15,48 @@ if not matplotlib.get_backend().lower().startswith(("module://", "inline", "nbag
 
 from pathlib import Path  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def describe(fig) -> str:
+    """A figure in words: its titles (what a text-only view shows instead of the image)."""
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    suptitle = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ""
+    text = "; ".join(t.replace("\n", " ") for t in [suptitle, *titles] if t)
+    return f"[figure: {text}]" if text else "[figure]"
+
+
+def display_figures_as_images(shell=None) -> bool:
+    """Make IPython show every matplotlib ``Figure`` as a PNG (and in words as its text form).
+
+    A bare ``Figure`` shows as the text ``<Figure size ...>`` until pyplot's inline backend is
+    active, and the series never uses pyplot: this registers the same kind of formatter the inline
+    backend would, for JupyterLab, classic Notebook, Colab and papermill alike. False outside
+    IPython (a plain process), where figures are saved, not shown.
+    """
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None or not hasattr(shell, "display_formatter"):
+        return False
+    formatters = shell.display_formatter.formatters
+    formatters["image/png"].for_type(Figure, _png)
+    formatters["text/plain"].for_type(Figure, lambda fig, printer, cycle:
+                                      printer.text(describe(fig)))
+    return True
+
+
+display_figures_as_images()
 
 
 def save(fig, path) -> Path:

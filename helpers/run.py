@@ -109,6 +109,42 @@ def prepare_run_dir(run_dir: str | None, parameters: dict | None = None,
     return path, notes
 
 
+# Lines a kernel writes to the terminal that ask nothing of the person running the series: the
+# kernel's notice that its local connection is not encrypted (its sockets listen on 127.0.0.1).
+KERNEL_NOISE = (b"Kernel is running over TCP without encryption",)
+
+
+def _forward_kernel_stderr(fd: int, noise=KERNEL_NOISE) -> None:
+    """Copy the kernel's stderr to ours line by line, leaving out the lines in ``noise``."""
+    with os.fdopen(fd, "rb") as lines:
+        for line in lines:
+            if not any(n in line for n in noise):
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+
+
+def quiet_kernel_manager():
+    """jupyter_client's kernel manager, with the kernel's stderr passed through
+    :func:`_forward_kernel_stderr` (everything else it writes still reaches the terminal)."""
+    import threading
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            read, write = os.pipe()
+            try:
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": write})
+            except BaseException:
+                os.close(read)
+                raise
+            finally:
+                os.close(write)  # the kernel holds its own copy
+            threading.Thread(target=_forward_kernel_stderr, args=(read,), daemon=True).start()
+
+    return QuietKernelManager
+
+
 def execute(stem: str, run_dir: Path, parameters: dict) -> None:
     """Run one notebook with papermill into the run directory (raises on a failing cell)."""
     import papermill
@@ -118,7 +154,7 @@ def execute(stem: str, run_dir: Path, parameters: dict) -> None:
         str(src), str(run_dir / f"{stem}.ipynb"),
         parameters={**parameters, "RUN_DIR": str(run_dir)},
         kernel_name="python3", progress_bar=False, log_output=False,
-        cwd=str(run_dir), report_mode=False,
+        cwd=str(run_dir), report_mode=False, kernel_manager_class=quiet_kernel_manager(),
     )
 
 
@@ -136,7 +172,7 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
         parameters={**PARAMETERS, **parameters, "RUN_DIR": str(run_dir)},
     ))
     for i, stem in enumerate(stems, 1):
-        echo(f"[{i}/{len(stems)}] {stem} running", flush=True)
+        echo(f"[{i}/{len(stems)}] {stem} ...", end=" ", flush=True)  # one line per notebook
         manifest.mark_running(run_dir, stem)  # cleared by set_status; left behind by a kill
         t0 = time.perf_counter()
         try:
@@ -146,7 +182,7 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
             ename = getattr(err, "ename", type(err).__name__)
             evalue = str(getattr(err, "evalue", err))
             manifest.set_status(run_dir, stem, "failed", secs, error=f"{ename}: {evalue[:500]}")
-            echo(f"[{i}/{len(stems)}] {stem} FAILED after {secs:.1f} s", flush=True)
+            echo(f"FAILED after {secs:.1f} s", flush=True)
             # the notebook and the cell that failed, with the error's last line
             cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
             last = evalue.strip().splitlines()
@@ -156,7 +192,7 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
             return False
         secs = time.perf_counter() - t0
         manifest.set_status(run_dir, stem, "ok", secs)
-        echo(f"[{i}/{len(stems)}] {stem} ok ({secs:.1f} s)", flush=True)
+        echo(f"ok ({secs:.1f} s)", flush=True)
     manifest.update(run_dir, lambda d: d.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
     return True
 

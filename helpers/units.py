@@ -48,6 +48,17 @@ def fmt_bytes(n: float | None) -> str:
     return f"{sign}{n:.0f} B"
 
 
+def fmt_count(n: float) -> str:
+    """A count of parameters (or anything) with a unit that keeps three digits: ``6.05B``,
+    ``65.5M``, ``921k``, ``512``. Introduced in notebook 02."""
+    sign, n = ("-" if n < 0 else ""), abs(float(n))
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            value = n / scale
+            return f"{sign}{value:.{max(0, 2 - int(math.log10(value)))}f}{unit}"
+    return f"{sign}{n:.0f}"
+
+
 def logical_numel(param) -> int:
     """Elements a parameter stands for: a packed 4-bit weight holds two values per byte, so its
     true count is the product of ``quant_state.shape``, not ``numel()`` of its storage."""

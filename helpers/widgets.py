@@ -12,6 +12,29 @@ _BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 _RANK_CHOICES = (4, 8, 16, 32, 64, 128)
 
 
+def _in_ipython() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
+
+
+class Calculation(dict):
+    """The calculator's static twin: ``estimate``, ``verdict`` and ``figure``. As a cell's value
+    it shows the verdict, the item table and the chart; as text, the verdict and the table."""
+
+    def _ipython_display_(self):
+        from IPython.display import Markdown, display
+
+        est = self["estimate"]
+        display(Markdown(f"**Will it fit?** {self['verdict']}  \n{est.text().splitlines()[0]}"),
+                est.frame(), self["figure"])
+
+    def __repr__(self) -> str:
+        return f"Will it fit? {self['verdict']}\n{self['estimate'].text()}"
+
+
 def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float | None = None,
                       seq_len: int = 512, micro_batch: int = 1, lora_r: int = 16,
                       gradient_checkpointing: bool = True, **settings):
@@ -24,7 +47,8 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
     (a T4). Other ``settings`` go to :func:`helpers.estimator.estimate` (optimizer, upcast_fp32...).
     Without a front end (papermill, CI, a plain process) it shows the verdict, the item table
     and the chart for the given settings, and returns them as a dict (``estimate``,
-    ``verdict``, ``figure``); with one it returns the widget. Introduced in notebook 02.
+    ``verdict``, ``figure``: a :class:`Calculation`, which shows as the twin when it is a cell's
+    value); with one it returns the widget. Introduced in notebook 02.
     """
     import dataclasses
 
@@ -57,8 +81,10 @@ def memory_calculator(presets=None, *, model: str | None = None, gpu_gb: float |
     if not env.has_frontend():
         est, verdict, fig = compute(model, gpu_gb, seq_len, micro_batch, lora_r,
                                     gradient_checkpointing)
-        display(f"Will it fit? {verdict}", est, fig)  # in a plain process: printed
-        return {"estimate": est, "verdict": verdict, "figure": fig}
+        result = Calculation(estimate=est, verdict=verdict, figure=fig)
+        if not _in_ipython():
+            print(result)  # a plain process: the text twin, now
+        return result
 
     import ipywidgets as w
 

@@ -265,3 +265,25 @@ def test_compare_end_to_end(tmp_path):
     proc = _main("--only", "01", "--run-dir", str(tmp_path / "c"), "--compare", str(worse))
     assert proc.returncode == 3
     assert "01_environment_and_cuda:bnb_relative_error" in proc.stdout
+
+
+def test_the_terminal_shows_one_line_per_notebook_and_no_kernel_notice(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    for stem in ("01_environment_and_cuda", "04_dataset_preparation"):
+        nb = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())
+        nb["cells"] = nb["cells"][:4] + [  # title, setup, parameters, config; then a figure
+            {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+             "source": "helpers.plots.length_histogram([3, 5, 9], 8)"}]
+        (nbdir / f"{stem}.ipynb").write_text(nbtools.dumps(nbtools.normalize(nb)))
+    out = tmp_path / "run"
+    proc = _main("--run-dir", str(out), env={"QLORA_NOTEBOOKS": str(nbdir)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""  # no kernel notice, no library warning
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"run directory: {out}"
+    assert [ln.split(" ...")[0] for ln in lines[1:3]] == ["[1/2] 01_environment_and_cuda",
+                                                          "[2/2] 04_dataset_preparation"]
+    assert all(" ... ok (" in ln for ln in lines[1:3]) and len(lines) == 5, lines
+    executed = (out / "04_dataset_preparation.ipynb").read_text()
+    assert "<Figure size" not in executed and '"image/png"' in executed
