@@ -79,8 +79,9 @@ def run_notebook_alone(py: Path, name: str, source: str, tmp_path: Path) -> dict
                            "-p", "RUN_DIR", str(run_dir)], env=env, capture_output=True,
                           text=True, timeout=1200)
     cells = json.loads(out.read_text())["cells"] if out.exists() else []
-    setup_output = "".join(o.get("text", "") for o in (cells[1]["outputs"] if len(cells) > 1
-                                                      else []) if isinstance(o.get("text"), str))
+    setup = [c for c in cells if c["cell_type"] == "code"][:1]
+    setup_output = "".join("".join(o["text"]) if isinstance(o.get("text"), list) else
+                           o.get("text", "") for o in (setup[0]["outputs"] if setup else []))
     assert proc.returncode == 0, f"{setup_output}\n{proc.stderr[-4000:]}"
     return {"manifest": json.loads((run_dir / "manifest.json").read_text()),
             "setup_output": setup_output}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import NOTEBOOKS
+from helpers import NOTEBOOKS, env, merge
 
 
 def figures(series_run, stem):
@@ -96,8 +96,11 @@ def test_05_training_learned(series_run):
 
 def test_06_merge_agrees(series_run):
     m = figures(series_run, "06_inference_and_merge")
-    assert m["merge_max_abs_logit_diff"] < 1e-3  # float32 merge on CPU
-    assert m["merge_top1_agreement"] == 1.0
+    # the tolerance of the merge's dtype: float32 on CPU (1e-4 of the logits' scale), the GPU's
+    # 16-bit compute dtype there (W + BA rounded to bf16 / fp16)
+    tolerance = merge.MERGE_TOLERANCE[env.compute_dtype()]
+    assert m["merge_max_rel_logit_diff"] <= tolerance["rtol"]
+    assert m["merge_top1_agreement"] >= tolerance["min_top1"]
     assert m["merged_generation_matches"] == 1
     assert m["merge_dequantized"] == 0  # the embedded base's 16-bit weights are on disk
     run_dir, _ = series_run
