@@ -308,8 +308,9 @@ def _lines(text: str) -> int:
 class FormCheck:
     """Whether an output is in the dataset's form, judged on what an untuned model does not do
     by chance. Every format: the model stopped by EOS within the token budget, with a non-empty
-    answer, no longer in words than ``max_words`` (twice the longest reference) nor shorter than
-    ``min_words`` (half the shortest), in no more lines than the most any reference has.
+    answer, no longer in words than ``max_words`` (1.5 times the longest reference) nor shorter
+    than ``min_words`` (half the shortest), in no more lines than the most any reference has (an
+    untuned model that stops by chance writes its own kind of text, mostly longer).
     template: the whole text, prompt included, matches the template (``pattern``). instruction and
     chat: the answer writes no line of the layout (``markers``: a new instruction or turn header).
     text and template judge the whole text, instruction and chat the answer. Build it with
@@ -355,7 +356,7 @@ def form_check(cfg, tokenizer=None, examples=None) -> FormCheck:
         raise ValueError("no examples to take the form's lengths from")
     words = [_words(e) for e in examples]
     return FormCheck(cfg.data_format, min_words=max(1, min(words) // 2),
-                     max_words=max(2, 2 * max(words)),
+                     max_words=max(2, (3 * max(words) + 1) // 2),
                      max_lines=max(_lines(e) for e in examples),
                      pattern=template_pattern(cfg.template) if cfg.data_format == "template"
                      else None,

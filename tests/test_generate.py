@@ -273,13 +273,14 @@ def test_form_check_fails_what_an_untuned_model_writes():
     cfg = dataclasses.replace(Config(), data_format="instruction")
     check = gen.form_check(cfg, examples=["The plural of cat is cats.", "After 4 comes 5."])
     assert check.markers == ("### Instruction:", "### Input:", "### Response:")
-    assert (check.min_words, check.max_words, check.max_lines) == (2, 12, 1)
+    assert (check.min_words, check.max_words, check.max_lines) == (2, 9, 1)
     prompt = "### Instruction:\nSay it.\n\n### Response:\n"
     assert check.failure(prompt, "The plural of dog is dogs.", True) == ""
     assert "EOS" in check.failure(prompt, "The plural of dog is dogs.", False)
     assert check.failure(prompt, "  ", True) == "empty"
     assert "new turn" in check.failure(prompt, "Dogs.\n\n### Instruction:\nMore", True)
-    assert "words" in check.failure(prompt, "word " * 13, True)
+    assert check.failure(prompt, "word " * 9, True) == ""
+    assert "words" in check.failure(prompt, "word " * 10, True)
     assert "lines" in check.failure(prompt, "Dogs.\nCats.", True)
     quotes = gen.form_check(Config(), examples=["Time is money. (Benjamin Franklin)"])
     assert quotes.failure("Time", " is money. (Benjamin Franklin)", True) == ""
@@ -580,3 +581,33 @@ def test_merge_on_the_gpu_in_bfloat16(tiny, tmp_path):
     assert result.device.startswith("cuda")
     assert result.vs_same_base["max_rel_diff"] < result.tolerance["rtol"]
     assert result.reload_max_abs_diff < 0.05  # the same bf16 weights (kernels may differ)
+
+
+# --------------------------------------------------------------------------- a short fine-tune
+
+
+def test_a_short_instruction_fine_tune_writes_in_the_form_and_the_base_does_not(tmp_path):
+    """The embedded model tuned for 40 steps on tests/data/instructions.jsonl (notebook 05's
+    path, helpers.train.train_from_config): from held-out prompts and from PROMPTS, the tuned
+    model answers in the dataset's form and the untuned base does not."""
+    from pathlib import Path
+
+    from helpers import loading, train
+    from helpers.config import make_config
+
+    data_file = Path(__file__).parent / "data" / "instructions.jsonl"
+    cfg = make_config(RUN_DIR=str(tmp_path), DATASET=str(data_file), DATA_FORMAT="instruction",
+                      MAX_STEPS=40, SAVE_STEPS=100, MAX_NEW_TOKENS=24)
+    result = train.train_from_config(cfg, verbose=False)
+    model, tokenizer = result.trainer.model, loading.load_tokenizer(cfg.model)
+    held_out = gen.default_prompts(cfg, tokenizer, n=8)
+    given = gen.default_prompts(dataclasses.replace(
+        cfg, prompts="Give the opposite of the word: dark|### Instruction:\nName the capital "
+                     "city.\n\n### Input:\nSpain\n\n### Response:"))
+    for prompts in (held_out, given):
+        base, tuned = gen.base_and_tuned(model, tokenizer, prompts, max_new_tokens=24)
+        figures = gen.score(cfg, tokenizer, prompts, base=base, tuned=tuned)
+        assert figures["tuned_form_rate"] >= 0.75, (list(tuned), figures)
+        assert figures["base_form_rate"] <= 0.125, (list(base), figures)
+        assert all(t.strip() for t in tuned)  # never the empty answer of a stripped layout
+    assert figures.get("tuned_exact_match") is None  # PROMPTS have no references
