@@ -477,7 +477,7 @@ def render_examples(prepared, tokenizer, n: int = 3, split: str = "train") -> To
 # 7. held-out examples: prompts and references for generation
 
 
-def held_out_examples(cfg, tokenizer=None, n: int = 16) -> list:
+def held_out_examples(cfg, tokenizer=None, n: int = 16, split: str = "held-out") -> list:
     """``(prompt, reference)`` pairs from the first ``n`` held-out rows (the rows
     :func:`split_rows` holds out of training), the prompt laid out exactly as training lays the
     example out, the reference what the model should write after it.
@@ -488,10 +488,12 @@ def held_out_examples(cfg, tokenizer=None, n: int = 16) -> list:
     content. template and text: the example's opening (the template's text before its first
     placeholder and the first two words of that value) and the rest of the example. Without
     held-out rows (EVAL_FRACTION=0 and no eval split of the source) the first train rows serve:
-    the model has seen those. Introduced in notebook 05.
+    the model has seen those. ``split="train"``: the same from the first train rows instead.
+    Introduced in notebook 05.
     """
     train_rows, eval_rows, _ = split_rows(cfg)
-    rows = eval_rows if eval_rows is not None and len(eval_rows) else train_rows
+    held_out = split != "train" and eval_rows is not None and len(eval_rows)
+    rows = eval_rows if held_out else train_rows
     rows = rows.select(range(min(n, len(rows))))
     if cfg.data_format == "chat" and tokenizer is None:
         raise DatasetError("chat prompts are rendered with the tokenizer's chat template: pass "

@@ -300,6 +300,11 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
+def _word_list(text: str) -> list:
+    """Lower-cased runs of letters and digits: the words of :func:`token_f1` and the vocabulary."""
+    return re.findall(r"\w+", text.lower())
+
+
 def _lines(text: str) -> int:
     return len(text.strip().splitlines()) or 1
 
@@ -309,8 +314,9 @@ class FormCheck:
     """Whether an output is in the dataset's form, judged on what an untuned model does not do
     by chance. Every format: the model stopped by EOS within the token budget, with a non-empty
     answer, no longer in words than ``max_words`` (1.5 times the longest reference) nor shorter
-    than ``min_words`` (half the shortest), in no more lines than the most any reference has (an
-    untuned model that stops by chance writes its own kind of text, mostly longer).
+    than ``min_words`` (half the shortest), in no more lines than the most any reference has, and
+    at least half of its words are words of the dataset (``vocabulary``: those of its answers),
+    since an untuned model that stops by chance writes its own kind of text.
     template: the whole text, prompt included, matches the template (``pattern``). instruction and
     chat: the answer writes no line of the layout (``markers``: a new instruction or turn header).
     text and template judge the whole text, instruction and chat the answer. Build it with
@@ -322,6 +328,7 @@ class FormCheck:
     max_lines: int
     pattern: object = None
     markers: tuple = ()
+    vocabulary: frozenset = frozenset()
 
     def failure(self, prompt: str, text: str, ended_by_eos: bool, written: str = "") -> str:
         """Why an output is not in the form ("" when it is). ``written``: the output decoded
@@ -339,19 +346,27 @@ class FormCheck:
             return f"{_words(whole)} words (the references: {self.min_words}-{self.max_words})"
         if _lines(whole) > self.max_lines:
             return f"{_lines(whole)} lines (the references: at most {self.max_lines})"
+        words = _word_list(text if self.kind not in ("text", "template") else whole)
+        if self.vocabulary and 2 * sum(w in self.vocabulary for w in words) < len(words):
+            return "mostly words the dataset's answers do not use"
         return ""
 
 
-def form_check(cfg, tokenizer=None, examples=None) -> FormCheck:
+def form_check(cfg, tokenizer=None, examples=None, vocabulary_examples=None) -> FormCheck:
     """The :class:`FormCheck` of the dataset's format, its lengths taken from ``examples`` (texts
-    in the form: whole examples for text and template, answers for instruction and chat); by
-    default from up to 200 held-out examples (:func:`helpers.data.held_out_examples`)."""
-    if examples is None:
+    in the form: whole examples for text and template, answers for instruction and chat; by
+    default up to 200 held-out examples, :func:`helpers.data.held_out_examples`), its vocabulary
+    from those and ``vocabulary_examples`` (by default up to 2,000 train examples)."""
+    whole = cfg.data_format in ("text", "template")
+    if examples is None or vocabulary_examples is None:
         from helpers.data import held_out_examples
 
-        pairs = held_out_examples(cfg, tokenizer, 200)
-        whole = cfg.data_format in ("text", "template")
-        examples = [(p + r) if whole else r for p, r in pairs]
+        def texts(n, split):
+            return [(p + r) if whole else r for p, r in held_out_examples(cfg, tokenizer, n, split)]
+
+        examples = texts(200, "held-out") if examples is None else examples
+        vocabulary_examples = texts(2000, "train") if vocabulary_examples is None else \
+            vocabulary_examples
     if not examples:
         raise ValueError("no examples to take the form's lengths from")
     words = [_words(e) for e in examples]
@@ -360,7 +375,9 @@ def form_check(cfg, tokenizer=None, examples=None) -> FormCheck:
                      max_lines=max(_lines(e) for e in examples),
                      pattern=template_pattern(cfg.template) if cfg.data_format == "template"
                      else None,
-                     markers=layout_markers(cfg, tokenizer))
+                     markers=layout_markers(cfg, tokenizer),
+                     vocabulary=frozenset(w for e in [*examples, *vocabulary_examples]
+                                          for w in _word_list(e)))
 
 
 def form_rate(cfg, generations, tokenizer=None, check: FormCheck | None = None) -> float:
@@ -391,7 +408,7 @@ def exact_match(output: str, reference: str) -> float:
 def token_f1(output: str, reference: str) -> float:
     """The F1 of the words (lower-cased runs of letters and digits) the output shares with the
     reference, each counted as often as both have it: 1.0 for the same words, 0.0 for none."""
-    a, b = re.findall(r"\w+", output.lower()), re.findall(r"\w+", reference.lower())
+    a, b = _word_list(output), _word_list(reference)
     if not a or not b:
         return float(a == b)
     common = sum(min(a.count(w), b.count(w)) for w in set(a))

@@ -271,7 +271,8 @@ def test_a_prompt_that_starts_with_bos_gets_no_second_one(tiny):
 
 def test_form_check_fails_what_an_untuned_model_writes():
     cfg = dataclasses.replace(Config(), data_format="instruction")
-    check = gen.form_check(cfg, examples=["The plural of cat is cats.", "After 4 comes 5."])
+    check = gen.form_check(cfg, examples=["The plural of cat is cats.", "After 4 comes 5."],
+                           vocabulary_examples=["The plural of dog is dogs.", "Cats. Dogs."])
     assert check.markers == ("### Instruction:", "### Input:", "### Response:")
     assert (check.min_words, check.max_words, check.max_lines) == (2, 9, 1)
     prompt = "### Instruction:\nSay it.\n\n### Response:\n"
@@ -279,10 +280,14 @@ def test_form_check_fails_what_an_untuned_model_writes():
     assert "EOS" in check.failure(prompt, "The plural of dog is dogs.", False)
     assert check.failure(prompt, "  ", True) == "empty"
     assert "new turn" in check.failure(prompt, "Dogs.\n\n### Instruction:\nMore", True)
-    assert check.failure(prompt, "word " * 9, True) == ""
-    assert "words" in check.failure(prompt, "word " * 10, True)
+    assert check.failure(prompt, "dog " * 9, True) == ""
+    assert "words" in check.failure(prompt, "dog " * 10, True)
+    # a short sentence of its own, stopped by chance: not the dataset's words
+    assert "words the dataset" in check.failure(prompt, "The following are not used.", True)
+    assert check.failure(prompt, "The plural of mouse is mice.", True) == ""  # 4 of 6 known
     assert "lines" in check.failure(prompt, "Dogs.\nCats.", True)
-    quotes = gen.form_check(Config(), examples=["Time is money. (Benjamin Franklin)"])
+    quotes = gen.form_check(Config(), examples=["Time is money. (Benjamin Franklin)"],
+                            vocabulary_examples=[])
     assert quotes.failure("Time", " is money. (Benjamin Franklin)", True) == ""
     assert "template" in quotes.failure("Time", " is money.", True)
 
