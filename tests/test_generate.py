@@ -592,9 +592,11 @@ def test_merge_on_the_gpu_in_bfloat16(tiny, tmp_path):
 
 
 def test_a_short_instruction_fine_tune_writes_in_the_form_and_the_base_does_not(tmp_path):
-    """The embedded model tuned for 40 steps on tests/data/instructions.jsonl (notebook 05's
-    path, helpers.train.train_from_config): from held-out prompts and from PROMPTS, the tuned
-    model answers in the dataset's form and the untuned base does not."""
+    """The embedded model tuned for 80 steps on tests/data/instructions.jsonl (notebook 05's
+    path, helpers.train.train_from_config; about a minute on two CPU cores): from held-out
+    prompts and from PROMPTS (plain, and one laid out by hand without its closing newline), the
+    tuned model answers in the dataset's form and the untuned base does not (measured on CPU:
+    tuned 8/8 and 5/5, base 0/8 and 0/5)."""
     from pathlib import Path
 
     from helpers import loading, train
@@ -602,15 +604,16 @@ def test_a_short_instruction_fine_tune_writes_in_the_form_and_the_base_does_not(
 
     data_file = Path(__file__).parent / "data" / "instructions.jsonl"
     cfg = make_config(RUN_DIR=str(tmp_path), DATASET=str(data_file), DATA_FORMAT="instruction",
-                      MAX_STEPS=40, SAVE_STEPS=100, MAX_NEW_TOKENS=24)
+                      MAX_STEPS=80, SAVE_STEPS=100)
     result = train.train_from_config(cfg, verbose=False)
     model, tokenizer = result.trainer.model, loading.load_tokenizer(cfg.model)
     held_out = gen.default_prompts(cfg, tokenizer, n=8)
     given = gen.default_prompts(dataclasses.replace(
-        cfg, prompts="Give the opposite of the word: dark|### Instruction:\nName the capital "
-                     "city.\n\n### Input:\nSpain\n\n### Response:"))
+        cfg, prompts="Give the opposite of the word: dark|Name the capital city of Spain.|Which "
+                     "number comes after 12?|Write the plural of the noun: lamp|### Instruction:"
+                     "\nGive the opposite of the word.\n\n### Input:\nslow\n\n### Response:"))
     for prompts in (held_out, given):
-        base, tuned = gen.base_and_tuned(model, tokenizer, prompts, max_new_tokens=24)
+        base, tuned = gen.base_and_tuned(model, tokenizer, prompts, max_new_tokens=40)
         figures = gen.score(cfg, tokenizer, prompts, base=base, tuned=tuned)
         assert figures["tuned_form_rate"] >= 0.75, (list(tuned), figures)
         assert figures["base_form_rate"] <= 0.125, (list(base), figures)
