@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from helpers import env, rundir
 from helpers.config import ConfigError, check_run_dir
+from helpers.formats import public_name
 
 CHECKPOINTS = rundir.CHECKPOINTS  # RUN_DIR/checkpoints: the Trainer's checkpoint-N folders
 ADAPTER = rundir.ADAPTER  # RUN_DIR/adapter: the final adapter, its config and model card
@@ -305,9 +306,13 @@ def save_adapter(model, folder, card: str, save=None) -> Path:
 def model_card(cfg, trainer, metrics: dict) -> str:
     """A short model card in Markdown for the adapter that ``trainer`` trained: base model,
     dataset, date, steps, batch, optimizer, learning rate, LoRA, MAX_LENGTH, and the figures of
-    :func:`helpers.train.training_metrics` (``metrics``). Introduced in notebook 05."""
+    :func:`helpers.train.training_metrics` (``metrics``). A local model or dataset is named by
+    its file or folder name (:func:`helpers.formats.public_name`), never by a path of the machine
+    it was trained on. Introduced in notebook 05."""
     m, lora_id, processes = metrics, _lora_identity(trainer.model), metrics["num_processes"]
-    rows = {"base model": cfg.model, "dataset": cfg.dataset, "trained": time.strftime("%Y-%m-%d"),
+    model = public_name(cfg.model)  # a local folder or file by its name: no path of this machine
+    rows = {"base model": model, "dataset": public_name(cfg.dataset),
+            "trained": time.strftime("%Y-%m-%d"),
             "optimizer steps": m["train_steps"],
             "micro-batch x accumulation": f"{m['micro_batch']} x {m['grad_accum']}"
                                           + (f" x {processes} processes" if processes > 1 else ""),
@@ -320,7 +325,7 @@ def model_card(cfg, trainer, metrics: dict) -> str:
             "eval perplexity before": m["perplexity_before"],
             "eval perplexity after": m["perplexity_after"],
             "final train loss": m["train_loss_final"], "tokens trained on": m["train_tokens_seen"]}
-    lines = [f"# LoRA adapter for {cfg.model}", "",
+    lines = [f"# LoRA adapter for {model}", "",
              ("A QLoRA adapter: the base model loaded in 4-bit, these low-rank weights trained on "
               "top of it. Load the base model, then this folder with "
               "`peft.PeftModel.from_pretrained(base, path)`."), "", "| | |", "|---|---|"]

@@ -41,7 +41,8 @@ from transformers import DataCollatorForSeq2Seq
 
 from helpers import rundir
 from helpers.formats import (_BATCH, DEFAULT_CHAT_TEMPLATE, EMBEDDED_QUOTES, DatasetError,
-                             check_columns, format_examples, load_source, pick_splits)
+                             check_columns, public_name, format_examples,
+                             instruction_prompt, load_source, pick_splits)
 from helpers.tokens import IGNORE_INDEX
 
 
@@ -192,7 +193,7 @@ def _tokenizer_identity(tokenizer, with_chat_template: bool) -> dict:
 
 def settings(cfg, tokenizer) -> dict:
     """Everything the prepared dataset depends on (the fingerprint is a hash of this)."""
-    s = {"format_version": FORMAT_VERSION, "dataset": cfg.dataset,
+    s = {"format_version": FORMAT_VERSION, "dataset": public_name(cfg.dataset),
          "source": _source_identity(cfg), "data_format": cfg.data_format,
          "response_only": cfg.response_only, "max_length": cfg.max_length,
          "packing": cfg.packing, "eval_fraction": cfg.eval_fraction,
@@ -213,6 +214,24 @@ def fingerprint(cfg, tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def split_rows(cfg) -> tuple:
+    """(train rows, held-out rows or None, whether the held-out rows are the source's own split):
+    the rows checked (:func:`helpers.formats.check_columns`) and, without an eval split of the
+    source's own, EVAL_FRACTION of them held out by a split seeded with SEED. The same rows every
+    time for the same settings: :func:`prepare` trains on them and :func:`held_out_examples`
+    takes its prompts from them."""
+    train_rows, eval_rows = pick_splits(load_source(cfg), cfg)
+    check_columns(train_rows, cfg, "train")
+    own_eval = eval_rows is not None  # the source's own eval split is kept
+    if own_eval:
+        check_columns(eval_rows, cfg, "eval")
+    elif cfg.eval_fraction > 0 and len(train_rows) >= 2:  # hold out EVAL_FRACTION (seeded)
+        n_eval = min(len(train_rows) - 1, max(1, round(cfg.eval_fraction * len(train_rows))))
+        parts = train_rows.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        train_rows, eval_rows = parts["train"], parts["test"]
+    return train_rows, eval_rows, own_eval
+
+
 def prepare(cfg, tokenizer) -> Prepared:
     """Source -> formatted -> tokenized (labels, EOS, truncation) -> optional packing, per split.
 
@@ -228,16 +247,7 @@ def prepare(cfg, tokenizer) -> Prepared:
     Introduced in notebook 04.
     """
     started = time.perf_counter()
-    source = load_source(cfg)
-    train_rows, eval_rows = pick_splits(source, cfg)
-    check_columns(train_rows, cfg, "train")
-    own_eval = eval_rows is not None  # the source's own eval split is kept
-    if own_eval:
-        check_columns(eval_rows, cfg, "eval")
-    elif cfg.eval_fraction > 0 and len(train_rows) >= 2:  # hold out EVAL_FRACTION (seeded)
-        n_eval = min(len(train_rows) - 1, max(1, round(cfg.eval_fraction * len(train_rows))))
-        parts = train_rows.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
-        train_rows, eval_rows = parts["train"], parts["test"]
+    train_rows, eval_rows, own_eval = split_rows(cfg)
 
     def build(rows):
         """Format and tokenize; drop the examples left without a loss token; pack (PACKING)."""
@@ -282,7 +292,8 @@ def prepare(cfg, tokenizer) -> Prepared:
         "prepare_seconds": round(time.perf_counter() - started, 2),
     }
     stats = {"fingerprint": fingerprint(cfg, tokenizer), "settings": settings(cfg, tokenizer),
-             "source": "embedded quotes" if cfg.dataset in ("", "embedded") else str(cfg.dataset),
+             "source": "embedded quotes" if cfg.dataset in ("", "embedded") else
+             public_name(cfg.dataset),
              "eval_from": "source split" if own_eval else f"{cfg.eval_fraction:.0%} of train",
              "eval_dropped_examples": ev["dropped"],
              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "figures": figures}
@@ -462,3 +473,71 @@ def render_examples(prepared, tokenizer, n: int = 3, split: str = "train") -> To
                       f"white-space:pre-wrap;line-height:1.8'>{''.join(spans)}</div></div>")
         texts.append(f"--- {head}\n{''.join(plain)}")
     return TokenView("".join(blocks), "\n".join(texts))
+
+
+# 7. held-out examples: prompts and references for generation
+
+
+def held_out_examples(cfg, tokenizer=None, n: int = 16, split: str = "held-out") -> list:
+    """``(prompt, reference)`` pairs from the first ``n`` held-out rows (the rows
+    :func:`split_rows` holds out of training), the prompt laid out exactly as training lays the
+    example out, the reference what the model should write after it.
+
+    instruction: :func:`helpers.formats.instruction_prompt` and the row's output. chat: the
+    conversation up to its last assistant turn, rendered with the chat template and the assistant
+    header (:func:`helpers.formats.chat_pieces`, so the tokenizer is needed), and that turn's
+    content. template and text: the example's opening (the template's text before its first
+    placeholder and the first two words of that value) and the rest of the example. Without
+    held-out rows (EVAL_FRACTION=0 and no eval split of the source) the first train rows serve:
+    the model has seen those. ``split="train"``: the same from the first train rows instead.
+    Introduced in notebook 05.
+    """
+    train_rows, eval_rows, _ = split_rows(cfg)
+    held_out = split != "train" and eval_rows is not None and len(eval_rows)
+    rows = eval_rows if held_out else train_rows
+    rows = rows.select(range(min(n, len(rows))))
+    if cfg.data_format == "chat" and tokenizer is None:
+        raise DatasetError("chat prompts are rendered with the tokenizer's chat template: pass "
+                           "the tokenizer")
+    out = []
+    for row in rows:
+        if cfg.data_format == "instruction":
+            out.append((instruction_prompt(row["instruction"], row.get("input") or ""),
+                        str(row["output"])))
+        elif cfg.data_format == "chat":
+            turns = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+            if turns:
+                prompt = _generation_prompt(row["messages"][:turns[-1]], tokenizer)
+                out.append((prompt, row["messages"][turns[-1]]["content"]))
+        else:
+            full, prompt = _opening(row, cfg)
+            out.append((prompt, full[len(prompt):]))
+    return out
+
+
+def _generation_prompt(messages, tokenizer) -> str:
+    """The conversation so far, rendered with the assistant header, as :func:`chat_pieces`
+    renders the text before an assistant turn in training."""
+    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, chat_template=template,
+                                         add_generation_prompt=True)
+
+
+def _opening(row, cfg) -> tuple:
+    """(the example's whole text, its opening) for the template and text formats."""
+    import re
+    import string
+
+    if cfg.data_format == "text":
+        full, lead, value = str(row[cfg.text_column]), "", str(row[cfg.text_column])
+    else:
+        full = cfg.template.format_map(row)
+        lead, field, spec, conv = next(
+            (part for part in string.Formatter().parse(cfg.template) if part[1] is not None))
+        value = string.Formatter().vformat(
+            "{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}",
+            (), row)
+    words = 2 if len(value.split()) >= 3 else 1
+    opening = re.match(r"\s*\S+" + r"(?:\s+\S+)?" * (words - 1), value)
+    prompt = lead + (opening.group(0) if opening else "")
+    return full, prompt if full.startswith(prompt) else lead

@@ -5,6 +5,7 @@ tokenized.
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 from datasets import DatasetDict, get_dataset_split_names, load_dataset
@@ -86,13 +87,90 @@ def _load_file(path: Path):
     try:
         ds = load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # the builders' own errors name a line but not what to do
-        raise DatasetError(
-            f"could not read {path.name} as {path.suffix} ({type(err).__name__}: {err}); "
-            "check that it is valid, e.g. one JSON object per line for .jsonl") from err
+        raise DatasetError(_read_error(path, builder, err)) from err
     if builder == "text":
         ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True,
                        keep_in_memory=True)
     return ds
+
+
+def _read_error(path: Path, builder: str, err: Exception) -> str:
+    """What went wrong reading a local file, at its 1-based line where it can be found, with the
+    parser's own message."""
+    if builder == "json":
+        place = _json_fault(path)
+        if place:
+            return (f"could not read {path.name}: {place}; fix that line (a .jsonl file holds one "
+                    "JSON object {...} per line, a .json file a list of objects)")
+    causes = [err]  # datasets wraps the parser's error: show the innermost message
+    while causes[-1].__cause__ is not None and len(causes) < 10:
+        causes.append(causes[-1].__cause__)
+    inner = next((c for c in causes[1:] if str(c).strip()), err)
+    message = " ".join(str(inner).split())
+    return (f"could not read {path.name} as {path.suffix} ({type(inner).__name__}: {message}); "
+            "check that the file is valid at the place the message names")
+
+
+def _json_fault(path: Path) -> str:
+    """'line N: <the json module's message>' for the first line of a JSON (lines) file that is
+    not a JSON object, or "" when every line parses."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: {e.msg}"
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        return "" if bad is None else f"item {bad + 1} of the list is not a JSON object {{...}}"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number}, column {e.colno}: {e.msg}"
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object {{...}}"
+    return ""
+
+
+def row_places(cfg, rows, split: str = "train", notes=None) -> str:
+    """Rows of a split (0-based indices) as a reader finds them, 1-based: "lines 3, 8 of
+    chat.jsonl" for a .jsonl or .txt file (blank lines skipped as the loader skips them), "rows
+    3, 8 of data.csv" (the header not counted) for other files, "rows 3, 8 of the train split of
+    owner/name" for a Hub dataset or folder. ``notes`` (one per row) follow each number in
+    parentheses. At most five are named."""
+    rows = list(rows)
+    numbers = [i + 1 for i in rows[:5]]
+    name = str(cfg.dataset).strip()
+    path = EMBEDDED_QUOTES if name in ("", "embedded") else Path(name).expanduser()
+    kind, where = "row", f"the {split} split of {name}"
+    if path.is_file():
+        kind, where = "row", path.name
+        if path.suffix.lower() in (".jsonl", ".txt") or (
+                path.suffix.lower() == ".json" and not _starts_with(path, "[")):
+            with path.open(encoding="utf-8", errors="replace") as f:
+                lines = [n for n, line in enumerate(f, 1) if line.strip()]
+            kind, numbers = "line", [lines[i] if i < len(lines) else i + 1 for i in rows[:5]]
+    shown = [f"{n} ({note})" if notes else str(n) for n, note in zip(numbers, notes or numbers)]
+    more = ", ..." if len(rows) > 5 else ""
+    return f"{kind}{'s' if len(rows) > 1 else ''} {', '.join(shown)}{more} of {where}"
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return f.read(4096).lstrip().startswith(char)
+
+
+def public_name(name) -> str:
+    """DATASET or MODEL as it may be shown in files people share (model cards, the manifest,
+    the dataset's stats): "embedded", rehearsals and Hub ids as they are, a local file or folder
+    by its name, never a path of this machine."""
+    name = str(name).strip() or "embedded"
+    path = Path(name).expanduser()
+    if name == "embedded" or not (path.exists() or path.is_absolute() or name.startswith("~")):
+        return name
+    return path.name
 
 
 def _load_repository(name: str, cfg):
@@ -216,31 +294,33 @@ def check_columns(ds, cfg, split: str = "train") -> None:
         bad = bad.index[bad].tolist()
         if bad:
             raise DatasetError(
-                f"{len(bad)} row(s) of the {split} split have no value in column {column!r} "
-                f"(rows {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}); "
-                f"remove them first, e.g. ds.filter(lambda r: r[{column!r}])")
+                f"{len(bad)} row(s) of the {split} split have no value in column {column!r}: "
+                f"{row_places(cfg, bad, split)}; remove them first, e.g. "
+                f"ds.filter(lambda r: r[{column!r}])")
     if cfg.data_format == "chat":
-        _check_messages(ds["messages"], split)
+        _check_messages(ds["messages"], cfg, split)
 
 
-def _check_messages(conversations, split: str) -> None:
+def _check_messages(conversations, cfg, split: str) -> None:
     bad_role, bad_shape = [], []
     for i, messages in enumerate(conversations):
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             bad_shape.append(i)
-        elif roles := [m.get("role") for m in messages if m.get("role") not in CHAT_ROLES]:
-            bad_role.append((i, roles[0]))
+        elif roles := [(k, m.get("role")) for k, m in enumerate(messages, 1)
+                       if m.get("role") not in CHAT_ROLES]:
+            bad_role.append((i, *roles[0]))
     if bad_shape:
         raise DatasetError(
             f"{len(bad_shape)} row(s) of the {split} split are not a non-empty list of "
-            f"{{role, content}} messages with text content (rows "
-            f"{', '.join(map(str, bad_shape[:5]))}); fix or filter them")
+            f"{{role, content}} messages with text content: {row_places(cfg, bad_shape, split)}; "
+            "fix or filter them")
     if bad_role:
-        rows = ", ".join(f"{i} ({r!r})" for i, r in bad_role[:5])
+        places = row_places(cfg, [i for i, _, _ in bad_role], split,
+                            [f"message {k}: {r!r}" for _, k, r in bad_role[:5]])
         raise DatasetError(
             f"{len(bad_role)} row(s) of the {split} split have a message role other than "
-            f"{', '.join(CHAT_ROLES)}: rows {rows}; map roles to these (ShareGPT's human/gpt are "
+            f"{', '.join(CHAT_ROLES)}: {places}; map roles to these (ShareGPT's human/gpt are "
             "user/assistant) or filter the rows")
 
 

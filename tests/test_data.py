@@ -420,9 +420,40 @@ def test_rows_with_missing_fields_are_named(tmp_path, tokenizer):
     path = _jsonl(tmp_path / "q.jsonl", rows)
     with pytest.raises(formats.DatasetError) as err:
         data.prepare(_cfg(tmp_path, path), tokenizer)
-    msg = str(err.value)
-    assert "6 row(s)" in msg and "'author'" in msg and "2, 5, 7, 11, 13, ..." in msg
+    msg = str(err.value)  # 1-based, as the file's lines
+    assert "6 row(s)" in msg and "'author'" in msg and "lines 3, 6, 8, 12, 14, ... of q.jsonl" in msg
     assert "filter" in msg
+    blank = tmp_path / "gaps.jsonl"  # blank lines are skipped by the loader, not by the count
+    blank.write_text("".join(json.dumps(r) + "\n\n" for r in rows[:3]))
+    with pytest.raises(formats.DatasetError, match=r"line 5 of gaps\.jsonl;"):
+        data.prepare(_cfg(tmp_path, blank), tokenizer)
+    table = tmp_path / "q.csv"  # other files: rows, the header not counted
+    table.write_text("quote,author\nA,B\nC,\nE,F\n")
+    with pytest.raises(formats.DatasetError, match=r"row 2 of q\.csv;"):
+        data.prepare(_cfg(tmp_path, table), tokenizer)
+
+
+def test_an_unreadable_json_line_is_named_with_the_parsers_message(tmp_path, tokenizer):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"quote": "a", "author": "b"}\n\n{"quote": "c", "author": "d",}\n')
+    with pytest.raises(formats.DatasetError) as err:
+        formats.load_source(_cfg(tmp_path, broken))
+    msg = str(err.value)
+    assert "broken.jsonl: line 3, column" in msg  # 1-based, blank lines counted
+    assert "Expecting property name enclosed in double quotes" in msg  # the json module's words
+    assert "one JSON object" in msg and "DatasetGenerationError" not in msg
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('{"quote": "a", "author": "b"}\n["c", "d"]\n')
+    with pytest.raises(formats.DatasetError, match=r"list\.jsonl: line 2 is a JSON list, not an"):
+        formats.load_source(_cfg(tmp_path, listed))
+    array = tmp_path / "array.json"
+    array.write_text('[\n {"quote": "a"},\n {"quote": "b" "author": 1}\n]\n')
+    with pytest.raises(formats.DatasetError, match=r"array\.json: line 3, column \d+: Expecting"):
+        formats.load_source(_cfg(tmp_path, array))
+    table = tmp_path / "broken.csv"  # other parsers: their own message, not the wrapper's
+    table.write_text("quote,author\na,b\nc,d,e\n")
+    with pytest.raises(formats.DatasetError, match=r"broken\.csv .*Expected 2 fields in line 3"):
+        formats.load_source(_cfg(tmp_path, table))
 
 
 def test_unknown_chat_role_names_the_allowed_ones(tmp_path, tokenizer):
@@ -432,7 +463,45 @@ def test_unknown_chat_role_names_the_allowed_ones(tmp_path, tokenizer):
     with pytest.raises(formats.DatasetError) as err:
         data.prepare(_cfg(tmp_path, path, DATA_FORMAT="chat"), tokenizer)
     msg = str(err.value)
-    assert "system, user, assistant" in msg and "2 ('human')" in msg
+    assert "system, user, assistant" in msg
+    assert "line 3 (message 1: 'human') of chat.jsonl" in msg  # 1-based line and message
+    odd = _jsonl(tmp_path / "odd.jsonl", CHATS + [{"messages": "hello"}])
+    with pytest.raises(formats.DatasetError, match=r"line 3 of odd\.jsonl"):
+        data.prepare(_cfg(tmp_path, odd, DATA_FORMAT="chat"), tokenizer)
+
+
+def test_held_out_examples_are_the_rows_training_holds_out(tmp_path, tokenizer):
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(40)]
+    cfg = _cfg(tmp_path, _jsonl(tmp_path / "i.jsonl", rows), DATA_FORMAT="instruction")
+    train_rows, eval_rows, own = data.split_rows(cfg)
+    assert not own and len(eval_rows) == 4
+    pairs = data.held_out_examples(cfg, tokenizer, n=3)
+    assert [r for _, r in pairs] == eval_rows["output"][:3]
+    assert pairs[0][0] == formats.instruction_prompt(eval_rows[0]["instruction"])
+    assert pairs[0][0].endswith("### Response:\n")  # the newline training put there
+    assert not set(eval_rows["output"]) & set(train_rows["output"])
+    chat = _cfg(tmp_path, _jsonl(tmp_path / "c.jsonl", CHATS * 5), DATA_FORMAT="chat",
+                EVAL_FRACTION=0.5)
+    for prompt, reference in data.held_out_examples(chat, tokenizer, n=5):
+        assert reference in ("Hello!", "Money, some say.")  # the last assistant turn
+        assert prompt.endswith("<|im_start|>assistant\n")
+        assert reference not in prompt
+    quotes = _cfg(tmp_path, _jsonl(tmp_path / "q.jsonl", QUOTES), EVAL_FRACTION=0.3)
+    for prompt, reference in data.held_out_examples(quotes, tokenizer):
+        whole = prompt + reference
+        assert any(whole == f"{q['quote']} ({q['author']})" for q in QUOTES)
+        assert len(prompt.split()) in (1, 2) and reference
+
+
+def test_local_paths_are_shown_by_name(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "mine.jsonl", QUOTES)
+    assert formats.public_name(path) == "mine.jsonl"
+    assert formats.public_name(tmp_path) == tmp_path.name
+    assert formats.public_name("owner/name") == "owner/name"
+    assert formats.public_name("embedded") == "embedded"
+    prepared = data.prepare(_cfg(tmp_path, path), tokenizer)
+    text = json.dumps(prepared.stats)
+    assert str(tmp_path) not in text and "mine.jsonl" in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,20 +206,148 @@ def test_side_by_side_is_a_table_with_eos_marks():
         gen.side_by_side(["p1"], left, ["x"])
 
 
-def test_default_prompts_follow_the_format(tiny):
+def _quotes_file(tmp_path, n=30):
+    rows = [{"quote": f"{w} is the {k}th thing that matters most", "author": f"Author {k}"}
+            for k, w in zip(range(n), CORPUS * n)]
+    path = tmp_path / "quotes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def test_default_prompts_are_held_out_examples_laid_out_as_in_training(tiny, tmp_path):
+    from helpers import data, formats
+
+    path, rows = _quotes_file(tmp_path)
+    cfg = dataclasses.replace(Config(), dataset=str(path), eval_fraction=0.2)
+    prompts = gen.default_prompts(cfg, n=4)
+    _, held_out, _ = data.split_rows(cfg)
+    wholes = [f"{r['quote']} ({r['author']})" for r in held_out]
+    assert len(prompts) == 4 and len(prompts.references) == 4
+    assert [p + r for p, r in zip(prompts, prompts.references)] == wholes[:4]
+    quoted = dataclasses.replace(cfg, template="Quote: {quote}")
+    assert all(p.startswith("Quote: ") for p in gen.default_prompts(quoted))
+    instr = dataclasses.replace(Config(), dataset=str(path), data_format="instruction")
+    with pytest.raises(formats.DatasetError, match="instruction"):  # no such columns
+        gen.default_prompts(instr)
+
+
+def test_prompts_are_laid_out_in_the_format_and_keep_the_closing_newline(tiny):
+    tok = tiny["tokenizer"]
     cfg = Config()
-    assert gen.default_prompts(cfg) == list(gen.OPENINGS)  # "{quote} ({author})"
-    assert gen.default_prompts(dataclasses.replace(cfg, template="Quote: {quote}"))[0] == \
-        "Quote: The only"
     assert gen.default_prompts(dataclasses.replace(cfg, prompts="Hello | World|")) == \
         ["Hello", "World"]
-    instr = gen.default_prompts(dataclasses.replace(cfg, data_format="instruction"))
-    assert instr[0].startswith("### Instruction:\n") and instr[0].endswith("### Response:\n")
-    chat = dataclasses.replace(cfg, data_format="chat")
+    assert gen.default_prompts(dataclasses.replace(cfg, template="Quote: {quote}",
+                                                   prompts="Love is|Quote: Time")) == \
+        ["Quote: Love is", "Quote: Time"]
+    instr = dataclasses.replace(cfg, data_format="instruction",
+                                prompts="Say hi. | ### Instruction:\nSay hi.\n\n### Response:")
+    laid = gen.default_prompts(instr)
+    assert laid.references is None
+    assert laid == ["### Instruction:\nSay hi.\n\n### Response:\n"] * 2  # by hand: newline back
+    chat = dataclasses.replace(cfg, data_format="chat", prompts="Hi there|<|user|>\nyo\n<|assistant|>")
     with pytest.raises(ValueError, match="tokenizer"):
         gen.default_prompts(chat)
-    rendered = gen.default_prompts(chat, tiny["tokenizer"])
-    assert rendered[0] == f"<|user|>\n{gen.INSTRUCTIONS[0]}\n<|assistant|>\n"
+    assert gen.default_prompts(chat, tok) == ["<|user|>\nHi there\n<|assistant|>\n",
+                                              "<|user|>\nyo\n<|assistant|>\n"]
+
+
+def test_a_prompt_that_starts_with_bos_gets_no_second_one(tiny):
+    tok = _tokenizer()
+    tok.bos_token = PAD  # a BOS distinct from EOS, as Llama's tokenizers have
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        device = torch.device("cpu")
+        training = False
+        generation_config = None
+
+        def generate(self, input_ids, **kw):
+            seen.append(input_ids[0].tolist())
+            return torch.cat([input_ids, torch.zeros_like(input_ids[:, :1])], 1)
+
+    gen.generate(Recorder(), tok, [PAD + "Time"], max_new_tokens=1)
+    assert seen[0] == tok(PAD + "Time", add_special_tokens=False)["input_ids"]
+
+
+def test_form_check_fails_what_an_untuned_model_writes():
+    cfg = dataclasses.replace(Config(), data_format="instruction")
+    check = gen.form_check(cfg, examples=["The plural of cat is cats.", "After 4 comes 5."],
+                           vocabulary_examples=["The plural of dog is dogs.", "Cats. Dogs."])
+    assert check.markers == ("### Instruction:", "### Input:", "### Response:")
+    assert (check.min_words, check.max_words, check.max_lines) == (2, 9, 1)
+    prompt = "### Instruction:\nSay it.\n\n### Response:\n"
+    assert check.failure(prompt, "The plural of dog is dogs.", True) == ""
+    assert "EOS" in check.failure(prompt, "The plural of dog is dogs.", False)
+    assert check.failure(prompt, "  ", True) == "empty"
+    assert "new turn" in check.failure(prompt, "Dogs.\n\n### Instruction:\nMore", True)
+    assert check.failure(prompt, "dog " * 9, True) == ""
+    assert "words" in check.failure(prompt, "dog " * 10, True)
+    # a short sentence of its own, stopped by chance: not the dataset's words
+    assert "words the dataset" in check.failure(prompt, "The following are not used.", True)
+    assert check.failure(prompt, "The plural of mouse is mice.", True) == ""  # 4 of 6 known
+    assert "lines" in check.failure(prompt, "Dogs.\nCats.", True)
+    quotes = gen.form_check(Config(), examples=["Time is money. (Benjamin Franklin)"],
+                            vocabulary_examples=[])
+    assert quotes.failure("Time", " is money. (Benjamin Franklin)", True) == ""
+    assert "template" in quotes.failure("Time", " is money.", True)
+
+
+def test_chat_markers_come_from_the_template(tiny):
+    tok = tiny["tokenizer"]
+    chat = dataclasses.replace(Config(), data_format="chat")
+    assert gen.layout_markers(chat, tok) == ("<|system|>", "<|user|>", "<|assistant|>")
+    im = _tokenizer()
+    im.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+                        "assistant\n{% endif %}")
+    assert gen.layout_markers(chat, im) == ("<|im_start|>system", "<|im_end|>",
+                                             "<|im_start|>user", "<|im_start|>assistant")
+
+
+def test_scores_against_references():
+    assert gen.exact_match(" After 4 comes 5.\n", "After 4  comes 5.") == 1.0
+    assert gen.exact_match("After 4 comes 6.", "After 4 comes 5.") == 0.0
+    assert gen.token_f1("After 4 comes 6.", "After 4 comes 5.") == pytest.approx(0.75)
+    assert gen.token_f1("the the cat", "the cat") == pytest.approx(0.8)
+    assert gen.token_f1("", "x") == 0.0 and gen.token_f1("", "") == 1.0
+    cfg = dataclasses.replace(Config(), data_format="instruction")
+    prompts = gen.Prompts(["p1", "p2"], ["After 4 comes 5.", "The plural of cat is cats."])
+    tuned = gen.Generations(["After 4 comes 5.", "The plural of cat is cat."], [True, True],
+                            [5, 7], prompts)
+    base = gen.Generations(["After 4 comes 5.", "x"], [False, True], [40, 1], prompts)
+    import unittest.mock as mock
+
+    with mock.patch("helpers.data.held_out_examples",
+                    return_value=[("p", "After 4 comes 5."), ("p", "The plural of cat is cats.")]):
+        figures = gen.score(cfg, None, prompts, base=base, tuned=tuned)
+    assert figures["tuned_form_rate"] == 1.0 and figures["base_form_rate"] == 0.0
+    assert figures["tuned_exact_match"] == 0.5 and figures["base_exact_match"] == 0.5
+    assert figures["tuned_token_f1"] == pytest.approx((1 + 5 / 6) / 2, abs=1e-4)
+    assert figures["base_eos_rate"] == 0.5
+    with pytest.raises(ValueError, match="other prompts"):
+        gen.score(cfg, None, gen.Prompts(["q1", "q2"]), tuned=tuned)
+
+
+def test_model_card_names_local_data_by_file_name(tmp_path):
+    from types import SimpleNamespace
+
+    from helpers.checkpoints import model_card
+
+    (tmp_path / "my data.jsonl").write_text("{}\n")
+    (tmp_path / "base").mkdir()
+    cfg = dataclasses.replace(Config(), dataset=str(tmp_path / "my data.jsonl"),
+                              model=str(tmp_path / "base"))
+    trainer = SimpleNamespace(model=SimpleNamespace(peft_config={}),
+                              args=SimpleNamespace(learning_rate=1e-3))
+    metrics = dict.fromkeys(("train_steps", "micro_batch", "grad_accum", "eval_loss_before",
+                             "eval_loss_after", "perplexity_before", "perplexity_after",
+                             "train_loss_final", "train_tokens_seen"), 1)
+    card = model_card(cfg, trainer, {**metrics, "num_processes": 1})
+    assert str(tmp_path) not in card
+    assert "| dataset | my data.jsonl |" in card and "# LoRA adapter for base" in card
+    hub = model_card(dataclasses.replace(cfg, dataset="owner/quotes", model="org/model-7b"),
+                     trainer, {**metrics, "num_processes": 1})
+    assert "| dataset | owner/quotes |" in hub and "| base model | org/model-7b |" in hub
 
 
 # --------------------------------------------------------------------------- loading an adapter
@@ -458,3 +586,36 @@ def test_merge_on_the_gpu_in_bfloat16(tiny, tmp_path):
     assert result.device.startswith("cuda")
     assert result.vs_same_base["max_rel_diff"] < result.tolerance["rtol"]
     assert result.reload_max_abs_diff < 0.05  # the same bf16 weights (kernels may differ)
+
+
+# --------------------------------------------------------------------------- a short fine-tune
+
+
+def test_a_short_instruction_fine_tune_writes_in_the_form_and_the_base_does_not(tmp_path):
+    """The embedded model tuned for 80 steps on tests/data/instructions.jsonl (notebook 05's
+    path, helpers.train.train_from_config; about a minute on two CPU cores): from held-out
+    prompts and from PROMPTS (plain, and one laid out by hand without its closing newline), the
+    tuned model answers in the dataset's form and the untuned base does not (measured on CPU:
+    tuned 8/8 and 5/5, base 0/8 and 0/5)."""
+    from pathlib import Path
+
+    from helpers import loading, train
+    from helpers.config import make_config
+
+    data_file = Path(__file__).parent / "data" / "instructions.jsonl"
+    cfg = make_config(RUN_DIR=str(tmp_path), DATASET=str(data_file), DATA_FORMAT="instruction",
+                      MAX_STEPS=80, SAVE_STEPS=100)
+    result = train.train_from_config(cfg, verbose=False)
+    model, tokenizer = result.trainer.model, loading.load_tokenizer(cfg.model)
+    held_out = gen.default_prompts(cfg, tokenizer, n=8)
+    given = gen.default_prompts(dataclasses.replace(
+        cfg, prompts="Give the opposite of the word: dark|Name the capital city of Spain.|Which "
+                     "number comes after 12?|Write the plural of the noun: lamp|### Instruction:"
+                     "\nGive the opposite of the word.\n\n### Input:\nslow\n\n### Response:"))
+    for prompts in (held_out, given):
+        base, tuned = gen.base_and_tuned(model, tokenizer, prompts, max_new_tokens=40)
+        figures = gen.score(cfg, tokenizer, prompts, base=base, tuned=tuned)
+        assert figures["tuned_form_rate"] >= 0.75, (list(tuned), figures)
+        assert figures["base_form_rate"] <= 0.125, (list(base), figures)
+        assert all(t.strip() for t in tuned)  # never the empty answer of a stripped layout
+    assert figures.get("tuned_exact_match") is None  # PROMPTS have no references

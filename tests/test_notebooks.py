@@ -81,6 +81,10 @@ def test_05_training_learned(series_run):
     assert m["eval_loss_after"] <= 0.8 * m["eval_loss_before"]
     assert m["tuned_eos_rate"] >= 0.8  # the tuned model stops: EOS was learned
     assert m["tuned_form_rate"] >= 0.4 and m["tuned_form_rate"] > m["base_form_rate"]
+    # held-out quotations as prompts: the untuned base does not write "quote (Author)" and stop
+    assert m["base_form_rate"] <= 0.2
+    for name in ("base", "tuned"):  # scored against what the held-out quotation really says
+        assert 0 <= m[f"{name}_exact_match"] <= 1 and 0 <= m[f"{name}_token_f1"] <= 1
     assert m["tokens_per_second"] > 0 and m["micro_batch"] >= 1
     assert m["train_steps"] == 200
     run_dir, _ = series_run
@@ -103,6 +107,7 @@ def test_06_merge_agrees(series_run):
     assert m["merge_top1_agreement"] >= tolerance["min_top1"]
     assert m["merged_generation_matches"] == 1
     assert m["merge_dequantized"] == 0  # the embedded base's 16-bit weights are on disk
+    assert m["tuned_form_rate"] >= 0.4 and m["base_form_rate"] <= 0.2  # the adapter, reloaded
     run_dir, _ = series_run
     assert list((run_dir / "merged").glob("*.safetensors"))
 
