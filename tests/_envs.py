@@ -76,6 +76,7 @@ def make_env(where: Path, hide: set[str], pins: list[str] = ()) -> Path:
                                     "['purelib'])"], capture_output=True, text=True,
                                    check=True).stdout.strip())
     (own_site / "zz_base.pth").write_text(str(base) + "\n")
+    pip(py, "install", "-q", "--upgrade", "pip")  # as current as a Colab image's pip
     if pins:
         pip(py, "install", "-q", *pins)
     return py
