@@ -57,6 +57,9 @@ class Phases(TrainerCallback):
 
 def _train_in_child(conn, cfg, model, tokenizer, train_set, eval_set):
     torch.set_num_threads(1)
+    # the CPU model of the parent, trained on the CPU on every machine: a forked child cannot
+    # use a CUDA context its parent made (on a GPU machine the parent's other tests made one)
+    torch.cuda.is_available = lambda: False
     # the loss-curve figure redrawn at every checkpoint is not what is tested here, and
     # drawing it is most of a checkpoint's time on a small CPU
     T.LossCurveCallback.save = lambda self: None

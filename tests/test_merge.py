@@ -114,7 +114,9 @@ def test_a_rehearsal_is_drawn_again_tensor_by_tensor(tok, tmp_path):
     plan = sm.plan_merge("rehearsal:tiny-neox", tmp_path / "adapter", tokenizer=tok)
     result = sm.stream_merge(plan, tmp_path / "merged", tokenizer=tok, activations=activations)
     # the 4-bit base's inputs against the 16-bit one: the merged layers still agree closely
-    assert result.layers_checked == plan.adapted and result.layer_max_rel_diff < 1e-4
+    # float32 on CPU; in a GPU's 16-bit dtype the tolerance of that dtype
+    limit = 1e-4 if plan.dtype == torch.float32 else sm.LAYER_TOLERANCE[plan.dtype]
+    assert result.layers_checked == plan.adapted and result.layer_max_rel_diff < limit
 
     base16 = loading.load_16bit("rehearsal:tiny-neox", tokenizer=tok)
     reference = PeftModel.from_pretrained(base16, str(tmp_path / "adapter")).merge_and_unload()
