@@ -1,6 +1,8 @@
 """Loading a model for the series: the tokenizer with a real padding token distinct from EOS
 (:func:`load_tokenizer`), the base in 4-bit (:func:`load_model`, notebook 02's cells in one call),
-in 16-bit for the merge (:func:`load_16bit`), and what a loaded model is (:func:`describe`).
+in 16-bit for the merge (:func:`load_16bit`), and what a loaded model is (:func:`describe`);
+the safetensors reader that loads a local folder one tensor at a time (and the streamed merge
+reads its base with).
 Introduced in notebook 02.
 """
 
@@ -68,7 +70,10 @@ def load_model(model, *, quant_type: str = "nf4", double_quant: bool = True,
     The ``BitsAndBytesConfig`` of :func:`helpers.models.quantization_config` goes to
     ``from_pretrained(..., quantization_config=..., device_map={"": 0} or {"": "cpu"},
     dtype=compute dtype)``: every linear layer but the output head becomes a bitsandbytes
-    ``Linear4bit``; embeddings, norms and head stay in the compute dtype. A rehearsal takes the
+    ``Linear4bit``; embeddings, norms and head stay in the compute dtype. A local folder of
+    safetensors (the embedded model, notebook 06's merged model) is read one tensor at a time as
+    it is quantized (:func:`_from_files`): host RAM holds the 4-bit model and one tensor, not
+    every shard. A rehearsal takes the
     same config (:func:`helpers.rehearsal.build_rehearsal`). Then :func:`fit_embeddings` with the
     tokenizer (given, or :func:`load_tokenizer`'s), and on CPU :func:`helpers.models.cpu_safe`.
 
