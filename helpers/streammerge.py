@@ -30,13 +30,10 @@ import torch
 from helpers import env
 from helpers.adapters import MergeMismatch, _adapter_files
 from helpers.footprint import cpu_rss
+from helpers.loading import _CODES, _DTYPES, _header, _read
 from helpers.models import _compute_dtype, resolve
 from helpers.units import GB, fmt_bytes
 
-_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-          torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL", torch.int16: "I16"}
-_DTYPES = {code: dtype for dtype, code in _CODES.items()}
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                        r"(?:\.[^.]+)?(?:\.weight)?$")
@@ -51,27 +48,7 @@ class MergeBudgetError(ValueError):
     """A merge that would not fit the memory budgets, refused before anything was loaded."""
 
 
-# ------------------------------------------------------------------ safetensors, read and written
-
-
-def _header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, data_offsets), where its data starts."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
-def _read(f, start: int, entry: dict) -> torch.Tensor:
-    """One tensor read into fresh memory with plain file reads: no mapping of the file, so the
-    process holds this tensor and nothing else of the shard."""
-    begin, end = entry["data_offsets"]
-    out = torch.empty(end - begin, dtype=torch.uint8)
-    f.seek(start + begin)
-    if f.readinto(memoryview(out.numpy())) != end - begin:
-        raise OSError(f"{f.name} ends early: the file is truncated; download it again")
-    return out.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+# ------------------------------------------------------------------ safetensors, written (read: loading)
 
 
 class _ShardWriter:

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
 
-from helpers import adapters, env, loading, manifest, streammerge as sm
+from helpers import adapters, env, loading, manifest, models, streammerge as sm
 from helpers.merge import MergeMismatch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,6 +188,84 @@ def test_the_merge_holds_one_tensor_not_the_model(tok, tmp_path):
     assert size > 200e6
     assert peak - before < size / 3
     assert peak - before < largest * 1.5 + 30e6  # the plan's working set, within slack
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_local_folder_loads_in_4bit_as_from_pretrained_does(tied, tok, tmp_path, monkeypatch):
+    """load_model reads a sharded folder one tensor at a time (no file mapped) and gives the model
+    from_pretrained gives: the same weights, the same logits, generation config and name."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok) + 3,
+                         tie_word_embeddings=tied)
+    base = _base(tmp_path, config, tok, shard="40KB")
+    assert len(list(base.glob("*.safetensors"))) > 2
+    qc = models.quantization_config(compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(base, quantization_config=qc, dtype=torch.float32,
+                                                  device_map={"": "cpu"})
+    models.cpu_safe(theirs)
+    loading.fit_embeddings(theirs, tok)
+    reads = []
+    monkeypatch.setattr(loading, "_read", lambda *a: reads.append(a[2]) or READ(*a))
+    ours = loading.load_model(str(base), tokenizer=tok)
+    assert len(reads) == len(json.loads((base / "model.safetensors.index.json").read_text())[
+        "weight_map"])
+    assert ours.config.name_or_path == str(base)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert set(a) == set(b) and sum(type(p).__name__ == "Params4bit"
+                                    for p in ours.parameters()) == 14
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
+    ids = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**ids).logits, theirs(**ids).logits, rtol=0, atol=0)
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+
+
+READ = loading._read
+LOAD_PEAK_SCRIPT = """
+import sys, torch
+import bitsandbytes.functional as F
+from transformers import AutoModelForCausalLM
+from helpers import env, loading, models
+torch.set_num_threads(1)
+F.quantize_4bit(torch.randn(256, 256), quant_type="nf4")  # bitsandbytes' own memory, first
+tok = loading.load_tokenizer(sys.argv[1])
+before = env.peak_host_rss(restart=True)
+if sys.argv[2] == "from_pretrained":
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32,
+        quantization_config=models.quantization_config(compute_dtype=torch.float32),
+        device_map={"": "cpu"})
+else:
+    model = loading.load_model(sys.argv[1], tokenizer=tok)
+print(before, env.peak_host_rss(), model.get_memory_footprint())
+"""
+
+
+def test_loading_in_4bit_holds_one_tensor_not_the_folder(tok, tmp_path):
+    """A 0.63 GB folder in 50 MB shards loaded in 4-bit: from_pretrained's resident memory rises
+    by the whole folder (every shard mapped, every page read stays), load_model's by the 4-bit
+    model and one tensor's quantization."""
+    config = GPTNeoXConfig(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
+                           intermediate_size=4096, vocab_size=len(tok), tie_word_embeddings=False)
+    base = _base(tmp_path, config, tok, shard="50MB")
+    folder = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    rises = {}
+    for how in ("from_pretrained", "load_model"):
+        run = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD_PEAK_SCRIPT), str(base),
+                              how], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        before, peak, footprint = map(int, run.stdout.split()[-3:])
+        rises[how] = peak - before
+    print(f"folder {folder / 1e6:.0f} MB, 4-bit model {footprint / 1e6:.0f} MB; RSS rise while "
+          + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in rises.items()))
+    assert folder > 600e6 and footprint < folder / 5
+    assert rises["from_pretrained"] > 0.8 * folder  # what this avoids, still there to avoid
+    largest = 4096 * 1024 * 4
+    assert rises["load_model"] < footprint + 4 * largest + 150e6  # and what loading imports
+    assert rises["load_model"] < folder / 2
 
 
 def test_the_manifest_records_each_notebooks_peaks(tmp_path):
