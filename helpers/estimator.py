@@ -247,13 +247,6 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
     # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
     per_tok["attention"] = 4 * shape.heads * shape.head_dim * c16 + 4 * shape.heads
-    if shape.eager_attention:
-        # written-out attention (GPT-J before transformers 5.24): float32 copies of q and k for
-        # the scores, v, and each query's row of seq_len probabilities, float32 from the softmax
-        # plus the copy in the compute dtype that multiplies v
-        probs = 4 + (c16 if c16 != 4 else 0)
-        per_tok["attention"] = (shape.heads * shape.head_dim * (8 + c16)
-                                + shape.heads * seq_len * probs)
     # MLP: the activation function saves its input (and a written-out formula its
     # intermediates); a gated MLP also keeps act(gate) and up for their product.
     per_tok["mlp"] = (_ACT_SAVES.get(shape.activation, 1) + 2 * shape.gated_mlp) * ff * hb

@@ -58,8 +58,8 @@ class ModelShape:
     extra_linears: tuple = ()  # quantized linears outside the blocks (OPT's project_in/out)
     embed_dim: int = 0  # width of the token embeddings and head when it differs from hidden
     buffer_bytes: int = 0  # rotary tables (float32 buffers; get_memory_footprint counts them)
-    # attention written out (scores kept for backward) where the installed transformers has no
-    # sdpa path for the family (GPT-J before transformers 5.24)
+    # attention written out where the installed transformers has no sdpa path for the family
+    # (GPT-J before transformers 5.24): autograd then keeps each query's row of scores too
     eager_attention: bool = False
 
     # ---- parameter counts
