@@ -8,7 +8,7 @@ import json
 import pytest
 
 from helpers import data, formats
-from helpers.config import make_config
+from helpers.config import ConfigError, make_config
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CHAT_TEMPLATE = (
@@ -385,7 +385,8 @@ def test_template_placeholder_must_be_a_column(tmp_path, tokenizer):
     with pytest.raises(formats.DatasetError) as err:
         data.prepare(_cfg(tmp_path, path, TEMPLATE="{quote} by {writer}"), tokenizer)
     assert "'writer'" in str(err.value) and "quote, author, tags" in str(err.value)
-    with pytest.raises(formats.DatasetError, match="names no column"):
+    # a template that names no column at all is a parameter error, refused before any data
+    with pytest.raises(ConfigError, match="names no column"):
         data.prepare(_cfg(tmp_path, path, TEMPLATE="no placeholders"), tokenizer)
 
 
