@@ -150,11 +150,11 @@ _SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off
 def coerce(name: str, value, default):
     """Turn a value (possibly a command-line string) into the type of the parameter's default."""
     kind = type(default)
+    if name in _SWITCHES and str(value).strip().lower() in _SWITCH_WORDS:  # given as a boolean
+        return _SWITCH_WORDS[str(value).strip().lower()]
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     text = str(value).strip()
-    if name in _SWITCHES and text.lower() in _SWITCH_WORDS:  # a switch given as a boolean
-        return _SWITCH_WORDS[text.lower()]
     try:
         if kind is bool:
             low = text.lower()

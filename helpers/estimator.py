@@ -299,9 +299,12 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     logit_tokens, gathered = (chunk_tokens(V), 3 * T * h * norm_out) if chunked_loss else (T, 0)
     logits_fwd = 10 * logit_tokens * V + gathered // 3
     # Offloaded, the host also holds what the model saves outside its blocks: the final norm's
-    # input and statistics, and with the chunked loss the gathered hidden states and the
-    # positions' indices and targets (8 bytes each); the GPU side of these is left as above.
-    host = block_inputs + final_norm + (gathered // 3 + 16 * T if chunked_loss else 0)
+    # input and statistics; with the chunked loss the gathered hidden states and the positions'
+    # indices and targets (8 bytes each); with the model's own loss log-softmax's float32 output,
+    # the labels and, under autocast, the head's 16-bit copy. The GPU side is left as above.
+    outside = (gathered // 3 + 16 * T if chunked_loss else
+               4 * T * V + 8 * T + (V * h * 2 if autocast else 0))
+    host = block_inputs + final_norm + outside
     host_bytes = host if activation_offload else 0
     logits = 12 * logit_tokens * V + gathered
 

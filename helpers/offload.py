@@ -23,6 +23,7 @@ a plain ``transformers.Trainer`` trains with them and evaluation and generation 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -75,15 +76,29 @@ class ActivationsOnCpu(torch.autograd.graph.saved_tensors_hooks):
     backward needs it. A CUDA tensor is copied without blocking, on a side stream that waits for
     the tensor to be computed; the tensor's memory is freed for reuse once that copy has run
     (``record_stream``), and the backward's stream waits for it before copying back. ``stats``:
-    an :class:`OffloadStats` that counts the host bytes."""
+    an :class:`OffloadStats` that counts the host bytes. A tensor saved twice (unchanged) is
+    copied once."""
 
     def __init__(self, stats: OffloadStats | None = None):
         self.stats = stats if stats is not None else OffloadStats()
+        self._copied = {}  # id -> (weak reference, version, copy): one copy of a tensor saved twice
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
         if _is_parameter(tensor) or tensor.layout != torch.strided:
             return tensor
+        ref, version, copy = self._copied.get(id(tensor), (None, None, None))
+        if ref is not None and ref() is tensor and version == tensor._version:
+            return copy  # e.g. log-softmax's output, saved by it and by the loss after it
+        copy = self._copy(tensor)
+        self._copied[id(tensor)] = (weakref.ref(tensor), tensor._version, copy)
+        return copy
+
+    def __exit__(self, *exc):
+        self._copied.clear()  # the saved tensors keep their copies; this context lets go
+        return super().__exit__(*exc)
+
+    def _copy(self, tensor: torch.Tensor) -> _OnHost:
         cuda = tensor.device.type == "cuda"
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
         event = None
