@@ -74,7 +74,10 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
     sequence length (multiples of 128, or of 64 below 256) up to the model's context at
     micro-batch 1, that fit in ``budget_bytes``. 0 where nothing fits. Other settings as for
     :func:`estimate` (or an :class:`Estimate`'s ``settings``, per-GPU ones included: each GPU
-    of several is then sized). A larger budget never fits less.
+    of several is then sized). A larger budget never fits less. With gradient checkpointing
+    and the activations not offloaded, ``seq_len_offload`` is the longest sequence with them
+    offloaded to CPU memory (ACTIVATION_OFFLOAD), ``micro_batch_offload`` the largest
+    micro-batch.
     """
     shape = as_shape(shape)
     if "seq_len" not in settings:
@@ -87,8 +90,14 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
         return _estimate_as(shape, seq_len=seq, micro_batch=micro_batch, **settings).total_device
 
     step = 64 if shape.context < 256 else 128
-    return {"micro_batch": largest_micro_batch(need, budget_bytes, seq_len),
-            "seq_len": largest_seq_len(need, budget_bytes, range(step, shape.context + 1, step))}
+    lengths = range(step, shape.context + 1, step)
+    found = {"micro_batch": largest_micro_batch(need, budget_bytes, seq_len),
+             "seq_len": largest_seq_len(need, budget_bytes, lengths)}
+    if settings.get("gradient_checkpointing", True) and not settings.get("activation_offload"):
+        settings["activation_offload"] = True
+        found.update(micro_batch_offload=largest_micro_batch(need, budget_bytes, seq_len),
+                     seq_len_offload=largest_seq_len(need, budget_bytes, lengths))
+    return found
 
 
 _CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141)
@@ -106,6 +115,9 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
     alt = []
     if s["micro_batch"] > 1 and lf["micro_batch"]:
         alt.append(f"micro-batch {lf['micro_batch']} at {s['seq_len']} tokens would fit")
+    elif lf.get("micro_batch_offload"):
+        alt.append(f"ACTIVATION_OFFLOAD = 'on' (or 'auto') would fit micro-batch "
+                   f"{lf['micro_batch_offload']} at {s['seq_len']} tokens")
     elif lf["seq_len"]:
         alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
     elif not s["gradient_checkpointing"]:
@@ -126,16 +138,82 @@ def config_settings(cfg) -> dict:
             "compute_dtype": dtype, "double_quant": cfg.double_quant,
             "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
             "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout,
-            "chunked_loss": cfg.chunked_loss}
+            "chunked_loss": cfg.chunked_loss,
+            "activation_offload": cfg.activation_offload == "on" and cfg.gradient_checkpointing}
+
+
+def choose_offload(cfg, need) -> tuple:
+    """Whether training keeps the checkpointed activations in CPU memory, and the sentence saying
+    why: ``(on, why)``. ACTIVATION_OFFLOAD 'on' and 'off' decide themselves; 'auto' turns it on
+    only when one step at micro-batch 1 and MAX_LENGTH does not fit the budget
+    (:func:`budget_bytes`) without it and does with it (``need(offload) -> bytes``: the card's
+    need at that size; None when the model is unknown to the estimator). Introduced in
+    notebook 02."""
+    mode = cfg.activation_offload
+    head = f"ACTIVATION_OFFLOAD = {mode!r}"
+    if mode != "auto":
+        return mode == "on", head + (": checkpointed activations go to pinned CPU memory"
+                                     if mode == "on" else ": activations stay on the GPU")
+    budget = budget_bytes(cfg)
+    if not cfg.gradient_checkpointing:
+        return False, head + ": off (it needs GRADIENT_CHECKPOINTING)"
+    if budget is None or need is None:
+        return False, head + (": off (no GPU budget to need it)" if budget is None else
+                              ": off (the estimator does not know this model)")
+    without = need(False)
+    if without <= budget:
+        return False, (f"{head}: off, not needed (micro-batch 1 x {cfg.max_length} tokens: "
+                       f"{without / GB:.2f} GB of {budget / GB:.2f} GB)")
+    offloaded = need(True)
+    if offloaded > budget:
+        return False, (f"{head}: off, it would not fit even with it ({offloaded / GB:.2f} GB of "
+                       f"{budget / GB:.2f} GB)")
+    return True, (f"{head}: on, chosen because micro-batch 1 x {cfg.max_length} tokens needs "
+                  f"{without / GB:.2f} GB of the {budget / GB:.2f} GB budget with the "
+                  f"activations on the GPU and {offloaded / GB:.2f} GB with them on the host")
 
 
 def estimate_for_config(cfg, shape=None) -> Estimate:
     """The estimate for the series' :class:`helpers.config.Config` (:func:`config_settings`) at
     ``cfg.max_length`` tokens and its micro-batch (1 when it is chosen automatically). ``shape``
-    defaults to the preset named like ``cfg.model``."""
+    defaults to the preset named like ``cfg.model``. ACTIVATION_OFFLOAD = 'auto' is decided here
+    as training decides it (:func:`choose_offload`), and the estimate's notes say so."""
     shape = as_shape(shape if shape is not None else cfg.model)
-    return estimate(shape, seq_len=cfg.max_length, micro_batch=max(cfg.micro_batch, 1),
-                    **config_settings(cfg))
+    settings = config_settings(cfg)
+
+    def at(offload: bool) -> Estimate:
+        return estimate(shape, seq_len=cfg.max_length, micro_batch=max(cfg.micro_batch, 1),
+                        **{**settings, "activation_offload": offload})
+
+    if cfg.activation_offload != "auto":
+        return at(settings["activation_offload"])
+    on, why = choose_offload(cfg, lambda offload: estimate(
+        shape, seq_len=cfg.max_length, micro_batch=1,
+        **{**settings, "activation_offload": offload}).total_device)
+    est = at(on)
+    est.notes.append(why)
+    return est
+
+
+def longest_text(cfg, shape=None) -> str:
+    """The longest sequence that fits MEMORY_BUDGET_GB at micro-batch 1 with the Config's
+    settings, with the activations on the GPU and offloaded to CPU memory (ACTIVATION_OFFLOAD),
+    from the estimator: a sentence for notebook 02."""
+    budget = budget_bytes(cfg)
+    if budget is None:
+        return "no GPU budget on this machine: set MEMORY_BUDGET_GB to size a card"
+    shape = as_shape(shape if shape is not None else cfg.model)
+    settings = {**config_settings(cfg), "activation_offload": False}
+    lf = largest_fit(shape, budget, seq_len=cfg.max_length, **settings)
+    text = (f"longest sequence at micro-batch 1 in {budget / GB:.3g} GB: {lf['seq_len']:,} "
+            f"tokens with the activations on the GPU")
+    if "seq_len_offload" not in lf:
+        return text + " (offloading needs GRADIENT_CHECKPOINTING)"
+    longest = lf["seq_len_offload"]
+    host = estimate(shape, seq_len=max(longest, 1), micro_batch=1,
+                    **{**settings, "activation_offload": True}).host_bytes
+    return text + (f", {longest:,} with ACTIVATION_OFFLOAD (then {fmt_bytes(host)} of host "
+                   "memory)")
 
 
 class MemoryBudgetError(ValueError):
@@ -176,17 +254,20 @@ def budget_bytes(cfg) -> int | None:
     return None
 
 
-def default_estimate_fn(cfg, model):
-    """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
-    with the Config's settings, from :func:`helpers.estimator.estimate`; None where the estimator
-    does not know the model's architecture."""
+def _model_settings(cfg, model, offload: bool | None = None):
+    """``(shape, settings)`` of :func:`_estimate_as` for ``model`` trained with the Config; None
+    where the estimator does not know the model's architecture."""
     try:
         shape = shape_from_config(getattr(model, "config", model))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # an architecture the estimator does not describe: the probe decides
-    # the chunked loss counts where helpers.losses.use_chunked_loss installed it in the model
+    # the chunked loss and the offload count where helpers.losses / helpers.offload installed
+    # them in the model
+    if offload is None:
+        offload = bool(getattr(model, "uses_activation_offload", False))
     settings = {**config_settings(cfg),
-                "chunked_loss": bool(getattr(model, "uses_chunked_loss", False))}
+                "chunked_loss": bool(getattr(model, "uses_chunked_loss", False)),
+                "activation_offload": offload and cfg.gradient_checkpointing}
     try:
         estimate(shape, seq_len=8, micro_batch=1, **settings)
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
@@ -195,6 +276,30 @@ def default_estimate_fn(cfg, model):
     if launch["world_size"] > 1:  # what each GPU of the launch holds
         settings.update(n_gpus=launch["world_size"], mode="fsdp" if launch["fsdp"] else "ddp",
                         offload=launch["offload"])
+    return shape, settings
+
+
+def model_estimate(cfg, model, micro_batch: int, seq_len: int,
+                   offload: bool | None = None) -> Estimate | None:
+    """The :class:`Estimate` of one training step of ``model`` with the Config's settings
+    (``offload``: the activations in CPU memory; default: as installed in the model); None
+    where the estimator does not know the model's architecture."""
+    found = _model_settings(cfg, model, offload)
+    if found is None:
+        return None
+    shape, settings = found
+    return _estimate_as(shape, seq_len=seq_len, micro_batch=micro_batch, **settings)
+
+
+def default_estimate_fn(cfg, model, offload: bool | None = None):
+    """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
+    with the Config's settings, from :func:`helpers.estimator.estimate` (``offload``: the
+    checkpointed activations in CPU memory; default: as :mod:`helpers.offload` installed it in
+    the model); None where the estimator does not know the model's architecture."""
+    found = _model_settings(cfg, model, offload)
+    if found is None:
+        return None
+    shape, settings = found
 
     def estimate_fn(micro_batch: int, seq_len: int) -> int:
         return _estimate_as(shape, seq_len=seq_len, micro_batch=micro_batch,
@@ -251,10 +356,13 @@ def _enforce_budget(budget: int, notes: list) -> None:
     notes.append(env.enforce_gpu_budget(budget))
 
 
-def _refusal(cfg, budget: int, estimate_fn, needed_1: int) -> str:
+def _refusal(cfg, budget: int, estimate_fn, needed_1: int, offloaded: int | None = None) -> str:
     upto = cfg.max_length
     seq = largest_seq_len(estimate_fn, budget, range(64, upto + 1, 64) or range(8, upto + 1, 8))
     ways = []
+    if offloaded is not None and offloaded <= budget:
+        ways.append(f"ACTIVATION_OFFLOAD = 'on' or 'auto' would fit ({offloaded / GB:.2f} GB: "
+                    "the checkpointed activations in CPU memory)")
     if seq:
         ways.append(f"MAX_LENGTH = {seq} would fit at micro-batch 1")
     if not cfg.gradient_checkpointing:
@@ -302,7 +410,12 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
         else:
             needed_1 = estimate_fn(1, cfg.max_length)
             if needed_1 > budget:
-                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1))
+                offload_fn = None
+                if cfg.gradient_checkpointing and not getattr(model, "uses_activation_offload",
+                                                              False):
+                    offload_fn = default_estimate_fn(cfg, model, offload=True)
+                offloaded = offload_fn(1, cfg.max_length) if offload_fn else None
+                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1, offloaded))
             notes.append(f"estimate at micro-batch 1 x {cfg.max_length} tokens: "
                          f"{needed_1 / GB:.2f} GB of a {budget / GB:.2f} GB budget")
     if not cuda:

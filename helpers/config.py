@@ -75,6 +75,9 @@ class Config:
     resume: bool = False
     start_over: bool = False  # an earlier run's checkpoints/adapter: moved to previous-<time>/
     chunked_loss: bool = True  # the loss over chunks of positions: no full-sequence logits
+    # checkpointed activations in pinned CPU memory (helpers.offload); auto: when the budget
+    # needs it (True / False are read as on / off)
+    activation_offload: Literal["auto", "on", "off"] = "auto"
     # generation (helpers.generate)
     max_new_tokens: int = 40
     prompts: str = ""  # "|"-separated; "" = a few fixed prompts suited to the dataset
@@ -140,11 +143,15 @@ def make_config(**parameters) -> Config:
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+_SWITCHES = ("ACTIVATION_OFFLOAD",)  # choices of on, off and auto that also take a boolean
+_SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
 def coerce(name: str, value, default):
     """Turn a value (possibly a command-line string) into the type of the parameter's default."""
     kind = type(default)
+    if name in _SWITCHES and str(value).strip().lower() in _SWITCH_WORDS:  # given as a boolean
+        return _SWITCH_WORDS[str(value).strip().lower()]
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     text = str(value).strip()
@@ -225,6 +232,9 @@ def _rules(cfg: Config, fsdp: bool):
     yield (cfg.resume and cfg.start_over,
            "RESUME and START_OVER are both True: RESUME continues the run in RUN_DIR, START_OVER "
            "moves it aside and starts again; choose one")
+    yield (cfg.activation_offload == "on" and not cfg.gradient_checkpointing,
+           "ACTIVATION_OFFLOAD='on' keeps the checkpointed activations in CPU memory: it needs "
+           "GRADIENT_CHECKPOINTING = True (or use 'auto' or 'off')")
     yield (cfg.max_new_tokens < 1, f"MAX_NEW_TOKENS={cfg.max_new_tokens} must be at least 1")
     yield (fsdp and cfg.optimizer not in FSDP_OPTIMIZERS,
            f"OPTIMIZER={cfg.optimizer!r} under FSDP: bitsandbytes' 8-bit optimizer state cannot "

@@ -25,6 +25,9 @@ TRANSIENT_SLACK = 0.35
 # cuBLAS and cuBLASLt workspaces, which torch allocates through its caching allocator at the
 # first matmul (so they are in max_memory_allocated): 64 MB measured on an H200 (4 MiB x 8 each).
 CUBLAS_WORKSPACE_BYTES = 64_000_000
+# Block inputs the GPU holds with the checkpointed activations offloaded (helpers.offload): one
+# being copied to the host while the next block computes; in the backward one copied back.
+OFFLOAD_IN_FLIGHT = 2
 
 
 # the optimizers the estimator knows, with what each keeps per trainable parameter
@@ -109,6 +112,8 @@ class Estimate:
     footprint: int
     peak_phase: str
     activation_detail: dict = field(default_factory=dict)
+    host_bytes: int = 0  # host memory the offloaded activations take (activation_offload)
+    notes: list = field(default_factory=list)  # how a setting was chosen (printed by text())
 
     def breakdown(self) -> dict:
         """key -> bytes held at the peak (every item, device-only ones included)."""
@@ -124,14 +129,20 @@ class Estimate:
         rows += [["peak allocated (max_memory_allocated)", fmt_bytes(self.total_allocated),
                   f"at: {self.peak_phase}"],
                  ["card memory needed", fmt_bytes(self.total_device), ""]]
+        if self.host_bytes:
+            rows += [["host memory (offloaded activations)", fmt_bytes(self.host_bytes),
+                      "pinned CPU memory, outside the card"]]
         return pd.DataFrame(rows, columns=["item", "at peak", "why"])
 
     def text(self) -> str:
         s = self.settings
         head = (f"{self.shape.name}: seq {s['seq_len']} x micro-batch {s['micro_batch']}, "
                 f"LoRA r={s['lora_r']}, checkpointing "
-                f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['optimizer']}")
-        return head + "\n" + self.frame().to_string(index=False, justify="left")
+                f"{'on' if s['gradient_checkpointing'] else 'off'}"
+                f"{' (activations offloaded to CPU)' if s.get('activation_offload') else ''}, "
+                f"{s['optimizer']}")
+        return "\n".join([head, self.frame().to_string(index=False, justify="left"),
+                          *self.notes])
 
     __str__ = text
 
@@ -144,7 +155,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              compute_dtype=torch.bfloat16, double_quant: bool = True, cuda_context: bool = True,
              upcast_fp32: bool = False, autocast: bool | None = None,
              lora_dropout: float = 0.05, chunked_loss: bool = True,
-             context_bytes: int = CUDA_CONTEXT_BYTES,
+             activation_offload: bool = False, context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
     """Predict the peak GPU memory of a QLoRA training step, item by item.
 
@@ -157,7 +168,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     compute dtype is float32); ``chunked_loss``: the loss of :mod:`helpers.losses` (the series'
     default, CHUNKED_LOSS), whose logits exist one chunk of positions at a time, instead of the
     standard loss over the whole sequence's logits (False: the original recipe, a plain
-    Trainer); ``cuda_context``: False on CPU.
+    Trainer); ``activation_offload``: the checkpointed block inputs kept in CPU memory
+    (:mod:`helpers.offload`, ACTIVATION_OFFLOAD; with checkpointing only): the GPU keeps
+    :data:`OFFLOAD_IN_FLIGHT` of them, ``host_bytes`` is what the host holds; ``cuda_context``:
+    False on CPU.
 
     The activation model follows what autograd really saves in transformers 5 with bitsandbytes
     4-bit layers and peft LoRA (checked with saved-tensor hooks on each family); the module's
@@ -168,6 +182,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     shape = as_shape(shape)
     if seq_len <= 0 or micro_batch <= 0:
         raise ValueError("seq_len and micro_batch must be positive")
+    if activation_offload and not gradient_checkpointing:
+        raise ValueError("activation_offload keeps the checkpointed activations in CPU memory: "
+                         "it needs gradient_checkpointing=True")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(_OPTIMIZERS)}")
     compute_dtype = _as_dtype(compute_dtype)
@@ -257,8 +274,12 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # or by the series' LoRA layers without it) and the copy is kept for backward.
     lora_casts = 2 * n_lora if (autocast or hb == 2) else 0
 
-    # with checkpointing each block's input hidden state is kept, without every block's tensors
-    held_acts = (L * T * h * hb if gradient_checkpointing else L * layer_saved) + lora_casts
+    # with checkpointing each block's input hidden state is kept, without every block's tensors;
+    # offloaded (helpers.offload), the host holds them and the GPU the ones in flight: the one
+    # being copied while the next block computes, in the backward the one copied back
+    block_inputs = L * T * h * hb
+    on_gpu = min(L, OFFLOAD_IN_FLIGHT) * T * h * hb if activation_offload else block_inputs
+    held_acts = (on_gpu if gradient_checkpointing else L * layer_saved) + lora_casts
 
     # Head and loss. A float32 head under autocast is cast to 16-bit for its matmul and the
     # copy is saved for backward (V*h*2 bytes). transformers computes the loss on
@@ -277,6 +298,14 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # with the chunked loss: one chunk's logits, and the final norm's output gathered
     logit_tokens, gathered = (chunk_tokens(V), 3 * T * h * norm_out) if chunked_loss else (T, 0)
     logits_fwd = 10 * logit_tokens * V + gathered // 3
+    # Offloaded, the host also holds what the model saves outside its blocks: the final norm's
+    # input and statistics; with the chunked loss the gathered hidden states and the positions'
+    # indices and targets (8 bytes each); with the model's own loss log-softmax's float32 output,
+    # the labels and, under autocast, the head's 16-bit copy. The GPU side is left as above.
+    outside = (gathered // 3 + 16 * T if chunked_loss else
+               4 * T * V + 8 * T + (V * h * 2 if autocast else 0))
+    host = block_inputs + final_norm + outside
+    host_bytes = host if activation_offload else 0
     logits = 12 * logit_tokens * V + gathered
 
     # Backward through one block: with checkpointing it is recomputed (its saved tensors come
@@ -308,7 +337,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         ("cublas_workspace", "cuBLAS workspaces", workspace,
          "matmul scratch space torch keeps per stream (GPU only)"),
         ("activations", "saved activations", held_acts,
-         (f"{L} block inputs of {T} tokens x {h} x {hb} bytes (checkpointing)"
+         ((f"{min(L, OFFLOAD_IN_FLIGHT)} of {L} block inputs in flight (the rest on the host), "
+          f"{T} tokens x {h} x {hb} bytes" if activation_offload else
+          f"{L} block inputs of {T} tokens x {h} x {hb} bytes (checkpointing)")
           + (", LoRA's 16-bit weight copies" if lora_casts else "")
           if gradient_checkpointing else
           f"{L} blocks x {T} tokens x {sum(per_tok.values()) / h:.1f}h bytes saved for "
@@ -350,10 +381,11 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     total_device = sum(i.at_peak for i in items)
     footprint = packed + (n_emb + n_head + n_small) * cb + shape.buffer_bytes  # as loaded
     detail = {"per_token_per_block": per_tok, "stream_bytes": hb, "tokens": T,
-              "phases": phases}
+              "phases": phases, "block_inputs": block_inputs}
     return Estimate(shape=shape, settings=settings, items=items,
                     total_allocated=int(total_allocated), total_device=int(total_device),
-                    footprint=int(footprint), peak_phase=peak_phase, activation_detail=detail)
+                    footprint=int(footprint), peak_phase=peak_phase, activation_detail=detail,
+                    host_bytes=int(host_bytes))
 
 
 # items that live only for part of a step (the allocator's slack grows with them)
