@@ -73,9 +73,10 @@ def _canonical_name(name: str) -> str:
 
 def same_base_name(a: str, b: str) -> bool:
     """Whether two base names/paths mean the same model: equal, the same folder, or a folder
-    whose path ends with the other's Hub id (``.../EleutherAI/gpt-neox-20b``)."""
+    whose path ends with the other's Hub id (``.../EleutherAI/gpt-neox-20b``) or name (a saved
+    adapter names a local base by its folder's name: :func:`helpers.checkpoints.public_files`)."""
     ca, cb = _canonical_name(a), _canonical_name(b)
-    return ca == cb or any("/" in y and x.replace("\\", "/").endswith("/" + y)
+    return ca == cb or any(x.replace("\\", "/").endswith("/" + y.replace("\\", "/"))
                            for x, y in ((ca, cb), (cb, ca)))
 
 

@@ -65,7 +65,9 @@ def _lora_identity(model) -> dict:
 
 def _model_identity(cfg, model) -> dict:
     config = model.config  # a peft model's is its base model's
-    return {"model": cfg.model, "name": Path(str(config._name_or_path or "")).name,
+    # by its public name: the same run, whether MODEL came from a notebook or, relative to a
+    # moved RUN_DIR, from the manifest (python -m helpers.train)
+    return {"model": public_name(cfg.model), "name": Path(str(config._name_or_path or "")).name,
             "type": config.model_type,
             "hidden": getattr(config, "hidden_size", None),
             "layers": getattr(config, "num_hidden_layers", None),
@@ -275,7 +277,47 @@ class ResumeCallback(TrainerCallback):
         if args.should_save:  # after the Trainer's last file: the checkpoint is complete
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                public_files(folder)
                 write_signature(folder, self.signature)
+
+
+# the keys under which peft and transformers record where a base model was loaded from
+NAME_KEYS = ("base_model_name_or_path", "_name_or_path", "name_or_path")
+NAMED_IN = ("adapter_config.json", "config.json", "tokenizer_config.json", "README.md")
+
+
+def public_files(folder) -> list:
+    """Make the files of a saved adapter or model ``folder`` name its base model as people may
+    see it (:func:`helpers.formats.public_name`: a Hub id as it is, a local folder or the
+    embedded model by its folder's name), never by a path of this machine: peft records the
+    path the base was loaded from (``base_model_name_or_path``, and in the README.md it writes
+    into checkpoints). :func:`helpers.adapters.check_adapter` accepts the name for the folder.
+    Returns the names of the files changed; used on checkpoints, the adapter, merged models."""
+    folder, renamed, changed = Path(folder), {}, []
+    for name in NAMED_IN[:-1]:
+        file = folder / name
+        try:
+            settings = json.loads(file.read_text()) if file.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(settings, dict):
+            continue
+        public = {key: public_name(value) if key in NAME_KEYS and isinstance(value, str)
+                  and value else value for key, value in settings.items()}
+        if public != settings:
+            renamed.update({settings[k]: public[k] for k in NAME_KEYS
+                            if settings.get(k) != public.get(k)})
+            rundir.write_text(file, json.dumps(public, indent=2, sort_keys=True) + "\n")
+            changed.append(name)
+    card = folder / NAMED_IN[-1]
+    if renamed and card.is_file():
+        text = original = card.read_text()
+        for value in sorted(renamed, key=len, reverse=True):
+            text = text.replace(value, renamed[value])
+        if text != original:
+            rundir.write_text(card, text)
+            changed.append(card.name)
+    return sorted(set(changed))
 
 
 def save_adapter(model, folder, card: str, save=None) -> Path:
@@ -300,6 +342,7 @@ def save_adapter(model, folder, card: str, save=None) -> Path:
                                "layers were not found under their names (see "
                                "helpers.fsdp.save_sharded_adapter)")
     (work / "README.md").write_text(card)
+    public_files(work)
     return rundir.replace_folder(work, folder)
 
 

@@ -184,7 +184,8 @@ def _tokenizer_identity(tokenizer, with_chat_template: bool) -> dict:
     else:  # a slow tokenizer: its vocabulary
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
         digest = hashlib.sha256(vocab.encode()).hexdigest()[:16]
-    out = {"name": str(getattr(tokenizer, "name_or_path", "")), "size": len(tokenizer),
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    out = {"name": public_name(name) if name else "", "size": len(tokenizer),
            "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id, "digest": digest}
     if with_chat_template:
         out["chat_template"] = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE

@@ -6,6 +6,7 @@ tokenized.
 from __future__ import annotations
 
 import json
+import re
 import string
 from pathlib import Path
 from datasets import DatasetDict, get_dataset_split_names, load_dataset
@@ -164,9 +165,12 @@ def _starts_with(path: Path, char: str) -> bool:
 
 def public_name(name) -> str:
     """DATASET or MODEL as it may be shown in files people share (model cards, the manifest,
-    the dataset's stats): "embedded", rehearsals and Hub ids as they are, a local file or folder
-    by its name, never a path of this machine."""
+    the dataset's stats): "embedded", rehearsals and Hub ids as they are, a folder of the Hub's
+    cache by its id, a local file or folder by its name, never a path of this machine."""
     name = str(name).strip() or "embedded"
+    cached = re.search(r"(?:^|[/\\])(?:models|datasets)--([^/\\]+)", name)
+    if cached:  # .../hub/models--org--name/snapshots/<commit>
+        return cached.group(1).replace("--", "/")
     path = Path(name).expanduser()
     if name == "embedded" or not (path.exists() or path.is_absolute() or name.startswith("~")):
         return name

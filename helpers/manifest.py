@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -38,8 +39,10 @@ def load(run_dir_or_file) -> dict:
 
 
 def save(run_dir, data: dict) -> Path:
-    """Write atomically (a kill never leaves half a manifest: :func:`helpers.rundir.write_text`)."""
-    return rundir.write_text(path(run_dir), json.dumps(_clean(data), indent=1) + "\n")
+    """Write atomically (a kill never leaves half a manifest: :func:`helpers.rundir.write_text`),
+    with no path of this machine in it (:func:`_machine_paths`)."""
+    text = json.dumps(_clean(data, _machine_paths(run_dir)), indent=1) + "\n"
+    return rundir.write_text(path(run_dir), text)
 
 
 def update(run_dir, fn) -> dict:
@@ -55,16 +58,75 @@ def _entry(data: dict, notebook: str) -> dict:
 
 def record_parameters(run_dir, parameters: dict) -> None:
     """Merge ``parameters`` into the run's ``parameters`` (what ``python -m helpers.train
-    RUN_DIR`` trains with)."""
-    update(run_dir, lambda data: data.setdefault("parameters", {}).update(parameters))
+    RUN_DIR`` trains with), local paths relative to RUN_DIR (:func:`portable`)."""
+    portable_ones = portable(parameters, run_dir)
+    update(run_dir, lambda data: data.setdefault("parameters", {}).update(portable_ones))
+
+
+# Parameters that may name a local file or folder, which python -m helpers.train reads back
+LOCAL_PARAMETERS = ("MODEL", "DATASET")
+
+
+def _names_local(value: str) -> bool:
+    """Whether a MODEL or DATASET value is a local file or folder (not "embedded", a rehearsal
+    or a Hub id)."""
+    if value in ("", "embedded") or value.startswith("rehearsal:"):
+        return False
+    path = Path(value).expanduser()
+    return value.startswith(("~", "./", "../")) or path.is_absolute() or path.exists()
+
+
+def portable(parameters: dict, run_dir) -> dict:
+    """``parameters`` as the manifest keeps them, with no path of this machine: RUN_DIR as "."
+    (the folder the manifest is in), a local MODEL or DATASET relative to RUN_DIR
+    ("./quotes.jsonl" inside it, "../data/quotes.jsonl" beside it), so the run directory can be
+    moved with its data and still be trained from (:func:`resolve` reads them back); "embedded",
+    rehearsals and Hub ids as they are. A relative path is taken from the current directory, as
+    the notebook or command that was given it does."""
+    out = dict(parameters)
+    if "RUN_DIR" in out:
+        out["RUN_DIR"] = "."
+    base = Path(run_dir).expanduser().resolve()
+    for name in LOCAL_PARAMETERS:
+        value = out.get(name)
+        if isinstance(value, str) and _names_local(value.strip()):
+            target = Path(value.strip()).expanduser().resolve()
+            try:
+                rel = Path(os.path.relpath(target, base)).as_posix()
+            except ValueError:  # another drive (Windows): no relative form; its name
+                out[name] = target.name
+                continue
+            out[name] = rel if rel == ".." or rel.startswith("../") else f"./{rel}"
+    return out
+
+
+def resolve(parameters: dict, run_dir) -> dict:
+    """The recorded ``parameters`` with a local MODEL or DATASET that :func:`portable` recorded
+    relative to RUN_DIR ("./x", "../x") made a path again, from where ``run_dir`` is now; one
+    that is not there is refused, saying where it was looked for."""
+    out = dict(parameters)
+    for name in LOCAL_PARAMETERS:
+        value = out.get(name)
+        if not (isinstance(value, str) and value.startswith(("./", "../"))):
+            continue
+        found = (Path(run_dir).expanduser() / value).resolve()
+        if not found.exists():
+            raise ValueError(
+                f"{name}={value!r} in {path(run_dir)} is relative to the run directory, and "
+                f"{found} does not exist: the run directory was moved without it. Put it there, "
+                f"or set parameters.{name} in the manifest to where it is now")
+        out[name] = str(found)
+    return out
 
 
 _CURRENT: dict = {}
 
 
 def begin_notebook(run_dir, notebook: str, parameters: dict, budgets: dict | None = None) -> None:
-    """Record that a notebook started, with its parameters (no secrets are ever parameters) and
-    its memory ``budgets`` (bytes); start measuring its peaks (:func:`record_peaks`)."""
+    """Record that a notebook started, with its parameters (no secrets are ever parameters;
+    local paths relative to RUN_DIR: :func:`portable`) and its memory ``budgets`` (bytes); start
+    measuring its peaks (:func:`record_peaks`)."""
+    parameters = portable(parameters, run_dir)
 
     def fn(data):
         # a fresh entry: figures, status and errors of an earlier run of this notebook go
@@ -239,12 +301,31 @@ def close_interrupted(run_dir, mark: dict) -> None:
     update(run_dir, fn)
 
 
-def _clean(obj):
-    """JSON-safe: NaN/inf become strings so the file stays valid JSON."""
+def _machine_paths(run_dir) -> list:
+    """``(pattern, shown as)`` for the paths of this machine a manifest must not hold, longest
+    first: the run directory (``RUN_DIR``) and the home directory (``~``), each only as a whole
+    path or the start of one."""
+    places = {}
+    for p in (Path(run_dir).expanduser().absolute(), Path(run_dir).expanduser().resolve()):
+        places[str(p)] = "RUN_DIR"
+    home = str(Path.home())
+    if len(Path(home).parts) > 1:  # a home of "/" would match every path
+        places.setdefault(home, "~")
+        places.setdefault(str(Path(home).resolve()), "~")
+    return [(re.compile(re.escape(p) + r"(?![\w-]|\.\w)"), shown)
+            for p, shown in sorted(places.items(), key=lambda kv: -len(kv[0]))]
+
+
+def _clean(obj, places=()):
+    """JSON-safe: NaN/inf become strings so the file stays valid JSON; in text, the paths of
+    ``places`` (:func:`_machine_paths`: a command line, an error message) are replaced."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): _clean(v, places) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [_clean(v, places) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
+    if isinstance(obj, str):
+        for pattern, shown in places:
+            obj = pattern.sub(shown, obj)
     return obj

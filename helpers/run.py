@@ -16,6 +16,7 @@ import argparse
 import fnmatch
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -165,11 +166,15 @@ def run(stems: list[str], run_dir: Path, parameters: dict, echo=print) -> bool:
     os.environ["QLORA_SERIES_STATIC"] = "1"  # widgets render their static twins
     os.environ["QLORA_RUNNER_PID"] = str(os.getpid())  # the notebooks' running mark is this run's
     logging.getLogger("papermill").setLevel(logging.ERROR)
+    # a local MODEL or DATASET relative to the run directory (the notebooks' current
+    # directory), as the manifest records it; the command line with the run directory and the
+    # home directory as RUN_DIR and ~ (manifest.save)
+    recorded = manifest.portable({**PARAMETERS, **parameters}, run_dir)
+    parameters = {name: recorded[name] for name in parameters}
     manifest.update(run_dir, lambda d: d.update(
         series_version=__version__, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        command=" ".join(["python -m helpers.run"] + sys.argv[1:]),
-        versions=env.versions(), machine=env.machine_info(),
-        parameters={**PARAMETERS, **parameters, "RUN_DIR": str(run_dir)},
+        command=" ".join(["python -m helpers.run"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        versions=env.versions(), machine=env.machine_info(), parameters=recorded,
     ))
     for i, stem in enumerate(stems, 1):
         echo(f"[{i}/{len(stems)}] {stem} ...", end=" ", flush=True)  # one line per notebook

@@ -476,7 +476,9 @@ def main(argv=None) -> int:
             f"{args.run_dir} has no {manifest.FILE}: write the parameters first (notebook 05, "
             "helpers.scaling.write_launch_config, or python -m helpers.run)"), 2)
     try:
-        recorded = manifest.load(args.run_dir).get("parameters", {})
+        # a local MODEL or DATASET is recorded relative to RUN_DIR: found from where it is now
+        recorded = manifest.resolve(manifest.load(args.run_dir).get("parameters", {}),
+                                    args.run_dir)
         # what this command says, not what a notebook recorded, decides about earlier results
         params = {k: v for k, v in recorded.items()
                   if k in config_mod.PARAMETERS and k not in ("RESUME", "START_OVER")}

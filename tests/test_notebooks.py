@@ -4,11 +4,15 @@ job runs the series once; see conftest.series_run), with its recorded figures ch
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import NOTEBOOKS, env, merge
+import helpers.embedded
+from helpers import NOTEBOOKS, env, manifest, merge
 
 
 def figures(series_run, stem):
@@ -113,7 +117,35 @@ def test_06_merge_agrees(series_run):
     assert list((run_dir / "merged").glob("*.safetensors"))
 
 
-def test_no_secret_or_machine_path_in_the_manifest(series_run):
+def machine_paths(run_dir) -> set:
+    """The absolute paths of this machine that files a run shares must not name."""
+    paths = {run_dir.absolute(), run_dir.resolve(), Path.home(), Path.cwd(),
+             Path(helpers.__file__).resolve().parent.parent,  # the repository
+             helpers.embedded.embedded_path(build=False).parent}  # the embedded model's cache
+    return {str(p) for p in paths if len(p.parts) > 1}
+
+
+def test_no_secret_or_machine_path_in_what_a_run_shares(series_run):
+    """The manifest, the dataset's stats and every text file of the adapter and the merged model
+    name no path of this machine (the run directory, the home directory with the embedded
+    model's cache, the current directory, the repository): local files by their path relative to
+    RUN_DIR where they are read back, the command line with RUN_DIR."""
     run_dir, data = series_run
     text = json.dumps(data)
     assert "HF_TOKEN" not in text and "hf_" not in text.lower().replace("hf_hub", "")
+    assert data["parameters"]["RUN_DIR"] == "."
+    assert all(entry["parameters"]["RUN_DIR"] == "." for entry in data["notebooks"].values())
+    if "QLORA_TEST_RUN_DIR" not in os.environ:  # the command the fixture ran
+        assert data["command"] == "python -m helpers.run --run-dir RUN_DIR"
+    shared = [manifest.path(run_dir), run_dir / "dataset_stats.json"]
+    for folder in ("adapter", "merged"):
+        files = [p for p in (run_dir / folder).rglob("*") if p.is_file()]
+        assert any(p.name.endswith("config.json") for p in files), folder
+        shared += [p for p in files if p.suffix != ".safetensors"]
+    assert run_dir / "adapter" / "adapter_config.json" in shared
+    base = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert base["base_model_name_or_path"] == helpers.embedded.EMBEDDED_VERSION
+    found = [f"{file.relative_to(run_dir)} names {p}" for file in shared
+             for p in machine_paths(run_dir)
+             if re.search(re.escape(p) + r"(?![\w-]|\.\w)", file.read_text(encoding="utf-8"))]
+    assert not found

@@ -287,3 +287,39 @@ def test_the_terminal_shows_one_line_per_notebook_and_no_kernel_notice(tmp_path)
     assert all(" ... ok (" in ln for ln in lines[1:3]) and len(lines) == 5, lines
     executed = (out / "04_dataset_preparation.ipynb").read_text()
     assert "<Figure size" not in executed and '"image/png"' in executed
+
+
+def test_the_manifest_keeps_local_paths_relative_to_the_run_and_no_machine_path(
+        tmp_path, monkeypatch):
+    """A local MODEL or DATASET is recorded relative to RUN_DIR (inside it "./", beside it
+    "../"), read back from wherever the run directory is; "embedded", rehearsals and Hub ids as
+    they are; in any text (the command line, an error) the run directory is RUN_DIR and the home
+    directory ~, each only as a whole path."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    run_dir = home / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "in.jsonl").write_text("{}\n")
+    (home / "model").mkdir()
+    monkeypatch.chdir(home)  # a relative path is taken from the current directory
+    forms = manifest.portable({"RUN_DIR": str(run_dir), "MODEL": str(home / "model"),
+                               "DATASET": "runs/r/in.jsonl", "MAX_STEPS": 5}, run_dir)
+    assert forms == {"RUN_DIR": ".", "MODEL": "../../model", "DATASET": "./in.jsonl",
+                     "MAX_STEPS": 5}
+    for name in ("embedded", "rehearsal:gpt-j-6b", "Abirate/english_quotes"):
+        assert manifest.portable({"MODEL": name, "DATASET": name}, run_dir) == {
+            "MODEL": name, "DATASET": name}
+    monkeypatch.chdir(tmp_path)
+    back = manifest.resolve(forms, run_dir)
+    assert back["MODEL"] == str((home / "model").resolve())
+    assert back["DATASET"] == str((run_dir / "in.jsonl").resolve())
+    assert back["MAX_STEPS"] == 5
+
+    manifest.save(run_dir, {
+        "command": f"python -m helpers.run --run-dir {run_dir} -p DATASET {home}/d.jsonl "
+                   f"-p MODEL {home}2/m",
+        "error": f"FileNotFoundError: {run_dir}/adapter is gone. '{run_dir}'"})
+    saved = manifest.load(run_dir)
+    assert saved["command"] == ("python -m helpers.run --run-dir RUN_DIR -p DATASET ~/d.jsonl "
+                                f"-p MODEL {home}2/m")  # another folder: not the home's
+    assert saved["error"] == "FileNotFoundError: RUN_DIR/adapter is gone. 'RUN_DIR'"

@@ -720,3 +720,55 @@ def test_unprobed_micro_batch_keeps_headroom(tmp_path, monkeypatch):
     micro, notes = budget.choose_micro_batch(cfg, model, estimate_fn=lambda mb, seq: mb * per_row)
     assert micro == 8, notes  # 16 rows (22.4 GB) would fit 24 GB, but not 85% of it
     assert any("headroom" in n for n in notes)
+
+
+def test_a_moved_run_directory_trains_from_its_local_model_and_data(tmp_path, tiny, monkeypatch,
+                                                                   capsys):
+    """The manifest records a local MODEL and DATASET relative to RUN_DIR, no path of this
+    machine; ``python -m helpers.train RUN_DIR`` finds them after the folder holding the run,
+    the model and the data was moved, from another current directory; the adapter names its
+    base by the folder's name, and that base's check accepts it. A run directory moved without
+    its data is refused, saying where the data was looked for."""
+    import shutil
+
+    from helpers import adapters, manifest
+    from helpers.config import make_config
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny, project / "models" / "tiny")
+    (project / "data").mkdir()
+    (project / "data" / "lines.jsonl").write_text(
+        "".join(json.dumps({"line": t}) + "\n" for t in TEXTS))
+    monkeypatch.chdir(project)
+    cfg = make_config(RUN_DIR="runs/a", MODEL="models/tiny", DATASET="data/lines.jsonl",
+                      DATA_FORMAT="text", TEXT_COLUMN="line", PACKING=False, MAX_LENGTH=32,
+                      MICRO_BATCH=4, MAX_STEPS=2, WARMUP_STEPS=0, SAVE_STEPS=0,
+                      EVAL_FRACTION=0.25, OPTIMIZER="adamw_torch", LORA_R=4)
+    manifest.record_parameters(cfg.run_dir, cfg.as_parameters())  # as notebook 05 records them
+    recorded = manifest.load(cfg.run_dir)["parameters"]
+    assert (recorded["RUN_DIR"], recorded["MODEL"], recorded["DATASET"]) == (
+        ".", "../../models/tiny", "../../data/lines.jsonl")
+    assert str(tmp_path) not in manifest.path(cfg.run_dir).read_text()
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(project, moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_dir = moved / "runs" / "a"
+    assert T.main([str(run_dir)]) == 0, capsys.readouterr().err
+    assert manifest.load(run_dir)["train"]["status"] == "ok"
+    adapter = run_dir / "adapter"
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == "tiny"
+    for file in [run_dir / "manifest.json", run_dir / "dataset_stats.json",
+                 *(p for p in adapter.iterdir() if p.suffix != ".safetensors")]:
+        assert str(tmp_path) not in file.read_text(), file.name
+    base = AutoModelForCausalLM.from_pretrained(moved / "models" / "tiny")
+    assert adapters.check_adapter(base, adapter)["base_model_name_or_path"] == "tiny"
+
+    alone = tmp_path / "alone"
+    shutil.move(run_dir, alone)
+    assert T.main([str(alone)]) == 2
+    said = capsys.readouterr().err
+    assert "MODEL='../../models/tiny'" in said and "does not exist" in said
+    assert str((tmp_path.parent / "models" / "tiny").resolve()) in said  # where it looked
