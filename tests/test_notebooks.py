@@ -126,8 +126,8 @@ def machine_paths(run_dir) -> set:
 
 
 def test_no_secret_or_machine_path_in_what_a_run_shares(series_run):
-    """The manifest, the dataset's stats and every text file of the adapter and the merged model
-    name no path of this machine (the run directory, the home directory with the embedded
+    """The manifest, the dataset's stats, every text file of the adapter and the merged model,
+    and the checkpoints' settings name no path of this machine (the run directory, the home directory with the embedded
     model's cache, the current directory, the repository): local files by their path relative to
     RUN_DIR where they are read back, the command line with RUN_DIR."""
     run_dir, data = series_run
@@ -143,6 +143,8 @@ def test_no_secret_or_machine_path_in_what_a_run_shares(series_run):
         assert any(p.name.endswith("config.json") for p in files), folder
         shared += [p for p in files if p.suffix != ".safetensors"]
     assert run_dir / "adapter" / "adapter_config.json" in shared
+    # the checkpoints' configs, model cards (peft's) and signatures, which resume reads
+    shared += [p for p in (run_dir / "checkpoints").rglob("*") if p.suffix in (".json", ".md")]
     base = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert base["base_model_name_or_path"] == helpers.embedded.EMBEDDED_VERSION
     found = [f"{file.relative_to(run_dir)} names {p}" for file in shared
