@@ -323,3 +323,13 @@ def test_the_manifest_keeps_local_paths_relative_to_the_run_and_no_machine_path(
     assert saved["command"] == ("python -m helpers.run --run-dir RUN_DIR -p DATASET ~/d.jsonl "
                                 f"-p MODEL {home}2/m")  # another folder: not the home's
     assert saved["error"] == "FileNotFoundError: RUN_DIR/adapter is gone. 'RUN_DIR'"
+
+
+def test_shared_files_name_a_hub_cache_folder_by_its_id():
+    """A base model loaded from the Hub's cache is named by its id in the adapter's files."""
+    from helpers.formats import public_name
+
+    snapshot = "/cache/huggingface/hub/models--EleutherAI--gpt-j-6b/snapshots/0123abc"
+    assert public_name(snapshot) == "EleutherAI/gpt-j-6b"
+    assert public_name("/cache/hub/models--gpt2") == "gpt2"
+    assert public_name("EleutherAI/gpt-j-6b") == "EleutherAI/gpt-j-6b"
