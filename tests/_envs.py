@@ -83,7 +83,8 @@ def make_env(where: Path, hide: set[str], pins: list[str] = ()) -> Path:
 
 
 def pip(py: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore"}
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore",
+           "PIP_NO_COMPILE": "1"}  # no .pyc of every file installed: these environments are short
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([str(py), "-m", "pip", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
