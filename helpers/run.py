@@ -111,8 +111,11 @@ def prepare_run_dir(run_dir: str | None, parameters: dict | None = None,
 
 
 # Lines a kernel writes to the terminal that ask nothing of the person running the series: the
-# kernel's notice that its local connection is not encrypted (its sockets listen on 127.0.0.1).
-KERNEL_NOISE = (b"Kernel is running over TCP without encryption",)
+# kernel's notice that its local connection is not encrypted (its sockets listen on 127.0.0.1),
+# and its log line when the client interrupts it while shutting it down after the last cell (a
+# run stopped by the person ends with papermill's own error, which still shows).
+KERNEL_NOISE = (b"Kernel is running over TCP without encryption",
+                b"[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel")
 
 
 def _forward_kernel_stderr(fd: int, noise=KERNEL_NOISE) -> None:

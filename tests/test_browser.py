@@ -275,7 +275,8 @@ def test_the_kernel_stderr_keeps_everything_but_the_tcp_notice(capfd):
 
     read, write = os.pipe()
     os.write(write, b"[IPKernelApp] WARNING | Kernel is running over TCP without encryption. "
-                    b"All communication ...\nSegmentation fault in a cell\n")
+                    b"All communication ...\nSegmentation fault in a cell\n"
+                    b"[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel.\n")
     os.close(write)
     _forward_kernel_stderr(read)
     assert capfd.readouterr().err == "Segmentation fault in a cell\n"
