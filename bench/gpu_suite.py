@@ -388,6 +388,62 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
     return out
 
 
+def longest_offload(model, shape, name, tokenizer, budget_gb, rate):
+    """The longest sequence at micro-batch 1 under ``budget_gb`` with the checkpointed activations
+    in CPU memory (ACTIVATION_OFFLOAD = 'on') and the defaults otherwise: the estimator's answer,
+    then real forward and backward steps, growing by a quarter until one runs out of memory and
+    halving the gap after (to 512 tokens). Each step's wall time gives tokens/s and MFU at that
+    length (forward and backward; no optimizer step)."""
+    from helpers import offload
+
+    free()
+    budget = int(budget_gb * 1e9)
+    cfg = config.make_config(MODEL=f"rehearsal:{name}", RUN_DIR=str(WORK / "longest"),
+                             ACTIVATION_OFFLOAD="on")
+    lora.prepare_for_training(model, True, False)
+    peft_model = lora.attach(model, cfg)
+    losses.use_chunked_loss(peft_model)
+    stats = offload.install(peft_model)
+    lf = fitting.largest_fit(shape, budget, seq_len=512, lora_r=cfg.lora_r, chunked_loss=True)
+    predicted = lf.get("seq_len_offload") or lf["seq_len"]
+    fraction = min(1.0, budget / torch.cuda.get_device_properties(0).total_memory)
+    ok, bad, seq, tried = 0, None, max(512, predicted // 256 * 256), []
+    best = {}
+    for _ in range(9):
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        try:
+            stats.reset()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            peak = fitting.probe_step(peft_model, 1, seq)
+            secs = time.perf_counter() - t
+            tried.append((seq, "ok", round(secs, 2), peak, stats.peak))
+            ok = seq
+            best = {"seq": seq, "seconds": round(secs, 2), "peak_alloc_bytes": peak,
+                    "host_bytes": stats.peak, "tokens_per_second": round(seq / secs, 1),
+                    "mfu": mfu(shape, seq / secs, rate)}
+        except torch.cuda.OutOfMemoryError:
+            tried.append((seq, "oom"))
+            bad = seq
+            free()
+        if bad is not None and bad - ok <= 512:
+            break
+        nxt = int(seq * 1.25) if bad is None else (ok + bad) // 2 if ok else int(seq * 0.75)
+        seq = max(256, nxt // 256 * 256)
+        if seq in (ok, bad):
+            break
+    est = estimator.estimate(shape, seq_len=ok or 512, micro_batch=1, lora_r=cfg.lora_r,
+                             chunked_loss=True, activation_offload=True) if ok else None
+    emit({"kind": "longest", "model": name, "recipe": "defaults + ACTIVATION_OFFLOAD=on",
+          "budget_gb": budget_gb, "predicted_seq_len": predicted, "measured_seq_len": ok,
+          "at_longest": best, "predicted_peak_at_longest": est.total_allocated if est else None,
+          "predicted_host_at_longest": est.host_bytes if est else None, "tried": tried})
+    out = own_loss(peft_model.unload())
+    out.__dict__.pop("forward", None)
+    free()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
@@ -447,7 +503,7 @@ def run_model(name, parts, tokenizer, rate, steps):
     if "fit16" in parts and name == "gpt-neox-20b":  # all-linear under 16 GB: refused?
         model, _ = defaults(model, shape, name, tokenizer, steps, rate, 16, rows512,
                             "random-512-16GB")
-    if "profile" in parts:  # where a step's GPU time goes, defaults under the budget
+    if "profile" in parts and "packed" not in parts:  # where a step's GPU time goes
         model, _ = defaults(model, shape, name, tokenizer, 7, rate, budget, rows512,
                             "random-512-profile", profile=True)
     for variant in sorted(p for p in parts if p.startswith("var:")):
@@ -462,6 +518,19 @@ def run_model(name, parts, tokenizer, rate, steps):
         rows_long = random_rows(vocab, 16 * (long_steps + 1), 512, seed=2)
         model, _ = defaults(model, shape, name, tokenizer, long_steps, rate, budget_small,
                             rows_long, f"random-512-{long_steps}-steps", targets=targets)
+    if "packed" in parts:  # packed quotes with transformers' mask, then the varlen kernel
+        quotes = quote_rows(config.make_config(), tokenizer, True)
+        model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, quotes,
+                            "quotes-packed-mask", params={"PACKING": "false"})
+        model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, rows512,
+                            "random-512")
+        model, _ = defaults(model, shape, name, tokenizer, steps, rate, budget, quotes,
+                            "quotes-packed-varlen")
+        if "profile" in parts:
+            model, _ = defaults(model, shape, name, tokenizer, 7, rate, budget, quotes,
+                                "quotes-packed-varlen-profile", profile=True)
+    for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("longest-offload:")):
+        model = longest_offload(model, shape, name, tokenizer, gb, rate)
     if "longest" in parts:
         model = longest(model, shape, name, tokenizer, budget, "defaults")
         model = longest(model, shape, name, tokenizer, budget, "original")

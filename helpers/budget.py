@@ -312,6 +312,36 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def positions(model) -> int | None:
+    """How many positions the model was built for (``max_position_embeddings`` or its family's
+    name for it), or None where its config names none."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class SequenceTooLongError(ValueError):
+    """MAX_LENGTH is longer than the positions the model has."""
+
+
+def require_positions(model, seq_len: int) -> None:
+    """Refuse a sequence longer than the model's positions, before any step runs: a model with a
+    table of positions (GPT-J's rotary table, GPT-2's learned positions) would index past it,
+    which on a GPU is a device-side assert that leaves the CUDA context unusable until the
+    runtime restarts; a rotary model was never trained on those positions either."""
+    n = positions(model)
+    if n is not None and seq_len > n:
+        raise SequenceTooLongError(
+            f"MAX_LENGTH={seq_len} is longer than the {n:,} positions this model has "
+            f"(max_position_embeddings of {getattr(model.config, 'name_or_path', '') or 'the model'}"
+            f"); set MAX_LENGTH to at most {n}.")
+
+
 def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
     """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
     all of them labelled: the largest activations a training step at this size can have. Returns
@@ -321,6 +351,7 @@ def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None 
     computes in training (the chunked loss where :func:`helpers.losses.use_chunked_loss`
     installed it), so the probe measures what training will hold. Introduced in notebook 05.
     """
+    require_positions(model, seq_len)
     device = _model_device(model)
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
@@ -397,6 +428,7 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
 
     Introduced in notebook 05.
     """
+    require_positions(model, cfg.max_length)
     notes: list[str] = []
     cuda = torch.cuda.is_available() and _model_device(model).type == "cuda"
     if env.fsdp_active() and torch.cuda.is_available():

@@ -27,7 +27,7 @@ from accelerate.utils import send_to_device
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from helpers import config as config_mod
-from helpers import data, env, fsdp, loading, lora, losses, manifest, offload, scaling
+from helpers import attention, data, env, fsdp, loading, lora, losses, manifest, offload, scaling
 from helpers.budget import BudgetError, _model_device, choose_micro_batch
 from helpers.callbacks import (LOSS_CURVE, LossCurveCallback, MemoryCallback, ProgressBar,
                                ThroughputCallback, TrainingGuard, TrainingStopped)
@@ -307,8 +307,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     :class:`TrainResult`. For the command line, notebook 06 when notebook 05 has not run, and
     tests.
 
-    In order: refuse a train set without label tokens; the chunked loss (CHUNKED_LOSS); the
-    activations in CPU memory (ACTIVATION_OFFLOAD, :mod:`helpers.offload`); the
+    In order: refuse a train set without label tokens; the chunked loss (CHUNKED_LOSS); packed
+    rows' attention without a mask (PACKING, :mod:`helpers.attention`); the activations in CPU memory (ACTIVATION_OFFLOAD, :mod:`helpers.offload`); the
     micro-batch (:func:`helpers.budget.choose_micro_batch`; a resumed run keeps its
     micro-batch); the arguments; RESUME: check the latest checkpoint's run signature, else start
     over (:func:`helpers.checkpoints.resume_point`); evaluate before; train with the callbacks
@@ -329,6 +329,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     if env.world()["world_size"] > 1:
         fsdp.accept_indexed_cpu_locations()
     notes = [losses.use_chunked_loss(model)] if cfg.chunked_loss else []
+    if cfg.packing:
+        notes.append(attention.use_packed_attention(model))
     notes.append(offload.use_activation_offload(model, cfg))  # ACTIVATION_OFFLOAD
     dtype = env.compute_dtype(cfg.compute_dtype)
     micro, fit_notes = choose_micro_batch(keep_resumed_micro_batch(cfg), model,

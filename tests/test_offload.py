@@ -143,11 +143,11 @@ def test_training_with_offload_ends_with_the_same_adapter(tmp_path):
 
 @pytest.mark.gpu
 def test_offload_lowers_the_measured_peak_as_predicted():
-    """A GPT-J-6B rehearsal at 4,096 tokens: the probe step's max_memory_allocated with and
+    """A GPT-J-6B rehearsal at its 2,048 positions: the probe step's max_memory_allocated with and
     without offload, each against the estimator, and the saving against the predicted one."""
     from helpers import env, loading, lora
 
-    cfg = dataclasses.replace(Config(), model="rehearsal:gpt-j-6b", max_length=4096,
+    cfg = dataclasses.replace(Config(), model="rehearsal:gpt-j-6b", max_length=2048,
                               lora_dropout=0.0, run_dir="")
     model = loading.load_model(cfg.model, compute_dtype=cfg.compute_dtype)
     lora.prepare_for_training(model, True, False)

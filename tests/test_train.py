@@ -220,7 +220,7 @@ def test_the_notebook_builds_the_arguments_training_arguments_builds(tmp_path, t
 
 
 def test_budget_too_small_is_refused_before_training(tmp_path, tiny):
-    cfg = config(tmp_path, memory_budget_gb=12.0, max_length=512)
+    cfg = config(tmp_path, memory_budget_gb=8.0, max_length=128)
     model = peft_model(tiny, cfg)
 
     def estimate(micro_batch, seq_len):  # a pretend 7B model: 5 GB + 30 MB per token
@@ -229,15 +229,29 @@ def test_budget_too_small_is_refused_before_training(tmp_path, tiny):
     with pytest.raises(budget.BudgetError) as err:
         budget.choose_micro_batch(cfg, model, estimate_fn=estimate)
     msg = str(err.value)
-    assert "MEMORY_BUDGET_GB=12 is too small" in msg and "20.36 GB" in msg
-    assert "MAX_LENGTH = 192 would fit" in msg  # (12e9 - 5e9) / 3e7 = 233 -> 192
-    assert "at least 20.4 GB" in msg
+    assert "MEMORY_BUDGET_GB=8 is too small" in msg and "8.84 GB" in msg
+    assert "MAX_LENGTH = 64 would fit" in msg  # (8e9 - 5e9) / 3e7 = 100 -> 64
+    assert "at least 8.9 GB" in msg
     # train() refuses it the same way, before anything is trained
     tokenizer = tokenizer_of(tiny)
     with pytest.raises(budget.BudgetError):
         T.train(cfg, model, tokenizer, rows(tokenizer, TEXTS), None, collator_for(tokenizer),
                 estimate_fn=estimate, live=False)
     assert checkpoints.latest_checkpoint(cfg.run_dir) is None
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused_before_any_step(tmp_path, tiny):
+    """tiny has 128 positions: MAX_LENGTH 256 is refused with the length that works, before a
+    probe or a step (on a GPU, GPT-J's rotary table indexed past its end is a device-side assert
+    that leaves the CUDA context unusable)."""
+    cfg = config(tmp_path, max_length=256)
+    model = peft_model(tiny, cfg)
+    assert budget.positions(model) == 128
+    for call in (lambda: budget.choose_micro_batch(cfg, model),
+                 lambda: budget.probe_step(model, 1, 256)):
+        with pytest.raises(budget.SequenceTooLongError, match="set MAX_LENGTH to at most 128"):
+            call()
+    budget.require_positions(model, 128)  # its own length is fine
 
 
 def test_budget_from_the_real_estimator(tmp_path, tiny):
