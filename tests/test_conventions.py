@@ -227,3 +227,12 @@ def test_setup_cell_does_nothing_locally(tmp_path):
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok"
     assert "pip" not in proc.stderr
+
+
+def test_every_module_is_reachable_as_an_attribute_of_helpers():
+    """Notebooks write ``helpers.attention.use_packed_attention(...)`` after ``import helpers``:
+    every module of the package is in its lazy list."""
+    import helpers
+
+    modules = {p.stem for p in (ROOT / "helpers").glob("*.py")} - {"__init__"}
+    assert modules == set(helpers._MODULES)
