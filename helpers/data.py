@@ -27,6 +27,7 @@ can straddle the boundary: the prompt's tokens are exactly those the model sees 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import html
 import json
@@ -102,32 +103,52 @@ def tokenize_examples(formatted, tokenizer, max_length: int, response_only: bool
                          desc="tokenize")
 
 
-def pack(tokenized, max_length: int):
-    """Whole examples laid end to end into blocks of at most ``max_length`` tokens.
+def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
+    """Blocks of example indices, no block over ``capacity`` tokens: the longest example first,
+    each into the fullest block it still fits (a new block where none has room). For examples much
+    shorter than a block this leaves almost no tail to pad, where laying them end to end in order
+    leaves on average half an example per block."""
+    blocks, free = [], []  # free: sorted (room left, block)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            blocks.append([i])
+            bisect.insort(free, (capacity - n, len(blocks) - 1))
+        else:
+            room, b = free.pop(k)
+            blocks[b].append(i)
+            bisect.insort(free, (room - n, b))
+    return blocks
 
-    Blocks are filled greedily in order (within batches of 1,000 examples); an example that does
-    not fit starts the next block, so no example is split and no token is dropped (a block's
-    unused tail is padding the collator adds, never counted). Each example keeps its own EOS.
+
+def pack(tokenized, max_length: int):
+    """Whole examples packed into blocks of at most ``max_length`` tokens.
+
+    Within batches of 1,000 examples, :func:`best_fit_decreasing` decides which examples share a
+    block, so the blocks are nearly full (the embedded quotes at 512 tokens: 72 blocks, 98.1% real
+    tokens, one block over the least their tokens need; laid end to end in order: 74, 95.5%). No example is split and no token is
+    dropped (a block's unused tail is padding the collator adds, never counted). Each example
+    keeps its own EOS.
 
     ``position_ids`` restart at 0 for every example, and each example's first label is -100 (as
     unpacked, where a first token is never predicted), so the loss covers exactly the same tokens
     packed or not. Whether examples in one block can attend to each other depends on the batch:
     :class:`CompletionCollator` leaves out ``attention_mask`` for packed rows, and transformers
     (>= 4.54, eager/SDPA/flash attention) then builds a causal mask per example from the
-    restarting ``position_ids``: no attention across examples, logits equal to unpacked ones.
-    Older versions or other models fall back to one causal mask over the block (examples see the
-    ones before them, the usual packing compromise). Introduced in notebook 04.
+    restarting ``position_ids`` (or :mod:`helpers.attention` gives each example its own attention
+    without a mask): no attention across examples, logits equal to unpacked ones. Older versions
+    or other models fall back to one causal mask over the block (examples see the ones before
+    them, the usual packing compromise). Introduced in notebook 04.
     """
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "position_ids": []}
-        for x, y in zip(batch["input_ids"], batch["labels"]):
-            if not out["input_ids"] or len(out["input_ids"][-1]) + len(x) > max_length:
-                for rows in out.values():  # a new block
-                    rows.append([])
-            out["input_ids"][-1] += x
-            out["labels"][-1] += [IGNORE_INDEX] + y[1:]
-            out["position_ids"][-1] += range(len(x))
+        ids, labels = batch["input_ids"], batch["labels"]
+        for block in best_fit_decreasing([len(x) for x in ids], max_length):
+            out["input_ids"].append([t for i in block for t in ids[i]])
+            out["labels"].append([t for i in block for t in [IGNORE_INDEX] + labels[i][1:]])
+            out["position_ids"].append([p for i in block for p in range(len(ids[i]))])
         return out
 
     return tokenized.map(fn, batched=True, batch_size=_BATCH,
