@@ -5,6 +5,7 @@ the rest from the package index, so the tests skip, saying why, where no index c
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -93,21 +94,56 @@ STACK = ("transformers", "peft", "accelerate", "huggingface-hub", "tokenizers", 
          "bitsandbytes", "ipywidgets")
 
 
-@pytest.mark.parametrize("image", ["older", "current"])
-def test_setup_cell_on_a_colab_image_leaves_a_working_stack(image, tmp_path):
-    """The setup cell, from a local git URL, on a Colab-shaped environment: what it installs
-    works together (transformers and peft above all), and notebook 03 then runs alone."""
+def colab_image(image: str, tmp_path: Path) -> dict:
+    """A Colab-shaped environment (``image``: "older" or "current"), the versions of the stack
+    before and after notebook 03 ran alone there through its setup cell, and ``helpers.env``'s
+    check of the result."""
     pins = OLDER_COLAB if image == "older" else CURRENT_COLAB
     hide = _envs.HF_STACK if image == "older" else {"bitsandbytes", "qlora-series"}
     py = _envs.make_env(tmp_path / "env", hide | _envs.WIDGETS, pins)
     before = _envs.versions(py, *STACK)
-    assert before["bitsandbytes"] is None and before["ipywidgets"] == "7.7.1"
     done = run_notebook_alone(py, "03_lora_setup", source_repo(tmp_path), tmp_path)
-    after = _envs.versions(py, *STACK)
-    print(image, "before:", before, "\nafter:", after, "\n", done["setup_output"])
-    assert "problem" not in done["setup_output"] and "installed:" in done["setup_output"]
     check = subprocess.run([str(py), "-m", "helpers.env"], capture_output=True, text=True,
                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return {"before": before, "after": _envs.versions(py, *STACK), "done": done, "check": check}
+
+
+def lowest_versions(tmp_path: Path) -> dict:
+    """Every range's lower bound installed together, and notebooks 03 and 04 run on them."""
+    pins = lower_bounds()
+    hide = _envs.HF_STACK | _envs.WIDGETS | {p.split("==")[0] for p in pins}
+    py = _envs.make_env(tmp_path / "env", hide, pins)
+    want = dict(p.split("==") for p in pins)
+    got = _envs.versions(py, *want)
+    env = {**{k: v for k, v in os.environ.items() if k != "QLORA_RUN_DIR"}, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([str(py), "-m", "helpers.run", "--only", "03,04", "--run-dir",
+                           str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    return {"want": want, "got": got, "proc": proc, "run": tmp_path / "run"}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The three environments, built and run at the same time (each is mostly pip and a kernel
+    waiting on its own processes): name -> a future whose result re-raises what failed."""
+    jobs = {"older": lambda t: colab_image("older", t), "current": lambda t: colab_image("current", t),
+            "lowest": lowest_versions}
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(job, tmp_path_factory.mktemp(name))
+                   for name, job in jobs.items()}
+        concurrent.futures.wait(futures.values())
+    return futures
+
+
+@pytest.mark.parametrize("image", ["older", "current"])
+def test_setup_cell_on_a_colab_image_leaves_a_working_stack(image, installed):
+    """The setup cell, from a local git URL, on a Colab-shaped environment: what it installs
+    works together (transformers and peft above all), and notebook 03 then runs alone."""
+    r = installed[image].result()
+    before, after, done, check = r["before"], r["after"], r["done"], r["check"]
+    assert before["bitsandbytes"] is None and before["ipywidgets"] == "7.7.1"
+    print(image, "before:", before, "\nafter:", after, "\n", done["setup_output"])
+    assert "problem" not in done["setup_output"] and "installed:" in done["setup_output"]
     assert check.returncode == 0, check.stdout + check.stderr
     assert after["bitsandbytes"] and after["datasets"]  # what Colab lacks was installed
     if image == "current":  # nothing that already worked was changed
@@ -117,19 +153,12 @@ def test_setup_cell_on_a_colab_image_leaves_a_working_stack(image, tmp_path):
     assert entry["metrics"]["trainable_params"] > 0
 
 
-def test_the_lowest_versions_the_ranges_admit(tmp_path):
+def test_the_lowest_versions_the_ranges_admit(installed):
     """Every range's lower bound installed together (transformers, peft, accelerate, datasets,
     bitsandbytes, ...), then notebooks 03 and 04 on them: 4-bit loading, LoRA, data preparation."""
-    pins = lower_bounds()
-    hide = _envs.HF_STACK | _envs.WIDGETS | {p.split("==")[0] for p in pins}
-    py = _envs.make_env(tmp_path / "env", hide, pins)
     from packaging.version import Version
 
-    want = dict(p.split("==") for p in pins)
-    got = _envs.versions(py, *want)
+    r = installed["lowest"].result()
+    want, got, proc = r["want"], r["got"], r["proc"]
     assert all(got[n] and Version(got[n]) == Version(v) for n, v in want.items()), got
-    env = {**{k: v for k, v in os.environ.items() if k != "QLORA_RUN_DIR"}, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([str(py), "-m", "helpers.run", "--only", "03,04", "--run-dir",
-                           str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
