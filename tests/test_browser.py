@@ -13,6 +13,7 @@ no browser download. The notebooks run in a copy, on the embedded default, with 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -155,13 +156,24 @@ def _problems(report: dict) -> list[str]:
     return out
 
 
-@pytest.mark.notebook
-@pytest.mark.parametrize("stem", list(NOTEBOOKS))
-def test_notebook_in_the_browser(stem, lab, shots):
+@pytest.fixture(scope="module")
+def browser_runs(lab, shots):
+    """Every notebook of NOTEBOOKS run in its own browser at the same time (each waits mostly on
+    its kernel and page): stem -> a future whose result is the page's report."""
     node = _node_or_skip()
     base, _ = lab
-    extra = ["--change", CALCULATOR_CHOICE] if stem.startswith("02") else []
-    report = _run_in_browser(node, base, stem, shots, *extra)
+    with concurrent.futures.ThreadPoolExecutor(len(NOTEBOOKS)) as pool:
+        runs = {stem: pool.submit(_run_in_browser, node, base, stem, shots,
+                                  *(["--change", CALCULATOR_CHOICE] if stem.startswith("02")
+                                    else [])) for stem in NOTEBOOKS}
+        concurrent.futures.wait(runs.values())
+    return runs
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("stem", list(NOTEBOOKS))
+def test_notebook_in_the_browser(stem, browser_runs):
+    report = browser_runs[stem].result()
     assert not _problems(report), _problems(report)
     drawn = [c for c in report["cells"] if c["images"]]
     assert len(drawn) >= FIGURES[stem], (
