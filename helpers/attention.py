@@ -172,7 +172,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if seg is None or attention_mask is not None or query.shape[2] != seg.seq:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if dropout:  # the flash kernel here has no dropout: the mask, as transformers would build it
+    if query.dtype not in HALF and torch.is_autocast_enabled(query.device.type):
+        half = torch.get_autocast_dtype(query.device.type)  # what SDPA computes in under autocast
+        query, key, value = query.to(half), key.to(half), value.to(half)
+    if dropout or query.dtype not in HALF:  # the kernel has neither: the mask transformers builds
         return sdpa_attention_forward(module, query, key, value, seg.mask(), dropout=dropout,
                                       scaling=scaling, **kwargs)
     b, heads, s, d = query.shape

@@ -136,6 +136,25 @@ def test_batches_with_a_mask_or_a_cache_keep_sdpa(monkeypatch):
         assert torch.equal(ours.generate(input_ids=ids, **kw), theirs.generate(input_ids=ids, **kw))
 
 
+def test_a_batch_the_kernel_cannot_take_gets_the_mask():
+    """float32 (no autocast) or attention dropout: SDPA with the examples' block mask, the same
+    result as each example alone."""
+    pos = _positions([5, 9, 0, 0], [16])
+    seg = attention.segments(pos)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=torch.Generator().manual_seed(h))
+               for h in (4, 2, 2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+    attention._STATE.segments = seg
+    try:
+        out, _ = attention.packed_attention(module, q, k, v, None, scaling=0.3)
+    finally:
+        attention._STATE.segments = None
+    flat = lambda t: t.transpose(1, 2).reshape(32, t.shape[1], 8)  # noqa: E731
+    expected = attention.reference(flat(q), flat(k), flat(v), seg.starts, 0.3)
+    torch.testing.assert_close(out.reshape(32, 4, 8), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_on_cpu_the_model_keeps_transformers_mask():
     model = _lora(MODELS["gpt-neox"]())
     note = attention.use_packed_attention(model)
