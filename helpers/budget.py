@@ -77,7 +77,8 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
     of several is then sized). A larger budget never fits less. With gradient checkpointing
     and the activations not offloaded, ``seq_len_offload`` is the longest sequence with them
     offloaded to CPU memory (ACTIVATION_OFFLOAD), ``micro_batch_offload`` the largest
-    micro-batch.
+    micro-batch; with the MLP not tiled, ``seq_len_tiled`` and ``micro_batch_tiled`` are the
+    same with the activations offloaded and the MLP tiled (TILED_MLP) as well.
     """
     shape = as_shape(shape)
     if "seq_len" not in settings:
@@ -93,10 +94,14 @@ def largest_fit(shape, budget_bytes: float, **settings) -> dict:
     lengths = range(step, shape.context + 1, step)
     found = {"micro_batch": largest_micro_batch(need, budget_bytes, seq_len),
              "seq_len": largest_seq_len(need, budget_bytes, lengths)}
-    if settings.get("gradient_checkpointing", True) and not settings.get("activation_offload"):
+    if not settings.get("gradient_checkpointing", True):
+        return found
+    for saver, key in (("activation_offload", "offload"), ("tiled_mlp", "tiled")):
+        if not settings.get(saver):  # this one as well as those before it
+            settings[saver] = True
+            found.update({f"micro_batch_{key}": largest_micro_batch(need, budget_bytes, seq_len),
+                          f"seq_len_{key}": largest_seq_len(need, budget_bytes, lengths)})
         settings["activation_offload"] = True
-        found.update(micro_batch_offload=largest_micro_batch(need, budget_bytes, seq_len),
-                     seq_len_offload=largest_seq_len(need, budget_bytes, lengths))
     return found
 
 
@@ -118,6 +123,9 @@ def verdict_text(est: Estimate, budget_bytes: float) -> str:
     elif lf.get("micro_batch_offload"):
         alt.append(f"ACTIVATION_OFFLOAD = 'on' (or 'auto') would fit micro-batch "
                    f"{lf['micro_batch_offload']} at {s['seq_len']} tokens")
+    elif lf.get("micro_batch_tiled"):
+        alt.append(f"ACTIVATION_OFFLOAD and TILED_MLP = 'on' (or 'auto') would fit micro-batch "
+                   f"{lf['micro_batch_tiled']} at {s['seq_len']} tokens")
     elif lf["seq_len"]:
         alt.append(f"micro-batch 1 at {lf['seq_len']} tokens would fit")
     elif not s["gradient_checkpointing"]:
@@ -139,81 +147,117 @@ def config_settings(cfg) -> dict:
             "cuda_context": torch.cuda.is_available(), "autocast": env.uses_autocast(dtype),
             "upcast_fp32": cfg.upcast_norms_and_head, "lora_dropout": cfg.lora_dropout,
             "chunked_loss": cfg.chunked_loss,
-            "activation_offload": cfg.activation_offload == "on" and cfg.gradient_checkpointing}
+            "activation_offload": cfg.activation_offload == "on" and cfg.gradient_checkpointing,
+            "tiled_mlp": cfg.tiled_mlp == "on" and cfg.gradient_checkpointing}
+
+
+def _auto_choice(cfg, name: str, what: dict, need_without, need_with) -> tuple:
+    """``(on, why)`` for a memory saver's parameter ``name`` ('auto', 'on' or 'off'): 'on' and
+    'off' decide themselves (``what``: their sentences); 'auto' turns it on only when one step at
+    micro-batch 1 and MAX_LENGTH does not fit the budget without it (``need_without() ->
+    bytes``) and does with it (``need_with() -> (bytes, how)``); needs None: the estimator does
+    not know the model."""
+    mode = getattr(cfg, name.lower())
+    head = f"{name} = {mode!r}"
+    if mode != "auto":
+        return mode == "on", f"{head}: {what[mode]}"
+    budget = budget_bytes(cfg)
+    if not cfg.gradient_checkpointing:
+        return False, head + ": off (it needs GRADIENT_CHECKPOINTING)"
+    if budget is None or need_without is None:
+        return False, head + (": off (no GPU budget to need it)" if budget is None else
+                              ": off (the estimator does not know this model)")
+    without = need_without()
+    if without <= budget:
+        return False, (f"{head}: off, not needed (micro-batch 1 x {cfg.max_length} tokens: "
+                       f"{without / GB:.2f} GB of {budget / GB:.2f} GB)")
+    with_it, how = need_with()
+    if with_it > budget:
+        return False, (f"{head}: off, it would not fit even with it ({with_it / GB:.2f} GB of "
+                       f"{budget / GB:.2f} GB)")
+    return True, (f"{head}: on, chosen because micro-batch 1 x {cfg.max_length} tokens needs "
+                  f"{without / GB:.2f} GB of the {budget / GB:.2f} GB budget {what['without']} "
+                  f"and {with_it / GB:.2f} GB {how}")
 
 
 def choose_offload(cfg, need) -> tuple:
     """Whether training keeps the checkpointed activations in CPU memory, and the sentence saying
     why: ``(on, why)``. ACTIVATION_OFFLOAD 'on' and 'off' decide themselves; 'auto' turns it on
     only when one step at micro-batch 1 and MAX_LENGTH does not fit the budget
-    (:func:`budget_bytes`) without it and does with it (``need(offload) -> bytes``: the card's
-    need at that size; None when the model is unknown to the estimator). Introduced in
-    notebook 02."""
-    mode = cfg.activation_offload
-    head = f"ACTIVATION_OFFLOAD = {mode!r}"
-    if mode != "auto":
-        return mode == "on", head + (": checkpointed activations go to pinned CPU memory"
-                                     if mode == "on" else ": activations stay on the GPU")
-    budget = budget_bytes(cfg)
-    if not cfg.gradient_checkpointing:
-        return False, head + ": off (it needs GRADIENT_CHECKPOINTING)"
-    if budget is None or need is None:
-        return False, head + (": off (no GPU budget to need it)" if budget is None else
-                              ": off (the estimator does not know this model)")
-    without = need(False)
-    if without <= budget:
-        return False, (f"{head}: off, not needed (micro-batch 1 x {cfg.max_length} tokens: "
-                       f"{without / GB:.2f} GB of {budget / GB:.2f} GB)")
-    offloaded = need(True)
-    if offloaded > budget:
-        return False, (f"{head}: off, it would not fit even with it ({offloaded / GB:.2f} GB of "
-                       f"{budget / GB:.2f} GB)")
-    return True, (f"{head}: on, chosen because micro-batch 1 x {cfg.max_length} tokens needs "
-                  f"{without / GB:.2f} GB of the {budget / GB:.2f} GB budget with the "
-                  f"activations on the GPU and {offloaded / GB:.2f} GB with them on the host")
+    (:func:`budget_bytes`) without it and does with it (``need(offload, tiled) -> bytes``: the
+    card's need at that size with the activations offloaded and the MLP tiled or not; None when
+    the model is unknown to the estimator). Offloading is decided first: its copies run beside
+    the computation, while a tiled MLP (TILED_MLP, :func:`choose_tiling`, decided next) computes
+    every MLP once more. So with TILED_MLP = 'on' both count it; with 'auto', offloading is
+    also chosen when it fits only with the MLP tiled as well. Introduced in notebook 02."""
+    tiled = cfg.tiled_mlp == "on"
+
+    def with_it() -> tuple:
+        alone = need(True, tiled)
+        if alone > (budget_bytes(cfg) or 0) and cfg.tiled_mlp == "auto":
+            return need(True, True), "with them on the host and the MLP tiled (TILED_MLP)"
+        return alone, "with them on the host"
+
+    return _auto_choice(cfg, "ACTIVATION_OFFLOAD", {
+        "on": "checkpointed activations go to pinned CPU memory",
+        "off": "activations stay on the GPU", "without": "with the activations on the GPU"},
+        need and (lambda: need(False, tiled)), with_it)
+
+
+def choose_tiling(cfg, need) -> tuple:
+    """Whether training runs each block's MLP a chunk of tokens at a time (TILED_MLP,
+    :mod:`helpers.tiling`), and why: ``(on, why)``, as :func:`choose_offload` decides, after
+    it (``need(tiled) -> bytes``, with the activations offloaded as decided)."""
+    return _auto_choice(cfg, "TILED_MLP", {
+        "on": "each MLP runs a chunk of tokens at a time", "off": "each MLP runs whole",
+        "without": "with each MLP run whole"},
+        need and (lambda: need(False)), lambda: (need(True), "with the MLP tiled"))
 
 
 def estimate_for_config(cfg, shape=None) -> Estimate:
     """The estimate for the series' :class:`helpers.config.Config` (:func:`config_settings`) at
     ``cfg.max_length`` tokens and its micro-batch (1 when it is chosen automatically). ``shape``
-    defaults to the preset named like ``cfg.model``. ACTIVATION_OFFLOAD = 'auto' is decided here
-    as training decides it (:func:`choose_offload`), and the estimate's notes say so."""
+    defaults to the preset named like ``cfg.model``. ACTIVATION_OFFLOAD = 'auto' and TILED_MLP =
+    'auto' are decided here as training decides them (:func:`choose_offload`, then
+    :func:`choose_tiling`), and the estimate's notes say so."""
     shape = as_shape(shape if shape is not None else cfg.model)
     settings = config_settings(cfg)
 
-    def at(offload: bool) -> Estimate:
-        return estimate(shape, seq_len=cfg.max_length, micro_batch=max(cfg.micro_batch, 1),
-                        **{**settings, "activation_offload": offload})
+    def at(offload: bool, tiled: bool, micro_batch: int = 1) -> Estimate:
+        return estimate(shape, seq_len=cfg.max_length, micro_batch=micro_batch,
+                        **{**settings, "activation_offload": offload, "tiled_mlp": tiled})
 
-    if cfg.activation_offload != "auto":
-        return at(settings["activation_offload"])
-    on, why = choose_offload(cfg, lambda offload: estimate(
-        shape, seq_len=cfg.max_length, micro_batch=1,
-        **{**settings, "activation_offload": offload}).total_device)
-    est = at(on)
-    est.notes.append(why)
+    offload, tiled, notes = settings["activation_offload"], settings["tiled_mlp"], []
+    if cfg.activation_offload == "auto":
+        offload, why = choose_offload(cfg, lambda o, t: at(o, t).total_device)
+        notes.append(why)
+    if cfg.tiled_mlp == "auto":
+        tiled, why = choose_tiling(cfg, lambda t: at(offload, t).total_device)
+        notes.append(why)
+    est = at(offload, tiled, max(cfg.micro_batch, 1))
+    est.notes[:0] = notes
     return est
 
 
 def longest_text(cfg, shape=None) -> str:
     """The longest sequence that fits MEMORY_BUDGET_GB at micro-batch 1 with the Config's
-    settings, with the activations on the GPU and offloaded to CPU memory (ACTIVATION_OFFLOAD),
-    from the estimator: a sentence for notebook 02."""
+    settings, with the activations on the GPU, offloaded to CPU memory (ACTIVATION_OFFLOAD), and
+    offloaded with the MLP tiled (TILED_MLP), from the estimator: a sentence for notebook 02."""
     budget = budget_bytes(cfg)
     if budget is None:
         return "no GPU budget on this machine: set MEMORY_BUDGET_GB to size a card"
     shape = as_shape(shape if shape is not None else cfg.model)
-    settings = {**config_settings(cfg), "activation_offload": False}
+    settings = {**config_settings(cfg), "activation_offload": False, "tiled_mlp": False}
     lf = largest_fit(shape, budget, seq_len=cfg.max_length, **settings)
     text = (f"longest sequence at micro-batch 1 in {budget / GB:.3g} GB: {lf['seq_len']:,} "
             f"tokens with the activations on the GPU")
     if "seq_len_offload" not in lf:
         return text + " (offloading needs GRADIENT_CHECKPOINTING)"
-    longest = lf["seq_len_offload"]
-    host = estimate(shape, seq_len=max(longest, 1), micro_batch=1,
+    longest, tiled = lf["seq_len_offload"], lf["seq_len_tiled"]
+    host = estimate(shape, seq_len=max(longest, tiled, 1), micro_batch=1,
                     **{**settings, "activation_offload": True}).host_bytes
-    return text + (f", {longest:,} with ACTIVATION_OFFLOAD (then {fmt_bytes(host)} of host "
-                   "memory)")
+    return text + (f", {longest:,} with ACTIVATION_OFFLOAD, {tiled:,} with TILED_MLP as well "
+                   f"(then {fmt_bytes(host)} of host memory)")
 
 
 class MemoryBudgetError(ValueError):
@@ -254,9 +298,10 @@ def budget_bytes(cfg) -> int | None:
     return None
 
 
-def _model_settings(cfg, model, offload: bool | None = None):
-    """``(shape, settings)`` of :func:`_estimate_as` for ``model`` trained with the Config; None
-    where the estimator does not know the model's architecture."""
+def _model_settings(cfg, model, offload: bool | None = None, tiled: bool | None = None):
+    """``(shape, settings)`` of :func:`_estimate_as` for ``model`` trained with the Config
+    (``offload``, ``tiled``: as installed in the model by default); None where the estimator does
+    not know the model's architecture."""
     try:
         shape = shape_from_config(getattr(model, "config", model))
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -265,9 +310,15 @@ def _model_settings(cfg, model, offload: bool | None = None):
     # them in the model
     if offload is None:
         offload = bool(getattr(model, "uses_activation_offload", False))
+    if tiled is None:
+        tiled = bool(getattr(model, "uses_tiled_mlp", False))
     settings = {**config_settings(cfg),
                 "chunked_loss": bool(getattr(model, "uses_chunked_loss", False)),
-                "activation_offload": offload and cfg.gradient_checkpointing}
+                "activation_offload": offload and cfg.gradient_checkpointing,
+                "tiled_mlp": tiled and cfg.gradient_checkpointing}
+    chunk = getattr(getattr(model, "tiled_mlp_stats", None), "chunk_tokens", None)
+    if chunk:
+        settings["mlp_chunk_tokens"] = chunk
     try:
         estimate(shape, seq_len=8, micro_batch=1, **settings)
     except ValueError:  # e.g. LoRA targets named differently from the estimator's layer names
@@ -279,24 +330,25 @@ def _model_settings(cfg, model, offload: bool | None = None):
     return shape, settings
 
 
-def model_estimate(cfg, model, micro_batch: int, seq_len: int,
-                   offload: bool | None = None) -> Estimate | None:
+def model_estimate(cfg, model, micro_batch: int, seq_len: int, offload: bool | None = None,
+                   tiled: bool | None = None) -> Estimate | None:
     """The :class:`Estimate` of one training step of ``model`` with the Config's settings
-    (``offload``: the activations in CPU memory; default: as installed in the model); None
-    where the estimator does not know the model's architecture."""
-    found = _model_settings(cfg, model, offload)
+    (``offload``: the activations in CPU memory; ``tiled``: the MLP tiled; default: as installed
+    in the model); None where the estimator does not know the model's architecture."""
+    found = _model_settings(cfg, model, offload, tiled)
     if found is None:
         return None
     shape, settings = found
     return _estimate_as(shape, seq_len=seq_len, micro_batch=micro_batch, **settings)
 
 
-def default_estimate_fn(cfg, model, offload: bool | None = None):
+def default_estimate_fn(cfg, model, offload: bool | None = None, tiled: bool | None = None):
     """``fn(micro_batch, seq_len) -> bytes`` the card needs for one training step of ``model``
     with the Config's settings, from :func:`helpers.estimator.estimate` (``offload``: the
-    checkpointed activations in CPU memory; default: as :mod:`helpers.offload` installed it in
-    the model); None where the estimator does not know the model's architecture."""
-    found = _model_settings(cfg, model, offload)
+    checkpointed activations in CPU memory; ``tiled``: the MLP tiled; default: as
+    :mod:`helpers.offload` and :mod:`helpers.tiling` installed them in the model); None where the
+    estimator does not know the model's architecture."""
+    found = _model_settings(cfg, model, offload, tiled)
     if found is None:
         return None
     shape, settings = found
@@ -387,13 +439,17 @@ def _enforce_budget(budget: int, notes: list) -> None:
     notes.append(env.enforce_gpu_budget(budget))
 
 
-def _refusal(cfg, budget: int, estimate_fn, needed_1: int, offloaded: int | None = None) -> str:
+def _refusal(cfg, budget: int, estimate_fn, needed_1: int, offloaded: int | None = None,
+             tiled: int | None = None) -> str:
     upto = cfg.max_length
     seq = largest_seq_len(estimate_fn, budget, range(64, upto + 1, 64) or range(8, upto + 1, 8))
     ways = []
     if offloaded is not None and offloaded <= budget:
         ways.append(f"ACTIVATION_OFFLOAD = 'on' or 'auto' would fit ({offloaded / GB:.2f} GB: "
                     "the checkpointed activations in CPU memory)")
+    elif tiled is not None and tiled <= budget:
+        ways.append(f"TILED_MLP = 'on' or 'auto' would fit ({tiled / GB:.2f} GB, with "
+                    "ACTIVATION_OFFLOAD as well: each MLP a chunk of tokens at a time)")
     if seq:
         ways.append(f"MAX_LENGTH = {seq} would fit at micro-batch 1")
     if not cfg.gradient_checkpointing:
@@ -442,12 +498,13 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
         else:
             needed_1 = estimate_fn(1, cfg.max_length)
             if needed_1 > budget:
-                offload_fn = None
-                if cfg.gradient_checkpointing and not getattr(model, "uses_activation_offload",
-                                                              False):
-                    offload_fn = default_estimate_fn(cfg, model, offload=True)
-                offloaded = offload_fn(1, cfg.max_length) if offload_fn else None
-                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1, offloaded))
+                saved = {}  # the need with offload, then tiling too, where not installed yet
+                for key, attr, kw in (("offloaded", "uses_activation_offload", {}),
+                                      ("tiled", "uses_tiled_mlp", {"tiled": True})):
+                    if cfg.gradient_checkpointing and not getattr(model, attr, False):
+                        saved[key] = default_estimate_fn(cfg, model, offload=True,
+                                                         **kw)(1, cfg.max_length)
+                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1, **saved))
             notes.append(f"estimate at micro-batch 1 x {cfg.max_length} tokens: "
                          f"{needed_1 / GB:.2f} GB of a {budget / GB:.2f} GB budget")
     if not cuda:

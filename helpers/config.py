@@ -78,6 +78,9 @@ class Config:
     # checkpointed activations in pinned CPU memory (helpers.offload); auto: when the budget
     # needs it (True / False are read as on / off)
     activation_offload: Literal["auto", "on", "off"] = "auto"
+    # each block's MLP a chunk of tokens at a time (helpers.tiling); auto: when the budget
+    # needs it after ACTIVATION_OFFLOAD (True / False are read as on / off)
+    tiled_mlp: Literal["auto", "on", "off"] = "auto"
     # generation (helpers.generate)
     max_new_tokens: int = 40
     prompts: str = ""  # "|"-separated; "" = a few fixed prompts suited to the dataset
@@ -143,7 +146,7 @@ def make_config(**parameters) -> Config:
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
-_SWITCHES = ("ACTIVATION_OFFLOAD",)  # choices of on, off and auto that also take a boolean
+_SWITCHES = ("ACTIVATION_OFFLOAD", "TILED_MLP")  # choices of on, off and auto that also take a boolean
 _SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
@@ -235,6 +238,9 @@ def _rules(cfg: Config, fsdp: bool):
     yield (cfg.activation_offload == "on" and not cfg.gradient_checkpointing,
            "ACTIVATION_OFFLOAD='on' keeps the checkpointed activations in CPU memory: it needs "
            "GRADIENT_CHECKPOINTING = True (or use 'auto' or 'off')")
+    yield (cfg.tiled_mlp == "on" and not cfg.gradient_checkpointing,
+           "TILED_MLP='on' shrinks the block that gradient checkpointing recomputes in the "
+           "backward: it needs GRADIENT_CHECKPOINTING = True (or use 'auto' or 'off')")
     yield (cfg.max_new_tokens < 1, f"MAX_NEW_TOKENS={cfg.max_new_tokens} must be at least 1")
     yield (fsdp and cfg.optimizer not in FSDP_OPTIMIZERS,
            f"OPTIMIZER={cfg.optimizer!r} under FSDP: bitsandbytes' 8-bit optimizer state cannot "

@@ -28,6 +28,8 @@ CUBLAS_WORKSPACE_BYTES = 64_000_000
 # Block inputs the GPU holds with the checkpointed activations offloaded (helpers.offload): one
 # being copied to the host while the next block computes; in the backward one copied back.
 OFFLOAD_IN_FLIGHT = 2
+# Tokens per chunk of the tiled MLP (helpers.tiling, TILED_MLP): its docstring says why 4,096.
+MLP_CHUNK_TOKENS = 4096
 
 
 # the optimizers the estimator knows, with what each keeps per trainable parameter
@@ -139,7 +141,8 @@ class Estimate:
         head = (f"{self.shape.name}: seq {s['seq_len']} x micro-batch {s['micro_batch']}, "
                 f"LoRA r={s['lora_r']}, checkpointing "
                 f"{'on' if s['gradient_checkpointing'] else 'off'}"
-                f"{' (activations offloaded to CPU)' if s.get('activation_offload') else ''}, "
+                f"{' (activations offloaded to CPU)' if s.get('activation_offload') else ''}"
+                f"{', tiled MLP' if s.get('tiled_mlp') else ''}, "
                 f"{s['optimizer']}")
         return "\n".join([head, self.frame().to_string(index=False, justify="left"),
                           *self.notes])
@@ -155,7 +158,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              compute_dtype=torch.bfloat16, double_quant: bool = True, cuda_context: bool = True,
              upcast_fp32: bool = False, autocast: bool | None = None,
              lora_dropout: float = 0.05, chunked_loss: bool = True,
-             activation_offload: bool = False, context_bytes: int = CUDA_CONTEXT_BYTES,
+             activation_offload: bool = False, tiled_mlp: bool = False,
+             mlp_chunk_tokens: int = MLP_CHUNK_TOKENS, context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
     """Predict the peak GPU memory of a QLoRA training step, item by item.
 
@@ -170,7 +174,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     standard loss over the whole sequence's logits (False: the original recipe, a plain
     Trainer); ``activation_offload``: the checkpointed block inputs kept in CPU memory
     (:mod:`helpers.offload`, ACTIVATION_OFFLOAD; with checkpointing only): the GPU keeps
-    :data:`OFFLOAD_IN_FLIGHT` of them, ``host_bytes`` is what the host holds; ``cuda_context``:
+    :data:`OFFLOAD_IN_FLIGHT` of them, ``host_bytes`` is what the host holds; ``tiled_mlp``: the
+    MLP of each block run ``mlp_chunk_tokens`` tokens at a time (:mod:`helpers.tiling`,
+    TILED_MLP; with checkpointing only): the block recomputed in the backward holds one chunk's
+    MLP intermediates and their gradients instead of the whole sequence's; ``cuda_context``:
     False on CPU.
 
     The activation model follows what autograd really saves in transformers 5 with bitsandbytes
@@ -185,6 +192,11 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     if activation_offload and not gradient_checkpointing:
         raise ValueError("activation_offload keeps the checkpointed activations in CPU memory: "
                          "it needs gradient_checkpointing=True")
+    if tiled_mlp and not gradient_checkpointing:
+        raise ValueError("tiled_mlp changes what the block recomputed in the backward holds: it "
+                         "needs gradient_checkpointing=True")
+    if tiled_mlp and mlp_chunk_tokens < 1:
+        raise ValueError(f"mlp_chunk_tokens={mlp_chunk_tokens} must be at least 1")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {', '.join(_OPTIMIZERS)}")
     compute_dtype = _as_dtype(compute_dtype)
@@ -312,6 +324,17 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # back), and the gradients in flight add a few stream-wide and MLP-wide tensors; the largest
     # 4-bit weight is dequantized to the compute dtype for the input-gradient matmul.
     grads_in_flight = 2 * T * h * 4 + 2 * T * ff * hb
+    # Tiled (helpers.tiling), the MLP runs one chunk of tokens at a time under its own
+    # checkpoint, in the forward and again in the backward: the MLP-wide tensors (what the
+    # activation and the product keep, LoRA's saves inside the MLP other than its input, their
+    # gradients) exist for one chunk only. Its input and output stay whole-sequence tensors.
+    mlp_wide = (per_tok["mlp"] + _lora_mlp_intermediates(shape, lora, lora_r, lora_dropout, c16,
+                                                          norm_out=norm_out, mlp_out=hb)
+                + 2 * ff * hb)  # per token, gradients included
+    chunk = min(T, mlp_chunk_tokens) if tiled_mlp else T
+    # what tiling takes off the recomputed block; it adds one stream-wide tensor: the chunks'
+    # gradients for the MLP's input, gathered until the last chunk's backward has run
+    untiled = (T - chunk) * mlp_wide - (T * h * hb if chunk < T else 0)
     dequant = max(s.params for s in specs) * cb if specs else 0
 
     workspace = CUBLAS_WORKSPACE_BYTES if cuda_context else 0
@@ -346,7 +369,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
           "backward (no checkpointing)")),
     ]
     static = sum(n for _, _, n, _ in persistent)  # saved activations included
-    block_bwd = (layer_saved if gradient_checkpointing else 0) + grads_in_flight
+    block_bwd = (layer_saved if gradient_checkpointing else 0) + grads_in_flight - untiled
     phases = {
         "end of the forward (logits and loss)": static + head_copy + final_norm + logits_fwd,
         "start of backward (logits and their gradient)": static + head_copy + final_norm + logits,
@@ -357,8 +380,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     at_fwd, _at_loss, at_block = (peak_phase == p for p in phases)
     items = [Item(key, label, n, n, why) for key, label, n, why in persistent] + [
         Item("block_recompute", "one block in backward", block_bwd, block_bwd if at_block else 0,
-             "the recomputed block's saved tensors and the gradients in flight"
-             if gradient_checkpointing else "gradients in flight through one block"),
+             ("the recomputed block's saved tensors and the gradients in flight"
+              + (f", its MLP {chunk} of {T} tokens at a time (tiled)" if tiled_mlp else "")
+              if gradient_checkpointing else "gradients in flight through one block")),
         Item("dequant_temp", "4-bit dequantization buffer", dequant, dequant if at_block else 0,
              "the largest 4-bit weight dequantized for a matmul"),
         Item("head_copy", "16-bit copy of the head", head_copy,
@@ -381,11 +405,14 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     total_device = sum(i.at_peak for i in items)
     footprint = packed + (n_emb + n_head + n_small) * cb + shape.buffer_bytes  # as loaded
     detail = {"per_token_per_block": per_tok, "stream_bytes": hb, "tokens": T,
-              "phases": phases, "block_inputs": block_inputs}
+              "phases": phases, "block_inputs": block_inputs,
+              "mlp_wide_per_token": mlp_wide, "mlp_chunk_tokens": chunk}
+    notes = [f"tiled MLP: one block's MLP intermediates for {chunk:,} of {T:,} tokens at a time "
+             f"(saves {fmt_bytes(untiled)} of the recomputed block)"] if tiled_mlp else []
     return Estimate(shape=shape, settings=settings, items=items,
                     total_allocated=int(total_allocated), total_device=int(total_device),
                     footprint=int(footprint), peak_phase=peak_phase, activation_detail=detail,
-                    host_bytes=int(host_bytes))
+                    host_bytes=int(host_bytes), notes=notes)
 
 
 # items that live only for part of a step (the allocator's slack grows with them)
@@ -421,6 +448,18 @@ def _reads(shape: ModelShape, spec: LinearSpec) -> str:
     if shape.parallel_residual and shape.norms_per_block == 1:
         return "block_in"
     return "mlp_in" if spec.group == "mlp" else "attn_in"
+
+
+def _lora_mlp_intermediates(shape, lora, r, dropout, lc, *, norm_out, mlp_out) -> int:
+    """Bytes per token that the LoRA adapters inside the MLP save apart from the MLP's input
+    (which the block holds whole anyway): B's r-wide inputs, dropout outputs and masks, cast
+    copies, the down projection's input. Tiled, these exist for one chunk at a time."""
+    mlp = [s for s in lora if s.group == "mlp"]
+    total = _lora_saved_per_token(shape, mlp, r, dropout, lc, norm_out=norm_out, attn_out=lc,
+                                  mlp_out=mlp_out)
+    shares_input = dropout == 0 and norm_out == lc and any(
+        _reads(shape, s) != "mlp_out" for s in mlp)
+    return total - (shape.hidden * lc if shares_input else 0)
 
 
 def _lora_saved_per_token(shape, lora, r, dropout, lc, *, norm_out, attn_out, mlp_out) -> int:

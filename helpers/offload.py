@@ -158,11 +158,12 @@ def use_activation_offload(model, cfg) -> str:
     before :func:`helpers.budget.choose_micro_batch`, which then sizes the micro-batch with the
     activations on the host. Offloading needs GRADIENT_CHECKPOINTING (the parameter check says
     so for 'on')."""
-    estimate_fn = {on: budget.default_estimate_fn(cfg, model, offload=on) for on in (False, True)}
+    estimate_fn = {(on, tiled): budget.default_estimate_fn(cfg, model, offload=on, tiled=tiled)
+                   for on in (False, True) for tiled in (False, True)}
     need = None
-    if estimate_fn[False] is not None:
-        def need(on: bool) -> int:
-            return estimate_fn[on](1, cfg.max_length)
+    if estimate_fn[False, False] is not None:
+        def need(on: bool, tiled: bool) -> int:  # tiled: the MLP as TILED_MLP may run it
+            return estimate_fn[on, tiled](1, cfg.max_length)
     on, why = budget.choose_offload(cfg, need)
     if not on:
         return why

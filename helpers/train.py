@@ -27,7 +27,8 @@ from accelerate.utils import send_to_device
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from helpers import config as config_mod
-from helpers import attention, data, env, fsdp, loading, lora, losses, manifest, offload, scaling
+from helpers import (attention, data, env, fsdp, loading, lora, losses, manifest, offload, scaling,
+                     tiling)
 from helpers.budget import BudgetError, _model_device, choose_micro_batch
 from helpers.callbacks import (LOSS_CURVE, LossCurveCallback, MemoryCallback, ProgressBar,
                                ThroughputCallback, TrainingGuard, TrainingStopped)
@@ -308,9 +309,11 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     tests.
 
     In order: refuse a train set without label tokens; the chunked loss (CHUNKED_LOSS); packed
-    rows' attention without a mask (PACKING, :mod:`helpers.attention`); the activations in CPU memory (ACTIVATION_OFFLOAD, :mod:`helpers.offload`); the
-    micro-batch (:func:`helpers.budget.choose_micro_batch`; a resumed run keeps its
-    micro-batch); the arguments; RESUME: check the latest checkpoint's run signature, else start
+    rows' attention without a mask (PACKING, :mod:`helpers.attention`); the activations in CPU
+    memory (ACTIVATION_OFFLOAD, :mod:`helpers.offload`); the MLP a chunk of tokens at a time
+    (TILED_MLP, :mod:`helpers.tiling`); the micro-batch
+    (:func:`helpers.budget.choose_micro_batch`; a resumed run keeps its micro-batch); the
+    arguments; RESUME: check the latest checkpoint's run signature, else start
     over (:func:`helpers.checkpoints.resume_point`); evaluate before; train with the callbacks
     (live loss curve, memory, throughput, resume, NaN/zero guard: :class:`TrainingStopped` if it
     stopped the run) plus ``callbacks``; evaluate after; save the adapter with its model card in
@@ -332,6 +335,7 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     if cfg.packing:
         notes.append(attention.use_packed_attention(model))
     notes.append(offload.use_activation_offload(model, cfg))  # ACTIVATION_OFFLOAD
+    notes.append(tiling.use_tiled_mlp(model, cfg))  # TILED_MLP, after the offload's decision
     dtype = env.compute_dtype(cfg.compute_dtype)
     micro, fit_notes = choose_micro_batch(keep_resumed_micro_batch(cfg), model,
                                           estimate_fn=estimate_fn)

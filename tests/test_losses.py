@@ -25,11 +25,11 @@ def lora_config(**changes) -> Config:
     return dataclasses.replace(Config(), **values)
 
 
-def with_lora(model, seed=0):
+def with_lora(model, seed=0, dropout=0.0):
     """LoRA on every linear layer, B initialized away from zero (so the gradients of A and B are
     both non-trivial), with non-reentrant checkpointing, as in training."""
     lora.prepare_for_training(model, True, False)
-    model = lora.attach(model, lora_config())
+    model = lora.attach(model, lora_config(lora_dropout=dropout))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
