@@ -22,6 +22,8 @@ so a run cut short keeps what it measured):
 - ``longest``: the longest sequence at micro-batch 1 that trains under a budget, for the
   defaults (with the chunked loss of CHUNKED_LOSS) and for the original recipe (the model's own
   loss over the full logits): the estimator's answer, confirmed by a real step.
+- ``longest-offload:GB`` / ``longest-tiled:GB``: the same under GB with the activations
+  offloaded to CPU memory (ACTIVATION_OFFLOAD), and with each MLP tiled as well (TILED_MLP).
 - ``merge``: the defaults' adapter merged into the 16-bit rehearsal, verified by logits.
 
 Tokens per second count real tokens, with the first two steps left out as warm-up. Model FLOPs
@@ -388,24 +390,27 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
     return out
 
 
-def longest_offload(model, shape, name, tokenizer, budget_gb, rate):
+def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False):
     """The longest sequence at micro-batch 1 under ``budget_gb`` with the checkpointed activations
-    in CPU memory (ACTIVATION_OFFLOAD = 'on') and the defaults otherwise: the estimator's answer,
-    then real forward and backward steps, growing by a quarter until one runs out of memory and
-    halving the gap after (to 512 tokens). Each step's wall time gives tokens/s and MFU at that
-    length (forward and backward; no optimizer step)."""
-    from helpers import offload
+    in CPU memory (ACTIVATION_OFFLOAD = 'on'; with ``tiled``, each MLP a chunk of tokens at a
+    time as well, TILED_MLP = 'on') and the defaults otherwise: the estimator's answer, then real
+    forward and backward steps, growing by a quarter until one runs out of memory and halving
+    the gap after (to 512 tokens). Each step's wall time gives tokens/s and MFU at that length
+    (forward and backward; no optimizer step)."""
+    from helpers import offload, tiling
 
     free()
     budget = int(budget_gb * 1e9)
     cfg = config.make_config(MODEL=f"rehearsal:{name}", RUN_DIR=str(WORK / "longest"),
-                             ACTIVATION_OFFLOAD="on")
+                             ACTIVATION_OFFLOAD="on", TILED_MLP="on" if tiled else "off")
     lora.prepare_for_training(model, True, False)
     peft_model = lora.attach(model, cfg)
     losses.use_chunked_loss(peft_model)
     stats = offload.install(peft_model)
+    if tiled:
+        tiling.install(peft_model)
     lf = fitting.largest_fit(shape, budget, seq_len=512, lora_r=cfg.lora_r, chunked_loss=True)
-    predicted = lf.get("seq_len_offload") or lf["seq_len"]
+    predicted = lf.get("seq_len_tiled" if tiled else "seq_len_offload") or lf["seq_len"]
     fraction = min(1.0, budget / torch.cuda.get_device_properties(0).total_memory)
     ok, bad, seq, tried = 0, None, max(512, predicted // 256 * 256), []
     best = {}
@@ -433,11 +438,14 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate):
         if seq in (ok, bad):
             break
     est = estimator.estimate(shape, seq_len=ok or 512, micro_batch=1, lora_r=cfg.lora_r,
-                             chunked_loss=True, activation_offload=True) if ok else None
-    emit({"kind": "longest", "model": name, "recipe": "defaults + ACTIVATION_OFFLOAD=on",
+                             chunked_loss=True, activation_offload=True,
+                             tiled_mlp=tiled) if ok else None
+    recipe = "defaults + ACTIVATION_OFFLOAD=on" + (" + TILED_MLP=on" if tiled else "")
+    emit({"kind": "longest", "model": name, "recipe": recipe,
           "budget_gb": budget_gb, "predicted_seq_len": predicted, "measured_seq_len": ok,
           "at_longest": best, "predicted_peak_at_longest": est.total_allocated if est else None,
           "predicted_host_at_longest": est.host_bytes if est else None, "tried": tried})
+    tiling.remove(peft_model)  # the base model's MLPs get their own forward back
     out = own_loss(peft_model.unload())
     out.__dict__.pop("forward", None)
     free()
@@ -531,6 +539,8 @@ def run_model(name, parts, tokenizer, rate, steps):
                                 "quotes-packed-varlen-profile", profile=True)
     for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("longest-offload:")):
         model = longest_offload(model, shape, name, tokenizer, gb, rate)
+    for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("longest-tiled:")):
+        model = longest_offload(model, shape, name, tokenizer, gb, rate, tiled=True)
     if "longest" in parts:
         model = longest(model, shape, name, tokenizer, budget, "defaults")
         model = longest(model, shape, name, tokenizer, budget, "original")
