@@ -422,7 +422,8 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False)
             t = time.perf_counter()
             peak = fitting.probe_step(peft_model, 1, seq)
             secs = time.perf_counter() - t
-            tried.append((seq, "ok", round(secs, 2), peak, stats.peak))
+            tried.append((seq, "ok", round(secs, 2), peak, stats.peak,
+                          torch.cuda.max_memory_reserved()))
             ok = seq
             best = {"seq": seq, "seconds": round(secs, 2), "peak_alloc_bytes": peak,
                     "host_bytes": stats.peak, "tokens_per_second": round(seq / secs, 1),
