@@ -24,6 +24,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the README's command): on CPU one process per core, at most 4, each test file
+    in one process (``--dist loadfile``); on a CUDA machine one process, since the GPU tests
+    measure one card's memory and the fault tests fork, which autograd refuses in a process that
+    has run a backward on the GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 0
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 @pytest.fixture(scope="session")
 def series_run(tmp_path_factory):
     """The whole series executed by the main job, once; yields (run_dir, manifest dict).
