@@ -21,6 +21,7 @@ model keeps transformers' mask.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -82,21 +83,22 @@ _STATE = _State()
 
 # ------------------------------------------------------------------ the kernel
 
+@functools.lru_cache(maxsize=1)
 def varlen_kernel():
-    """torch's variable-length flash attention, or None in a torch without it."""
+    """torch's variable-length flash attention and the names of its parameters, or None in a
+    torch without it (looked up once: every layer calls it)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def varlen(q, k, v, starts, longest: int, scale: float | None = None):
     """Causal attention of each example alone: ``q`` [tokens, heads, d], ``k``/``v`` [tokens,
     kv heads, d], ``starts`` and ``longest`` as in :class:`Segments`. Fits the kernel's signature
     in the installed torch (``window_size`` or ``is_causal``; ``scale``; ``enable_gqa``)."""
-    kernel = varlen_kernel()
-    params = inspect.signature(kernel).parameters
+    kernel, params = varlen_kernel()
     kw = {}
     if "window_size" in params:
         kw["window_size"] = (-1, 0)  # causal
@@ -260,7 +262,6 @@ def use_packed_attention(model) -> str:
     if why:
         return f"packed rows: transformers' block mask through SDPA ({why})"
     register()
-    lm.config._attn_implementation = ATTENTION
     for sub in {id(config): config, id(lm.config): lm.config}.values():
         sub._attn_implementation = ATTENTION
     decoder.register_forward_pre_hook(_hook(decoder), with_kwargs=True)

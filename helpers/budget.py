@@ -13,7 +13,7 @@ import torch
 from helpers import env, units
 from helpers.estimator import Estimate, estimate
 from helpers.scaling import estimate_per_gpu
-from helpers.shapes import as_shape, shape_from_config
+from helpers.shapes import _cfg_get, as_shape, shape_from_config
 from helpers.units import GB, fmt_bytes, free
 
 
@@ -370,11 +370,8 @@ def positions(model) -> int | None:
     config = getattr(model, "config", None)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    value = _cfg_get(config, "max_position_embeddings", "n_positions", "n_ctx")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 class SequenceTooLongError(ValueError):

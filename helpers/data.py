@@ -126,10 +126,10 @@ def pack(tokenized, max_length: int):
     """Whole examples packed into blocks of at most ``max_length`` tokens.
 
     Within batches of 1,000 examples, :func:`best_fit_decreasing` decides which examples share a
-    block, so the blocks are nearly full (the embedded quotes at 512 tokens: 72 blocks, 98.1% real
-    tokens, one block over the least their tokens need; laid end to end in order: 74, 95.5%). No example is split and no token is
-    dropped (a block's unused tail is padding the collator adds, never counted). Each example
-    keeps its own EOS.
+    block, so the blocks are nearly full (the embedded quotes at 512 tokens: 72 blocks, 98.1%
+    real tokens, one block over the least their tokens need; laid end to end in order: 74,
+    95.5%). No example is split and no token is dropped (a block's unused tail is padding the
+    collator adds, never counted). Each example keeps its own EOS.
 
     ``position_ids`` restart at 0 for every example, and each example's first label is -100 (as
     unpacked, where a first token is never predicted), so the loss covers exactly the same tokens
