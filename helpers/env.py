@@ -338,18 +338,32 @@ def host_budget_bytes(budget_gb: float = 0.0) -> int:
     return int(budget_gb * 1e9) if budget_gb > 0 else host_memory()["limit"]
 
 
+_HOST_PEAK_SCOPED = {"notebook": False}  # whether the last restart took (Linux's clear_refs)
+
+
+def _status_kb(field: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
 def peak_host_rss(restart: bool = False) -> int:
     """This process's resident-memory high-water mark in bytes: Linux's VmHWM, which
     ``restart=True`` sets back to the current RSS (a notebook's start, so that a notebook run
     again in the same kernel is measured alone); elsewhere ``ru_maxrss``, the process's lifetime
-    peak."""
+    peak. :func:`host_peak_is_scoped` says whether the restart took."""
     if restart:
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+        # right after a restart the mark is the current RSS; a kernel that ignores the request
+        # (or has no /proc) leaves the lifetime peak there
+        _HOST_PEAK_SCOPED["notebook"] = bool(hwm and rss and hwm <= rss + 32 * 1024)
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
@@ -358,6 +372,13 @@ def peak_host_rss(restart: bool = False) -> int:
         return psutil.Process().memory_info().rss
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports kB
+
+
+def host_peak_is_scoped() -> bool:
+    """Whether :func:`peak_host_rss` measures from its last restart (True) or is the process's
+    lifetime peak (False: no ``/proc/self/clear_refs`` here, so a notebook run after a larger
+    one in the same kernel reports the larger peak; an over-report, never an under-report)."""
+    return _HOST_PEAK_SCOPED["notebook"]
 
 
 _GPU_PEAK: dict = {}  # device index -> the largest peak seen before a reset

@@ -140,6 +140,9 @@ def begin_notebook(run_dir, notebook: str, parameters: dict, budgets: dict | Non
                     warned=set())
     env.gpu_peak_allocated(restart=True)
     env.peak_host_rss(restart=True)
+    # 0: this platform cannot restart the host mark, so the figure is the kernel's lifetime peak
+    record({"peak_host_rss_from_notebook_start": env.host_peak_is_scoped()},
+           run_dir=run_dir, notebook=notebook)
     _after_every_cell()
 
 
