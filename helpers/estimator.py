@@ -19,7 +19,10 @@ from helpers.units import (BITS_PER_PARAM_DQ, BITS_PER_PARAM_NO_DQ, fmt_bytes,
 CUDA_CONTEXT_BYTES = 800_000_000
 # torch's caching allocator reserves more than it hands out. Measured on an H200 (13 training
 # runs): reserved exceeded max_memory_allocated by 1-18%, about 3% of what is allocated plus a
-# third of the large short-lived buffers (logits and their gradient, a recomputed block).
+# third of the large short-lived buffers (logits and their gradient, a recomputed block). On
+# single forward-and-backward probes at 25-45k tokens (Llama-3.1-8B, activations offloaded) the
+# gap was smaller, 1.0-2.6 GB (8-13% of the block); the share stays at what training runs of
+# several steps measured.
 ALLOCATOR_SLACK = 0.03
 TRANSIENT_SLACK = 0.35
 # cuBLAS and cuBLASLt workspaces, which torch allocates through its caching allocator at the
@@ -273,9 +276,12 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, lora_dropout, c16,
                                             norm_out=norm_out, attn_out=c16, mlp_out=hb)
     # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
-    # float32 log-sum-exp per head: no seq x seq matrix. Keys and values are counted at the
-    # query width: with a padding mask transformers repeats grouped key/value heads before sdpa.
-    per_tok["attention"] = 4 * shape.heads * shape.head_dim * c16 + 4 * shape.heads
+    # float32 log-sum-exp per head: no seq x seq matrix. With a padding mask transformers repeats
+    # grouped key/value heads to the query width before sdpa, so rows that can be padded
+    # (micro-batches above 1) count keys and values at that width; a single row has no mask
+    # (transformers drops an all-ones causal one) and sdpa reads the grouped heads as they are.
+    kv_heads = shape.heads if micro_batch > 1 else shape.kv_heads
+    per_tok["attention"] = (2 * shape.heads + 2 * kv_heads) * shape.head_dim * c16 + 4 * shape.heads
     # MLP: the activation function saves its input (and a written-out formula its
     # intermediates); a gated MLP also keeps act(gate) and up for their product.
     per_tok["mlp"] = (_ACT_SAVES.get(shape.activation, 1) + 2 * shape.gated_mlp) * ff * hb
@@ -283,8 +289,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     per_tok["dropout"] = (2 * h if shape.resid_dropout > 0 else 0)
     layer_saved = T * sum(per_tok.values())
     # Each float32 LoRA weight is cast to the 16-bit compute dtype once per forward (by autocast,
-    # or by the series' LoRA layers without it) and the copy is kept for backward.
-    lora_casts = 2 * n_lora if (autocast or hb == 2) else 0
+    # or by the series' LoRA layers without it) and the copy is kept for backward; under
+    # checkpointing only the recomputed block's copies are (a checkpoint keeps nothing else).
+    lora_casts = (2 * n_lora if (autocast or hb == 2) else 0) // (
+        shape.layers if gradient_checkpointing else 1)
 
     # with checkpointing each block's input hidden state is kept, without every block's tensors;
     # offloaded (helpers.offload), the host holds them and the GPU the ones in flight: the one
@@ -320,21 +328,52 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     host_bytes = host if activation_offload else 0
     logits = 12 * logit_tokens * V + gathered
 
-    # Backward through one block: with checkpointing it is recomputed (its saved tensors come
-    # back), and the gradients in flight add a few stream-wide and MLP-wide tensors; the largest
-    # 4-bit weight is dequantized to the compute dtype for the input-gradient matmul.
-    grads_in_flight = 2 * T * h * 4 + 2 * T * ff * hb
+    # Backward through one block. With checkpointing the block is recomputed, and its largest
+    # moment is one of three (each traced tensor by tensor on CPU with a live-tensor tracker):
+    # - the end of the recompute, in the MLP's output projection: everything the block saves,
+    #   plus what the forward still holds there - the projection's input (the gated product or
+    #   the activation's output), the residual sum, the second norm's output and the block's
+    #   output being formed - and the gradient that arrived from above (two stream-wide
+    #   tensors). Llama's peak: 342.4 KB per token for Llama-3.1-8B, where an H200 measured
+    #   342.9 (bench/RESULTS.md);
+    # - the MLP's backward: everything saved, two MLP-wide gradients and the arriving gradient
+    #   (GPT-J's peak: its activation keeps four MLP-wide tensors until its own backward);
+    # - the second norm's backward, once the MLP's tensors are freed: the attention side's saves,
+    #   two stream-wide gradients (the block output's and the MLP input's) and the norm's
+    #   float32 temporaries, five for an RMSNorm written out in Python (Llama's), two for the
+    #   fused LayerNorm. Tiled, the MLP's share shrinks and this can be the highest.
     # Tiled (helpers.tiling), the MLP runs one chunk of tokens at a time under its own
-    # checkpoint, in the forward and again in the backward: the MLP-wide tensors (what the
-    # activation and the product keep, LoRA's saves inside the MLP other than its input, their
-    # gradients) exist for one chunk only. Its input and output stay whole-sequence tensors.
-    mlp_wide = (per_tok["mlp"] + _lora_mlp_intermediates(shape, lora, lora_r, lora_dropout, c16,
+    # checkpoint, in the forward and again in the backward: its MLP-wide tensors (what the
+    # activation and the product keep, LoRA's saves inside the MLP other than its input, the
+    # product the output projection reads, the MLP-wide gradients) exist for one chunk only,
+    # and the chunks' gradients for the MLP's input are gathered into one stream-wide tensor.
+    # Without checkpointing the backward of the last block holds a few stream-wide float32 and
+    # MLP-wide gradients. The largest 4-bit weight is dequantized for the input-gradient matmul.
+    mlp_saved = per_tok["mlp"] + _lora_mlp_intermediates(shape, lora, lora_r, lora_dropout, c16,
                                                           norm_out=norm_out, mlp_out=hb)
-                + 2 * ff * hb)  # per token, gradients included
     chunk = min(T, mlp_chunk_tokens) if tiled_mlp else T
-    # what tiling takes off the recomputed block; it adds one stream-wide tensor: the chunks'
-    # gradients for the MLP's input, gathered until the last chunk's backward has run
-    untiled = (T - chunk) * mlp_wide - (T * h * hb if chunk < T else 0)
+    attn_lora = [s for s in lora if s.group != "mlp"]
+    attn_side = (per_tok["norms"] + per_tok["attention"]
+                 + _lora_saved_per_token(shape, attn_lora, lora_r, lora_dropout, c16,
+                                         norm_out=norm_out, attn_out=c16, mlp_out=hb))
+    norm_temps = (5 if shape.norm == "rmsnorm" else 2) * h * 4
+
+    def block_moments(chunk: int) -> dict:
+        if not gradient_checkpointing:
+            return {"the last block's backward": 2 * T * h * 4 + 2 * T * ff * hb}
+        gathered_grad = T * h * hb if chunk < T else 0
+        out = {}
+        for name, mlp_extra, stream in (("the end of the recompute", ff * hb, 5 * h * hb),
+                                        ("the MLP's backward", 2 * ff * hb, 2 * h * hb)):
+            wide = mlp_saved + mlp_extra  # per token: what tiling cuts to one chunk
+            out[name] = (layer_saved + T * (mlp_extra + stream) - (T - chunk) * wide
+                         + gathered_grad)
+        out["the second norm's backward"] = T * (attn_side + 2 * h * hb + norm_temps)
+        return out
+
+    moments = block_moments(chunk)
+    block_bwd = max(moments.values())
+    untiled = max(block_moments(T).values()) - block_bwd  # what tiling takes off (the note)
     dequant = max(s.params for s in specs) * cb if specs else 0
 
     workspace = CUBLAS_WORKSPACE_BYTES if cuda_context else 0
@@ -369,7 +408,6 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
           "backward (no checkpointing)")),
     ]
     static = sum(n for _, _, n, _ in persistent)  # saved activations included
-    block_bwd = (layer_saved if gradient_checkpointing else 0) + grads_in_flight - untiled
     phases = {
         "end of the forward (logits and loss)": static + head_copy + final_norm + logits_fwd,
         "start of backward (logits and their gradient)": static + head_copy + final_norm + logits,
@@ -406,7 +444,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     footprint = packed + (n_emb + n_head + n_small) * cb + shape.buffer_bytes  # as loaded
     detail = {"per_token_per_block": per_tok, "stream_bytes": hb, "tokens": T,
               "phases": phases, "block_inputs": block_inputs,
-              "mlp_wide_per_token": mlp_wide, "mlp_chunk_tokens": chunk}
+              "mlp_saved_per_token": mlp_saved, "mlp_chunk_tokens": chunk,
+              "block_moments": moments}
     notes = [f"tiled MLP: one block's MLP intermediates for {chunk:,} of {T:,} tokens at a time "
              f"(saves {fmt_bytes(untiled)} of the recomputed block)"] if tiled_mlp else []
     return Estimate(shape=shape, settings=settings, items=items,
