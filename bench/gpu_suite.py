@@ -360,8 +360,8 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
         dtype = None
     lf = fitting.largest_fit(shape, budget, seq_len=512, **settings)
     predicted = lf["seq_len"]
-    torch.cuda.set_per_process_memory_fraction(
-        min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+    # as the notebooks do: the budget less what the CUDA context already holds
+    env.enforce_gpu_budget(budget)
     ok, seq, tried = 0, max(256, predicted), []
     step = 512
     for _ in range(10):
@@ -372,8 +372,7 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
         except torch.cuda.OutOfMemoryError:
             tried.append((seq, "oom"))
             free()
-            torch.cuda.set_per_process_memory_fraction(
-                min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+            env.enforce_gpu_budget(budget)
             if step == 256 and ok:
                 break
             if ok:
@@ -411,11 +410,10 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False)
         tiling.install(peft_model)
     lf = fitting.largest_fit(shape, budget, seq_len=512, lora_r=cfg.lora_r, chunked_loss=True)
     predicted = lf.get("seq_len_tiled" if tiled else "seq_len_offload") or lf["seq_len"]
-    fraction = min(1.0, budget / torch.cuda.get_device_properties(0).total_memory)
     ok, bad, seq, tried = 0, None, max(512, predicted // 256 * 256), []
     best = {}
     for _ in range(9):
-        torch.cuda.set_per_process_memory_fraction(fraction)
+        env.enforce_gpu_budget(budget)  # as the notebooks do: less the CUDA context
         try:
             stats.reset()
             torch.cuda.synchronize()
