@@ -23,7 +23,9 @@ so a run cut short keeps what it measured):
   defaults (with the chunked loss of CHUNKED_LOSS) and for the original recipe (the model's own
   loss over the full logits): the estimator's answer, confirmed by a real step.
 - ``longest-offload:GB`` / ``longest-tiled:GB``: the same under GB with the activations
-  offloaded to CPU memory (ACTIVATION_OFFLOAD), and with each MLP tiled as well (TILED_MLP).
+  offloaded to CPU memory (ACTIVATION_OFFLOAD, which brings the lean RMSNorm of
+  ``helpers.norms``), and with each MLP tiled as well (TILED_MLP); ``longest-own-norms:GB``:
+  offloaded with transformers' own RMSNorm, the A/B for the lean one.
 - ``merge``: the defaults' adapter merged into the 16-bit rehearsal, verified by logits.
 
 Tokens per second count real tokens, with the first two steps left out as warm-up. Model FLOPs
@@ -389,14 +391,14 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
     return out
 
 
-def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False):
+def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False, lean=True):
     """The longest sequence at micro-batch 1 under ``budget_gb`` with the checkpointed activations
     in CPU memory (ACTIVATION_OFFLOAD = 'on'; with ``tiled``, each MLP a chunk of tokens at a
     time as well, TILED_MLP = 'on') and the defaults otherwise: the estimator's answer, then real
     forward and backward steps, growing by a quarter until one runs out of memory and halving
     the gap after (to 512 tokens). Each step's wall time gives tokens/s and MFU at that length
     (forward and backward; no optimizer step)."""
-    from helpers import offload, tiling
+    from helpers import norms, offload, tiling
 
     free()
     budget = int(budget_gb * 1e9)
@@ -405,10 +407,11 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False)
     lora.prepare_for_training(model, True, False)
     peft_model = lora.attach(model, cfg)
     losses.use_chunked_loss(peft_model)
-    stats = offload.install(peft_model)
+    stats = offload.install(peft_model, lean_norms=lean)
     if tiled:
         tiling.install(peft_model)
-    lf = fitting.largest_fit(shape, budget, seq_len=512, lora_r=cfg.lora_r, chunked_loss=True)
+    lf = fitting.largest_fit(shape, budget, seq_len=512, lora_r=cfg.lora_r, chunked_loss=True,
+                             lean_norms=None if lean else False)
     predicted = lf.get("seq_len_tiled" if tiled else "seq_len_offload") or lf["seq_len"]
     ok, bad, seq, tried = 0, None, max(512, predicted // 256 * 256), []
     best = {}
@@ -438,13 +441,15 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False)
             break
     est = estimator.estimate(shape, seq_len=ok or 512, micro_batch=1, lora_r=cfg.lora_r,
                              chunked_loss=True, activation_offload=True,
-                             tiled_mlp=tiled) if ok else None
-    recipe = "defaults + ACTIVATION_OFFLOAD=on" + (" + TILED_MLP=on" if tiled else "")
+                             tiled_mlp=tiled, lean_norms=lean) if ok else None
+    recipe = ("defaults + ACTIVATION_OFFLOAD=on" + (" + TILED_MLP=on" if tiled else "")
+              + ("" if lean else " (transformers' RMSNorm)"))
     emit({"kind": "longest", "model": name, "recipe": recipe,
           "budget_gb": budget_gb, "predicted_seq_len": predicted, "measured_seq_len": ok,
           "at_longest": best, "predicted_peak_at_longest": est.total_allocated if est else None,
           "predicted_host_at_longest": est.host_bytes if est else None, "tried": tried})
-    tiling.remove(peft_model)  # the base model's MLPs get their own forward back
+    tiling.remove(peft_model)  # the base model's MLPs and norms get their own forward back
+    norms.remove(peft_model)
     out = own_loss(peft_model.unload())
     out.__dict__.pop("forward", None)
     free()
@@ -538,6 +543,8 @@ def run_model(name, parts, tokenizer, rate, steps):
                                 "quotes-packed-varlen-profile", profile=True)
     for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("longest-offload:")):
         model = longest_offload(model, shape, name, tokenizer, gb, rate)
+    for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("longest-own-norms:")):
+        model = longest_offload(model, shape, name, tokenizer, gb, rate, lean=False)
     for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("longest-tiled:")):
         model = longest_offload(model, shape, name, tokenizer, gb, rate, tiled=True)
     if "longest" in parts:

@@ -4,7 +4,7 @@ One module per concept, bottom to top (a module imports only those before it; th
 layout table lists them with what each owns): ``units``, ``tokens``, ``env`` (01), ``rundir``,
 ``manifest`` and ``config`` (every notebook), ``shapes``, ``footprint``, ``estimator``,
 ``scaling``, ``budget`` (02, 05), the model modules (02), ``lora`` (03), ``formats`` and
-``data`` (04), the training modules (05: ``losses``, ``attention``, ``offload``, ``tiling``, ...), generation,
+``data`` (04), the training modules (05: ``losses``, ``attention``, ``offload`` with ``norms``, ``tiling``, ...), generation,
 ``adapters``, ``streammerge`` and ``merge`` (06), ``widgets``, and the runner: ``nbtools`` and ``run``, the main job that executes
 the series with papermill.
 """
@@ -26,7 +26,7 @@ NOTEBOOKS = (
 
 _MODULES = ("units", "tokens", "env", "rundir", "config", "manifest", "footprint", "shapes",
             "estimator", "scaling", "budget", "embedded", "models", "rehearsal", "loading", "lora",
-            "formats", "data", "losses", "attention", "offload", "tiling", "plots", "callbacks", "checkpoints", "fsdp",
+            "formats", "data", "losses", "attention", "norms", "offload", "tiling", "plots", "callbacks", "checkpoints", "fsdp",
             "train", "generate", "adapters", "streammerge", "merge", "widgets", "nbtools", "run")
 
 

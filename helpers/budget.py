@@ -308,14 +308,18 @@ def _model_settings(cfg, model, offload: bool | None = None, tiled: bool | None 
         return None  # an architecture the estimator does not describe: the probe decides
     # the chunked loss and the offload count where helpers.losses / helpers.offload installed
     # them in the model
+    lean = None  # the lean norms follow a predicted offload (helpers.offload installs both)
     if offload is None:
         offload = bool(getattr(model, "uses_activation_offload", False))
+        lean = bool(getattr(model, "uses_lean_norms", False))
     if tiled is None:
         tiled = bool(getattr(model, "uses_tiled_mlp", False))
     settings = {**config_settings(cfg),
                 "chunked_loss": bool(getattr(model, "uses_chunked_loss", False)),
                 "activation_offload": offload and cfg.gradient_checkpointing,
                 "tiled_mlp": tiled and cfg.gradient_checkpointing}
+    if lean is not None:
+        settings["lean_norms"] = lean
     chunk = getattr(getattr(model, "tiled_mlp_stats", None), "chunk_tokens", None)
     if chunk:
         settings["mlp_chunk_tokens"] = chunk

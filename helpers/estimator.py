@@ -162,7 +162,8 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              upcast_fp32: bool = False, autocast: bool | None = None,
              lora_dropout: float = 0.05, chunked_loss: bool = True,
              activation_offload: bool = False, tiled_mlp: bool = False,
-             mlp_chunk_tokens: int = MLP_CHUNK_TOKENS, context_bytes: int = CUDA_CONTEXT_BYTES,
+             mlp_chunk_tokens: int = MLP_CHUNK_TOKENS, lean_norms: bool | None = None,
+             context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
     """Predict the peak GPU memory of a QLoRA training step, item by item.
 
@@ -180,8 +181,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     :data:`OFFLOAD_IN_FLIGHT` of them, ``host_bytes`` is what the host holds; ``tiled_mlp``: the
     MLP of each block run ``mlp_chunk_tokens`` tokens at a time (:mod:`helpers.tiling`,
     TILED_MLP; with checkpointing only): the block recomputed in the backward holds one chunk's
-    MLP intermediates and their gradients instead of the whole sequence's; ``cuda_context``:
-    False on CPU.
+    MLP intermediates and their gradients instead of the whole sequence's; ``lean_norms``: the
+    RMSNorms run as :class:`helpers.norms.LeanRMSNorm` (default: with ``activation_offload``,
+    which installs them; no effect on LayerNorm models); ``cuda_context``: False on CPU.
 
     The activation model follows what autograd really saves in transformers 5 with bitsandbytes
     4-bit layers and peft LoRA (checked with saved-tensor hooks on each family); the module's
@@ -198,6 +200,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     if tiled_mlp and not gradient_checkpointing:
         raise ValueError("tiled_mlp changes what the block recomputed in the backward holds: it "
                          "needs gradient_checkpointing=True")
+    if lean_norms is None:  # helpers.offload.install installs them with the offload
+        lean_norms = activation_offload
+    lean_norms = bool(lean_norms) and shape.norm == "rmsnorm"
     if tiled_mlp and mlp_chunk_tokens < 1:
         raise ValueError(f"mlp_chunk_tokens={mlp_chunk_tokens} must be at least 1")
     if optimizer not in _OPTIMIZERS:
@@ -270,6 +275,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # statistics; blocks with a parallel residual feed both norms the same input: one copy.
     n_norm_inputs = 1 if shape.parallel_residual else shape.norms_per_block
     per_tok["norms"] = n_norm_inputs * (norm_save * h + 8)
+    if lean_norms:  # each keeps its input and a float32 number per token; under checkpointing
+        # the first one's input is the block input, which the checkpoint holds anyway
+        per_tok["norms"] = n_norm_inputs * (hb * h + 4) - (hb * h if gradient_checkpointing else 0)
     # 4-bit linears save nothing but their (already resident) packed weight: bitsandbytes
     # computes no weight gradient, so the input is not kept. LoRA adapters do keep activations
     # (see _lora_saved_per_token): A's input, a dropout mask, and B's r-wide input.
@@ -311,7 +319,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # states are gathered once, with their gradient (and index_select's) in backward. A
     # micro-batch of at most one chunk keeps the model's own loss.
     head_copy = V * h * 2 if (upcast_fp32 and autocast) else 0
-    final_norm = T * (norm_save * h + 8)
+    final_norm = T * ((hb * h + 4) if lean_norms else (norm_save * h + 8))
     from helpers.units import chunk_tokens, fmt_count
 
     chunked_loss = chunked_loss and T > chunk_tokens(V)  # one chunk: the model's own loss
@@ -356,14 +364,16 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     attn_side = (per_tok["norms"] + per_tok["attention"]
                  + _lora_saved_per_token(shape, attn_lora, lora_r, lora_dropout, c16,
                                          norm_out=norm_out, attn_out=c16, mlp_out=hb))
-    norm_temps = (5 if shape.norm == "rmsnorm" else 2) * h * 4
+    norm_temps = (3 if lean_norms else 5 if shape.norm == "rmsnorm" else 2) * h * 4
+    # the residual sum the second norm reads: a forward temporary, or saved by a lean norm
+    held_stream = (4 if lean_norms and n_norm_inputs > 1 else 5) * h * hb
 
     def block_moments(chunk: int) -> dict:
         if not gradient_checkpointing:
             return {"the last block's backward": 2 * T * h * 4 + 2 * T * ff * hb}
         gathered_grad = T * h * hb if chunk < T else 0
         out = {}
-        for name, mlp_extra, stream in (("the end of the recompute", ff * hb, 5 * h * hb),
+        for name, mlp_extra, stream in (("the end of the recompute", ff * hb, held_stream),
                                         ("the MLP's backward", 2 * ff * hb, 2 * h * hb)):
             wide = mlp_saved + mlp_extra  # per token: what tiling cuts to one chunk
             out[name] = (layer_saved + T * (mlp_extra + stream) - (T - chunk) * wide
@@ -371,9 +381,12 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
         out["the second norm's backward"] = T * (attn_side + 2 * h * hb + norm_temps)
         return out
 
-    moments = block_moments(chunk)
+    # the rotary cos and sin the model computes once per forward and hands every block (kept by
+    # the checkpoints); learned positions (OPT) have none
+    rope = 0 if shape.position_embeddings else 2 * T * shape.head_dim * cb
+    moments = {k: v + rope for k, v in block_moments(chunk).items()}
     block_bwd = max(moments.values())
-    untiled = max(block_moments(T).values()) - block_bwd  # what tiling takes off (the note)
+    untiled = max(block_moments(T).values()) + rope - block_bwd  # tiling's saving (the note)
     dequant = max(s.params for s in specs) * cb if specs else 0
 
     workspace = CUBLAS_WORKSPACE_BYTES if cuda_context else 0

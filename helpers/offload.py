@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from helpers import budget
+from helpers import budget, norms
 from helpers.units import fmt_bytes
 
 _STREAMS: dict = {}  # device -> the side stream of the copies to the host
@@ -45,6 +45,7 @@ class OffloadStats:
 
     def __init__(self):
         self.held = self.peak = self.tensors = 0
+        self.norms = ""  # what install did to the RMSNorms (helpers.norms)
 
     def reset(self) -> None:
         self.peak, self.tensors = self.held, 0
@@ -124,15 +125,18 @@ class ActivationsOnCpu(torch.autograd.graph.saved_tensors_hooks):
         return packed.host.to(packed.device, non_blocking=True)
 
 
-def install(model) -> OffloadStats:
+def install(model, lean_norms: bool = True) -> OffloadStats:
     """Run ``model``'s forward inside :class:`ActivationsOnCpu` whenever it trains with gradients
-    (``model.training`` and grad mode); otherwise its own forward. Sets
+    (``model.training`` and grad mode); otherwise its own forward. Its RMSNorms get the lighter
+    backward of :mod:`helpers.norms` (``lean_norms=False`` keeps theirs): long sequences are
+    what offloading is for, and there the norms' float32 copies count. Sets
     ``model.uses_activation_offload = True`` (which :func:`helpers.budget.default_estimate_fn`
-    reads) and returns the :class:`OffloadStats`, also at ``model.activation_offload_stats``.
-    Installing twice changes nothing."""
+    reads) and returns the :class:`OffloadStats`, also at ``model.activation_offload_stats``;
+    what was done to the norms is ``stats.norms``. Installing twice changes nothing."""
     if getattr(model, "uses_activation_offload", False):
         return model.activation_offload_stats
     own, stats = model.forward, OffloadStats()
+    stats.norms = norms.install(model) if lean_norms else "the norms keep their own forward"
 
     @functools.wraps(own)
     def forward(*args, **kwargs):
@@ -167,9 +171,9 @@ def use_activation_offload(model, cfg) -> str:
     on, why = budget.choose_offload(cfg, need)
     if not on:
         return why
-    install(model)
+    stats = install(model)
     return why + ("; the GPU keeps the blocks' inputs in flight only; the host holds about "
-                  f"{_host_text(cfg, model)} at micro-batch 1")
+                  f"{_host_text(cfg, model)} at micro-batch 1; {stats.norms}")
 
 
 def _host_text(cfg, model) -> str:
