@@ -461,13 +461,18 @@ def main() -> int:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--parts", default="build,train,defaults,original,merge")
+    ap.add_argument("--alloc-conf", default="",
+                    help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True "
+                         "(set before the first CUDA allocation)")
     args = ap.parse_args()
+    if args.alloc_conf:
+        torch.cuda.memory._set_allocator_settings(args.alloc_conf)
     parts = set(args.parts.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     rate = matmul_rate()
     emit({"kind": "card", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
           else "cpu", "bf16_matmul_flops": rate, "torch": torch.__version__,
-          "versions": env.versions()})
+          "versions": env.versions(), "alloc_conf": args.alloc_conf})
     tokenizer = loading.load_tokenizer("embedded")
     for name in args.models:
         try:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, GPTJConfig, GPTNeoXConfig, LlamaConfig
 from transformers.masking_utils import find_packed_sequence_indices
 
 from helpers import attention
@@ -56,6 +56,14 @@ MODELS = {
                                      num_attention_heads=4, num_key_value_heads=2,
                                      intermediate_size=128, max_position_embeddings=64),
 }
+# GPT-J goes through transformers' attention interface from 5.24 on (earlier, its own attention
+# with the mask: test_a_model_outside_the_interface_keeps_the_mask)
+if getattr(AutoModelForCausalLM.from_config(GPTJConfig(vocab_size=8, n_embd=8, n_layer=1, n_head=2,
+                                                       rotary_dim=2, n_positions=8)).__class__,
+           "_supports_attention_backend", False):
+    MODELS["gpt-j"] = lambda: GPTJConfig(vocab_size=97, n_embd=64, n_layer=2, n_head=4,
+                                         rotary_dim=8, n_positions=64, bos_token_id=0,
+                                         eos_token_id=0)
 
 
 def _lora(config, device="cpu", dtype=torch.float32):
@@ -114,6 +122,20 @@ def test_packed_rows_through_the_kernel_equal_transformers_block_mask(arch, monk
         for a, b in zip(seg.starts[:-1].tolist(), seg.starts[1:].tolist(), strict=True):
             alone = theirs(input_ids=flat_ids[a:b][None], use_cache=False).logits[0].float()
             torch.testing.assert_close(flat_logits[a:b], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_outside_the_interface_keeps_the_mask(monkeypatch):
+    """A model whose attention does not go through transformers' attention interface (GPT-J
+    before transformers 5.24) is left as it is, and the note says why."""
+    monkeypatch.setattr(attention, "check_kernel", lambda *a: None)
+    model = _lora(MODELS["gpt-neox"]())
+    lm = model.get_base_model()
+    monkeypatch.setattr(type(lm), "_supports_attention_backend", False)
+    before = lm.config._attn_implementation
+    note = attention.use_packed_attention(model)
+    assert "block mask" in note and "attention interface" in note, note
+    assert lm.config._attn_implementation == before
+    assert not getattr(lm, "uses_packed_attention", False)
 
 
 def test_batches_with_a_mask_or_a_cache_keep_sdpa(monkeypatch):
