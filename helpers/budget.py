@@ -256,8 +256,9 @@ def longest_text(cfg, shape=None) -> str:
     longest, tiled = lf["seq_len_offload"], lf["seq_len_tiled"]
     host = estimate(shape, seq_len=max(longest, tiled, 1), micro_batch=1,
                     **{**settings, "activation_offload": True}).host_bytes
-    return text + (f", {longest:,} with ACTIVATION_OFFLOAD, {tiled:,} with TILED_MLP as well "
-                   f"(then {fmt_bytes(host)} of host memory)")
+    lean = " and its lean RMSNorm" if shape.norm == "rmsnorm" else ""
+    return text + (f", {longest:,} with ACTIVATION_OFFLOAD{lean}, {tiled:,} with TILED_MLP as "
+                   f"well (then {fmt_bytes(host)} of host memory)")
 
 
 class MemoryBudgetError(ValueError):
