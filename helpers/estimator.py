@@ -431,8 +431,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     at_fwd, _at_loss, at_block = (peak_phase == p for p in phases)
     items = [Item(key, label, n, n, why) for key, label, n, why in persistent] + [
         Item("block_recompute", "one block in backward", block_bwd, block_bwd if at_block else 0,
-             ("the recomputed block's saved tensors and the gradients in flight"
+             (f"the recomputed block at its highest moment, {max(moments, key=moments.get)}"
               + (f", its MLP {chunk} of {T} tokens at a time (tiled)" if tiled_mlp else "")
+              + (", lean RMSNorms" if lean_norms else "")
               if gradient_checkpointing else "gradients in flight through one block")),
         Item("dequant_temp", "4-bit dequantization buffer", dequant, dequant if at_block else 0,
              "the largest 4-bit weight dequantized for a matmul"),

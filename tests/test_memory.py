@@ -632,7 +632,7 @@ def test_the_recomputed_block_is_what_a_traced_backward_holds(tiled, lean, tmp_p
     are 1): per token, from two lengths, so what does not grow with the sequence cancels. At
     or above what is traced, and within 10% (here 5-9% above: the estimate takes the
     highest of three moments, each counted whole). The same model of the block predicts
-    Llama-3.1-8B's H200 peaks at 16-45k tokens 1.5-1.8% high (bench/RESULTS.md)."""
+    Llama-3.1-8B's H200 peaks at 16-45k tokens 1.6-1.9% high (bench/RESULTS.md)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from helpers import config, lora, losses, norms, tiling
