@@ -25,7 +25,7 @@ so a run cut short keeps what it measured):
 - ``longest-offload:GB`` / ``longest-tiled:GB``: the same under GB with the activations
   offloaded to CPU memory (ACTIVATION_OFFLOAD, which brings the lean RMSNorm of
   ``helpers.norms``), and with each MLP tiled as well (TILED_MLP); ``longest-own-norms:GB``:
-  offloaded with transformers' own RMSNorm, the A/B for the lean one.
+  offloaded with transformers' own RMSNorm and peft's dropout, the A/B for the lean ones.
 - ``merge``: the defaults' adapter merged into the 16-bit rehearsal, verified by logits.
 
 Tokens per second count real tokens, with the first two steps left out as warm-up. Model FLOPs
@@ -407,11 +407,12 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False,
     lora.prepare_for_training(model, True, False)
     peft_model = lora.attach(model, cfg)
     losses.use_chunked_loss(peft_model)
-    stats = offload.install(peft_model, lean_norms=lean)
+    stats = offload.install(peft_model, lean=lean)
     if tiled:
         tiling.install(peft_model)
     lf = fitting.largest_fit(shape, budget, seq_len=512, lora_r=cfg.lora_r, chunked_loss=True,
-                             lean_norms=None if lean else False)
+                             lean_norms=None if lean else False,
+                             lean_dropout=None if lean else False)
     predicted = lf.get("seq_len_tiled" if tiled else "seq_len_offload") or lf["seq_len"]
     ok, bad, seq, tried = 0, None, max(512, predicted // 256 * 256), []
     best = {}
@@ -441,9 +442,9 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False,
             break
     est = estimator.estimate(shape, seq_len=ok or 512, micro_batch=1, lora_r=cfg.lora_r,
                              chunked_loss=True, activation_offload=True,
-                             tiled_mlp=tiled, lean_norms=lean) if ok else None
+                             tiled_mlp=tiled, lean_norms=lean, lean_dropout=lean) if ok else None
     recipe = ("defaults + ACTIVATION_OFFLOAD=on" + (" + TILED_MLP=on" if tiled else "")
-              + ("" if lean else " (transformers' RMSNorm)"))
+              + ("" if lean else " (transformers' RMSNorm, peft's dropout)"))
     emit({"kind": "longest", "model": name, "recipe": recipe,
           "budget_gb": budget_gb, "predicted_seq_len": predicted, "measured_seq_len": ok,
           "at_longest": best, "predicted_peak_at_longest": est.total_allocated if est else None,

@@ -312,7 +312,8 @@ def _model_settings(cfg, model, offload: bool | None = None, tiled: bool | None 
     lean = None  # the lean norms follow a predicted offload (helpers.offload installs both)
     if offload is None:
         offload = bool(getattr(model, "uses_activation_offload", False))
-        lean = bool(getattr(model, "uses_lean_norms", False))
+        lean = {"lean_norms": bool(getattr(model, "uses_lean_norms", False)),
+                "lean_dropout": bool(getattr(model, "uses_lean_dropout", False))}
     if tiled is None:
         tiled = bool(getattr(model, "uses_tiled_mlp", False))
     settings = {**config_settings(cfg),
@@ -320,7 +321,7 @@ def _model_settings(cfg, model, offload: bool | None = None, tiled: bool | None 
                 "activation_offload": offload and cfg.gradient_checkpointing,
                 "tiled_mlp": tiled and cfg.gradient_checkpointing}
     if lean is not None:
-        settings["lean_norms"] = lean
+        settings.update(lean)
     chunk = getattr(getattr(model, "tiled_mlp_stats", None), "chunk_tokens", None)
     if chunk:
         settings["mlp_chunk_tokens"] = chunk

@@ -163,7 +163,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
              lora_dropout: float = 0.05, chunked_loss: bool = True,
              activation_offload: bool = False, tiled_mlp: bool = False,
              mlp_chunk_tokens: int = MLP_CHUNK_TOKENS, lean_norms: bool | None = None,
-             context_bytes: int = CUDA_CONTEXT_BYTES,
+             lean_dropout: bool | None = None, context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_slack: float = ALLOCATOR_SLACK) -> Estimate:
     """Predict the peak GPU memory of a QLoRA training step, item by item.
 
@@ -183,7 +183,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     TILED_MLP; with checkpointing only): the block recomputed in the backward holds one chunk's
     MLP intermediates and their gradients instead of the whole sequence's; ``lean_norms``: the
     RMSNorms run as :class:`helpers.norms.LeanRMSNorm` (default: with ``activation_offload``,
-    which installs them; no effect on LayerNorm models); ``cuda_context``: False on CPU.
+    which installs them; no effect on LayerNorm models); ``lean_dropout``: LoRA dropout as
+    :class:`helpers.lora.LeanDropoutLinear` applies it, keeping inputs, not masks (default: with
+    ``activation_offload``, likewise); ``cuda_context``: False on CPU.
 
     The activation model follows what autograd really saves in transformers 5 with bitsandbytes
     4-bit layers and peft LoRA (checked with saved-tensor hooks on each family); the module's
@@ -203,6 +205,10 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     if lean_norms is None:  # helpers.offload.install installs them with the offload
         lean_norms = activation_offload
     lean_norms = bool(lean_norms) and shape.norm == "rmsnorm"
+    if lean_dropout is None:
+        lean_dropout = activation_offload
+    # what LoRA keeps of its inputs: with lean dropout, as without dropout (the inputs themselves)
+    kept_dropout = 0.0 if lean_dropout else lora_dropout
     if tiled_mlp and mlp_chunk_tokens < 1:
         raise ValueError(f"mlp_chunk_tokens={mlp_chunk_tokens} must be at least 1")
     if optimizer not in _OPTIMIZERS:
@@ -281,7 +287,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # 4-bit linears save nothing but their (already resident) packed weight: bitsandbytes
     # computes no weight gradient, so the input is not kept. LoRA adapters do keep activations
     # (see _lora_saved_per_token): A's input, a dropout mask, and B's r-wide input.
-    per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, lora_dropout, c16,
+    per_tok["lora"] = _lora_saved_per_token(shape, lora, lora_r, kept_dropout, c16,
                                             norm_out=norm_out, attn_out=c16, mlp_out=hb)
     # Attention. sdpa (flash / memory-efficient kernels) saves q, k, v, the output and a
     # float32 log-sum-exp per head: no seq x seq matrix. With a padding mask transformers repeats
@@ -345,7 +351,9 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     #   tensors). Llama's peak: 342.4 KB per token for Llama-3.1-8B, where an H200 measured
     #   342.9 (bench/RESULTS.md);
     # - the MLP's backward: everything saved, two MLP-wide gradients and the arriving gradient
-    #   (GPT-J's peak: its activation keeps four MLP-wide tensors until its own backward);
+    #   (GPT-J's peak: its activation keeps four MLP-wide tensors until its own backward); with
+    #   the lean LoRA dropout, Llama's: its mask drawn again and the dropped input, and one more
+    #   stream-wide copy of the gradient (traced);
     # - the second norm's backward, once the MLP's tensors are freed: the attention side's saves,
     #   two stream-wide gradients (the block output's and the MLP input's) and the norm's
     #   float32 temporaries, five for an RMSNorm written out in Python (Llama's), two for the
@@ -357,24 +365,29 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # and the chunks' gradients for the MLP's input are gathered into one stream-wide tensor.
     # Without checkpointing the backward of the last block holds a few stream-wide float32 and
     # MLP-wide gradients. The largest 4-bit weight is dequantized for the input-gradient matmul.
-    mlp_saved = per_tok["mlp"] + _lora_mlp_intermediates(shape, lora, lora_r, lora_dropout, c16,
+    mlp_saved = per_tok["mlp"] + _lora_mlp_intermediates(shape, lora, lora_r, kept_dropout, c16,
                                                           norm_out=norm_out, mlp_out=hb)
     chunk = min(T, mlp_chunk_tokens) if tiled_mlp else T
     attn_lora = [s for s in lora if s.group != "mlp"]
     attn_side = (per_tok["norms"] + per_tok["attention"]
-                 + _lora_saved_per_token(shape, attn_lora, lora_r, lora_dropout, c16,
+                 + _lora_saved_per_token(shape, attn_lora, lora_r, kept_dropout, c16,
                                          norm_out=norm_out, attn_out=c16, mlp_out=hb))
     norm_temps = (3 if lean_norms else 5 if shape.norm == "rmsnorm" else 2) * h * 4
-    # the residual sum the second norm reads: a forward temporary, or saved by a lean norm
-    held_stream = (4 if lean_norms and n_norm_inputs > 1 else 5) * h * hb
+    # the residual sum the second norm reads: a forward temporary, or saved by a lean norm; the
+    # second norm's output and the MLP's product: temporaries, or what LoRA keeps when it keeps
+    # its inputs (no dropout, or the lean dropout), counted there
+    reads = {_reads(shape, s) for s in lora} if kept_dropout == 0 else set()
+    held_stream = (5 - (lean_norms and n_norm_inputs > 1) - ("mlp_in" in reads)) * h * hb
+    product = 0 if "mlp_out" in reads else ff * hb
 
     def block_moments(chunk: int) -> dict:
         if not gradient_checkpointing:
             return {"the last block's backward": 2 * T * h * 4 + 2 * T * ff * hb}
         gathered_grad = T * h * hb if chunk < T else 0
         out = {}
-        for name, mlp_extra, stream in (("the end of the recompute", ff * hb, held_stream),
-                                        ("the MLP's backward", 2 * ff * hb, 2 * h * hb)):
+        for name, mlp_extra, stream in (("the end of the recompute", product, held_stream),
+                                        ("the MLP's backward", 2 * ff * hb,
+                                         (3 if lean_dropout else 2) * h * hb)):
             wide = mlp_saved + mlp_extra  # per token: what tiling cuts to one chunk
             out[name] = (layer_saved + T * (mlp_extra + stream) - (T - chunk) * wide
                          + gathered_grad)

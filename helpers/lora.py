@@ -299,6 +299,88 @@ class StreamDtypeLinear(nn.Linear):
         return nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
+class _DropoutThenLinear(torch.autograd.Function):
+    """``dropout(x) @ W^T`` that keeps ``x`` and a seed for the backward instead of the dropout's
+    output and mask: the mask is drawn again from the seed. ``x`` is what the adapted layer reads
+    (a norm's output shared by q, k and v, the MLP's product), so adapters reading the same input
+    keep one tensor between them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p: float, seed: int):
+        keep = _keep_mask(x, p, seed)
+        out = nn.functional.linear(x * keep, weight.to(x.dtype)) * (1.0 / (1.0 - p))
+        ctx.save_for_backward(x, weight)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        keep = _keep_mask(x, ctx.p, ctx.seed)
+        grad = grad * (1.0 / (1.0 - ctx.p))
+        grad_x = grad_w = None
+        # one input-wide temporary beside the mask at a time
+        if ctx.needs_input_grad[1]:
+            dropped = (x * keep).reshape(-1, x.shape[-1])
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped).to(weight.dtype)
+            del dropped
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.to(grad.dtype)).mul_(keep)
+        return grad_x, grad_w, None, None
+
+
+def _keep_mask(x, p: float, seed: int) -> torch.Tensor:
+    """1 where dropout keeps a value (probability 1 - p), else 0, in ``x``'s dtype; the same for
+    the same seed, shape and device."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen)
+
+
+class LeanDropoutLinear(StreamDtypeLinear):
+    """A LoRA A matrix that applies its adapter's dropout itself, in training with gradients
+    (:class:`_DropoutThenLinear`); otherwise a :class:`StreamDtypeLinear`."""
+
+    dropout_p = 0.0
+
+    def forward(self, x):
+        if self.training and self.dropout_p > 0 and torch.is_grad_enabled():
+            # drawn from the global generator, whose state a checkpoint restores for the
+            # recompute: the recomputed forward draws the same seed
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            return _DropoutThenLinear.apply(x, self.weight, self.dropout_p, seed)
+        return super().forward(x)
+
+
+def use_lean_dropout(peft_model) -> str:
+    """Give every adapter with LoRA dropout the dropout of :class:`LeanDropoutLinear`: the same
+    distribution (each value kept with probability 1 - p and scaled by 1 / (1 - p)), but the
+    backward keeps the layer's input and a seed, not the dropout's output and a mask per adapter
+    (Llama-3.1-8B, all linear layers: 117 KB per token of each recomputed block down to the
+    inputs the block holds anyway). Sets ``uses_lean_dropout``; the adapters and their saved
+    files are unchanged. :func:`helpers.offload.install` calls it (long sequences)."""
+    if getattr(peft_model, "uses_lean_dropout", False):
+        return "lean LoRA dropout: already installed"
+    done = 0
+    for module in peft_model.modules():
+        if not _is_adapter_wrapper(module):
+            continue
+        for name, dropout in list(module.lora_dropout.items()):
+            linear = module.lora_A[name]
+            if not isinstance(dropout, nn.Dropout) or dropout.p <= 0 or \
+                    type(linear) not in (nn.Linear, StreamDtypeLinear):
+                continue
+            linear.__class__ = LeanDropoutLinear
+            linear.dropout_p = float(dropout.p)
+            module.lora_dropout[name] = nn.Identity()
+            done += 1
+    if not done:
+        return "lean LoRA dropout: no adapter has dropout"
+    peft_model.uses_lean_dropout = True
+    return (f"lean LoRA dropout on {done} adapters: each keeps its layer's input and a seed for "
+            "the backward, not a dropout output and a mask")
+
+
 def compute_lora_in_stream_dtype(peft_model) -> int:
     """What notebook 03 adds after ``get_peft_model``: float32 LoRA weights that multiply in the
     dtype of the activations. Returns how many adapted layers were changed.

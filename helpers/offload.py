@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from helpers import budget, norms
+from helpers import budget, lora, norms
 from helpers.units import fmt_bytes
 
 _STREAMS: dict = {}  # device -> the side stream of the copies to the host
@@ -125,18 +125,22 @@ class ActivationsOnCpu(torch.autograd.graph.saved_tensors_hooks):
         return packed.host.to(packed.device, non_blocking=True)
 
 
-def install(model, lean_norms: bool = True) -> OffloadStats:
+def install(model, lean: bool = True) -> OffloadStats:
     """Run ``model``'s forward inside :class:`ActivationsOnCpu` whenever it trains with gradients
     (``model.training`` and grad mode); otherwise its own forward. Its RMSNorms get the lighter
-    backward of :mod:`helpers.norms` (``lean_norms=False`` keeps theirs): long sequences are
-    what offloading is for, and there the norms' float32 copies count. Sets
+    backward of :mod:`helpers.norms` and its LoRA dropout that of
+    :func:`helpers.lora.use_lean_dropout` (``lean=False`` keeps both as they are): long sequences
+    are what offloading is for, and there the norms' float32 copies and the dropout masks count.
+    Sets
     ``model.uses_activation_offload = True`` (which :func:`helpers.budget.default_estimate_fn`
     reads) and returns the :class:`OffloadStats`, also at ``model.activation_offload_stats``;
-    what was done to the norms is ``stats.norms``. Installing twice changes nothing."""
+    what was done to the norms and the dropout is ``stats.norms``. Installing twice changes
+    nothing."""
     if getattr(model, "uses_activation_offload", False):
         return model.activation_offload_stats
     own, stats = model.forward, OffloadStats()
-    stats.norms = norms.install(model) if lean_norms else "the norms keep their own forward"
+    stats.norms = (f"{norms.install(model)}; {lora.use_lean_dropout(model)}" if lean else
+                   "the norms and the LoRA dropout stay as they are")
 
     @functools.wraps(own)
     def forward(*args, **kwargs):

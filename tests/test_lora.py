@@ -337,3 +337,91 @@ def test_stream_dtype_linear_is_peft_linear_in_float32():
     assert list(ours.state_dict()) == ["weight", "bias"]
     half = ours(x.to(torch.bfloat16))
     assert half.dtype == torch.bfloat16 and ours.weight.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- lean LoRA dropout
+
+
+def test_lean_dropout_is_dropout_with_the_mask_drawn_again():
+    """Output and gradients of :class:`helpers.lora._DropoutThenLinear` equal a plain dropout
+    with the same mask (float32), and the mask keeps values at 1 - p."""
+    x = torch.randn(3, 40, 16, requires_grad=True)
+    w = torch.randn(4, 16, requires_grad=True)
+    p, seed = 0.25, 7
+    out = lora._DropoutThenLinear.apply(x, w, p, seed)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = (out.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    keep = lora._keep_mask(x.detach(), p, seed)
+    ref = nn.functional.linear(x * keep / (1 - p), w)
+    ref.backward(grad)
+    for a, b in zip(got, (ref.detach(), x.grad, w.grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    kept = lora._keep_mask(torch.empty(200_000), p, 1).mean().item()
+    assert kept == pytest.approx(1 - p, abs=0.005)
+    assert torch.equal(lora._keep_mask(x, p, seed), keep)  # the same seed, the same mask
+
+
+def _llama_with_dropout(gradient_checkpointing):
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                      max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+        init_lora_weights=False))
+    lora.compute_lora_in_stream_dtype(model)
+    return model
+
+
+def test_lean_dropout_on_a_model_keeps_its_adapters_and_its_checkpoints_agree():
+    model = _llama_with_dropout(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    note = lora.use_lean_dropout(model)
+    assert note.startswith("lean LoRA dropout on 14 adapters") and model.uses_lean_dropout
+    assert lora.use_lean_dropout(model) == "lean LoRA dropout: already installed"
+    after = model.state_dict()  # the adapters and what a save writes are unchanged
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():  # evaluation has no dropout
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)
+    # a checkpoint's recompute draws the seeds its forward drew: the same loss and gradients as
+    # without checkpointing
+    results = []
+    for checkpointing in (False, True):
+        m = _llama_with_dropout(checkpointing)
+        lora.use_lean_dropout(m)
+        m.train()
+        torch.manual_seed(3)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in m.parameters() if p.requires_grad]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # and dropout is really on: another seed, another loss
+    torch.manual_seed(4)
+    assert m(input_ids=ids, labels=ids).loss.item() != results[1][0]
+
+
+def test_the_estimator_counts_lean_dropout_as_kept_inputs():
+    from helpers import estimator
+
+    common = dict(seq_len=8192, micro_batch=1, lora_r=16, lora_dropout=0.05)
+    lean = estimator.estimate("llama-3.1-8b", activation_offload=True, **common)
+    masks = estimator.estimate("llama-3.1-8b", activation_offload=True, lean_dropout=False,
+                               **common)
+    none = estimator.estimate("llama-3.1-8b", activation_offload=True,
+                              **{**common, "lora_dropout": 0.0})
+    per_tok = [e.activation_detail["per_token_per_block"]["lora"] for e in (lean, masks, none)]
+    assert per_tok[0] == per_tok[2] < per_tok[1] - 60_000  # dropout outputs and masks gone
+    assert lean.total_allocated < masks.total_allocated
