@@ -320,8 +320,8 @@ class _DropoutThenLinear(torch.autograd.Function):
         grad = grad * (1.0 / (1.0 - ctx.p))
         grad_x = grad_w = None
         # one input-wide temporary beside the mask at a time
-        if ctx.needs_input_grad[1]:
-            dropped = (x * keep).reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[1]:  # in the gradient's dtype: autocast's, where it was on
+            dropped = (x * keep).to(grad.dtype).reshape(-1, x.shape[-1])
             grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped).to(weight.dtype)
             del dropped
         if ctx.needs_input_grad[0]:

@@ -363,6 +363,29 @@ def test_lean_dropout_is_dropout_with_the_mask_drawn_again():
     assert torch.equal(lora._keep_mask(x, p, seed), keep)  # the same seed, the same mask
 
 
+def test_lean_dropout_under_autocast_with_a_float32_stream():
+    """A float32 stream under autocast (GPT-NeoX and GPT-J's LayerNorm in fp16/bf16 training):
+    the forward multiplies in autocast's dtype, the backward in the gradient's, as a plain
+    dropout and linear do."""
+    x = torch.randn(2, 30, 16, requires_grad=True)
+    w = torch.randn(4, 16, requires_grad=True)
+    grads = []
+    for lean in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if lean:
+                out = lora._DropoutThenLinear.apply(x, w, 0.2, 5)
+            else:
+                keep = lora._keep_mask(x.detach(), 0.2, 5)
+                out = nn.functional.linear(x * keep, w) * (1 / 0.8)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        grads.append((x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 def _llama_with_dropout(gradient_checkpointing):
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
