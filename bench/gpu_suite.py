@@ -24,7 +24,7 @@ so a run cut short keeps what it measured):
   loss over the full logits): the estimator's answer, confirmed by a real step.
 - ``longest-offload:GB`` / ``longest-tiled:GB``: the same under GB with the activations
   offloaded to CPU memory (ACTIVATION_OFFLOAD, which brings the lean RMSNorm of
-  ``helpers.norms``), and with each MLP tiled as well (TILED_MLP); ``longest-own-norms:GB``:
+  ``helpers.norms`` and the lean LoRA dropout of ``helpers.lora``), and with each MLP tiled as well (TILED_MLP); ``longest-own-norms:GB``:
   offloaded with transformers' own RMSNorm and peft's dropout, the A/B for the lean ones.
 - ``merge``: the defaults' adapter merged into the 16-bit rehearsal, verified by logits.
 

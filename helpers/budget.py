@@ -256,7 +256,9 @@ def longest_text(cfg, shape=None) -> str:
     longest, tiled = lf["seq_len_offload"], lf["seq_len_tiled"]
     host = estimate(shape, seq_len=max(longest, tiled, 1), micro_batch=1,
                     **{**settings, "activation_offload": True}).host_bytes
-    lean = " and its lean RMSNorm" if shape.norm == "rmsnorm" else ""
+    lean = [name for name, applies in (("RMSNorm", shape.norm == "rmsnorm"),
+                                       ("LoRA dropout", cfg.lora_dropout > 0)) if applies]
+    lean = f" and its lean {' and '.join(lean)}" if lean else ""
     return text + (f", {longest:,} with ACTIVATION_OFFLOAD{lean}, {tiled:,} with TILED_MLP as "
                    f"well (then {fmt_bytes(host)} of host memory)")
 
@@ -309,7 +311,7 @@ def _model_settings(cfg, model, offload: bool | None = None, tiled: bool | None 
         return None  # an architecture the estimator does not describe: the probe decides
     # the chunked loss and the offload count where helpers.losses / helpers.offload installed
     # them in the model
-    lean = None  # the lean norms follow a predicted offload (helpers.offload installs both)
+    lean = None  # the lean norms and dropout follow a predicted offload (which installs them)
     if offload is None:
         offload = bool(getattr(model, "uses_activation_offload", False))
         lean = {"lean_norms": bool(getattr(model, "uses_lean_norms", False)),

@@ -357,11 +357,12 @@ def peak_host_rss(restart: bool = False) -> int:
     if restart:
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
-        hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    hwm = _status_kb("VmHWM")
+    if restart:
         # right after a restart the mark is the current RSS; a kernel that ignores the request
         # (or has no /proc) leaves the lifetime peak there
+        rss = _status_kb("VmRSS")
         _HOST_PEAK_SCOPED["notebook"] = bool(hwm and rss and hwm <= rss + 32 * 1024)
-    hwm = _status_kb("VmHWM")
     if hwm is not None:
         return hwm * 1024
     try:

@@ -207,6 +207,7 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     lean_norms = bool(lean_norms) and shape.norm == "rmsnorm"
     if lean_dropout is None:
         lean_dropout = activation_offload
+    lean_dropout = bool(lean_dropout) and lora_dropout > 0  # nothing to change without dropout
     # what LoRA keeps of its inputs: with lean dropout, as without dropout (the inputs themselves)
     kept_dropout = 0.0 if lean_dropout else lora_dropout
     if tiled_mlp and mlp_chunk_tokens < 1:

@@ -45,7 +45,7 @@ class OffloadStats:
 
     def __init__(self):
         self.held = self.peak = self.tensors = 0
-        self.norms = ""  # what install did to the RMSNorms (helpers.norms)
+        self.lean = ""  # what install did to the RMSNorms and the LoRA dropout
 
     def reset(self) -> None:
         self.peak, self.tensors = self.held, 0
@@ -134,13 +134,13 @@ def install(model, lean: bool = True) -> OffloadStats:
     Sets
     ``model.uses_activation_offload = True`` (which :func:`helpers.budget.default_estimate_fn`
     reads) and returns the :class:`OffloadStats`, also at ``model.activation_offload_stats``;
-    what was done to the norms and the dropout is ``stats.norms``. Installing twice changes
+    what was done to the norms and the dropout is ``stats.lean``. Installing twice changes
     nothing."""
     if getattr(model, "uses_activation_offload", False):
         return model.activation_offload_stats
     own, stats = model.forward, OffloadStats()
-    stats.norms = (f"{norms.install(model)}; {lora.use_lean_dropout(model)}" if lean else
-                   "the norms and the LoRA dropout stay as they are")
+    stats.lean = (f"{norms.install(model)}; {lora.use_lean_dropout(model)}" if lean else
+                  "the norms and the LoRA dropout stay as they are")
 
     @functools.wraps(own)
     def forward(*args, **kwargs):
@@ -177,7 +177,7 @@ def use_activation_offload(model, cfg) -> str:
         return why
     stats = install(model)
     return why + ("; the GPU keeps the blocks' inputs in flight only; the host holds about "
-                  f"{_host_text(cfg, model)} at micro-batch 1; {stats.norms}")
+                  f"{_host_text(cfg, model)} at micro-batch 1; {stats.lean}")
 
 
 def _host_text(cfg, model) -> str:
