@@ -1,37 +1,36 @@
 #!/usr/bin/env bash
 # The series' GPU checks in one go, on a CUDA machine with the packages installed and the GPU to
 # itself (budgets are enforced from the card's free memory, so another process on it would be
-# counted against them):
-# 1. the README's test command (one process on a CUDA machine);
-# 2. the longest sequence at micro-batch 1 for Llama-3.1-8B with the activations offloaded, with
-#    and without the lean norms, and with the MLP tiled (bench/gpu_suite.py);
-# 3. GPT-NeoX-20B's packed quotes against full rows and the original recipe;
-# 4. (only when named) "expandable": step 2's offloaded rows again with the caching allocator's
-#    expandable segments, which should leave less memory reserved but unused.
+# counted against them). Steps run in the order they are named:
+# - tests: the README's test command (one process on a CUDA machine), with the slowest tests
+#   listed;
+# - llama: the longest sequence at micro-batch 1 for Llama-3.1-8B with the activations offloaded,
+#   with and without the lean norms and dropout, and with the MLP tiled (bench/gpu_suite.py);
+# - neox: GPT-NeoX-20B's packed quotes against full rows and the original recipe;
+# - gptj: the same for GPT-J-6B (its packed attention needs transformers >= 5.24);
+# - expandable: the llama step's offloaded rows again with the caching allocator's expandable
+#   segments, which should leave less memory reserved but unused.
 # Results: OUTDIR/pytest.log and pytest.rc, OUTDIR/suite.jsonl (one JSON line per result, written
-# as each is measured), OUTDIR/suite-*.log, and OUTDIR/done at the end.
+# as each is measured), OUTDIR/suite-*.log, OUTDIR/STEP.done after each step.
 #
-#     bash bench/gpu_checks.sh OUTDIR [tests,llama,neox,expandable]
+#     bash bench/gpu_checks.sh OUTDIR [tests,llama,neox,gptj,expandable]
 set -u
 out=${1:-runs/gpu-checks}
 steps=${2:-tests,llama,neox}
 mkdir -p "$out"
-if [[ ,$steps, == *,tests,* ]]; then
-    python -m pytest -n auto --dist loadfile > "$out/pytest.log" 2>&1
-    echo $? > "$out/pytest.rc"
-fi
-if [[ ,$steps, == *,llama,* ]]; then
-    OUT="$out" python bench/gpu_suite.py llama-3.1-8b --steps 5 \
-        --parts build,longest-offload:16,longest-own-norms:16,longest-tiled:16,longest-tiled:24 \
-        > "$out/suite-llama.log" 2>&1
-fi
-if [[ ,$steps, == *,neox,* ]]; then
-    OUT="$out" python bench/gpu_suite.py gpt-neox-20b --steps 5 --parts build,packed,original \
-        > "$out/suite-neox.log" 2>&1
-fi
-if [[ ,$steps, == *,expandable,* ]]; then
-    OUT="$out" python bench/gpu_suite.py llama-3.1-8b --steps 5 \
-        --alloc-conf expandable_segments:True \
-        --parts build,longest-offload:16,longest-tiled:16 > "$out/suite-expandable.log" 2>&1
-fi
-touch "$out/done"
+suite() { OUT="$out" python bench/gpu_suite.py "$@"; }
+for step in ${steps//,/ }; do
+    case $step in
+        tests) python -m pytest -n auto --dist loadfile --durations=25 > "$out/pytest.log" 2>&1
+               echo $? > "$out/pytest.rc" ;;
+        llama) suite llama-3.1-8b --steps 5 --parts build,longest-offload:16,longest-own-norms:16,longest-tiled:16,longest-tiled:24 \
+                   > "$out/suite-llama.log" 2>&1 ;;
+        neox) suite gpt-neox-20b --steps 5 --parts build,packed,original > "$out/suite-neox.log" 2>&1 ;;
+        gptj) suite gpt-j-6b --steps 5 --parts build,packed,original > "$out/suite-gptj.log" 2>&1 ;;
+        expandable) suite llama-3.1-8b --steps 5 --alloc-conf expandable_segments:True \
+                        --parts build,longest-offload:16,longest-tiled:16 \
+                        > "$out/suite-expandable.log" 2>&1 ;;
+        *) echo "unknown step: $step (tests, llama, neox, gptj, expandable)" >&2; exit 2 ;;
+    esac
+    touch "$out/$step.done"
+done

@@ -396,7 +396,8 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False,
     in CPU memory (ACTIVATION_OFFLOAD = 'on'; with ``tiled``, each MLP a chunk of tokens at a
     time as well, TILED_MLP = 'on') and the defaults otherwise: the estimator's answer, then real
     forward and backward steps, growing by a quarter until one runs out of memory and halving
-    the gap after (to 512 tokens). Each step's wall time gives tokens/s and MFU at that length
+    the gap after (to 512 tokens, or 3% of the length where that is more: a probe at 100k
+    tokens takes most of a minute). Each step's wall time gives tokens/s and MFU at that length
     (forward and backward; no optimizer step)."""
     from helpers import norms, offload, tiling
 
@@ -434,7 +435,7 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False,
             tried.append((seq, "oom"))
             bad = seq
             free()
-        if bad is not None and bad - ok <= 512:
+        if bad is not None and bad - ok <= max(512, ok // 32):  # to 3% at long lengths
             break
         nxt = int(seq * 1.25) if bad is None else (ok + bad) // 2 if ok else int(seq * 0.75)
         seq = max(256, nxt // 256 * 256)
