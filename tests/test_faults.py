@@ -16,6 +16,7 @@ import signal
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,11 +56,12 @@ class Phases(TrainerCallback):
         self.conn.send(("end", state.global_step, time.perf_counter()))
 
 
-def _train_in_child(conn, cfg, model, tokenizer, train_set, eval_set):
+def _train_in_child(conn, cfg, setup):
     torch.set_num_threads(1)
-    # the CPU model of the parent, trained on the CPU on every machine: a forked child cannot
-    # use a CUDA context its parent made (on a GPU machine the parent's other tests made one)
+    # the CPU model, trained on the CPU on every machine: a forked child cannot use a CUDA
+    # context its parent made (on a GPU machine the parent's other tests made one)
     torch.cuda.is_available = lambda: False
+    model, tokenizer, train_set, eval_set = _build(setup) if isinstance(setup, str) else setup
     # the loss-curve figure redrawn at every checkpoint is not what is tested here, and
     # drawing it is most of a checkpoint's time on a small CPU
     T.LossCurveCallback.save = lambda self: None
@@ -74,10 +76,18 @@ def _train_in_child(conn, cfg, model, tokenizer, train_set, eval_set):
         os._exit(0)  # no pytest teardown in the child
 
 
-def _launch(setup, cfg):
-    ctx = multiprocessing.get_context("fork")
+def _training_context():
+    """``fork`` where this process has run no backward on a GPU. After one (the GPU tests before
+    these, in the one process of a CUDA machine) autograd refuses to run in a forked child, so
+    the children come from a fork server instead: a fresh process that has touched no GPU forks
+    them, and the model and data travel to it pickled."""
+    return multiprocessing.get_context("forkserver" if torch.cuda.is_available() else "fork")
+
+
+def _launch(setup, cfg, ctx=None):
+    ctx = ctx or _training_context()
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_train_in_child, args=(child_end, cfg, *setup))
+    proc = ctx.Process(target=_train_in_child, args=(child_end, cfg, setup))
     proc.start()
     child_end.close()
     return proc, parent_end
@@ -97,13 +107,22 @@ def _events(proc, conn, timeout=300):
     raise TimeoutError("the training child did not finish")
 
 
-@pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory):  # noqa: F811 (the fixture imported above)
-    """Model (LoRA attached, seeded), tokenizer and the two splits, in this process."""
-    cfg = config(tmp_path_factory.mktemp("faults"), lora_dropout=0.1)
+def _build(tiny):
+    """Model (LoRA attached, seeded), tokenizer and the two splits, from the tiny model's folder."""
+    cfg = config(Path(tiny), lora_dropout=0.1)  # its LoRA settings; nothing is written
     tokenizer = tokenizer_of(tiny)
     return (peft_model(tiny, cfg, seed=0), tokenizer, rows(tokenizer, TEXTS),
             rows(tokenizer, TEXTS[:8]))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):  # noqa: F811 (the fixture imported above)
+    """What each training child trains: built once in this process where the children are forked
+    from it (they share it copy-on-write), else the tiny model's folder, from which each child
+    of the fork server builds the same."""
+    if _training_context().get_start_method() == "fork":
+        return _build(tiny)
+    return str(tiny)
 
 
 def _check_what_a_kill_left(run_dir):
@@ -134,7 +153,6 @@ def test_twenty_kills_during_steps_and_saves_end_with_the_uninterrupted_adapter(
     every kill, the newest complete checkpoint and the adapter (when there is one) must load;
     some kills must have left a checkpoint cut short (on two CPU cores about half of the kills
     during a checkpoint's writing do), which resume passes over."""
-    model, tokenizer, train_set, eval_set = setup
     common = dict(max_steps=MAX_STEPS, save_steps=SAVE_STEPS, lora_dropout=0.1, resume=True,
                   lr_schedule="cosine", warmup_steps=2)
 
