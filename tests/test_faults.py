@@ -107,11 +107,11 @@ def _events(proc, conn, timeout=300):
     raise TimeoutError("the training child did not finish")
 
 
-def _build(tiny):
+def _build(folder):
     """Model (LoRA attached, seeded), tokenizer and the two splits, from the tiny model's folder."""
-    cfg = config(Path(tiny), lora_dropout=0.1)  # its LoRA settings; nothing is written
-    tokenizer = tokenizer_of(tiny)
-    return (peft_model(tiny, cfg, seed=0), tokenizer, rows(tokenizer, TEXTS),
+    cfg = config(Path(folder), lora_dropout=0.1)  # its LoRA settings; nothing is written
+    tokenizer = tokenizer_of(folder)
+    return (peft_model(folder, cfg, seed=0), tokenizer, rows(tokenizer, TEXTS),
             rows(tokenizer, TEXTS[:8]))
 
 
