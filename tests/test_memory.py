@@ -521,8 +521,30 @@ def test_estimate_matches_h200_rehearsals(row):
                      compute_dtype=torch.bfloat16, upcast_fp32=recipe, autocast=True,
                      chunked_loss=False)  # measured with the model's own loss
     assert est.total_allocated / 1e9 == pytest.approx(allocated_gb, rel=0.03)
-    reserved = est.total_allocated + est.breakdown()["allocator_slack"]
-    assert reserved / 1e9 == pytest.approx(reserved_gb, rel=0.10)
+    # what a step needs lies between what it allocated and what these runs, never short of
+    # memory, held reserved (the allocator gives back what it does not need before it fails)
+    need = est.total_allocated + est.breakdown()["allocator_slack"]
+    assert allocated_gb * 1e9 <= need <= reserved_gb * 1e9 * 1.05
+
+
+# The longest sequences at micro-batch 1 that ran on an H200 (bench/RESULTS.md, 2026-12-02; the
+# next one tried ran out of memory): Llama-3.1-8B, activations offloaded, LoRA r=16 on all linear
+# layers with dropout 0.05, chunked loss, the budget enforced less the 0.72 GB CUDA context.
+# (budget GB, tiled MLP, lean norms and dropout, longest that ran, shortest that ran out)
+H200_LONGEST = [(16, False, True, 28928, 29696), (16, False, False, 22528, 23040),
+                (16, True, True, 59904, 61440), (24, True, True, 112640, 115712)]
+
+
+@pytest.mark.parametrize("row", H200_LONGEST,
+                         ids=[f"{r[0]}GB-{'tiled' if r[1] else 'offload'}-"
+                              f"{'lean' if r[2] else 'own-norms'}" for r in H200_LONGEST])
+def test_the_longest_sequence_is_at_most_5_percent_short_of_what_ran(row):
+    budget_gb, tiled, lean, ran, failed = row
+    fit = budget.largest_fit(llama8b(), budget_gb * 1e9, seq_len=512, lora_r=16,
+                             lora_dropout=0.05, chunked_loss=True, activation_offload=True,
+                             tiled_mlp=tiled, lean_norms=lean, lean_dropout=lean,
+                             context_bytes=720_000_000)
+    assert 0.95 * ran <= fit["seq_len"] <= ran < failed
 
 
 def _saved_bytes_of_block(model, ids, block_marker):
@@ -915,7 +937,7 @@ def test_fsdp_halves_a_70b_model_and_refuses_bad_arguments():
     # 70B in 4-bit: one 24 GB card is far too small; two hold the shards (about 22 GB allocated)
     # but not with NCCL's buffers on top (measured: 2.49 GB outside torch per process), so two
     # need CPU offload, or four GPUs
-    assert one > 40e9 and two.total_allocated < 24e9 < two.total_device
+    assert one > 1.5 * 24e9 and two.total_allocated < 24e9 < two.total_device
     assert offloaded < 10e9 and four < 24e9
     assert any(i.key == "nccl" for i in two.items)
     with pytest.raises(ValueError, match="ddp"):
