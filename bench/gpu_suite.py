@@ -391,6 +391,15 @@ def longest(model, shape, name, tokenizer, budget_gb, recipe):
     return out
 
 
+def pinned_stats() -> dict:
+    """torch's pinned host allocator's byte counters (the offloaded activations' real host
+    memory: each allocation rounded up to a power of two), where this torch reports them."""
+    try:
+        return {k: v for k, v in torch.cuda.memory.host_memory_stats().items() if "bytes" in k}
+    except (AttributeError, RuntimeError):
+        return {}
+
+
 def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False, lean=True):
     """The longest sequence at micro-batch 1 under ``budget_gb`` with the checkpointed activations
     in CPU memory (ACTIVATION_OFFLOAD = 'on'; with ``tiled``, each MLP a chunk of tokens at a
@@ -430,11 +439,15 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False,
             ok = seq
             best = {"seq": seq, "seconds": round(secs, 2), "peak_alloc_bytes": peak,
                     "host_bytes": stats.peak, "tokens_per_second": round(seq / secs, 1),
-                    "mfu": mfu(shape, seq / secs, rate)}
+                    "mfu": mfu(shape, seq / secs, rate), "host_rss_bytes": env.host_rss(),
+                    "pinned": pinned_stats()}
         except torch.cuda.OutOfMemoryError:
             tried.append((seq, "oom"))
             bad = seq
             free()
+        empty_pinned = getattr(torch._C, "_host_emptyCache", None)
+        if empty_pinned is not None:  # each probe's pinned memory measured alone
+            empty_pinned()
         if bad is not None and bad - ok <= max(512, ok // 32):  # to 3% at long lengths
             break
         nxt = int(seq * 1.25) if bad is None else (ok + bad) // 2 if ok else int(seq * 0.75)

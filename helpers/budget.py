@@ -13,7 +13,9 @@ import torch
 from helpers import env, units
 from helpers.estimator import Estimate, estimate
 from helpers.scaling import estimate_per_gpu
-from helpers.shapes import _cfg_get, as_shape, shape_from_config
+from helpers.footprint import probe_step  # noqa: F401 (helpers.budget.probe_step, as before)
+from helpers.shapes import (SequenceTooLongError, as_shape, positions,  # noqa: F401
+                            require_positions, shape_from_config)
 from helpers.units import GB, fmt_bytes, free
 
 
@@ -254,13 +256,23 @@ def longest_text(cfg, shape=None) -> str:
     if "seq_len_offload" not in lf:
         return text + " (offloading needs GRADIENT_CHECKPOINTING)"
     longest, tiled = lf["seq_len_offload"], lf["seq_len_tiled"]
-    host = estimate(shape, seq_len=max(longest, tiled, 1), micro_batch=1,
-                    **{**settings, "activation_offload": True}).host_bytes
+
+    def host(seq: int) -> int:
+        return estimate(shape, seq_len=max(seq, 1), micro_batch=1, **{
+            **settings, "activation_offload": True, "tiled_mlp": True}).host_bytes
+
     lean = [name for name, applies in (("RMSNorm", shape.norm == "rmsnorm"),
                                        ("LoRA dropout", cfg.lora_dropout > 0)) if applies]
     lean = f" and its lean {' and '.join(lean)}" if lean else ""
-    return text + (f", {longest:,} with ACTIVATION_OFFLOAD{lean}, {tiled:,} with TILED_MLP as "
-                   f"well (then {fmt_bytes(host)} of host memory)")
+    text += (f", {longest:,} with ACTIVATION_OFFLOAD{lean}, {tiled:,} with TILED_MLP as "
+             f"well (then {fmt_bytes(host(max(longest, tiled)))} of host memory)")
+    room = host_room(cfg)
+    if host(max(longest, tiled)) > room:  # the offloaded activations must fit the host too
+        fits = largest_seq_len(lambda _mb, seq: host(seq), room,
+                               range(128, max(longest, tiled) + 1, 128))
+        text += (f"; this machine's host may take {fmt_bytes(room)} more, which holds the "
+                 f"offloaded activations of {fits:,} tokens")
+    return text
 
 
 class MemoryBudgetError(ValueError):
@@ -290,6 +302,47 @@ class BudgetError(ValueError):
 
 
 # ============================================================================ the training's micro-batch
+
+
+def host_room(cfg) -> int:
+    """Host memory this process may still take: HOST_MEMORY_BUDGET_GB (0: the RAM detected) less
+    what it holds now, and no more than the machine has available. What the offloaded
+    activations (ACTIVATION_OFFLOAD) must fit in, since a runtime over its RAM is killed."""
+    room = env.host_budget_bytes(cfg.host_memory_budget_gb) - env.host_rss()
+    return max(0, min(room, env.host_memory()["available"]))
+
+
+def offload_host_need(cfg, model, micro_batch: int, seq_len: int | None = None) -> int | None:
+    """Host bytes the offloaded activations of one training step take (on a GPU in pinned
+    memory, each tensor rounded up as torch's pinned allocator rounds it); None where the
+    estimator does not know the model."""
+    est = model_estimate(cfg, model, micro_batch, seq_len or cfg.max_length, offload=True,
+                         tiled=bool(getattr(model, "uses_tiled_mlp", False)))
+    return None if est is None else est.host_bytes
+
+
+def host_fit_length(cfg, model, room: int) -> int:
+    """The longest sequence (a multiple of 128) whose offloaded activations at micro-batch 1 fit
+    ``room`` host bytes, up to MAX_LENGTH; 0 when none does."""
+    need = offload_host_need(cfg, model, 1, 128)
+    if need is None or need > room:
+        return 0
+    return largest_seq_len(lambda _mb, seq: offload_host_need(cfg, model, 1, seq), room,
+                           range(128, cfg.max_length + 1, 128))
+
+
+def host_refusal(cfg, model, need: int, room: int) -> str:
+    """Why the offloaded activations do not fit the host, and what would."""
+    seq = host_fit_length(cfg, model, room)
+    host = (f"HOST_MEMORY_BUDGET_GB={cfg.host_memory_budget_gb:g}"
+            if cfg.host_memory_budget_gb > 0 else "the RAM detected")
+    ways = ([f"MAX_LENGTH = {seq}"] if seq else []) + [
+        "a larger HOST_MEMORY_BUDGET_GB where the machine has the RAM",
+        "ACTIVATION_OFFLOAD = 'off' with a larger MEMORY_BUDGET_GB"]
+    return (f"ACTIVATION_OFFLOAD keeps {fmt_bytes(need)} of activations in host memory at "
+            f"micro-batch 1 x {cfg.max_length} tokens, and this process may take only "
+            f"{fmt_bytes(room)} more ({host} less the {fmt_bytes(env.host_rss())} it holds): a "
+            f"runtime over its RAM is killed. What would fit: {'; or '.join(ways)}.")
 
 
 def budget_bytes(cfg) -> int | None:
@@ -372,84 +425,32 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def positions(model) -> int | None:
-    """How many positions the model was built for (``max_position_embeddings`` or its family's
-    name for it), or None where its config names none."""
-    config = getattr(model, "config", None)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    value = _cfg_get(config, "max_position_embeddings", "n_positions", "n_ctx")
-    return value if isinstance(value, int) and value > 0 else None
-
-
-class SequenceTooLongError(ValueError):
-    """MAX_LENGTH is longer than the positions the model has."""
-
-
-def require_positions(model, seq_len: int) -> None:
-    """Refuse a sequence longer than the model's positions, before any step runs: a model with a
-    table of positions (GPT-J's rotary table, GPT-2's learned positions) would index past it,
-    which on a GPU is a device-side assert that leaves the CUDA context unusable until the
-    runtime restarts; a rotary model was never trained on those positions either."""
-    n = positions(model)
-    if n is not None and seq_len > n:
-        raise SequenceTooLongError(
-            f"MAX_LENGTH={seq_len} is longer than the {n:,} positions this model has "
-            f"(max_position_embeddings of {getattr(model.config, 'name_or_path', '') or 'the model'}"
-            f"); set MAX_LENGTH to at most {n}.")
-
-
-def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
-    """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
-    all of them labelled: the largest activations a training step at this size can have. Returns
-    the peak GPU bytes allocated during it (0 on CPU); raises ``torch.cuda.OutOfMemoryError`` when
-    it does not fit. The random numbers come from their own generator and the global RNG state is
-    restored, so the run that follows is not shifted by the probe. The loss is the one the model
-    computes in training (the chunked loss where :func:`helpers.losses.use_chunked_loss`
-    installed it), so the probe measures what training will hold. Introduced in notebook 05.
-    """
-    require_positions(model, seq_len)
-    device = _model_device(model)
-    cuda = device.type == "cuda"
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=gen).to(device)
-    was_training = model.training
-    devices = [device.index or 0] if cuda else []
-    use_autocast = cuda and dtype is not None and env.uses_autocast(dtype)
-    try:
-        with torch.random.fork_rng(devices=devices):
-            if cuda:
-                torch.cuda.synchronize(device)
-                env.reset_gpu_peak(device)
-            model.train()
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
-            with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
-                out = model(**inputs, labels=ids)
-            out.loss.backward()
-            del out
-            peak = torch.cuda.max_memory_allocated(device) if cuda else 0
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-        del ids
-        if cuda:
-            torch.cuda.empty_cache()
-    return int(peak)
-
-
 def _enforce_budget(budget: int, notes: list) -> None:
     """Cap torch's allocator at ``budget`` bytes of the card (:func:`helpers.env.enforce_gpu_budget`,
     which every notebook's start applies too), with the sentence saying so in ``notes``."""
     notes.append(env.enforce_gpu_budget(budget))
 
 
+def _host_capped(cfg, model, micro: int, notes: list) -> int:
+    """``micro`` halved until the offloaded activations fit the host (:func:`host_room`)."""
+    room, start = host_room(cfg), micro
+    while micro > 1 and (offload_host_need(cfg, model, micro) or 0) > room:
+        micro //= 2
+    if micro < start:
+        notes.append(f"micro-batch {micro}: the host holds the offloaded activations of "
+                     f"{micro} rows ({fmt_bytes(offload_host_need(cfg, model, micro))}), not "
+                     f"of {start}, in the {fmt_bytes(room)} it may still take")
+    return micro
+
+
 def _refusal(cfg, budget: int, estimate_fn, needed_1: int, offloaded: int | None = None,
-             tiled: int | None = None) -> str:
+             tiled: int | None = None, host: str | None = None) -> str:
     upto = cfg.max_length
     seq = largest_seq_len(estimate_fn, budget, range(64, upto + 1, 64) or range(8, upto + 1, 8))
     ways = []
-    if offloaded is not None and offloaded <= budget:
+    if host and any(n is not None and n <= budget for n in (offloaded, tiled)):
+        ways.append(f"not ACTIVATION_OFFLOAD, which would fit the card but not the host ({host})")
+    elif offloaded is not None and offloaded <= budget:
         ways.append(f"ACTIVATION_OFFLOAD = 'on' or 'auto' would fit ({offloaded / GB:.2f} GB: "
                     "the checkpointed activations in CPU memory)")
     elif tiled is not None and tiled <= budget:
@@ -509,7 +510,14 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
                     if cfg.gradient_checkpointing and not getattr(model, attr, False):
                         saved[key] = default_estimate_fn(cfg, model, offload=True,
                                                          **kw)(1, cfg.max_length)
-                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1, **saved))
+                host = None
+                if saved:
+                    need_h, room = offload_host_need(cfg, model, 1), host_room(cfg)
+                    if need_h is not None and need_h > room:
+                        host = (f"{fmt_bytes(need_h)} of activations in host memory, with "
+                                f"{fmt_bytes(room)} free under the host budget")
+                raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1, host=host,
+                                           **saved))
             notes.append(f"estimate at micro-batch 1 x {cfg.max_length} tokens: "
                          f"{needed_1 / GB:.2f} GB of a {budget / GB:.2f} GB budget")
     if not cuda:
@@ -543,6 +551,8 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
     else:
         micro = limit
         notes.append(f"micro-batch {micro} to start the probe from")
+    if getattr(model, "uses_activation_offload", False) and not cfg.micro_batch:
+        micro = _host_capped(cfg, model, micro, notes)
     if not probe:
         return micro, notes
 

@@ -338,6 +338,16 @@ def host_budget_bytes(budget_gb: float = 0.0) -> int:
     return int(budget_gb * 1e9) if budget_gb > 0 else host_memory()["limit"]
 
 
+def host_rss() -> int:
+    """This process's resident memory now, in bytes (Linux's VmRSS, else psutil's)."""
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb * 1024
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 _HOST_PEAK_SCOPED = {"notebook": False}  # whether the last restart took (Linux's clear_refs)
 
 

@@ -342,6 +342,15 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     outside = (gathered // 3 + 16 * T if chunked_loss else
                4 * T * V + 8 * T + (V * h * 2 if autocast else 0))
     host = block_inputs + final_norm + outside
+    # On a GPU those copies are pinned, and torch's pinned-memory allocator rounds every
+    # allocation up to a power of two (and keeps it for reuse): the host holds the rounded sizes.
+    # The same tensors one by one, rounded:
+    if cuda_context:
+        norm_parts = ([hb * h, 4] if lean_norms else [norm_save * h, 4, 4])
+        loss_parts = ([gathered // 3 // T, 8, 8] if chunked_loss else
+                      [4 * V, 8] + ([V * h * 2 // T] if autocast else []))
+        host = (L * _pinned(T * h * hb) + sum(_pinned(T * b) for b in norm_parts)
+                + sum(_pinned(T * b) for b in loss_parts if b))
     host_bytes = host if activation_offload else 0
     logits = 12 * logit_tokens * V + gathered
 
@@ -482,6 +491,11 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
                     total_allocated=int(total_allocated), total_device=int(total_device),
                     footprint=int(footprint), peak_phase=peak_phase, activation_detail=detail,
                     host_bytes=int(host_bytes), notes=notes)
+
+
+def _pinned(nbytes: int) -> int:
+    """What torch's pinned host allocator takes for ``nbytes``: the next power of two."""
+    return 1 << max(0, int(nbytes) - 1).bit_length() if nbytes > 0 else 0
 
 
 # items that live only for part of a step (the allocator's slack grows with them)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import pandas as pd
 from helpers import env
-from helpers.shapes import as_shape
+from helpers.shapes import as_shape, require_positions
 from helpers.units import (BLOCKSIZE, _is_params4bit, fmt_bytes, logical_numel,
                            quantized_weight_bytes)
 
@@ -364,3 +364,42 @@ def quantization_error(model_16bit, quant_types=("nf4", "fp4")) -> list[dict]:
         rows.append({"group": group, "quant_type": qt, "weights": len(each), "params": npar,
                      "relative_error": math.sqrt(err2 / ref2) if ref2 else 0.0})
     return rows
+
+
+def probe_step(model, micro_batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
+    """One forward and backward (no optimizer step) of ``micro_batch`` x ``seq_len`` random tokens,
+    all of them labelled: the largest activations a training step at this size can have. Returns
+    the peak GPU bytes allocated during it (0 on CPU); raises ``torch.cuda.OutOfMemoryError`` when
+    it does not fit. The random numbers come from their own generator and the global RNG state is
+    restored, so the run that follows is not shifted by the probe. The loss is the one the model
+    computes in training (the chunked loss where :func:`helpers.losses.use_chunked_loss`
+    installed it), so the probe measures what training will hold. Introduced in notebook 05.
+    """
+    require_positions(model, seq_len)
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=gen).to(device)
+    was_training = model.training
+    devices = [device.index or 0] if cuda else []
+    use_autocast = cuda and dtype is not None and env.uses_autocast(dtype)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if cuda:
+                torch.cuda.synchronize(device)
+                env.reset_gpu_peak(device)
+            model.train()
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+            with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
+                out = model(**inputs, labels=ids)
+            out.loss.backward()
+            del out
+            peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        del ids
+        if cuda:
+            torch.cuda.empty_cache()
+    return int(peak)

@@ -268,3 +268,30 @@ def __getattr__(name):
     if name == "PRESETS":
         return _presets()
     raise AttributeError(f"module 'helpers.shapes' has no attribute {name!r}")
+
+
+def positions(model) -> int | None:
+    """How many positions the model was built for (``max_position_embeddings`` or its family's
+    name for it), or None where its config names none."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    value = _cfg_get(config, "max_position_embeddings", "n_positions", "n_ctx")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class SequenceTooLongError(ValueError):
+    """MAX_LENGTH is longer than the positions the model has."""
+
+
+def require_positions(model, seq_len: int) -> None:
+    """Refuse a sequence longer than the model's positions, before any step runs: a model with a
+    table of positions (GPT-J's rotary table, GPT-2's learned positions) would index past it,
+    which on a GPU is a device-side assert that leaves the CUDA context unusable until the
+    runtime restarts; a rotary model was never trained on those positions either."""
+    n = positions(model)
+    if n is not None and seq_len > n:
+        raise SequenceTooLongError(
+            f"MAX_LENGTH={seq_len} is longer than the {n:,} positions this model has "
+            f"(max_position_embeddings of {getattr(model.config, 'name_or_path', '') or 'the model'}"
+            f"); set MAX_LENGTH to at most {n}.")

@@ -191,3 +191,52 @@ def test_training_with_offload_and_lora_dropout_is_reproducible(tmp_path):
     assert [h["loss"] for h in results[0].history] == [h["loss"] for h in results[1].history]
     wa, wb = (adapter_weights(r.adapter_dir) for r in results)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_host_must_hold_the_offloaded_activations(tmp_path, monkeypatch):
+    """ACTIVATION_OFFLOAD on a host that cannot hold the activations: 'on' is refused before
+    anything is installed, naming the MAX_LENGTH that fits; 'auto' stays off and says why; an
+    automatic micro-batch is halved until the host holds its activations."""
+    from test_train import build_tiny, config as train_config, peft_model
+
+    tiny = build_tiny(tmp_path / "tiny")
+    cfg = train_config(tmp_path, max_length=1024, activation_offload="on")
+    model = peft_model(tiny, cfg)
+    at = {n: budget.offload_host_need(cfg, model, 1, n) for n in (512, 1024)}
+    assert 0 < at[512] < at[1024]
+    room = (at[512] + at[1024]) // 2
+    monkeypatch.setattr(budget, "host_room", lambda _cfg: room)
+    with pytest.raises(budget.BudgetError, match="in host memory") as refused:
+        offload.use_activation_offload(model, cfg)
+    fits = budget.host_fit_length(cfg, model, room)
+    assert 512 <= fits < 1024 and f"MAX_LENGTH = {fits}" in str(refused.value)
+    assert budget.offload_host_need(cfg, model, 1, fits) <= room
+    assert budget.offload_host_need(cfg, model, 1, fits + 128) > room
+    assert not getattr(model, "uses_activation_offload", False)
+
+    monkeypatch.setattr(budget, "choose_offload", lambda c, n: (True, "'auto': on"))
+    auto = dataclasses.replace(cfg, activation_offload="auto")
+    said = offload.use_activation_offload(model, auto)
+    assert "'auto': off, the host cannot hold it" in said
+    assert not getattr(model, "uses_activation_offload", False)
+
+    short = dataclasses.replace(cfg, max_length=128, micro_batch=0)
+    offload.install(model)
+    per_row = budget.offload_host_need(short, model, 1)
+    monkeypatch.setattr(budget, "host_room", lambda _cfg: 2 * per_row + per_row // 2)
+    notes = []
+    assert budget._host_capped(short, model, 8, notes) == 2
+    assert "the host holds the offloaded activations of 2 rows" in notes[0]
+
+
+def test_on_a_gpu_the_host_holds_pinned_sizes():
+    """torch's pinned host allocator rounds each allocation up to a power of two: the estimate
+    on a GPU counts every offloaded tensor so rounded, on CPU the tensors' own sizes."""
+    shape = shapes.as_shape("llama-3.1-8b")
+    kw = dict(seq_len=28928, activation_offload=True)
+    exact = estimator.estimate(shape, cuda_context=False, **kw).host_bytes
+    pinned = estimator.estimate(shape, cuda_context=True, **kw).host_bytes
+    block = 28928 * shape.hidden * 2
+    assert exact >= shape.layers * block
+    assert pinned >= shape.layers * 2 ** math.ceil(math.log2(block)) > exact
+    assert [estimator._pinned(n) for n in (0, 1, 4096, 4097)] == [0, 1, 4096, 8192]
