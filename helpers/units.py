@@ -24,12 +24,17 @@ BITS_PER_PARAM_NO_DQ = 4 + 32 / BLOCKSIZE  # 4.5
 
 
 def free() -> None:
-    """Return freed memory: Python objects now, and the GPU allocator's cache."""
+    """Return freed memory: Python objects now, the GPU allocator's cache, and the pinned host
+    memory torch keeps for reuse (offloaded activations of a step that ran out of memory), where
+    this torch can return it."""
     import gc
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        empty_pinned = getattr(torch._C, "_host_emptyCache", None)
+        if empty_pinned is not None:
+            empty_pinned()
 
 
 def fmt_bytes(n: float | None) -> str:
