@@ -262,10 +262,10 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
     extra = {"OPTIMIZER": optimizer} if optimizer else {}
     if targets:
         extra["LORA_TARGETS"] = targets
-    extra.update(params or {})
-    cfg = config.make_config(RUN_DIR=str(WORK / f"{name}-{label}"), MODEL=f"rehearsal:{name}",
-                             MAX_STEPS=steps, SAVE_STEPS=0, MAX_LENGTH=512, WARMUP_STEPS=1,
-                             MEMORY_BUDGET_GB=budget_gb, **extra)
+    settings = {"RUN_DIR": str(WORK / f"{name}-{label}"), "MODEL": f"rehearsal:{name}",
+                "MAX_STEPS": steps, "SAVE_STEPS": 0, "MAX_LENGTH": 512, "WARMUP_STEPS": 1,
+                "MEMORY_BUDGET_GB": budget_gb, **extra, **(params or {})}
+    cfg = config.make_config(**settings)
     lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
     peft_model = lora.attach(model, cfg)
     prof = ProfileSteps(f"{name}-{label}") if profile and torch.cuda.is_available() else None
@@ -279,9 +279,15 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
                                  "train_loss_first", "train_loss_final", "train_steps")}
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
         out["notes"] = res.notes
-        est = estimator.estimate(shape, seq_len=512, micro_batch=m["micro_batch"], lora_r=cfg.lora_r,
-                              gradient_checkpointing=cfg.gradient_checkpointing,
-                              optimizer=cfg.optimizer)
+        out["host_rss_peak_bytes"], out["pinned"] = env.peak_host_rss(), pinned_stats()
+        est = estimator.estimate(shape, seq_len=cfg.max_length, micro_batch=m["micro_batch"],
+                                 lora_r=cfg.lora_r,
+                                 gradient_checkpointing=cfg.gradient_checkpointing,
+                                 optimizer=cfg.optimizer,
+                                 activation_offload=bool(getattr(peft_model,
+                                                                 "uses_activation_offload", False)),
+                                 tiled_mlp=bool(getattr(peft_model, "uses_tiled_mlp", False)))
+        out["predicted_host_bytes"] = est.host_bytes
         out["predicted_peak_bytes"] = est.total_allocated
         out["mfu"] = mfu(shape, m["tokens_per_second"], rate)
         adapter = res.adapter_dir
@@ -567,6 +573,13 @@ def run_model(name, parts, tokenizer, rate, steps):
         model = longest_offload(model, shape, name, tokenizer, gb, rate, lean=False)
     for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("longest-tiled:")):
         model = longest_offload(model, shape, name, tokenizer, gb, rate, tiled=True)
+    for gb in sorted(int(p.split(":")[1]) for p in parts if p.startswith("train-longest:")):
+        # notebook 05's train(), three steps, at notebook 02's longest with offload and tiling
+        seq = fitting.largest_fit(shape, gb * 1e9, seq_len=512, chunked_loss=True,
+                                  activation_offload=True, tiled_mlp=True)["seq_len"]
+        model, _ = defaults(model, shape, name, tokenizer, 3, rate, gb,
+                            random_rows(vocab, 4, seq, seed=3), f"random-{seq}-longest",
+                            params={"MAX_LENGTH": seq, "MICRO_BATCH": 1})
     if "longest" in parts:
         model = longest(model, shape, name, tokenizer, budget, "defaults")
         model = longest(model, shape, name, tokenizer, budget, "original")
