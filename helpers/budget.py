@@ -306,10 +306,11 @@ class BudgetError(ValueError):
 
 def host_room(cfg) -> int:
     """Host memory this process may still take: HOST_MEMORY_BUDGET_GB (0: the RAM detected) less
-    what it holds now, and no more than the machine has available. What the offloaded
-    activations (ACTIVATION_OFFLOAD) must fit in, since a runtime over its RAM is killed."""
+    what it holds now, and no more than the machine has available, shared by the processes of a
+    launch on this machine. What the offloaded activations (ACTIVATION_OFFLOAD) must fit in,
+    since a runtime over its RAM is killed."""
     room = env.host_budget_bytes(cfg.host_memory_budget_gb) - env.host_rss()
-    return max(0, min(room, env.host_memory()["available"]))
+    return max(0, min(room, env.host_memory()["available"])) // env.world()["local_world_size"]
 
 
 def offload_host_need(cfg, model, micro_batch: int, seq_len: int | None = None) -> int | None:
