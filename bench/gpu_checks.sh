@@ -9,7 +9,8 @@
 # - llama-train: notebook 05's train() for three steps at notebook 02's longest sequence under 16
 #   and 24 GB (offload and tiling chosen by 'auto'), with the host's pinned memory recorded;
 # - neox: GPT-NeoX-20B's packed quotes against full rows and the original recipe;
-# - gptj: the same for GPT-J-6B (its packed attention needs transformers >= 5.24);
+# - gptj: the same for GPT-J-6B (its packed attention needs transformers >= 5.24), with a
+#   profile of a full-row step and a packed one (where the packed rows' time goes);
 # - expandable: the llama step's offloaded rows again with the caching allocator's expandable
 #   segments, which should leave less memory reserved but unused.
 # Results: OUTDIR/pytest.log and pytest.rc, OUTDIR/suite.jsonl (one JSON line per result, written
@@ -30,7 +31,8 @@ for step in ${steps//,/ }; do
         llama-train) suite llama-3.1-8b --parts build,train-longest:16,train-longest:24 \
                    > "$out/suite-llama-train.log" 2>&1 ;;
         neox) suite gpt-neox-20b --steps 5 --parts build,packed,original > "$out/suite-neox.log" 2>&1 ;;
-        gptj) suite gpt-j-6b --steps 5 --parts build,packed,original > "$out/suite-gptj.log" 2>&1 ;;
+        gptj) suite gpt-j-6b --steps 5 --parts build,packed,profile,original \
+                  > "$out/suite-gptj.log" 2>&1 ;;
         expandable) suite llama-3.1-8b --steps 5 --alloc-conf expandable_segments:True \
                         --parts build,longest-offload:16,longest-tiled:16 \
                         > "$out/suite-expandable.log" 2>&1 ;;

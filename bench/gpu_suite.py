@@ -541,7 +541,7 @@ def run_model(name, parts, tokenizer, rate, steps):
     if "fit16" in parts and name == "gpt-neox-20b":  # all-linear under 16 GB: refused?
         model, _ = defaults(model, shape, name, tokenizer, steps, rate, 16, rows512,
                             "random-512-16GB")
-    if "profile" in parts and "packed" not in parts:  # where a step's GPU time goes
+    if "profile" in parts:  # where a step's GPU time goes (full rows; packed rows below)
         model, _ = defaults(model, shape, name, tokenizer, 7, rate, budget, rows512,
                             "random-512-profile", profile=True)
     for variant in sorted(p for p in parts if p.startswith("var:")):
