@@ -211,9 +211,17 @@ def shape_params(shape) -> int:
     return shape.n_linear_params() + shape.n_16bit_params()
 
 
-def mfu(shape, tokens_per_second, rate):
-    """Model FLOPs utilization: 6 x parameters x tokens/s over the measured matmul ``rate``."""
-    return round(6 * shape_params(shape) * (tokens_per_second or 0) / rate, 3) if rate else None
+def mfu(shape, tokens_per_second, rate, seq_len: int = 0):
+    """Model FLOPs utilization: 6 x parameters x tokens/s over the measured matmul ``rate``; with
+    ``seq_len``, causal attention's FLOPs as well: per token and layer 2 x seq_len x the query
+    width in the forward, four times over with the recompute and the backward (8 x seq_len x
+    width), which at long sequences is more than the weights' 6 x parameters."""
+    if not rate:
+        return None
+    per_token = 6 * shape_params(shape)
+    if seq_len:
+        per_token += 8 * seq_len * shape.heads * shape.head_dim * shape.layers
+    return round(per_token * (tokens_per_second or 0) / rate, 3)
 
 
 KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
@@ -459,7 +467,9 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False,
             ok = seq
             best = {"seq": seq, "seconds": round(secs, 2), "peak_alloc_bytes": peak,
                     "host_bytes": stats.peak, "tokens_per_second": round(seq / secs, 1),
-                    "mfu": mfu(shape, seq / secs, rate), "host_rss_bytes": env.host_rss(),
+                    "mfu": mfu(shape, seq / secs, rate),
+                    "mfu_with_attention": mfu(shape, seq / secs, rate, seq),
+                    "host_rss_bytes": env.host_rss(),
                     "pinned": pinned_stats()}
         except torch.cuda.OutOfMemoryError:
             tried.append((seq, "oom"))
