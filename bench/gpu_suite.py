@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import sys
@@ -50,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from helpers import budget as fitting, config, data, env, estimator, footprint, loading, lora, losses, shapes, train  # noqa: E402
+from helpers import budget as fitting, config, data, env, estimator, footprint, loading, lora, losses, shapes, train, units  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "runs/gpu-suite"))
 WORK = Path(os.environ.get("SUITE_WORK", "runs/gpu-suite-work"))  # checkpoints and adapters
@@ -67,9 +66,8 @@ def emit(record: dict) -> None:
 
 
 def free() -> None:
-    gc.collect()
+    units.free()  # Python objects, the allocator's cache, the pinned host memory kept for reuse
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.reset_peak_memory_stats()
 
@@ -474,10 +472,7 @@ def longest_offload(model, shape, name, tokenizer, budget_gb, rate, tiled=False,
         except torch.cuda.OutOfMemoryError:
             tried.append((seq, "oom"))
             bad = seq
-            free()
-        empty_pinned = getattr(torch._C, "_host_emptyCache", None)
-        if empty_pinned is not None:  # each probe's pinned memory measured alone
-            empty_pinned()
+        free()  # each probe measured alone, its pinned host memory too
         if bad is not None and bad - ok <= max(512, ok // 32):  # to 3% at long lengths
             break
         nxt = int(seq * 1.25) if bad is None else (ok + bad) // 2 if ok else int(seq * 0.75)

@@ -264,12 +264,12 @@ def longest_text(cfg, shape=None) -> str:
     lean = [name for name, applies in (("RMSNorm", shape.norm == "rmsnorm"),
                                        ("LoRA dropout", cfg.lora_dropout > 0)) if applies]
     lean = f" and its lean {' and '.join(lean)}" if lean else ""
+    most = max(longest, tiled)
+    at_most, room = host(most), host_room(cfg)
     text += (f", {longest:,} with ACTIVATION_OFFLOAD{lean}, {tiled:,} with TILED_MLP as "
-             f"well (then {fmt_bytes(host(max(longest, tiled)))} of host memory)")
-    room = host_room(cfg)
-    if host(max(longest, tiled)) > room:  # the offloaded activations must fit the host too
-        fits = largest_seq_len(lambda _mb, seq: host(seq), room,
-                               range(128, max(longest, tiled) + 1, 128))
+             f"well (then {fmt_bytes(at_most)} of host memory)")
+    if at_most > room:  # the offloaded activations must fit the host too
+        fits = largest_seq_len(lambda _mb, seq: host(seq), room, range(128, most + 1, 128))
         text += (f"; this machine's host may take {fmt_bytes(room)} more, which holds the "
                  f"offloaded activations of {fits:,} tokens")
     return text
@@ -320,6 +320,15 @@ def offload_host_need(cfg, model, micro_batch: int, seq_len: int | None = None) 
     est = model_estimate(cfg, model, micro_batch, seq_len or cfg.max_length, offload=True,
                          tiled=bool(getattr(model, "uses_tiled_mlp", False)))
     return None if est is None else est.host_bytes
+
+
+def host_shortfall(cfg, model, micro_batch: int = 1) -> tuple | None:
+    """``(need, room)`` where the offloaded activations of one step at ``micro_batch`` x
+    MAX_LENGTH (:func:`offload_host_need`) do not fit :func:`host_room`; None where they do, or
+    where the estimator does not know the model."""
+    need = offload_host_need(cfg, model, micro_batch)
+    room = host_room(cfg)
+    return (need, room) if need is not None and need > room else None
 
 
 def host_fit_length(cfg, model, room: int) -> int:
@@ -433,14 +442,14 @@ def _enforce_budget(budget: int, notes: list) -> None:
 
 
 def _host_capped(cfg, model, micro: int, notes: list) -> int:
-    """``micro`` halved until the offloaded activations fit the host (:func:`host_room`)."""
-    room, start = host_room(cfg), micro
-    while micro > 1 and (offload_host_need(cfg, model, micro) or 0) > room:
+    """``micro`` halved until the offloaded activations fit the host (:func:`host_shortfall`)."""
+    start = micro
+    while micro > 1 and host_shortfall(cfg, model, micro):
         micro //= 2
     if micro < start:
         notes.append(f"micro-batch {micro}: the host holds the offloaded activations of "
                      f"{micro} rows ({fmt_bytes(offload_host_need(cfg, model, micro))}), not "
-                     f"of {start}, in the {fmt_bytes(room)} it may still take")
+                     f"of {start}, in the {fmt_bytes(host_room(cfg))} it may still take")
     return micro
 
 
@@ -511,12 +520,9 @@ def choose_micro_batch(cfg, model, estimate_fn=None, probe: bool = True,
                     if cfg.gradient_checkpointing and not getattr(model, attr, False):
                         saved[key] = default_estimate_fn(cfg, model, offload=True,
                                                          **kw)(1, cfg.max_length)
-                host = None
-                if saved:
-                    need_h, room = offload_host_need(cfg, model, 1), host_room(cfg)
-                    if need_h is not None and need_h > room:
-                        host = (f"{fmt_bytes(need_h)} of activations in host memory, with "
-                                f"{fmt_bytes(room)} free under the host budget")
+                short = host_shortfall(cfg, model) if saved else None
+                host = short and (f"{fmt_bytes(short[0])} of activations in host memory, with "
+                                  f"{fmt_bytes(short[1])} free under the host budget")
                 raise BudgetError(_refusal(cfg, budget, estimate_fn, needed_1, host=host,
                                            **saved))
             notes.append(f"estimate at micro-batch 1 x {cfg.max_length} tokens: "

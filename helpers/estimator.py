@@ -339,19 +339,14 @@ def estimate(shape, *, seq_len: int, micro_batch: int = 1, gradient_checkpointin
     # input and statistics; with the chunked loss the gathered hidden states and the positions'
     # indices and targets (8 bytes each); with the model's own loss log-softmax's float32 output,
     # the labels and, under autocast, the head's 16-bit copy. The GPU side is left as above.
-    outside = (gathered // 3 + 16 * T if chunked_loss else
-               4 * T * V + 8 * T + (V * h * 2 if autocast else 0))
-    host = block_inputs + final_norm + outside
+    outside = ([gathered // 3, 8 * T, 8 * T] if chunked_loss else
+               [4 * T * V, 8 * T] + ([V * h * 2] if autocast else []))
+    host_tensors = ([T * h * hb] * L + ([T * hb * h, 4 * T] if lean_norms else
+                                        [T * norm_save * h, 4 * T, 4 * T]) + outside)
     # On a GPU those copies are pinned, and torch's pinned-memory allocator rounds every
     # allocation up to a power of two (and keeps it for reuse): the host holds the rounded sizes.
-    # The same tensors one by one, rounded:
-    if cuda_context:
-        norm_parts = ([hb * h, 4] if lean_norms else [norm_save * h, 4, 4])
-        loss_parts = ([gathered // 3 // T, 8, 8] if chunked_loss else
-                      [4 * V, 8] + ([V * h * 2 // T] if autocast else []))
-        host = (L * _pinned(T * h * hb) + sum(_pinned(T * b) for b in norm_parts)
-                + sum(_pinned(T * b) for b in loss_parts if b))
-    host_bytes = host if activation_offload else 0
+    size = _pinned if cuda_context else int
+    host_bytes = sum(size(n) for n in host_tensors) if activation_offload else 0
     logits = 12 * logit_tokens * V + gathered
 
     # Backward through one block. With checkpointing the block is recomputed, and its largest

@@ -175,13 +175,12 @@ def use_activation_offload(model, cfg) -> str:
     on, why = budget.choose_offload(cfg, need)
     if not on:
         return why
-    host_need = budget.offload_host_need(cfg, model, 1)
-    room = budget.host_room(cfg)
-    if host_need is not None and host_need > room:  # refused before anything is installed
+    short = budget.host_shortfall(cfg, model)
+    if short:  # refused before anything is installed
         if cfg.activation_offload == "auto":
             return ("ACTIVATION_OFFLOAD = 'auto': off, the host cannot hold it: "
-                    + budget.host_refusal(cfg, model, host_need, room))
-        raise budget.BudgetError(budget.host_refusal(cfg, model, host_need, room))
+                    + budget.host_refusal(cfg, model, *short))
+        raise budget.BudgetError(budget.host_refusal(cfg, model, *short))
     stats = install(model)
     return why + ("; the GPU keeps the blocks' inputs in flight only; the host holds about "
                   f"{_host_text(cfg, model)} at micro-batch 1; {stats.lean}")
