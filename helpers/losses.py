@@ -151,6 +151,16 @@ def _forward_with_chunked_loss(lm, call, inputs: dict, labels, num_items_in_batc
     return outputs
 
 
+def summed_loss(model, inputs: dict, labels) -> torch.Tensor:
+    """The cross-entropy summed over the label tokens of one batch, from ``model(**inputs)`` (a
+    model :func:`unsupported_reason` accepts, peft's wrapper included) with the head on the last
+    position only and :func:`chunked_cross_entropy` over the labelled positions, so that the
+    whole sequence's logits never exist. For the held-out loss
+    (:func:`helpers.train.evaluate_loss`)."""
+    out = _forward_with_chunked_loss(unwrap(model), model, inputs, labels, num_items_in_batch=1)
+    return out["loss"]
+
+
 def use_chunked_loss(model) -> str:
     """Make the causal LM inside ``model`` compute its training loss with
     :func:`chunked_cross_entropy`, and say what was done. Introduced in notebook 05.

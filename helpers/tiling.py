@@ -1,4 +1,4 @@
-"""Each decoder block's MLP run a chunk of tokens at a time during training. Introduced in
+"""Each decoder block's MLP run a chunk of tokens at a time for long sequences. Introduced in
 notebook 05.
 
 With gradient checkpointing the backward recomputes one block at a time, and for long sequences
@@ -8,7 +8,10 @@ MLP, and their gradients) outweigh everything else the block holds. :func:`insta
 the MLP's input along the sequence into chunks of ``chunk_tokens`` tokens and runs each chunk
 under its own non-reentrant ``torch.utils.checkpoint.checkpoint``, then concatenates the
 outputs. Only one chunk's intermediates exist at a time, in the forward (the chunk saves none
-of them) and in the backward (the chunk is recomputed just before its gradients). The checkpoint
+of them) and in the backward (the chunk is recomputed just before its gradients). Without
+gradients (the held-out loss before and after training, a long prompt's first forward) the
+chunks run one after another with nothing saved: at the longest sequences a card trains, one
+untiled MLP's intermediates would not fit beside the model. The checkpoint
 inside the block's own checkpoint is supported by torch's non-reentrant implementation, and
 each chunk's recomputation replays the random state of its forward, so LoRA dropout draws the
 same masks. Loss and gradients equal the untiled ones (``tests/test_tiling.py``). The price:
@@ -67,14 +70,16 @@ def _tiled_forward(mlp, own, stats: TilingStats):
     @functools.wraps(own)
     def forward(*args, **kwargs):
         x = args[0] if len(args) == 1 and not kwargs else None
-        if not (mlp.training and torch.is_grad_enabled() and isinstance(x, torch.Tensor)
-                and x.dim() >= 2):
+        grad = torch.is_grad_enabled()
+        if not ((mlp.training or not grad) and isinstance(x, torch.Tensor) and x.dim() >= 2):
             return own(*args, **kwargs)
         rows = max(1, stats.chunk_tokens // max(1, x[..., 0, 0].numel()))  # per sequence
         if x.shape[-2] <= rows:
             return own(x)
         stats.calls += 1
         parts = x.split(rows, dim=-2)  # one backward node gathers the chunks' input gradients
+        if not grad:  # evaluation of a long row: nothing is saved, one chunk at a time suffices
+            return torch.cat([run_chunk(p) for p in parts], dim=-2)
         return torch.cat([checkpoint(run_chunk, p, use_reentrant=False) for p in parts], dim=-2)
 
     return forward
@@ -83,9 +88,9 @@ def _tiled_forward(mlp, own, stats: TilingStats):
 def install(model, chunk_tokens: int | None = None) -> TilingStats:
     """Run every decoder layer's MLP (:func:`decoder_mlps`) ``chunk_tokens`` tokens at a time
     (default :data:`helpers.estimator.MLP_CHUNK_TOKENS`; split along the sequence, micro-batch x
-    rows per chunk) whenever it trains with gradients
-    and its input is longer than a chunk; otherwise its own forward, so evaluation and
-    generation are unchanged. Sets ``model.uses_tiled_mlp = True`` (which
+    rows per chunk) whenever it trains with gradients or runs without them, and its input is
+    longer than a chunk; otherwise (short inputs; evaluation mode with gradients) its own
+    forward. Sets ``model.uses_tiled_mlp = True`` (which
     :func:`helpers.budget.default_estimate_fn` reads) and returns the :class:`TilingStats`, also
     at ``model.tiled_mlp_stats``. Installing twice changes nothing."""
     if getattr(model, "uses_tiled_mlp", False):

@@ -150,7 +150,9 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     Runs without gradients in eval mode (dropout off) and restores the mode. On a GPU it runs
     the way training does (autocast for float16 only, :func:`helpers.env.uses_autocast`); on CPU
     the 4-bit layers are first made safe for a no-grad forward (see
-    :func:`helpers.loading.cpu_safe`). Introduced in notebook 05.
+    :func:`helpers.loading.cpu_safe`). The head runs over labelled positions a chunk at a time
+    (:func:`helpers.losses.summed_loss`) for the models the chunked loss supports, outside FSDP,
+    so a row as long as training takes is evaluated where training fits. Introduced in notebook 05.
     """
     if eval_dataset is None or len(eval_dataset) == 0:
         raise ValueError("no eval examples: set EVAL_FRACTION > 0 (notebook 04) to hold some out")
@@ -161,6 +163,9 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     elif device.type == "cpu":
         cpu_safe(model)
     use_autocast = device.type == "cuda" and dtype is not None and env.uses_autocast(dtype)
+    # the head over labelled positions a chunk at a time, as in training: a long row's whole
+    # logits (for Llama-3.1-8B at 58,624 tokens, 15 GB) would not fit where its training does
+    chunked = not env.fsdp_active() and losses.unsupported_reason(model) is None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -174,14 +179,17 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
                                        device)
                 labels = batch.pop("labels")
                 batch.setdefault("use_cache", False)
-                with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
-                    logits = model(**batch).logits
                 target = labels[:, 1:]
                 keep = target != IGNORE_INDEX
+                count += int(keep.sum())
+                with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=use_autocast):
+                    if chunked:
+                        total += float(losses.summed_loss(model, batch, labels))
+                        continue
+                    logits = model(**batch).logits
                 picked = logits[:, :-1][keep].float()
                 total += float(torch.nn.functional.cross_entropy(picked, target[keep],
                                                                  reduction="sum"))
-                count += int(keep.sum())
                 del logits, picked
     finally:
         model.train(was_training)

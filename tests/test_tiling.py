@@ -93,21 +93,35 @@ def test_lora_dropout_draws_the_same_masks_when_a_chunk_is_recomputed(family, mo
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_evaluation_and_no_grad_are_not_tiled(family):
+def test_no_grad_forwards_are_tiled_and_evaluation_with_grad_is_not(family):
+    """Without gradients (the held-out loss, a long prompt) the chunks run one after another and
+    the logits equal the untiled ones (float32 on CPU, summation order aside); in evaluation
+    mode with gradients, and for inputs of one chunk, the MLP's own forward runs."""
     model = with_lora(BUILDERS[family]())
     inputs, labels = batch(model, rows=ROWS, seq=SEQ)
+    model.eval()
     with torch.no_grad():
         before = model(**inputs, labels=labels).logits
     stats = tiling.install(model, CHUNK)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs, labels=labels).logits, before, rtol=0, atol=0)
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        runs = stats.chunk_runs
+        with torch.no_grad():
+            after = model(**inputs, labels=labels).logits
+        if mode == "eval":
+            torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+        # every MLP split into SEQ / (CHUNK / ROWS) chunks, each run once (nothing recomputed)
+        assert stats.chunk_runs - runs == stats.mlps * SEQ // (CHUNK // ROWS)
+    calls = stats.calls
     model.eval()
     model(**inputs, labels=labels).loss.backward()
-    assert stats.calls == stats.chunk_runs == 0
+    assert stats.calls == calls
     model.train()
     short = {k: v[:, :CHUNK // ROWS] for k, v in inputs.items()}  # one chunk long: not split
     model(**short, labels=labels[:, :CHUNK // ROWS]).loss.backward()
-    assert stats.calls == 0
+    with torch.no_grad():
+        model(**short)
+    assert stats.calls == calls
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):

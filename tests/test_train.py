@@ -18,7 +18,7 @@ from transformers import (TrainerCallback,
     PreTrainedTokenizerFast,
 )
 
-from helpers import env, lora
+from helpers import env, lora, losses
 from helpers import train as T, budget, callbacks, checkpoints
 from helpers.config import Config
 
@@ -384,6 +384,36 @@ def test_evaluate_loss_is_token_weighted(tmp_path, tiny):
     assert ppl == pytest.approx(math.exp(loss))
 
 
+def test_evaluate_loss_never_holds_the_whole_rows_logits(tmp_path, tiny):
+    """The held-out loss runs the head over one position per row plus the labelled positions, a
+    chunk at a time (the chunk is shrunk here so that a row makes several): the whole row's
+    logits, which at the longest sequences a card trains do not fit beside the model, never
+    exist. The loss is the standard one (the model's own, within float32 summation order)."""
+    cfg = config(tmp_path)
+    tokenizer = tokenizer_of(tiny)
+    model = peft_model(tiny, cfg)
+    ds = rows(tokenizer, [" ".join(TEXTS), TEXTS[1]])
+    collate = collator_for(tokenizer)
+    head = model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(losses, "chunk_tokens", lambda vocab: 5)
+            loss, _ = T.evaluate_loss(model, ds, collate, batch_size=2)
+    finally:
+        handle.remove()
+    b = collate([ds[0], ds[1]])
+    labelled = int((b["labels"][:, 1:] != -100).sum())
+    assert b["input_ids"].shape[1] > 5 and labelled > 5
+    heads_rows = [math.prod(shape[:-1]) for shape in seen]
+    assert max(heads_rows) <= 5 and sum(heads_rows) == labelled + 2  # + the last position of each
+    model.eval()  # no dropout, as in evaluate_loss
+    with torch.no_grad():
+        own = model(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"]).loss
+    assert loss == pytest.approx(float(own), rel=1e-5)
+
+
 # --------------------------------------------------------------------------- chunked loss
 
 
@@ -394,13 +424,12 @@ def test_chunked_loss_trains_like_the_standard_loss(tmp_path, tiny, monkeypatch,
     adapter as the model's own loss. With ``loss_kwargs`` the Trainer passes num_items_in_batch
     (the token count over the accumulated micro-batches); without, each micro-batch's mean is
     divided by the accumulation steps - both as for the model's own loss."""
-    from helpers import losses
 
     calls = []
     chunked = losses.chunked_cross_entropy
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("num_items_in_batch"))
+        calls.append((torch.is_grad_enabled(), kwargs.get("num_items_in_batch")))
         return chunked(*args, **kwargs)
 
     monkeypatch.setattr(losses, "chunked_cross_entropy", counting)
@@ -421,8 +450,10 @@ def test_chunked_loss_trains_like_the_standard_loss(tmp_path, tiny, monkeypatch,
         result, _ = run(tiny, cfg, train_texts=[t + " and " + TEXTS[i % 5] * (i % 3)
                                                  for i, t in enumerate(TEXTS)] * 2)
         results[on] = result
-    assert len(calls) == 4 * 3
-    assert all((n is not None) == loss_kwargs for n in calls)
+    training = [n for grad, n in calls if grad]
+    assert len(training) == 4 * 3
+    assert all((n is not None) == loss_kwargs for n in training)
+    assert len(calls) > len(training)  # the held-out losses go through it as well, both runs
     standard, chunked_run = results[False], results[True]
     for a, b in zip(standard.history, chunked_run.history, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
