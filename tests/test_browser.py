@@ -162,6 +162,13 @@ def browser_runs(lab, shots):
     its kernel and page): stem -> a future whose result is the page's report."""
     node = _node_or_skip()
     base, _ = lab
+    # the package unpacks its Chromium on first use: once here, not in three browsers at once,
+    # where one would start the binary while another still writes it (ETXTBSY)
+    proc = subprocess.run(
+        [node, "--input-type=module", "-e", "import chromium from '@sparticuz/chromium'; "
+         "console.log(await chromium.executablePath());"],
+        cwd=BROWSER, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"unpacking the Chromium failed:\n{proc.stderr[-2000:]}"
     with concurrent.futures.ThreadPoolExecutor(len(NOTEBOOKS)) as pool:
         runs = {stem: pool.submit(_run_in_browser, node, base, stem, shots,
                                   *(["--change", CALCULATOR_CHOICE] if stem.startswith("02")

@@ -37,9 +37,13 @@ def test_the_lean_norm_gives_transformers_loss_and_gradients(family, dtype):
         loss.backward()
         losses.append(loss.item())
     assert losses[0] == losses[1]  # the same forward, operation for operation
+    # within 1e-5 (float32) of each parameter's largest gradient, where that is at least a
+    # thousandth of the model's largest: a parameter with far smaller gradients sums terms as
+    # large as the others' that cancel, and carries their rounding
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    largest = max(p.grad.abs().max().item() for p in own.parameters())
     for (name, a), b in zip(own.named_parameters(), lean.parameters()):
-        scale = a.grad.abs().max().item() + 1e-12
+        scale = max(a.grad.abs().max().item(), 1e-3 * largest)
         assert (a.grad - b.grad).abs().max().item() <= tol * scale, name
 
 
