@@ -152,7 +152,9 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     the 4-bit layers are first made safe for a no-grad forward (see
     :func:`helpers.loading.cpu_safe`). The head runs over labelled positions a chunk at a time
     (:func:`helpers.losses.summed_loss`) for the models the chunked loss supports, outside FSDP,
-    so a row as long as training takes is evaluated where training fits. Introduced in notebook 05.
+    so a row as long as training takes is evaluated where training fits. Running out of GPU
+    memory raises a :class:`helpers.budget.BudgetError` that names the rows and what to change.
+    Introduced in notebook 05.
     """
     if eval_dataset is None or len(eval_dataset) == 0:
         raise ValueError("no eval examples: set EVAL_FRACTION > 0 (notebook 04) to hold some out")
@@ -168,7 +170,7 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     chunked = not env.fsdp_active() and losses.unsupported_reason(model) is None
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, failed_at = 0.0, 0, None
     try:
         with torch.no_grad():
             for start in range(0, len(eval_dataset), batch_size):
@@ -179,6 +181,7 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
                                        device)
                 labels = batch.pop("labels")
                 batch.setdefault("use_cache", False)
+                failed_at = tuple(labels.shape)
                 target = labels[:, 1:]
                 keep = target != IGNORE_INDEX
                 count += int(keep.sum())
@@ -191,8 +194,19 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
                 total += float(torch.nn.functional.cross_entropy(picked, target[keep],
                                                                  reduction="sum"))
                 del logits, picked
+        failed_at = None
+    except torch.cuda.OutOfMemoryError:
+        pass  # raised below, once this frame's tensors are gone
     finally:
         model.train(was_training)
+    if failed_at is not None:
+        batch = labels = target = keep = None
+        free()
+        rows, length = failed_at
+        raise BudgetError(
+            f"out of GPU memory computing the held-out loss on {rows} row(s) of {length:,} tokens: "
+            f"evaluate fewer rows at a time (batch_size={max(1, rows // 2)}), hold out shorter "
+            "rows (MAX_LENGTH), or raise MEMORY_BUDGET_GB; nothing else was changed")
     if count == 0:
         raise ValueError("the eval examples have no label tokens (every label is -100): check "
                          "the label masking in notebook 04")
@@ -324,7 +338,8 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
     arguments; RESUME: check the latest checkpoint's run signature, else start
     over (:func:`helpers.checkpoints.resume_point`); evaluate before; train with the callbacks
     (live loss curve, memory, throughput, resume, NaN/zero guard: :class:`TrainingStopped` if it
-    stopped the run) plus ``callbacks``; evaluate after; save the adapter with its model card in
+    stopped the run) plus ``callbacks``; evaluate after (out of memory there: the loss after is
+    NaN and a note says why, and the adapter is still saved); save the adapter with its model card in
     ``RUN_DIR/adapter`` and the curve as ``RUN_DIR/loss_curve.png``. ``metrics``:
     :func:`training_metrics`. ``live``: draw the loss curve for Jupyter (default: when a front
     end is attached); ``verbose``: print the notes as they are made.
@@ -384,8 +399,14 @@ def train(cfg, model, tokenizer, train_dataset, eval_dataset, collator, *,
             "checkpoint") from None
 
     # under FSDP the wrapped model, whose layers are gathered in turn on every process
-    after = evaluate_loss(trainer.model_wrapped if sharded else model, eval_set, collator,
-                          micro, dtype)
+    try:
+        after = evaluate_loss(trainer.model_wrapped if sharded else model, eval_set, collator,
+                              micro, dtype)
+    except BudgetError as err:  # the trained adapter is saved all the same
+        after = (math.nan, math.nan)
+        notes.append(f"the held-out loss after training was not measured: {err}")
+        if verbose:
+            print(notes[-1])
     curve.add_eval(trainer.state.global_step, after[0], "eval after")
     metrics = training_metrics(trainer, before, after, resume_from)
     save = None

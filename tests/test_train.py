@@ -414,6 +414,43 @@ def test_evaluate_loss_never_holds_the_whole_rows_logits(tmp_path, tiny):
     assert loss == pytest.approx(float(own), rel=1e-5)
 
 
+def test_running_out_of_memory_in_the_held_out_loss_says_what_to_do(tmp_path, tiny, monkeypatch):
+    """An out-of-memory error in the held-out loss becomes a BudgetError naming the rows and what
+    to change, with the model's mode restored; after training it costs only that figure: the
+    adapter is saved, the loss after is NaN and the notes say why."""
+    cfg = config(tmp_path, max_steps=2, save_steps=0)
+    tokenizer = tokenizer_of(tiny)
+    model = peft_model(tiny, cfg)
+    ds = rows(tokenizer, TEXTS[:4])
+    summed = losses.summed_loss
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.57 GiB")
+
+    monkeypatch.setattr(losses, "summed_loss", out_of_memory)
+    model.train()
+    with pytest.raises(budget.BudgetError, match=r"held-out loss on 2 row\(s\) of .* tokens: "
+                       r"evaluate fewer rows at a time \(batch_size=1\)"):
+        T.evaluate_loss(model, ds, collator_for(tokenizer), batch_size=2)
+    assert model.training
+    monkeypatch.setattr(losses, "summed_loss", summed)
+    evaluate, calls = T.evaluate_loss, []
+
+    def after_fails(*args, **kwargs):  # the second evaluation, after training, runs out
+        calls.append(1)
+        if len(calls) > 1:
+            monkeypatch.setattr(losses, "summed_loss", out_of_memory)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(T, "evaluate_loss", after_fails)
+    result, _ = run(tiny, cfg)
+    assert len(calls) == 2
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert math.isnan(result.metrics["eval_loss_after"])
+    assert not math.isnan(result.metrics["eval_loss_before"])
+    assert any("held-out loss after training was not measured" in n for n in result.notes)
+
+
 # --------------------------------------------------------------------------- chunked loss
 
 
