@@ -170,18 +170,19 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
     chunked = not env.fsdp_active() and losses.unsupported_reason(model) is None
     was_training = model.training
     model.eval()
-    total, count, failed_at = 0.0, 0, None
+    total, count, shape, out_of_memory = 0.0, 0, (0, 0), False
     try:
         with torch.no_grad():
             for start in range(0, len(eval_dataset), batch_size):
                 # rows by index, not a DataLoader: its iterator draws from the global random
                 # state, which would shift the dropout of the training that follows
                 end = min(start + batch_size, len(eval_dataset))
+                shape = (end - start, 0)
                 batch = send_to_device(collator([eval_dataset[i] for i in range(start, end)]),
                                        device)
                 labels = batch.pop("labels")
                 batch.setdefault("use_cache", False)
-                failed_at = tuple(labels.shape)
+                shape = tuple(labels.shape)
                 target = labels[:, 1:]
                 keep = target != IGNORE_INDEX
                 count += int(keep.sum())
@@ -194,17 +195,17 @@ def evaluate_loss(model, eval_dataset, collator, batch_size: int = 8,
                 total += float(torch.nn.functional.cross_entropy(picked, target[keep],
                                                                  reduction="sum"))
                 del logits, picked
-        failed_at = None
     except torch.cuda.OutOfMemoryError:
-        pass  # raised below, once this frame's tensors are gone
+        out_of_memory = True  # raised below, once this frame's tensors are gone
     finally:
         model.train(was_training)
-    if failed_at is not None:
+    if out_of_memory:
         batch = labels = target = keep = None
         free()
-        rows, length = failed_at
+        rows, length = shape
         raise BudgetError(
-            f"out of GPU memory computing the held-out loss on {rows} row(s) of {length:,} tokens: "
+            f"out of GPU memory computing the held-out loss on {rows} row(s)"
+            + (f" of {length:,} tokens" if length else "") + ": "
             f"evaluate fewer rows at a time (batch_size={max(1, rows // 2)}), hold out shorter "
             "rows (MAX_LENGTH), or raise MEMORY_BUDGET_GB; nothing else was changed")
     if count == 0:
