@@ -2,8 +2,8 @@
 # The series' GPU checks in one go, on a CUDA machine with the packages installed and the GPU to
 # itself (budgets are enforced from the card's free memory, so another process on it would be
 # counted against them). Steps run in the order they are named:
-# - tests: the README's test command (one process on a CUDA machine), with the slowest tests
-#   listed;
+# - tests: the README's test command (one process on a CUDA machine), each test's result as it
+#   ends (so a run cut short still says which passed) and the slowest tests listed;
 # - llama: the longest sequence at micro-batch 1 for Llama-3.1-8B with the activations offloaded,
 #   with and without the lean norms and dropout, and with the MLP tiled (bench/gpu_suite.py);
 # - llama-train: notebook 05's train() for three steps at notebook 02's longest sequence under 16
@@ -25,7 +25,7 @@ mkdir -p "$out"
 suite() { OUT="$out" python bench/gpu_suite.py "$@"; }
 for step in ${steps//,/ }; do
     case $step in
-        tests) python -m pytest -n auto --dist loadfile --durations=25 > "$out/pytest.log" 2>&1
+        tests) python -m pytest -n auto --dist loadfile --durations=25 -v > "$out/pytest.log" 2>&1
                echo $? > "$out/pytest.rc" ;;
         llama) suite llama-3.1-8b --steps 5 --parts build,longest-offload:16,longest-own-norms:16,longest-tiled:16,longest-tiled:24 \
                    > "$out/suite-llama.log" 2>&1 ;;
