@@ -289,6 +289,8 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
     lora.prepare_for_training(model, cfg.gradient_checkpointing, False)
     peft_model = lora.attach(model, cfg)
     prof = ProfileSteps(f"{name}-{label}") if profile and torch.cuda.is_available() else None
+    env.peak_host_rss(restart=True)  # this run's host peak, against what the process held before
+    rss_before = env.host_rss()  # what the host check of the offload subtracts from the budget
     try:
         res = train.train(cfg, peft_model, tokenizer, rows, None,
                           data.CompletionCollator(tokenizer),
@@ -300,6 +302,7 @@ def defaults(model, shape, name, tokenizer, steps, rate, budget_gb, rows, label,
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
         out["notes"] = res.notes
         out["host_rss_peak_bytes"], out["pinned"] = env.peak_host_rss(), pinned_stats()
+        out["host_rss_before_bytes"] = rss_before
         est = estimator.estimate(shape, seq_len=cfg.max_length, micro_batch=m["micro_batch"],
                                  lora_r=cfg.lora_r,
                                  gradient_checkpointing=cfg.gradient_checkpointing,
