@@ -461,7 +461,6 @@ def test_chunked_loss_trains_like_the_standard_loss(tmp_path, tiny, monkeypatch,
     adapter as the model's own loss. With ``loss_kwargs`` the Trainer passes num_items_in_batch
     (the token count over the accumulated micro-batches); without, each micro-batch's mean is
     divided by the accumulation steps - both as for the model's own loss."""
-
     calls = []
     chunked = losses.chunked_cross_entropy
 
