@@ -229,6 +229,22 @@ def test_the_host_must_hold_the_offloaded_activations(tmp_path, monkeypatch):
     assert "the host holds the offloaded activations of 2 rows" in notes[0]
 
 
+def test_on_a_gpu_the_host_room_keeps_what_training_adds(monkeypatch):
+    """The room for the offloaded activations is the host budget less what the process holds;
+    on a GPU also less the growth measured beside the pinned copies during training (the GPU
+    libraries of the first steps): a runtime over its RAM is killed, losing the run."""
+    from helpers import env
+
+    monkeypatch.setattr(env, "host_rss", lambda: 2_000_000_000)
+    monkeypatch.setattr(env, "host_memory", lambda: {"available": 50e9, "limit": 64e9})
+    cfg = config(host_memory_budget_gb=12)
+    assert budget.host_room(cfg) == 10_000_000_000 or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert budget.host_room(cfg) == 10_000_000_000 - budget.TRAINING_HOST_GROWTH
+    monkeypatch.setattr(env, "host_memory", lambda: {"available": 5e9, "limit": 64e9})
+    assert budget.host_room(cfg) == 5_000_000_000 - budget.TRAINING_HOST_GROWTH
+
+
 def test_on_a_gpu_the_host_holds_pinned_sizes():
     """torch's pinned host allocator rounds each allocation up to a power of two: the estimate
     on a GPU counts every offloaded tensor so rounded, on CPU the tensors' own sizes."""
