@@ -304,8 +304,8 @@ class BudgetError(ValueError):
 # ============================================================================ the training's micro-batch
 
 
-# What training itself adds to the host on a GPU beside the pinned copies, before its peak (the
-# GPU libraries its first steps load, the Trainer's own): 0.61 GB on an H200 (torch 2.11) at
+# What training itself adds to the host on a GPU beside the pinned copies, before its peak (not
+# broken down; likely the GPU libraries its first steps load): 0.61 GB on an H200 (torch 2.11) at
 # 58,624 tokens of Llama-3.1-8B, resident peak 20.61 GB less 18.20 GB pinned less the 1.80 GB
 # held once the model was built (bench/results/h200_gpu_checks.jsonl).
 TRAINING_HOST_GROWTH = 610_000_000

@@ -231,8 +231,8 @@ def test_the_host_must_hold_the_offloaded_activations(tmp_path, monkeypatch):
 
 def test_on_a_gpu_the_host_room_keeps_what_training_adds(monkeypatch):
     """The room for the offloaded activations is the host budget less what the process holds;
-    on a GPU also less the growth measured beside the pinned copies during training (the GPU
-    libraries of the first steps): a runtime over its RAM is killed, losing the run."""
+    on a GPU also less the growth measured beside the pinned copies during training: a runtime
+    over its RAM is killed, losing the run."""
     from helpers import env
 
     monkeypatch.setattr(env, "host_rss", lambda: 2_000_000_000)
